@@ -1,0 +1,56 @@
+// The relay's internal event bus. The router and the HTTP API publish; the SSE stream, the
+// metrics and the logger subscribe. Publishing is synchronous and cheap: a subscriber that
+// needs to do slow work must buffer it itself, so a slow consumer never slows routing.
+
+import type { FailureReason, Role } from './protocol';
+
+export interface NodeRef {
+  id: string;
+  role: Role;
+  name: string | null;
+  tags: string[];
+}
+
+export type RelayEvent =
+  | { type: 'connect'; node: NodeRef; reconnected: boolean; at: number }
+  | { type: 'disconnect'; node: NodeRef; code: number; at: number }
+  | { type: 'auth_fail'; code: string; role: string | null; at: number }
+  | {
+      type: 'message';
+      msg_id: string;
+      from: NodeRef;
+      /** The requested `to`, as the sender wrote it. */
+      to: string | string[];
+      delivered: string[];
+      failed: { id: string; reason: FailureReason }[];
+      queued: string[];
+      bytes: number;
+      /** Time spent routing, from frame receipt to the last write, in milliseconds. */
+      route_ms: number;
+      at: number;
+    }
+  | { type: 'delivery_update'; msg_id: string; from_id: string; id: string; status: 'delivered' | 'expired'; at: number }
+  | { type: 'ban'; node: NodeRef; by: string; at: number }
+  | { type: 'unban'; node: NodeRef; by: string; at: number }
+  | { type: 'health'; node: NodeRef; valid: boolean; at: number }
+  | { type: 'frame_error'; code: string; at: number };
+
+export type RelayEventType = RelayEvent['type'];
+export type RelayEventListener = (event: RelayEvent) => void;
+
+export class EventBus {
+  private readonly listeners = new Set<RelayEventListener>();
+
+  subscribe(listener: RelayEventListener): () => void {
+    this.listeners.add(listener);
+    return () => this.listeners.delete(listener);
+  }
+
+  get hasListeners(): boolean {
+    return this.listeners.size > 0;
+  }
+
+  publish(event: RelayEvent): void {
+    for (const listener of this.listeners) listener(event);
+  }
+}

@@ -1,0 +1,304 @@
+// The wire contract (../shared/PROTOCOL.md) as types, shared by the relay and RelayClient so
+// the two can never drift apart. Validation of client frames lives here too: the relay checks
+// every frame at the edge and trusts these types inside.
+
+export type Role = 'boss' | 'employee';
+
+export const PROTOCOL_ERROR_CODES = [
+  // Part A
+  'invalid_json',
+  'auth_required',
+  'invalid_role',
+  'invalid_authkey',
+  'invalid_identity',
+  'identity_not_found',
+  'invalid_identity_key',
+  'role_mismatch',
+  'banned',
+  'invalid_name',
+  'invalid_tags',
+  'invalid_to',
+  'invalid_health_report',
+  'unsupported_type',
+  // Part B
+  'invalid_frame',
+  'invalid_msg_id',
+  'payload_too_large',
+  'rate_limited',
+  'too_many_targets',
+  'server_full',
+  'auth_throttled',
+  'invalid_employee_key',
+  'already_authenticated',
+] as const;
+export type ProtocolErrorCode = (typeof PROTOCOL_ERROR_CODES)[number];
+
+export const CLOSE_CODES = {
+  shuttingDown: 1001,
+  protocolError: 1002,
+  unsupportedData: 1003,
+  messageTooBig: 1009,
+  replaced: 4000,
+  authTimeout: 4001,
+  authRejected: 4003,
+  banned: 4008,
+  serverFull: 4013,
+  peerTooSlow: 4014,
+} as const;
+
+export type FailureReason =
+  | 'target_not_found'
+  | 'target_banned'
+  | 'target_offline'
+  | 'target_slow';
+
+// ---- client → relay ------------------------------------------------------------------------
+
+export interface IdentityCredentials {
+  id: string;
+  key: string;
+}
+
+export interface AuthFrame {
+  type: 'auth';
+  role: Role;
+  authkey?: string;
+  /** Part B: the registration key an employee presents when the relay runs with --employee-key. */
+  employee_key?: string;
+  name?: string;
+  tags?: string[];
+  meta?: Record<string, unknown>;
+  identity?: IdentityCredentials;
+}
+
+export interface PingFrame {
+  type: 'ping';
+}
+
+export interface HealthReportFrame {
+  type: 'health_report';
+  valid: boolean;
+  details?: Record<string, unknown>;
+}
+
+/** `to`: an id, an array of ids, "*" or "all" (broadcast), or "tag:<name>" (part B). */
+export type Target = string | string[];
+
+export interface MessageFrame {
+  type: 'message';
+  to: Target;
+  payload?: unknown;
+  msg_id?: string;
+  /** Part B: keep for an offline known target and deliver at its next auth. */
+  queue?: boolean;
+  /** Part B: how long a queued copy may wait, capped by the relay's maximum. */
+  ttl_ms?: number;
+}
+
+export type ClientFrame = AuthFrame | PingFrame | HealthReportFrame | MessageFrame;
+
+// ---- relay → client ------------------------------------------------------------------------
+
+export interface HelloFrame {
+  type: 'hello';
+  message: string;
+  schema?: Record<string, unknown>;
+  timestamp: number;
+}
+
+export interface AuthOkFrame {
+  type: 'auth_ok';
+  id: string;
+  key: string;
+  role: Role;
+  name: string | null;
+  tags: string[];
+  reconnected: boolean;
+  timestamp: number;
+}
+
+export interface PongFrame {
+  type: 'pong';
+  timestamp: number;
+}
+
+export interface HealthReportAckFrame {
+  type: 'health_report_ack';
+  id: string;
+  valid: boolean;
+  timestamp: number;
+}
+
+export interface ForwardedMessageFrame {
+  type: 'message';
+  msg_id: string;
+  from_id: string;
+  from_role: Role;
+  to: string;
+  payload: unknown;
+  timestamp: number;
+}
+
+export interface DeliveryFailure {
+  id: string;
+  reason: FailureReason;
+}
+
+export interface DeliveryAckFrame {
+  type: 'delivery_ack';
+  msg_id: string;
+  delivered: string[];
+  failed: DeliveryFailure[];
+  /** Part B: targets that were offline and will get the message at their next auth. */
+  queued?: string[];
+  /** Part B: present and true when this msg_id was already routed inside the dedupe window. */
+  duplicate?: boolean;
+  timestamp: number;
+}
+
+export interface DeliveryUpdateFrame {
+  type: 'delivery_update';
+  msg_id: string;
+  id: string;
+  status: 'delivered' | 'expired';
+  timestamp: number;
+}
+
+export interface ErrorFrame {
+  type: 'error';
+  code: ProtocolErrorCode;
+  message: string;
+  /** Present with rate_limited: when the client may send again. */
+  retry_after_ms?: number;
+  timestamp: number;
+}
+
+export interface SystemFrame {
+  type: 'system';
+  event: string;
+  by?: string;
+  timestamp: number;
+}
+
+export type ServerFrame =
+  | HelloFrame
+  | AuthOkFrame
+  | PongFrame
+  | HealthReportAckFrame
+  | ForwardedMessageFrame
+  | DeliveryAckFrame
+  | DeliveryUpdateFrame
+  | ErrorFrame
+  | SystemFrame;
+
+// ---- validation at the edge ----------------------------------------------------------------
+
+export interface FrameError {
+  code: ProtocolErrorCode;
+  message: string;
+}
+
+export type Checked<T> = { ok: true; value: T } | { ok: false; error: FrameError };
+
+const fail = (code: ProtocolErrorCode, message: string): { ok: false; error: FrameError } => ({
+  ok: false,
+  error: { code, message },
+});
+
+export function isPlainObject(value: unknown): value is Record<string, unknown> {
+  return typeof value === 'object' && value !== null && !Array.isArray(value);
+}
+
+/** A frame is text holding one JSON object with a string `type`. */
+export function decodeFrame(text: string): Checked<Record<string, unknown> & { type: string }> {
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(text);
+  } catch {
+    return fail('invalid_json', 'Frame is not valid JSON: send one JSON object per frame, e.g. {"type":"ping"}.');
+  }
+  if (!isPlainObject(parsed) || typeof parsed.type !== 'string') {
+    return fail('invalid_json', 'Frame must be a JSON object with a string "type", e.g. {"type":"ping"}.');
+  }
+  return { ok: true, value: parsed as Record<string, unknown> & { type: string } };
+}
+
+export interface EmployeeProfile {
+  name: string;
+  tags: string[];
+}
+
+/** Name and tags of an employee's registration, trimmed and de-duplicated; never coerced. */
+export function checkEmployeeProfile(raw: Record<string, unknown>): Checked<EmployeeProfile> {
+  if (typeof raw.name !== 'string' || raw.name.trim() === '') {
+    return fail('invalid_name', 'An employee registers with a non-empty "name" string, e.g. "name":"Researcher-1".');
+  }
+  if (!Array.isArray(raw.tags) || raw.tags.length === 0) {
+    return fail('invalid_tags', 'An employee registers with "tags": a non-empty array of strings, e.g. ["research"].');
+  }
+  const tags: string[] = [];
+  for (const tag of raw.tags) {
+    if (typeof tag !== 'string' || tag.trim() === '') {
+      return fail('invalid_tags', 'Every tag must be a non-empty string, e.g. "tags":["research","risk"].');
+    }
+    const trimmed = tag.trim();
+    if (!tags.includes(trimmed)) tags.push(trimmed);
+  }
+  return { ok: true, value: { name: raw.name.trim(), tags } };
+}
+
+export function checkRole(raw: Record<string, unknown>): Checked<Role> {
+  if (raw.role === 'boss' || raw.role === 'employee') return { ok: true, value: raw.role };
+  return fail('invalid_role', 'Field "role" must be "boss" or "employee".');
+}
+
+/** Reconnect credentials: both id and key, as strings. Absent identity is `undefined`. */
+export function checkIdentity(raw: Record<string, unknown>): Checked<IdentityCredentials | undefined> {
+  if (raw.identity === undefined || raw.identity === null) return { ok: true, value: undefined };
+  const identity = raw.identity;
+  if (
+    !isPlainObject(identity) ||
+    typeof identity.id !== 'string' ||
+    identity.id === '' ||
+    typeof identity.key !== 'string' ||
+    identity.key === ''
+  ) {
+    return fail('invalid_identity', 'Reconnect needs "identity":{"id":"…","key":"…"}, both as given in auth_ok.');
+  }
+  return { ok: true, value: { id: identity.id, key: identity.key } };
+}
+
+export type ParsedTarget =
+  | { kind: 'broadcast' }
+  | { kind: 'tag'; tag: string }
+  | { kind: 'ids'; ids: string[] };
+
+/** `to` as sent: one id, an array of ids, "*"/"all", or "tag:<name>". */
+export function checkTarget(to: unknown): Checked<ParsedTarget> {
+  const invalid = () =>
+    fail('invalid_to', 'Field "to" must be an id, an array of ids, "*" or "all" for broadcast, or "tag:<name>".');
+  if (typeof to === 'string') {
+    const single = to.trim();
+    if (single === '') return invalid();
+    if (single === '*' || single === 'all') return { ok: true, value: { kind: 'broadcast' } };
+    if (single.startsWith('tag:')) {
+      const tag = single.slice(4).trim();
+      if (tag === '') return invalid();
+      return { ok: true, value: { kind: 'tag', tag } };
+    }
+    return { ok: true, value: { kind: 'ids', ids: [single] } };
+  }
+  if (Array.isArray(to)) {
+    const ids: string[] = [];
+    for (const item of to) {
+      if (typeof item !== 'string') return invalid();
+      const id = item.trim();
+      if (id === '') continue;
+      if (id === '*' || id === 'all') return { ok: true, value: { kind: 'broadcast' } };
+      if (!ids.includes(id)) ids.push(id);
+    }
+    if (ids.length === 0) return invalid();
+    return { ok: true, value: { kind: 'ids', ids } };
+  }
+  return invalid();
+}

@@ -1,0 +1,11 @@
+// Creates the relay's data dir so a first run finds it. Never fails the install.
+'use strict';
+try {
+  const os = require('node:os');
+  const path = require('node:path');
+  const fs = require('node:fs');
+  const dir = process.env.MIMICLAW_RELAY_HOME || path.join(os.homedir(), '.mimiclaw-relay');
+  fs.mkdirSync(dir, { recursive: true });
+} catch (err) {
+  // An unwritable home must not break `npm install`; the relay reports the problem at start.
+}

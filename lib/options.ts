@@ -1,0 +1,166 @@
+// The relay's settings: what startRelay() accepts, their defaults, and their validation.
+// The CLI maps flags onto RelayOptions; embedders pass them directly.
+
+import os from 'node:os';
+import path from 'node:path';
+import type { LogLevel, Logger } from './logger';
+
+export interface RelayOptions {
+  /** TCP port; 0 picks a free one. Default 8787. */
+  port?: number;
+  /** Default 0.0.0.0. */
+  host?: string;
+  /** Default /ws. */
+  wsPath?: string;
+  /** Required: the boss (and admin write) key. */
+  authkey: string;
+  /** Default ~/.mimiclaw-relay or MIMICLAW_RELAY_HOME. */
+  dataDir?: string;
+  /** Close sockets that have not authenticated after this many ms. Default 15000. */
+  authTimeoutMs?: number;
+  /** Default info. Ignored when `logger` is given. */
+  logLevel?: LogLevel;
+  logger?: Logger;
+
+  // ---- part B (see README "Reliability and security") ----
+  /** When > 0, every message to an offline known target is queued with this TTL (ms). Default 0: only `queue:true` messages are. */
+  queueTtlMs?: number;
+  /** TTL for a `queue:true` message that gives no ttl_ms, and the cap on any ttl_ms. Default 7 days. */
+  maxQueueTtlMs?: number;
+  /** Most queued messages held for one target; older ones are dropped as expired past it. Default 10000. */
+  maxQueuedPerTarget?: number;
+  /** Repeated msg_id window, ms. Default 10 minutes. */
+  dedupeWindowMs?: number;
+  /** Largest accepted frame, bytes. Default 1 MiB. */
+  maxPayloadBytes?: number;
+  /** Messages per second per connection (token bucket, burst of one second); 0 = off. Default 0. */
+  rateLimit?: number;
+  /** Most ids in one message's `to` array. Default 1000. */
+  maxTargets?: number;
+  /** Most authenticated connections. Default 20000. */
+  maxConnections?: number;
+  /** Most sockets waiting to authenticate. Default 1000. */
+  maxUnauthenticated?: number;
+  /** WebSocket ping interval, ms; a peer silent for two intervals is terminated. Default 30000. */
+  pingIntervalMs?: number;
+  /** Per-socket unsent bytes past which messages to it fail with target_slow. Default 4 MiB. */
+  maxBufferedBytes?: number;
+  /** A socket stuck past maxBufferedBytes this long is disconnected, ms. Default 30000. */
+  slowPeerTimeoutMs?: number;
+  /** Drop messages and connection events older than this, ms; 0 keeps all. Default 30 days. */
+  retentionMs?: number;
+  /** Keep at most this many messages in messages.db; 0 = no cap. Default 1,000,000. */
+  maxMessages?: number;
+  /** fsync the logs after each write batch. Default false. */
+  fsync?: boolean;
+  /** When set, an employee must present it (auth field `employee_key`) to register. */
+  employeeKey?: string;
+  /** Let non-loopback clients use read endpoints without the authkey. Default false. */
+  publicReads?: boolean;
+  /** How often pruning and compaction run, ms. Default 10 minutes. */
+  maintenanceIntervalMs?: number;
+}
+
+export type ResolvedOptions = Required<Omit<RelayOptions, 'logger' | 'employeeKey'>> & {
+  employeeKey: string | undefined;
+};
+
+const MINUTE = 60_000;
+const DAY = 24 * 60 * MINUTE;
+
+export const DEFAULTS = {
+  port: 8787,
+  host: '0.0.0.0',
+  wsPath: '/ws',
+  authTimeoutMs: 15_000,
+  logLevel: 'info' as LogLevel,
+  queueTtlMs: 0,
+  maxQueueTtlMs: 7 * DAY,
+  maxQueuedPerTarget: 10_000,
+  dedupeWindowMs: 10 * MINUTE,
+  maxPayloadBytes: 1024 * 1024,
+  rateLimit: 0,
+  maxTargets: 1000,
+  maxConnections: 20_000,
+  maxUnauthenticated: 1000,
+  pingIntervalMs: 30_000,
+  maxBufferedBytes: 4 * 1024 * 1024,
+  slowPeerTimeoutMs: 30_000,
+  retentionMs: 30 * DAY,
+  maxMessages: 1_000_000,
+  fsync: false,
+  publicReads: false,
+  maintenanceIntervalMs: 10 * MINUTE,
+} as const;
+
+export function defaultDataDir(env: NodeJS.ProcessEnv = process.env): string {
+  const fromEnv = env.MIMICLAW_RELAY_HOME;
+  return fromEnv && fromEnv.trim() !== '' ? path.resolve(fromEnv) : path.join(os.homedir(), '.mimiclaw-relay');
+}
+
+export class OptionsError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'OptionsError';
+  }
+}
+
+function wholeNumber(name: string, value: number, min: number, max = Number.MAX_SAFE_INTEGER): number {
+  if (!Number.isInteger(value) || value < min || value > max) {
+    throw new OptionsError(`${name} must be a whole number from ${min} to ${max}, got ${String(value)}.`);
+  }
+  return value;
+}
+
+/** Fills defaults and rejects impossible values with a message that names the option. */
+export function resolveOptions(options: RelayOptions): ResolvedOptions {
+  if (typeof options.authkey !== 'string' || options.authkey === '') {
+    throw new OptionsError('An authkey is required: pass --authkey <key>, the second positional argument, or set MIMICLAW_AUTHKEY.');
+  }
+  const wsPath = options.wsPath ?? DEFAULTS.wsPath;
+  if (!wsPath.startsWith('/') || /[?#\s]/.test(wsPath)) {
+    throw new OptionsError(`wsPath must be a path starting with "/", got "${wsPath}".`);
+  }
+  const ms = (name: string, value: number | undefined, fallback: number, min = 0) =>
+    wholeNumber(name, value ?? fallback, min);
+  const resolved: ResolvedOptions = {
+    port: wholeNumber('port', options.port ?? DEFAULTS.port, 0, 65535),
+    host: options.host ?? DEFAULTS.host,
+    wsPath,
+    authkey: options.authkey,
+    dataDir: path.resolve(options.dataDir ?? defaultDataDir()),
+    authTimeoutMs: ms('authTimeoutMs', options.authTimeoutMs, DEFAULTS.authTimeoutMs, 1),
+    logLevel: options.logLevel ?? DEFAULTS.logLevel,
+    queueTtlMs: ms('queueTtlMs', options.queueTtlMs, DEFAULTS.queueTtlMs),
+    maxQueueTtlMs: ms('maxQueueTtlMs', options.maxQueueTtlMs, DEFAULTS.maxQueueTtlMs, 1),
+    maxQueuedPerTarget: ms('maxQueuedPerTarget', options.maxQueuedPerTarget, DEFAULTS.maxQueuedPerTarget, 1),
+    dedupeWindowMs: ms('dedupeWindowMs', options.dedupeWindowMs, DEFAULTS.dedupeWindowMs),
+    maxPayloadBytes: ms('maxPayloadBytes', options.maxPayloadBytes, DEFAULTS.maxPayloadBytes, 1024),
+    rateLimit: ms('rateLimit', options.rateLimit, DEFAULTS.rateLimit),
+    maxTargets: ms('maxTargets', options.maxTargets, DEFAULTS.maxTargets, 1),
+    maxConnections: ms('maxConnections', options.maxConnections, DEFAULTS.maxConnections, 1),
+    maxUnauthenticated: ms('maxUnauthenticated', options.maxUnauthenticated, DEFAULTS.maxUnauthenticated, 1),
+    pingIntervalMs: ms('pingIntervalMs', options.pingIntervalMs, DEFAULTS.pingIntervalMs, 0),
+    maxBufferedBytes: ms('maxBufferedBytes', options.maxBufferedBytes, DEFAULTS.maxBufferedBytes, 1024),
+    slowPeerTimeoutMs: ms('slowPeerTimeoutMs', options.slowPeerTimeoutMs, DEFAULTS.slowPeerTimeoutMs, 1),
+    retentionMs: ms('retentionMs', options.retentionMs, DEFAULTS.retentionMs),
+    maxMessages: ms('maxMessages', options.maxMessages, DEFAULTS.maxMessages),
+    fsync: options.fsync ?? DEFAULTS.fsync,
+    employeeKey: options.employeeKey === '' ? undefined : options.employeeKey,
+    publicReads: options.publicReads ?? DEFAULTS.publicReads,
+    maintenanceIntervalMs: ms('maintenanceIntervalMs', options.maintenanceIntervalMs, DEFAULTS.maintenanceIntervalMs, 1000),
+  };
+  return resolved;
+}
+
+const DURATION_UNITS: Record<string, number> = { ms: 1, s: 1000, m: MINUTE, h: 60 * MINUTE, d: DAY };
+
+/** "500ms", "15s", "10m", "2h", "30d"; a bare number is seconds. */
+export function parseDuration(text: string): number | undefined {
+  const match = /^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$/.exec(text);
+  if (!match) return undefined;
+  const amount = Number(match[1]);
+  const unit = DURATION_UNITS[match[2] ?? 's'] ?? 1000;
+  const value = Math.round(amount * unit);
+  return Number.isSafeInteger(value) ? value : undefined;
+}

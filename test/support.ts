@@ -1,0 +1,189 @@
+// Shared test helpers: a real relay on a free loopback port with a temp data dir, and a
+// WebSocket client that collects frames so a test can await the next one of a type.
+
+import fs from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import WebSocket from 'ws';
+import { startRelay, type RelayHandle, type RelayOptions } from '../server';
+
+export const TEST_AUTHKEY = 'test-secret';
+
+export interface TestRelay {
+  relay: RelayHandle;
+  dataDir: string;
+  options: RelayOptions;
+  /** Restart on the same data dir with the same options (plus overrides). */
+  restart(overrides?: Partial<RelayOptions>): Promise<TestRelay>;
+  /** Close the relay and remove the data dir. */
+  dispose(): Promise<void>;
+}
+
+export async function makeTempDir(prefix = 'mimiclaw-test-'): Promise<string> {
+  return fs.mkdtemp(path.join(os.tmpdir(), prefix));
+}
+
+export async function startTestRelay(overrides: Partial<RelayOptions> = {}, dataDir?: string): Promise<TestRelay> {
+  const dir = dataDir ?? (await makeTempDir());
+  const options: RelayOptions = {
+    port: 0,
+    host: '127.0.0.1',
+    authkey: TEST_AUTHKEY,
+    dataDir: dir,
+    logLevel: 'silent',
+    ...overrides,
+  };
+  const relay = await startRelay(options);
+  let closed = false;
+  const close = async () => {
+    if (!closed) {
+      closed = true;
+      await relay.close();
+    }
+  };
+  return {
+    relay,
+    dataDir: dir,
+    options,
+    async restart(more = {}) {
+      await close();
+      return startTestRelay({ ...overrides, ...more }, dir);
+    },
+    async dispose() {
+      await close();
+      await fs.rm(dir, { recursive: true, force: true });
+    },
+  };
+}
+
+export type Frame = Record<string, unknown> & { type: string };
+
+export interface CloseInfo {
+  code: number;
+  reason: string;
+}
+
+export class TestSocket {
+  readonly ws: WebSocket;
+  readonly frames: Frame[] = [];
+  readonly closed: Promise<CloseInfo>;
+  private waiters: { accept: (f: Frame) => boolean; resolve: (f: Frame) => void }[] = [];
+
+  constructor(url: string) {
+    this.ws = new WebSocket(url);
+    this.ws.on('message', (data) => {
+      const frame = JSON.parse(data.toString()) as Frame;
+      const waiter = this.waiters.find((w) => w.accept(frame));
+      if (waiter) {
+        this.waiters = this.waiters.filter((w) => w !== waiter);
+        waiter.resolve(frame);
+      } else {
+        this.frames.push(frame);
+      }
+    });
+    this.closed = new Promise((resolve) => {
+      this.ws.on('close', (code, reason) => resolve({ code, reason: reason.toString() }));
+    });
+    this.ws.on('error', () => undefined);
+  }
+
+  opened(): Promise<void> {
+    if (this.ws.readyState === WebSocket.OPEN) return Promise.resolve();
+    return new Promise((resolve, reject) => {
+      this.ws.once('open', () => resolve());
+      this.ws.once('error', reject);
+    });
+  }
+
+  send(frame: unknown): void {
+    this.ws.send(typeof frame === 'string' ? frame : JSON.stringify(frame));
+  }
+
+  /** The next frame (of `type`, or matching `accept`), from those already received or still to come. */
+  next(type?: string | ((f: Frame) => boolean), timeoutMs = 5000): Promise<Frame> {
+    const accept = typeof type === 'function' ? type : (f: Frame) => type === undefined || f.type === type;
+    const index = this.frames.findIndex(accept);
+    if (index >= 0) return Promise.resolve(this.frames.splice(index, 1)[0]!);
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.waiters = this.waiters.filter((w) => w.resolve !== done);
+        reject(new Error(`timed out after ${timeoutMs} ms waiting for frame ${String(typeof type === 'string' ? type : 'matching')}`));
+      }, timeoutMs);
+      const done = (f: Frame) => {
+        clearTimeout(timer);
+        resolve(f);
+      };
+      this.waiters.push({ accept, resolve: done });
+    });
+  }
+
+  close(): Promise<CloseInfo> {
+    if (this.ws.readyState === WebSocket.OPEN || this.ws.readyState === WebSocket.CONNECTING) this.ws.close();
+    return this.closed;
+  }
+}
+
+/** Opens a socket and consumes the hello frame. */
+export async function connect(relay: RelayHandle): Promise<TestSocket> {
+  const socket = new TestSocket(relay.url);
+  await socket.opened();
+  await socket.next('hello');
+  return socket;
+}
+
+export interface Authed {
+  socket: TestSocket;
+  id: string;
+  key: string;
+}
+
+export async function authBoss(relay: RelayHandle, authkey = TEST_AUTHKEY): Promise<Authed> {
+  const socket = await connect(relay);
+  socket.send({ type: 'auth', role: 'boss', authkey });
+  const ok = await socket.next('auth_ok');
+  return { socket, id: String(ok.id), key: String(ok.key) };
+}
+
+export async function authEmployee(
+  relay: RelayHandle,
+  name = 'Worker',
+  tags: string[] = ['general'],
+  extra: Record<string, unknown> = {},
+): Promise<Authed> {
+  const socket = await connect(relay);
+  socket.send({ type: 'auth', role: 'employee', name, tags, ...extra });
+  const ok = await socket.next('auth_ok');
+  return { socket, id: String(ok.id), key: String(ok.key) };
+}
+
+export async function reconnect(relay: RelayHandle, who: { id: string; key: string }, role: 'boss' | 'employee', extra: Record<string, unknown> = {}): Promise<{ socket: TestSocket; ok: Frame }> {
+  const socket = await connect(relay);
+  socket.send({ type: 'auth', role, identity: { id: who.id, key: who.key }, ...extra });
+  const ok = await socket.next();
+  return { socket, ok };
+}
+
+/** JSON over HTTP against the relay's admin API. */
+export async function http(
+  relay: RelayHandle,
+  method: string,
+  route: string,
+  options: { body?: unknown; authkey?: string; headers?: Record<string, string> } = {},
+): Promise<{ status: number; body: Record<string, unknown>; headers: Headers }> {
+  const headers: Record<string, string> = { ...options.headers };
+  if (options.authkey !== undefined) headers['x-auth-key'] = options.authkey;
+  if (options.body !== undefined) headers['content-type'] = 'application/json';
+  const response = await fetch(relay.httpUrl + route, {
+    method,
+    headers,
+    body: options.body === undefined ? undefined : typeof options.body === 'string' ? options.body : JSON.stringify(options.body),
+  });
+  const text = await response.text();
+  let body: Record<string, unknown>;
+  try {
+    body = JSON.parse(text) as Record<string, unknown>;
+  } catch {
+    body = { raw: text };
+  }
+  return { status: response.status, body, headers: response.headers };
+}

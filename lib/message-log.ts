@@ -89,7 +89,7 @@ export class MessageLog {
   static async open(options: MessageLogOptions): Promise<MessageLog> {
     const log = new MessageLog(options);
     let text = '';
-    try { text = await fs.readFile(options.file, 'utf8'); } catch { /* new */ }
+    try { text = await fs.readFile(options.file, 'utf8'); } catch { await fs.writeFile(options.file, ''); }
     for (const line of text.split('\n')) {
       if (!line) continue;
       try { const doc = JSON.parse(line); const rec = { ...doc, payload_json: JSON.stringify(doc.payload) } as MessageRecord;

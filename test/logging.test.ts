@@ -9,9 +9,11 @@ test('log lines are JSON and never carry secrets or payloads', async () => {
   const lines: string[] = [];
   const logger = createLogger('debug', (line) => lines.push(line));
   const env = await startTestRelay({ logger });
+  const keys: string[] = [];
   try {
     const boss = await authBoss(env.relay);
     const worker = await authEmployee(env.relay, 'W', ['t']);
+    keys.push(boss.key, worker.key);
     boss.socket.send({ type: 'message', to: worker.id, payload: { secret: 'PAYLOAD-MARKER-42' } });
     await worker.socket.next('message');
     await boss.socket.next('delivery_ack');
@@ -27,6 +29,7 @@ test('log lines are JSON and never carry secrets or payloads', async () => {
   for (const expected of ['relay_listening', 'auth_ok', 'message', 'auth_fail', 'disconnect', 'relay_closed']) {
     assert.ok(events.some((e) => e.event === expected), `logs ${expected}`);
   }
-  for (const secret of [TEST_AUTHKEY, 'PAYLOAD-MARKER-42', 'GUESSED-KEY-MARKER']) assert.ok(!text.includes(secret), secret);
+  assert.equal(keys.length, 2);
+  for (const secret of [TEST_AUTHKEY, 'PAYLOAD-MARKER-42', 'GUESSED-KEY-MARKER', ...keys]) assert.ok(!text.includes(secret), secret);
   assert.ok(lines.every((line) => line.endsWith('\n') && !line.slice(0, -1).includes('\n')));
 });

@@ -87,7 +87,7 @@ function run(command: string, args: string[], options: { cwd?: string; shell?: b
 }
 
 /** npm itself: the one running this script when started by `npm run`, else npm from PATH. */
-function npmInvocation(): { command: string; prefix: string[]; shell: boolean } {
+export function npmInvocation(): { command: string; prefix: string[]; shell: boolean } {
   const execPath = process.env.npm_execpath;
   if (execPath && /npm-cli\.c?js$/.test(execPath)) return { command: process.execPath, prefix: [execPath], shell: false };
   return process.platform === 'win32' ? { command: 'npm.cmd', prefix: [], shell: true } : { command: 'npm', prefix: [], shell: false };

@@ -86,9 +86,15 @@ export class ChildRelay {
 }
 
 /** Runs a command to completion (for --version, --help); bounded in time. */
-export function runToEnd(command: string, args: string[], env: NodeJS.ProcessEnv, timeoutMs = 30_000): Promise<Exit & { stdout: string; stderr: string }> {
+export function runToEnd(
+  command: string,
+  args: string[],
+  env: NodeJS.ProcessEnv,
+  timeoutMs = 30_000,
+  cwd?: string,
+): Promise<Exit & { stdout: string; stderr: string }> {
   return new Promise((resolve, reject) => {
-    const child = spawn(command, args, { env, stdio: ['ignore', 'pipe', 'pipe'], timeout: timeoutMs });
+    const child = spawn(command, args, { env, cwd, shell: command.endsWith('.cmd'), stdio: ['ignore', 'pipe', 'pipe'], timeout: timeoutMs });
     let stdout = '';
     let stderr = '';
     child.stdout.setEncoding('utf8').on('data', (chunk: string) => (stdout += chunk));

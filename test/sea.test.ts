@@ -4,6 +4,7 @@
 
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
+import fsSync from 'node:fs';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
@@ -138,6 +139,17 @@ describe('release files', () => {
     assert.equal(image[4], 2, 'ELFCLASS64');
     assert.equal(image.readUInt16LE(18), 62, 'EM_X86_64');
     await assertSeaInjected('linux-x64', image);
+  });
+
+  // Where qemu-user and the arm64 C libraries are installed (Debian: qemu-user
+  // libc6-arm64-cross libstdc++6-arm64-cross), the arm64 file is run too.
+  const qemu = '/usr/bin/qemu-aarch64';
+  const arm64Sysroot = '/usr/aarch64-linux-gnu';
+  const canEmulateArm64 = fsSync.existsSync(qemu) && fsSync.existsSync(path.join(arm64Sysroot, 'lib', 'libstdc++.so.6'));
+  it('linux-arm64 prints the version under qemu-aarch64', { skip: !canEmulateArm64 && 'qemu-aarch64 or the arm64 libraries are not installed', timeout: 60_000 }, async () => {
+    const manifest = JSON.parse(await fs.readFile(path.join(paths.root, 'package.json'), 'utf8')) as { version: string };
+    const version = await runToEnd(qemu, ['-L', arm64Sysroot, release('mimiclaw-ws-linux-arm64'), '--version'], noNodeEnv, 60_000);
+    assert.equal(version.stdout.trim(), manifest.version, version.stderr);
   });
 
   it('linux-arm64 is an ELF64 aarch64 file with the blob', async () => {

@@ -166,7 +166,7 @@ async function bundleCli(paths: BuildPaths, version: string): Promise<string> {
     target: 'node20',
     format: 'cjs',
     outfile,
-    define: { MIMICLAW_PACKAGE_VERSION: JSON.stringify(version) },
+    define: { MIMICLAW_VERSION: JSON.stringify(version) },
     plugins: [optionalNativeAddons],
     metafile: true,
     logLevel: 'warning',

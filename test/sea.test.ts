@@ -98,7 +98,8 @@ describe('linux-x64 executable', () => {
 
       relay = await startBinary(port, dataDir);
       for (const [who, role] of [[boss.ok, 'boss'], [employee.ok, 'employee']] as const) {
-        const again = await auth(relay.wsUrl, { role, identity: { id: who.id, key: who.key } });
+        const bossKey = role === 'boss' ? { authkey: AUTHKEY } : {};
+        const again = await auth(relay.wsUrl, { role, identity: { id: who.id, key: who.key }, ...bossKey });
         sockets.push(again.socket);
         assert.equal(again.ok.id, who.id);
         assert.equal(again.ok.reconnected, true);

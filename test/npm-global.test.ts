@@ -47,11 +47,11 @@ after(async () => {
 
 describe('npm install -g of the packed tarball', () => {
   it('packs only what a user needs', () => {
-    for (const needed of ['package.json', 'README.md', 'dist/cli.js', 'dist/server.js', 'dist/server.d.ts', 'scripts/postinstall.js']) {
+    for (const needed of ['package.json', 'README.md', 'LICENSE', 'docs/PROTOCOL.md', 'dist/cli.js', 'dist/server.js', 'dist/server.d.ts', 'scripts/postinstall.js']) {
       assert.ok(packedFiles.includes(needed), `${needed} is missing from the tarball`);
     }
     const extra = packedFiles.filter(
-      (file) => !/^(package\.json|README\.md|LICENSE(\.\w+)?|scripts\/postinstall\.js)$/.test(file) && !/^dist\/.+\.(js|d\.ts)$/.test(file),
+      (file) => !/^(package\.json|README\.md|LICENSE(\.\w+)?|docs\/PROTOCOL\.md|scripts\/postinstall\.js)$/.test(file) && !/^dist\/.+\.(js|d\.ts)$/.test(file),
     );
     assert.deepEqual(extra, []);
     assert.deepEqual(packedFiles.filter((file) => /^dist\/(test|scripts|bench)\//.test(file)), []);

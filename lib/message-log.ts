@@ -1,20 +1,20 @@
 // messages.db: the log of every routed message with its per-target result.
 //
-// The file keeps NeDB's on-disk format (one JSON document
-// per line with a unique `_id`; a later line with the same `_id` replaces the earlier one), so
+// The file keeps NeDB's on-disk format (one JSON document per line with a unique `_id`; a later line with the same `_id` replaces the earlier one), so
 // NeDB and its tools can still read it. The relay does not hold it in a NeDB Datastore: NeDB
 // keeps every document in memory and loading 1,000,000 messages took 28 s and 1.5 GB here.
 // Instead appends are batched into one write per flush (group commit) with backpressure, and
-// an in-memory columnar index of the boss<->employee edges answers the admin queries.
+// an in-memory columnar index (message-index.ts) answers the admin queries by reading only the
+// lines of the page asked for. Records with a queued target are also held in memory until every
+// target is settled, because their status changes are written as new versions.
 
-
-import type { FailureReason, Role } from './protocol';
-import type { Logger } from './logger';
 import { randomBytes } from 'node:crypto';
 import { createReadStream, createWriteStream } from 'node:fs';
 import fs from 'node:fs/promises';
 import path from 'node:path';
+import type { Logger } from './logger';
 import { MessageIndex } from './message-index';
+import type { FailureReason, Role } from './protocol';
 
 export type TargetStatus = 'delivered' | 'failed' | 'queued' | 'expired';
 

@@ -1,7 +1,7 @@
 // messages.db: the log of every routed message with its per-target result.
 //
-// The file keeps NeDB's on-disk format (one JSON document per line with a unique `_id`; a later line with the same `_id` replaces the earlier one), so
-// NeDB and its tools can still read it. The relay does not hold it in a NeDB Datastore: NeDB
+// The file keeps NeDB's on-disk format (one JSON document per line with a unique `_id`; a
+// later line with the same `_id` replaces the earlier one), so NeDB and its tools can read it. The relay does not hold it in a NeDB Datastore: NeDB
 // keeps every document in memory and loading 1,000,000 messages took 28 s and 1.5 GB here.
 // Instead appends are batched into one write per flush (group commit) with backpressure, and
 // an in-memory columnar index (message-index.ts) answers the admin queries by reading only the

@@ -6,7 +6,7 @@ import fs from 'node:fs/promises';
 import http from 'node:http';
 import path from 'node:path';
 import { ConnectionLog } from './lib/connection-log';
-import { DedupeCache } from './lib/dedupe-cache';
+import { ackPrefix, DedupeCache } from './lib/dedupe-cache';
 import { DeliveryQueue } from './lib/delivery-queue';
 import { logRelayEvents } from './lib/event-log';
 import { EventBus } from './lib/events';
@@ -71,12 +71,13 @@ async function restoreDedupe(dedupe: DedupeCache, messageLog: MessageLog, window
   if (!dedupe.enabled) return;
   for (const record of await messageLog.recordsSince(Date.now() - windowMs)) {
     const queued = new Set(record.queued);
-    dedupe.remember(record.from_id, record.msg_id, record.timestamp, {
+    const prefix = ackPrefix({
       msg_id: record.msg_id,
       delivered: record.targets.filter((t) => t.status === 'delivered' && !queued.has(t.id)).map((t) => t.id),
       failed: record.targets.flatMap((t) => (t.status === 'failed' && t.reason !== null ? [{ id: t.id, reason: t.reason }] : [])),
       queued: record.queued,
     });
+    dedupe.remember(record.from_id, record.msg_id, record.timestamp, prefix);
   }
 }
 

@@ -152,6 +152,8 @@ export class RelayClient {
   private credentials: StoredIdentity | null = null;
   private fromFile = false;
   private lastAuthOk: AuthOkFrame | null = null;
+  /** Why the client stopped by itself, for calls made afterwards. */
+  private failure: RelayClientError | null = null;
   private attempt = 0;
   private reconnectTimer: NodeJS.Timeout | null = null;
   private heartbeatTimer: NodeJS.Timeout | null = null;
@@ -202,7 +204,7 @@ export class RelayClient {
 
   /** Resolves with the first auth_ok; keeps retrying unreachable relays; rejects when the auth can never succeed. */
   connect(): Promise<AuthOkFrame> {
-    if (this.stopped) return Promise.reject(new RelayClientError('closed', 'This client was closed; create a new RelayClient.'));
+    if (this.stopped) return Promise.reject(this.failure ?? new RelayClientError('closed', 'This client was closed; create a new RelayClient.'));
     if (this.state === 'authenticated' && this.lastAuthOk) return Promise.resolve(this.lastAuthOk);
     const waiting = new Promise<AuthOkFrame>((resolve, reject) => this.connectWaiters.push({ resolve, reject }));
     if (!this.started) {
@@ -257,7 +259,7 @@ export class RelayClient {
   // ---- sending -------------------------------------------------------------------------------
 
   private prepare(to: Target, payload: unknown, options: SendOptions): MessageFrame | RelayClientError {
-    if (this.stopped) return new RelayClientError('closed', 'This client was closed; create a new RelayClient to send.');
+    if (this.stopped) return this.failure ?? new RelayClientError('closed', 'This client was closed; create a new RelayClient to send.');
     const target = checkTarget(to);
     if (!target.ok) return new RelayClientError(target.error.code, target.error.message);
     const msgId = options.msgId ?? randomUUID();
@@ -391,6 +393,7 @@ export class RelayClient {
   /** Stops for good: the error goes to connect() callers, every pending send and 'error' listeners. */
   private fail(error: RelayClientError): void {
     this.stopped = true;
+    this.failure = error;
     this.shutDown(error);
     this.emit('error', error);
     this.ws?.close(1000, 'client stopping');

@@ -20,9 +20,10 @@ Every frame from the relay is printed on stdout as one JSON line (heartbeat pong
 Every JSON line on stdin is sent as a message: {"to":"employee-…"|"tag:x"|"*","payload":…,
 "msg_id":"optional","queue":true,"ttl_ms":60000}. A bad line gets a JSON error line on stderr
 and the rest go on; status changes and errors are JSON lines on stderr too.
-At end of input it waits for the acks of what it sent (up to --drain-timeout), then exits 0;
-SIGINT/SIGTERM exit 0 at once. Exit 1 when the relay refuses the auth for good (wrong authkey,
-banned, unknown identity…), 2 on bad arguments.
+At end of input it waits for the acks of what it sent, then exits 0; sends still without an
+ack after --drain-timeout are reported on stderr and it exits 1. SIGINT/SIGTERM exit 0 at once.
+Exit 1 when the relay refuses the auth for good (wrong authkey, banned, unknown identity…),
+2 on bad arguments.
 
   --role boss|employee    who to connect as (required)
   --authkey K             the relay's authkey (a boss needs it; else env MIMICLAW_AUTHKEY)
@@ -275,7 +276,8 @@ export async function runConnect(argv: string[]): Promise<number> {
   void pumpInput(client, input, inFlight).then(async () => {
     if (command.keepOpen) return;
     await settleWithin([...inFlight], command.drainTimeoutMs);
-    finish(0);
+    // Sends still without an ack are rejected (and reported) as the client closes.
+    finish(inFlight.size > 0 ? 1 : 0);
   });
 
   const code = await finished;

@@ -119,7 +119,7 @@ describe('mimiclaw-ws connect / send', () => {
     await worker.socket.close();
   });
 
-  test('`connect` exits 0 on SIGINT and 1 when the relay refuses its auth for good', async () => {
+  test('`connect` exits 0 on SIGINT, 1 when the relay refuses its auth for good or a send is never acknowledged', async () => {
     const listening = run(['connect', env.relay.url, '--role', 'boss', '--authkey', TEST_AUTHKEY, '--keep-open']);
     await listening.line((f) => f.type === 'auth_ok');
     listening.child.kill('SIGINT');
@@ -129,6 +129,16 @@ describe('mimiclaw-ws connect / send', () => {
     assert.equal(refused.code, 1);
     assert.equal(jsonLines(refused.stdout).find((f) => f.type === 'error')?.code, 'invalid_authkey');
     assert.match(refused.stderr, /invalid_authkey/);
+
+    const spare = await startTestRelay();
+    const deadUrl = spare.relay.url;
+    await spare.dispose();
+    const stranded = run(['connect', deadUrl, '--role', 'boss', '--authkey', TEST_AUTHKEY, '--drain-timeout', '300ms']);
+    stranded.child.stdin.end('{"to":"*","payload":"nobody hears this"}\n');
+    const result = await finish(stranded);
+    assert.equal(result.code, 1, 'a send that was never acknowledged makes the exit code 1');
+    const lost = jsonLines(result.stderr).find((f) => f.event === 'error' && f.line === 1) as unknown as { error: { code: string } } | undefined;
+    assert.equal(lost?.error.code, 'closed');
   });
 
   test('`send` exits 1 when the message failed, was refused, or the relay is unreachable', async () => {

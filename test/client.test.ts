@@ -197,7 +197,7 @@ describe('RelayClient', () => {
       assert.equal(client.status, 'closed');
       assert.ok(!statuses.some((s: StatusChange) => s.status === 'reconnecting'), 'no retry after a rejection that cannot succeed');
       assert.equal(await fs.readFile(file, 'utf8'), stale, 'the client did not silently register a new identity');
-      await assert.rejects(client.send('*', 1), (e: RelayClientError) => e.code === 'closed');
+      await assert.rejects(client.send('*', 1), (e: RelayClientError) => e.code === 'identity_not_found', 'later calls say why it stopped');
     } finally {
       await client.close();
       await env.dispose();
@@ -255,6 +255,45 @@ describe('RelayClient', () => {
     await chief.close();
   });
 
+  test('a frame over the relay limit rejects its own send with payload_too_large; the connection stays usable', async () => {
+    const env = await startTestRelay({ maxPayloadBytes: 2048 });
+    const chief = boss(env.relay.url);
+    const worker = employee(env.relay.url);
+    try {
+      const workerId = (await worker.connect()).id;
+      await chief.connect();
+      const small = chief.send(workerId, 'small');
+      const big = chief.send(workerId, 'x'.repeat(4096));
+      await assert.rejects(big, (e: RelayClientError) => e.code === 'payload_too_large' && e.frame?.code === 'payload_too_large');
+      assert.deepEqual((await small).delivered, [workerId]);
+      assert.deepEqual((await chief.send(workerId, 'after')).delivered, [workerId]);
+    } finally {
+      await Promise.all([worker.close(), chief.close()]);
+      await env.dispose();
+    }
+  });
+
+  test('sends the relay drops as rate_limited are written again after retry_after_ms, each delivered once', async () => {
+    const env = await startTestRelay({ rateLimit: 20 });
+    const chief = boss(env.relay.url);
+    const worker = employee(env.relay.url);
+    const received = collect(worker, 'message');
+    const frames = collect(chief, 'frame');
+    try {
+      const workerId = (await worker.connect()).id;
+      await chief.connect();
+      const acks = await Promise.all(Array.from({ length: 50 }, (_, i) => chief.send(workerId, i)));
+      assert.ok(acks.every((a) => a.delivered[0] === workerId));
+      assert.ok(frames.some((f) => f.type === 'error' && f.code === 'rate_limited'), 'the relay did rate-limit this burst');
+      await until(() => received.length >= 50, 'all fifty messages');
+      assert.deepEqual(received.map((m) => m.payload).sort((a, b) => Number(a) - Number(b)), Array.from({ length: 50 }, (_, i) => i));
+      assert.equal(new Set(received.map((m) => m.msg_id)).size, 50);
+    } finally {
+      await Promise.all([worker.close(), chief.close()]);
+      await env.dispose();
+    }
+  });
+
   test('an ack that does not come within ackTimeoutMs rejects the send; close() rejects the rest', async () => {
     const env = await startTestRelay();
     const port = env.relay.port;
@@ -269,6 +308,24 @@ describe('RelayClient', () => {
     await assert.rejects(waiting, (e: RelayClientError) => e.code === 'closed');
     await chief.close();
     assert.ok(errors.some((e) => e instanceof RelayClientError && e.code === 'connection_failed'));
+  });
+
+  test('a connection that goes silent is dropped after two heartbeat intervals and redialled', async () => {
+    const env = await startTestRelay();
+    const proxy = await startAckDroppingProxy(env.relay.url);
+    const worker = employee(proxy.url, { heartbeatIntervalMs: 40 });
+    try {
+      const first = await worker.connect();
+      proxy.mute = true;
+      await nextEvent(worker, 'status', (s) => s.status === 'reconnecting');
+      proxy.mute = false;
+      await nextEvent(worker, 'status', (s) => s.status === 'authenticated');
+      assert.equal(worker.identity?.id, first.id);
+    } finally {
+      await worker.close();
+      await proxy.close();
+      await env.dispose();
+    }
   });
 
   test('heartbeats are pings the relay answers', async () => {
@@ -315,11 +372,13 @@ describe('RelayClient', () => {
 interface AckDroppingProxy {
   url: string;
   dropNextAck: boolean;
+  /** Forward nothing from the relay: a connection that went silent without closing. */
+  mute: boolean;
   droppedAcks: number;
   close(): Promise<void>;
 }
 
-/** A WebSocket proxy to the relay that can swallow one delivery_ack and then cut the client off. */
+/** A WebSocket proxy to the relay that can swallow one delivery_ack and then cut the client off, or go silent. */
 async function startAckDroppingProxy(upstreamUrl: string): Promise<AckDroppingProxy> {
   const server = new WebSocketServer({ host: '127.0.0.1', port: 0 });
   await new Promise<void>((resolve) => server.once('listening', () => resolve()));
@@ -327,6 +386,7 @@ async function startAckDroppingProxy(upstreamUrl: string): Promise<AckDroppingPr
   const proxy: AckDroppingProxy = {
     url: `ws://127.0.0.1:${port}/ws`,
     dropNextAck: false,
+    mute: false,
     droppedAcks: 0,
     close: () =>
       new Promise<void>((resolve) => {
@@ -344,6 +404,7 @@ async function startAckDroppingProxy(upstreamUrl: string): Promise<AckDroppingPr
     });
     upstream.on('message', (data) => {
       const text = data.toString();
+      if (proxy.mute) return;
       if (proxy.dropNextAck && (JSON.parse(text) as { type: string }).type === 'delivery_ack') {
         proxy.dropNextAck = false;
         proxy.droppedAcks++;

@@ -19,10 +19,11 @@ export interface RelayProcess extends RelayEndpoint {
   logLines(): Record<string, unknown>[];
 }
 
-/** Spawns `node dist/cli.js <port> <authkey> <dir> --log-level warn …` and waits for its ready line. */
+/** Spawns `node dist/cli.js <port> <authkey> <dir> --log-level warn …` (unless the extra args set a log level) and waits for its ready line. */
 export async function startRelayProcess(dataDir: string, extraArgs: string[] = [], port?: number): Promise<RelayProcess> {
   const chosenPort = port ?? (await freePort());
-  const args = [CLI, String(chosenPort), CHILD_AUTHKEY, dataDir, '--host', '127.0.0.1', '--log-level', 'warn', ...extraArgs];
+  const logLevel = extraArgs.includes('--log-level') ? [] : ['--log-level', 'warn'];
+  const args = [CLI, String(chosenPort), CHILD_AUTHKEY, dataDir, '--host', '127.0.0.1', ...logLevel, ...extraArgs];
   const child = new ChildRelay(process.execPath, args, { ...process.env, MIMICLAW_AUTHKEY: '' }, chosenPort);
   const url = await waitForReadyLine(child, 15_000);
   return {

@@ -235,6 +235,38 @@ async function stopRelay(relay: RelayProcess | undefined, dir: string): Promise<
   await fs.rm(dir, { recursive: true, force: true });
 }
 
+/** Four authenticated sockets (two bosses, two employees) and two that never authenticate. */
+async function openHostileSockets(url: string): Promise<{ authed: HostileSocket[]; anonymous: HostileSocket[] }> {
+  const open = async (auth: Record<string, unknown> | null) => {
+    const socket = new HostileSocket(url);
+    await socket.start(auth);
+    return socket;
+  };
+  const boss = { type: 'auth', role: 'boss', authkey: CHILD_AUTHKEY };
+  const employee = (n: number) => ({ type: 'auth', role: 'employee', name: `Hostile-${n}`, tags: ['hostile'] });
+  return {
+    authed: await Promise.all([open(boss), open(employee(1)), open(boss), open(employee(3))]),
+    anonymous: await Promise.all([open(null), open(null)]),
+  };
+}
+
+const FLOOD = { perAuthed: 22_000, perAnonymous: 5_737, authAttempts: 500, tooLarge: 20, badUtf8: 6 };
+
+/** Runs every kind of hostile traffic at once; resolves with what the one-shot sockets got. */
+async function hostileFlood(url: string, authed: HostileSocket[], anonymous: HostileSocket[]) {
+  const authCodes = authFlood(url, FLOOD.authAttempts, 10);
+  const tooLargeCloses = closingFrames(url, FLOOD.tooLarge, 'z'.repeat(3 * LIMIT), true);
+  const badUtf8Closes = closingFrames(url, FLOOD.badUtf8, Buffer.from([0x7b, 0xc3, 0x28, 0x7d]), true);
+  await Promise.all([
+    ...authed.map((socket) => socket.flood(FLOOD.perAuthed, picker(authenticatedCatalogue()))),
+    ...anonymous.map((socket) => socket.flood(FLOOD.perAnonymous, picker(unauthenticatedCatalogue()))),
+    authCodes,
+    tooLargeCloses,
+    badUtf8Closes,
+  ]);
+  return { authCodes: await authCodes, tooLargeCloses: await tooLargeCloses, badUtf8Closes: await badUtf8Closes };
+}
+
 test('100,000 hostile frames from several sockets: each gets its answer, the relay stays up and bounded, a pair keeps routing', async () => {
   const dir = await makeTempDir();
   let relay: RelayProcess | undefined;
@@ -242,38 +274,13 @@ test('100,000 hostile frames from several sockets: each gets its answer, the rel
     relay = await startRelayProcess(dir, ['--max-payload', '64KiB', '--auth-timeout', '2m']);
     const pair = await wellBehavedPair(relay, CHILD_AUTHKEY);
     await pair.roundTrip();
-    const authed = await Promise.all(
-      [0, 1, 2, 3].map(async (n) => {
-        const socket = new HostileSocket(relay!.url);
-        await socket.start(n % 2 === 0 ? { type: 'auth', role: 'boss', authkey: CHILD_AUTHKEY } : { type: 'auth', role: 'employee', name: `Hostile-${n}`, tags: ['hostile'] });
-        return socket;
-      }),
-    );
-    const anonymous = await Promise.all([0, 1].map(async () => {
-      const socket = new HostileSocket(relay!.url);
-      await socket.start(null);
-      return socket;
-    }));
+    const { authed, anonymous } = await openHostileSockets(relay.url);
     const rssBefore = await rssBytes(relay.pid);
-
-    const perAuthed = 22_000;
-    const perAnonymous = 5_737;
-    const authAttempts = 500;
-    const tooLarge = 20;
-    const badUtf8 = 6;
+    const { perAuthed, perAnonymous, authAttempts, tooLarge, badUtf8 } = FLOOD;
     assert.equal(4 * perAuthed + 2 * perAnonymous + authAttempts + tooLarge + badUtf8, 100_000);
 
     let flooding = true;
-    const authCodesDone = authFlood(relay.url, authAttempts, 10);
-    const tooLargeDone = closingFrames(relay.url, tooLarge, 'z'.repeat(3 * LIMIT), true);
-    const badUtf8Done = closingFrames(relay.url, badUtf8, Buffer.from([0x7b, 0xc3, 0x28, 0x7d]), true);
-    const flood = Promise.all([
-      ...authed.map((socket) => socket.flood(perAuthed, picker(authenticatedCatalogue()))),
-      ...anonymous.map((socket) => socket.flood(perAnonymous, picker(unauthenticatedCatalogue()))),
-      authCodesDone,
-      tooLargeDone,
-      badUtf8Done,
-    ]).finally(() => (flooding = false));
+    const flood = hostileFlood(relay.url, authed, anonymous).finally(() => (flooding = false));
     // Round trips while the flood is in flight; the first starts with every flood socket's
     // first window of frames already sent.
     let tripsDuringFlood = 0;
@@ -281,15 +288,14 @@ test('100,000 hostile frames from several sockets: each gets its answer, the rel
       await pair.roundTrip();
       if (flooding) tripsDuringFlood++;
     }
-    await flood;
-    const [authCodes, tooLargeCloses, badUtf8Closes] = await Promise.all([authCodesDone, tooLargeDone, badUtf8Done]);
+    const { authCodes, tooLargeCloses, badUtf8Closes } = await flood;
 
     for (const socket of [...authed, ...anonymous]) {
       assert.deepEqual(socket.mismatches, [], 'every hostile frame gets the answer it is owed');
       assert.equal(socket.answered, socket.sent);
       assert.ok(socket.isOpen, 'bad frames under twice the limit keep the connection');
     }
-    assert.equal(authed.reduce((sum, s) => sum + s.sent, 0) + anonymous.reduce((sum, s) => sum + s.sent, 0), 4 * perAuthed + 2 * perAnonymous);
+    assert.equal([...authed, ...anonymous].reduce((sum, s) => sum + s.sent, 0), 4 * perAuthed + 2 * perAnonymous);
     const throttled = authCodes.filter((code) => code === 'error:auth_throttled').length;
     assert.equal(authCodes.length - throttled, 20, 'the first 20 failed auths from an address get their own code (--max-auth-failures default)');
     assert.equal(throttled, authAttempts - 20, 'further auths from the address are throttled');

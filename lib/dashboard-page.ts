@@ -42,9 +42,11 @@ td.mono, .mono { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, mon
 .status-banned, .health-unhealthy { color:var(--bad); font-weight:600; }
 .reasons { color:var(--muted); font-size:12px; }
 #feed { list-style:none; margin:0; padding:0; max-height:460px; overflow:auto; }
-#feed li { padding:4px 2px; border-bottom:1px solid var(--line); display:flex; gap:8px; align-items:baseline; flex-wrap:wrap; }
+#feed li { padding:4px 2px; border-bottom:1px solid var(--line); display:grid; grid-template-columns:auto 1fr auto; column-gap:8px; align-items:baseline; }
+#feed li .what { grid-column:1 / -1; grid-row:2; overflow-wrap:anywhere; }
+#feed li button { grid-column:3; grid-row:1; font-size:12px; padding:1px 8px; }
 #feed time { color:var(--muted); font-size:12px; font-variant-numeric: tabular-nums; }
-.kind { font-weight:600; min-width:6.5em; }
+.kind { font-weight:600; }
 .muted { color:var(--muted); }
 .live { font-size:12px; padding:2px 8px; border-radius:10px; background:var(--chip); }
 .live.on { color:var(--ok); } .live.off { color:var(--bad); }
@@ -147,7 +149,7 @@ function fillRow(tr, node) {
   tr.dataset.status = node.status;
   tr.dataset.tags = '\u0000' + node.tags.join('\u0000') + '\u0000';
   tr.dataset.name = (node.name || '').toLowerCase();
-  const cells = [el('td', { text: node.name || '(boss)' })];
+  const cells = [el('td', { text: node.name || shortId(node.id) })];
   if (node.role === 'employee') cells.push(el('td', null, node.tags.map((t) => el('span', { class: 'chip', text: t }))));
   cells.push(el('td', null, [statusCell(node)]), el('td', null, [healthCell(node)]),
     el('td', { text: fmtTime(node.last_seen), title: new Date(node.last_seen || 0).toISOString() }));
@@ -222,16 +224,17 @@ function later(name, fn, ms) {
 }
 
 // ---- the live feed ----
+function shortId(id) { return id.length > 16 ? id.slice(0, id.indexOf('-') + 9) + '…' : id; }
 function nameOf(ref) {
   if (!ref) return '?';
-  if (typeof ref === 'string') { const n = state.nodes.get(ref); return n ? (n.name || n.id) : ref; }
-  return ref.name || ref.id;
+  if (typeof ref === 'string') { const n = state.nodes.get(ref); return n && n.name ? n.name : shortId(ref); }
+  return ref.name || shortId(ref.id);
 }
 function feedItem(kind, text, extra) {
   const feed = $('feed');
   const at = extra && extra.at ? extra.at : Date.now();
   const li = el('li', null, [el('time', { datetime: new Date(at).toISOString(), text: new Date(at).toLocaleTimeString() }),
-    el('span', { class: 'kind', text: kind }), el('span', { text: text }), extra && extra.button ? extra.button : null]);
+    el('span', { class: 'kind', text: kind }), el('span', { class: 'what', text: text }), extra && extra.button ? extra.button : null]);
   feed.prepend(li);
   while (feed.childElementCount > FEED_MAX) feed.lastElementChild.remove();
 }
@@ -255,7 +258,9 @@ function patchStatus(id, status, at) {
 }
 function onRelayEvent(type, ev) {
   if (type === 'connect' || type === 'disconnect' || type === 'ban' || type === 'unban') {
-    const status = type === 'connect' ? 'online' : type === 'ban' ? 'banned' : type === 'unban' ? 'offline' : 'offline';
+    const known = state.nodes.get(ev.node.id);
+    // A ban closes the socket: its disconnect must not turn the row back to offline.
+    const status = type === 'connect' ? 'online' : type === 'ban' ? 'banned' : type === 'disconnect' && known && known.status === 'banned' ? 'banned' : 'offline';
     if (!patchStatus(ev.node.id, status, ev.at)) upsertNode(Object.assign({}, ev.node, { status: status, online: status === 'online', last_seen: ev.at, health: null }));
     const what = type === 'connect' ? (ev.reconnected ? 'reconnected' : 'connected') : type === 'disconnect' ? 'disconnected (code ' + ev.code + ')' : (type === 'ban' ? 'banned' : 'unbanned') + ' by ' + ev.by;
     feedItem(type, nameOf(ev.node) + ' (' + ev.node.role + ') ' + what, { at: ev.at });

@@ -2,7 +2,7 @@
 // and saves a screenshot. Also a manual check that the page stays responsive with a large
 // workforce: `node dist/scripts/dashboard-screenshot.js --employees 1000 --out /tmp/big.png`.
 //
-//   npm run build && node dist/scripts/dashboard-screenshot.js [--employees N] [--out FILE]
+//   npm run build && node dist/scripts/dashboard-screenshot.js [--employees N] [--out FILE] [--dark]
 
 import fs from 'node:fs/promises';
 import os from 'node:os';
@@ -48,7 +48,7 @@ function open(relay: RelayHandle, auth: Record<string, unknown>): Promise<Peer> 
 }
 
 async function main(): Promise<void> {
-  const args = minimist(process.argv.slice(2), { string: ['out'], default: { employees: 24, out: 'docs/dashboard.png' } });
+  const args = minimist(process.argv.slice(2), { string: ['out'], boolean: ['dark'], default: { employees: 24, out: 'docs/dashboard.png' } });
   const count = Number(args.employees);
   const dataDir = await fs.mkdtemp(path.join(os.tmpdir(), 'mimiclaw-shot-'));
   const relay = await startRelay({ port: 0, host: '127.0.0.1', authkey: AUTHKEY, dataDir, logLevel: 'warn' });
@@ -57,7 +57,7 @@ async function main(): Promise<void> {
     args: ['--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--no-first-run'],
   });
   try {
-    const page = await browser.newPage({ viewport: { width: 1440, height: 1000 } });
+    const page = await browser.newPage({ viewport: { width: 1440, height: 1000 }, colorScheme: args.dark ? 'dark' : 'light' });
     await page.goto(relay.httpUrl + '/');
     await page.locator('#live.on').waitFor();
     const bosses = [await open(relay, { role: 'boss', authkey: AUTHKEY }), await open(relay, { role: 'boss', authkey: AUTHKEY })];

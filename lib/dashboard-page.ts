@@ -63,7 +63,7 @@ const SCRIPT = String.raw`
 const KEY_STORAGE = 'mimiclaw-admin-key';
 const FEED_MAX = 300;
 const $ = (id) => document.getElementById(id);
-const state = { nodes: new Map(), rows: new Map(), tags: new Set(), commsOffset: 0, keyWaiter: null };
+const state = { nodes: new Map(), rows: new Map(), tags: new Set(), commsOffset: 0, keyWaiter: null, lastEventId: '', retryMs: 1000 };
 
 function el(tag, props, children) {
   const node = document.createElement(tag);
@@ -345,19 +345,28 @@ async function onEmployeeClick(event) {
 
 // ---- the event stream ----
 function connectEvents() {
-  const key = getKey();
-  const source = new EventSource('/api/events' + (key ? '?authkey=' + encodeURIComponent(key) : ''));
+  const query = new URLSearchParams();
+  if (getKey()) query.set('authkey', getKey());
+  // A new EventSource does not send Last-Event-ID itself: resume from the last one seen.
+  if (state.lastEventId) query.set('lastEventId', state.lastEventId);
+  const source = new EventSource('/api/events' + (query.toString() ? '?' + query.toString() : ''));
   const live = $('live');
-  source.onopen = () => { live.textContent = 'live'; live.className = 'live on'; };
+  source.onopen = () => { live.textContent = 'live'; live.className = 'live on'; state.retryMs = 1000; };
   source.onerror = () => {
     live.textContent = 'reconnecting'; live.className = 'live off';
-    // A 401 closes the source for good: ask for the key, then reopen.
-    if (source.readyState === EventSource.CLOSED) {
-      setTimeout(async () => { if (!getKey()) await askKey('Reads from this address need the admin key.'); connectEvents(); }, 1000);
-    }
+    // EventSource retries network errors itself; an HTTP error (401, 503) closes it for good.
+    // Probe with a read (which asks for the key on 401), then reopen, backing off.
+    if (source.readyState !== EventSource.CLOSED) return;
+    const wait = state.retryMs;
+    state.retryMs = Math.min(30000, state.retryMs * 2);
+    setTimeout(async () => {
+      try { await api('GET', '/api/admin/workforce'); } catch (error) { /* the relay may be restarting */ }
+      connectEvents();
+    }, wait);
   };
+  const remember = (e) => { if (e.lastEventId) state.lastEventId = e.lastEventId; };
   for (const type of ['connect', 'disconnect', 'message', 'delivery_update', 'ban', 'unban', 'health']) {
-    source.addEventListener(type, (e) => onRelayEvent(type, JSON.parse(e.data)));
+    source.addEventListener(type, (e) => { remember(e); onRelayEvent(type, JSON.parse(e.data)); });
   }
   source.addEventListener('missed', (e) => {
     feedItem('missed', JSON.parse(e.data).message);

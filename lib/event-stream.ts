@@ -52,8 +52,9 @@ function frameText(id: number | null, type: string, data: unknown): string {
 /** Parses a Last-Event-ID value; null when absent or not a non-negative integer. */
 export function parseLastEventId(raw: string | string[] | null | undefined): number | null {
   const value = Array.isArray(raw) ? raw[0] : raw;
-  if (value === undefined || value === null || !/^\d{1,15}$/.test(value.trim())) return null;
-  return Number(value.trim());
+  if (value === undefined || value === null || !/^\d{1,16}$/.test(value.trim())) return null;
+  const id = Number(value.trim());
+  return Number.isSafeInteger(id) ? id : null;
 }
 
 export class EventStream {
@@ -61,7 +62,9 @@ export class EventStream {
   private readonly ring: (RingEntry | undefined)[];
   private ringStart = 0;
   private ringCount = 0;
-  private lastId = 0;
+  /** Ids start from the clock (µs), so they keep increasing across relay restarts. */
+  private readonly firstId: number;
+  private lastId: number;
   private readonly clients = new Set<ServerResponse>();
   private readonly unsubscribe: () => void;
   private readonly keepAlive: NodeJS.Timeout;
@@ -77,6 +80,8 @@ export class EventStream {
     this.ring = new Array<RingEntry | undefined>(ringSize);
     this.maxBufferedBytes = options.maxBufferedBytes ?? DEFAULT_MAX_BUFFERED_BYTES;
     this.retryMs = options.retryMs ?? DEFAULT_RETRY_MS;
+    this.firstId = Date.now() * 1000;
+    this.lastId = this.firstId;
     this.unsubscribe = options.bus.subscribe((event) => this.onEvent(event));
     this.keepAlive = setInterval(() => this.broadcast(': keep-alive\n\n'), options.keepAliveMs ?? DEFAULT_KEEP_ALIVE_MS);
     this.keepAlive.unref();
@@ -87,7 +92,7 @@ export class EventStream {
     return this.clients.size;
   }
 
-  /** Id of the newest event (0 before the first). */
+  /** Id of the newest event (before the first, the id the first will follow). */
   get latestId(): number {
     return this.lastId;
   }
@@ -158,8 +163,8 @@ export class EventStream {
 
   private replay(res: ServerResponse, lastEventId: number): void {
     const oldest = this.ringCount > 0 ? this.ring[this.ringStart]!.id : null;
-    if (lastEventId > this.lastId) {
-      // Ids restart with the relay: this client saw an earlier run, so send all we hold.
+    if (lastEventId < this.firstId || lastEventId > this.lastId) {
+      // The client saw an earlier run of the relay (or another relay): send all this run holds.
       this.notifyMissed(res, { last_event_id: lastEventId, oldest_available_id: oldest, missed: null }, 'The relay restarted since your last event; events before this point were not kept.');
       this.sendRing(res, 0);
       return;

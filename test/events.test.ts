@@ -234,6 +234,30 @@ describe('event stream ring and bounds (plain bus and HTTP server)', () => {
     fromFuture.close();
   });
 
+  test('an id from an earlier run gets a missed notice and the whole ring; ids keep increasing across runs', async () => {
+    const earlier = stream.latestId;
+    const restartedBus = new EventBus();
+    const restarted = new EventStream({ bus: restartedBus, ringSize: 5 });
+    const restartedServer = http.createServer((req, res) => restarted.handle(req, res));
+    await new Promise<void>((resolve) => restartedServer.listen(0, '127.0.0.1', () => resolve()));
+    try {
+      restartedBus.publish(connect(1));
+      restartedBus.publish(connect(2));
+      const port = (restartedServer.address() as net.AddressInfo).port;
+      const client = await SseClient.open(`http://127.0.0.1:${port}/api/events`, { 'last-event-id': String(earlier) });
+      const events = await client.waitFor(3);
+      assert.equal(events[0]!.event, 'missed');
+      assert.equal(events[0]!.data.missed, null);
+      assert.deepEqual(events.slice(1).map((e) => Number(e.id)), [restarted.latestId - 1, restarted.latestId]);
+      assert.ok(restarted.latestId > earlier, 'a later run must hand out larger ids');
+      client.close();
+    } finally {
+      restarted.close();
+      restartedServer.closeAllConnections();
+      await new Promise((resolve) => restartedServer.close(resolve));
+    }
+  });
+
   test('events the stream does not carry (auth_fail, frame_error) take no id', async () => {
     const client = await SseClient.open(url);
     const before = stream.latestId;

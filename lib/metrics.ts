@@ -48,6 +48,52 @@ function totalCounter(registry: Registry, name: string, help: string, read: () =
   });
 }
 
+/** Gauges and byte totals read from the relay's stats at scrape time. */
+function registerStatsMetrics(register: Registry, p: string, current: () => RelayStatsSnapshot): void {
+  new Gauge({
+    name: `${p}connections`,
+    help: 'Open WebSocket connections by role (unauthenticated: waiting for auth).',
+    labelNames: ['role'],
+    registers: [register],
+    collect() {
+      const { boss, employee, unauthenticated } = current().connections;
+      this.set({ role: 'boss' }, boss);
+      this.set({ role: 'employee' }, employee);
+      this.set({ role: 'unauthenticated' }, unauthenticated);
+    },
+  });
+  new Gauge({
+    name: `${p}queue_depth`,
+    help: 'Messages held in the store-and-forward queue for offline targets.',
+    registers: [register],
+    collect() {
+      this.set(current().queueDepth);
+    },
+  });
+  new Gauge({
+    name: `${p}store_documents`,
+    help: 'Documents held per store (identities.db, connections.db, messages.db).',
+    labelNames: ['store'],
+    registers: [register],
+    collect() {
+      const { identities, connectionEvents, messages } = current().stores;
+      this.set({ store: 'identities' }, identities);
+      this.set({ store: 'connection_events' }, connectionEvents);
+      this.set({ store: 'messages' }, messages);
+    },
+  });
+  new Gauge({
+    name: `${p}event_stream_clients`,
+    help: 'Open /api/events streams.',
+    registers: [register],
+    collect() {
+      this.set(current().eventStreamClients ?? 0);
+    },
+  });
+  totalCounter(register, `${p}bytes_in_total`, 'WebSocket bytes received from clients.', () => current().bytesIn);
+  totalCounter(register, `${p}bytes_out_total`, 'WebSocket bytes sent to clients.', () => current().bytesOut);
+}
+
 export class RelayMetrics {
   readonly registry = new Registry();
   private readonly unsubscribe: () => void;
@@ -72,51 +118,10 @@ export class RelayMetrics {
     const register = this.registry;
     this.stats = options.stats;
     collectDefaultMetrics({ register });
-    // render() takes one snapshot per scrape; every gauge of that scrape reads it.
-    const current = () => (this.snapshot ??= this.stats());
+    // One stats() call per scrape: render() takes the snapshot every gauge of that scrape reads.
+    const current = () => this.snapshot ?? this.stats();
 
-    new Gauge({
-      name: `${p}connections`,
-      help: 'Open WebSocket connections by role (unauthenticated: waiting for auth).',
-      labelNames: ['role'],
-      registers: [register],
-      collect() {
-        const { boss, employee, unauthenticated } = current().connections;
-        this.set({ role: 'boss' }, boss);
-        this.set({ role: 'employee' }, employee);
-        this.set({ role: 'unauthenticated' }, unauthenticated);
-      },
-    });
-    new Gauge({
-      name: `${p}queue_depth`,
-      help: 'Messages held in the store-and-forward queue for offline targets.',
-      registers: [register],
-      collect() {
-        this.set(current().queueDepth);
-      },
-    });
-    new Gauge({
-      name: `${p}store_documents`,
-      help: 'Documents held per store (identities.db, connections.db, messages.db).',
-      labelNames: ['store'],
-      registers: [register],
-      collect() {
-        const { identities, connectionEvents, messages } = current().stores;
-        this.set({ store: 'identities' }, identities);
-        this.set({ store: 'connection_events' }, connectionEvents);
-        this.set({ store: 'messages' }, messages);
-      },
-    });
-    new Gauge({
-      name: `${p}event_stream_clients`,
-      help: 'Open /api/events streams.',
-      registers: [register],
-      collect() {
-        this.set(current().eventStreamClients ?? 0);
-      },
-    });
-    totalCounter(register, `${p}bytes_in_total`, 'WebSocket bytes received from clients.', () => current().bytesIn);
-    totalCounter(register, `${p}bytes_out_total`, 'WebSocket bytes sent to clients.', () => current().bytesOut);
+    registerStatsMetrics(register, p, current);
 
     this.authSuccesses = new Counter({ name: `${p}auth_successes_total`, help: 'Successful auths by role.', labelNames: ['role', 'reconnected'], registers: [register] });
     this.authFailures = new Counter({ name: `${p}auth_failures_total`, help: 'Rejected auths by error code.', labelNames: ['code'], registers: [register] });
@@ -138,7 +143,10 @@ export class RelayMetrics {
   /** The exposition text. */
   render(): Promise<string> {
     this.snapshot = this.stats();
-    return this.registry.metrics();
+    // prom-client calls every collect() synchronously inside metrics(), before its first await.
+    const text = this.registry.metrics();
+    this.snapshot = null;
+    return text;
   }
 
   /** Serves GET /metrics. The caller has already checked read access. */

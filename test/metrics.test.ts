@@ -3,6 +3,8 @@
 
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
+import { EventBus } from '../lib/events';
+import { RelayMetrics, type RelayStatsSnapshot } from '../lib/metrics';
 import { authBoss, authEmployee, connect, http, reconnect, startTestRelay, TEST_AUTHKEY, type TestRelay } from './support';
 
 interface Sample {
@@ -237,6 +239,28 @@ describe('metrics', () => {
       await otherBoss.socket.close();
     } finally {
       await other.dispose();
+    }
+  });
+
+  test('a scrape reads the stats callback once, and totals never go down', async () => {
+    let calls = 0;
+    let bytesIn = 100;
+    const stats = (): RelayStatsSnapshot => {
+      calls++;
+      return { connections: { boss: 0, employee: 0, unauthenticated: 2 }, queueDepth: 3, stores: { identities: 4, connectionEvents: 5, messages: 6 }, bytesIn, bytesOut: 7 };
+    };
+    const metrics = new RelayMetrics({ bus: new EventBus(), stats });
+    try {
+      const first = parseExposition(await metrics.render());
+      assert.equal(calls, 1);
+      assert.equal(value(first, 'mimiclaw_connections', { role: 'unauthenticated' }), 2);
+      assert.equal(value(first, 'mimiclaw_store_documents', { store: 'messages' }), 6);
+      assert.equal(value(first, 'mimiclaw_bytes_in_total'), 100);
+      bytesIn = 150;
+      assert.equal(value(parseExposition(await metrics.render()), 'mimiclaw_bytes_in_total'), 150);
+      assert.equal(calls, 2);
+    } finally {
+      metrics.close();
     }
   });
 

@@ -7,7 +7,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { chromium, type Browser, type Page } from 'playwright-core';
-import { authBoss, authEmployee, http, makeTempDir, startTestRelay, TEST_AUTHKEY, type TestRelay } from './support';
+import { authBoss, authEmployee, http, type Authed, makeTempDir, startTestRelay, TEST_AUTHKEY, type TestRelay } from './support';
 
 export const CHROMIUM_PATH = process.env.CHROMIUM_PATH ?? '/usr/bin/chromium';
 export const CHROMIUM_ARGS = ['--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--no-first-run'];
@@ -110,5 +110,26 @@ describe('dashboard in a browser', { timeout: 60_000 }, () => {
     assert.equal(await otherRow.isVisible(), true);
     assert.equal(await otherRow.evaluate((tr: object) => (tr as { marker?: number }).marker), marker, 'the row element is kept, not rebuilt');
     await other.socket.close();
+  });
+
+  test('with 1,000 employees every one gets exactly one row, and events still patch rows', async () => {
+    const workers: Authed[] = [];
+    for (let i = 0; i < 1000; i += 100) {
+      workers.push(...(await Promise.all(Array.from({ length: 100 }, (_, j) => authEmployee(relay.relay, `Bulk-${i + j}`, [`team-${(i + j) % 10}`])))));
+    }
+    try {
+      await page.locator(`#employees-body tr[data-id="${workers.at(-1)!.id}"] .status-online`).waitFor({ timeout: 30_000 });
+      const ids = await page.locator('#employees-body tr').evaluateAll((rows) => rows.map((row) => (row as unknown as { dataset: { id: string } }).dataset.id));
+      assert.equal(new Set(ids).size, ids.length, 'no employee may have two rows');
+      for (const w of workers) assert.ok(ids.includes(w.id));
+      await workers[500]!.socket.close();
+      await page.locator(`#employees-body tr[data-id="${workers[500]!.id}"] .status-offline`).waitFor();
+      await page.selectOption('#tag-filter', 'team-3');
+      assert.equal(await page.locator('#employees-body tr:not([hidden])').count(), 100);
+      await page.selectOption('#tag-filter', '');
+      assert.deepEqual(pageErrors, []);
+    } finally {
+      await Promise.all(workers.map((w) => w.socket.close()));
+    }
   });
 });

@@ -8,12 +8,15 @@ import path from 'node:path';
 import { ConnectionLog } from './lib/connection-log';
 import { ackPrefix, DedupeCache } from './lib/dedupe-cache';
 import { DeliveryQueue } from './lib/delivery-queue';
+import { serveDashboard } from './lib/dashboard-page';
 import { logRelayEvents } from './lib/event-log';
+import { EventStream } from './lib/event-stream';
 import { EventBus } from './lib/events';
 import { HttpApi, type HttpExtensions } from './lib/http-api';
 import { IdentityStore } from './lib/identity-store';
 import { createLogger, type Logger } from './lib/logger';
 import { MessageLog } from './lib/message-log';
+import { RelayMetrics } from './lib/metrics';
 import { resolveOptions, type RelayOptions, type ResolvedOptions } from './lib/options';
 import { Router } from './lib/router';
 import { packageVersion } from './lib/version';
@@ -103,7 +106,23 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
   await restoreDedupe(dedupe, stores.messageLog, options.dedupeWindowMs);
   const router = new Router({ options, ...stores, dedupe, bus, logger });
   const gateway = new WsGateway(options, router, bus, logger);
-  const extensions: HttpExtensions = {};
+  const eventStream = new EventStream({ bus });
+  const metrics = new RelayMetrics({
+    bus,
+    stats: () => ({
+      connections: { ...router.countOnline(), unauthenticated: gateway.counts.unauthenticated },
+      queueDepth: stores.queue.depth,
+      stores: { identities: stores.identities.size, connectionEvents: stores.connectionLog.size, messages: stores.messageLog.stats().records },
+      bytesIn: gateway.bytesIn,
+      bytesOut: gateway.bytesOut,
+      eventStreamClients: eventStream.clientCount,
+    }),
+  });
+  const extensions: HttpExtensions = {
+    dashboard: serveDashboard,
+    events: (req, res) => eventStream.handle(req, res),
+    metrics: (req, res) => metrics.handle(req, res),
+  };
   const api = new HttpApi({
     options,
     router,
@@ -136,6 +155,7 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
   const stopTimers = () => {
     clearInterval(expiry);
     clearInterval(maintenance);
+    eventStream.close();
   };
 
   try {
@@ -164,6 +184,7 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
       clearTimeout(grace);
       server.closeAllConnections();
       await closeStores(stores);
+      metrics.close();
       logger.info('relay_closed', {});
     })());
 

@@ -133,6 +133,7 @@ export class WsGateway {
   }
 
   private onFrame(session: Session, data: RawData, isBinary: boolean): void {
+    const startedAt = performance.now();
     const receivedAt = Date.now();
     session.lastActivityAt = receivedAt;
     const buffer = Buffer.isBuffer(data) ? data : Array.isArray(data) ? Buffer.concat(data) : Buffer.from(data);
@@ -153,7 +154,7 @@ export class WsGateway {
     }
     const frame = decoded.value;
     if (session.identity) {
-      this.router.handleFrame(session, frame, buffer.length, receivedAt);
+      this.router.handleFrame(session, frame, { bytes: buffer.length, receivedAt, startedAt });
       return;
     }
     if (frame.type !== 'auth') {

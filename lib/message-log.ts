@@ -13,7 +13,7 @@ import { createReadStream, createWriteStream } from 'node:fs';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import type { Logger } from './logger';
-import { MessageIndex } from './message-index';
+import { MessageIndex, type EdgeFilter } from './message-index';
 import type { FailureReason, Role } from './protocol';
 
 export type TargetStatus = 'delivered' | 'failed' | 'queued' | 'expired';
@@ -42,16 +42,8 @@ export interface MessageRecord extends MessageRecordInput {
   queued: string[];
 }
 
-export interface CommunicationQuery {
-  bossId?: string;
-  employeeId?: string;
-  /** Employees carrying the requested tag (resolved by the caller from current identities). */
-  employeeIds?: ReadonlySet<string>;
-  since?: number;
-  until?: number;
-  offset: number;
-  limit: number;
-}
+/** Which boss<->employee edges to list; employeeIds are the carriers of a requested tag. */
+export type CommunicationQuery = EdgeFilter;
 
 /** One boss<->employee edge of a record. */
 export interface CommunicationEdge {

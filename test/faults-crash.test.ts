@@ -208,6 +208,8 @@ test('a truncated last line in messages.db and damaged lines in connections.db a
     assert.deepEqual(await rows(), ['disk-2', 'disk-1', 'disk-0'], 'the intact messages are kept');
     const skipped = warnings.filter((w) => w.event === 'store_lines_skipped').map((w) => path.basename(String(w.file)));
     assert.deepEqual(skipped.sort(), ['connections.db', 'identities.db'], 'the skipped lines are logged per file');
+    const tornLine = warnings.filter((w) => w.event === 'message_log_line_skipped');
+    assert.deepEqual(tornLine.map((w) => path.basename(String(w.file))), ['messages.db'], 'the torn line of messages.db is logged');
 
     // The identities still authenticate and route; what is written after the torn line is kept.
     const bossBack = await reconnect(restarted.relay, boss, 'boss', { authkey: TEST_AUTHKEY });

@@ -8,12 +8,15 @@ import path from 'node:path';
 import { ConnectionLog } from './lib/connection-log';
 import { ackPrefix, DedupeCache } from './lib/dedupe-cache';
 import { DeliveryQueue } from './lib/delivery-queue';
+import { serveDashboard } from './lib/dashboard-page';
 import { logRelayEvents } from './lib/event-log';
+import { EventStream } from './lib/event-stream';
 import { EventBus } from './lib/events';
 import { HttpApi, type HttpExtensions } from './lib/http-api';
 import { IdentityStore } from './lib/identity-store';
 import { createLogger, type Logger } from './lib/logger';
 import { MessageLog } from './lib/message-log';
+import { RelayMetrics } from './lib/metrics';
 import { resolveOptions, type RelayOptions, type ResolvedOptions } from './lib/options';
 import { Router } from './lib/router';
 import { packageVersion } from './lib/version';
@@ -66,11 +69,18 @@ async function openStores(options: ResolvedOptions, logger: Logger): Promise<Sto
   return { identities, connectionLog, messageLog, queue };
 }
 
-/** Rebuilds the dedupe window from the log, so a resend after a restart is still a duplicate. */
-async function restoreDedupe(dedupe: DedupeCache, messageLog: MessageLog, windowMs: number): Promise<void> {
+/**
+ * Rebuilds the dedupe window from the log, so a resend after a restart is still a duplicate.
+ * A record whose queued copy never reached queue.db (a crash between the two writes) is left
+ * out: its ack was never sent, so the resend must be routed again rather than answered.
+ */
+async function restoreDedupe(dedupe: DedupeCache, messageLog: MessageLog, queue: DeliveryQueue, windowMs: number): Promise<void> {
   if (!dedupe.enabled) return;
-  for (const record of await messageLog.recordsSince(Date.now() - windowMs)) {
+  const stillQueued = queue.recordIds();
+  for (const record of await messageLog.recordsSince(Date.now() - windowMs, DEDUPE_MAX_ENTRIES)) {
     const queued = new Set(record.queued);
+    const lostQueueWrite = record.targets.some((t) => t.status === 'queued') && !stillQueued.has(record._id);
+    if (lostQueueWrite) continue;
     const prefix = ackPrefix({
       msg_id: record.msg_id,
       delivered: record.targets.filter((t) => t.status === 'delivered' && !queued.has(t.id)).map((t) => t.id),
@@ -100,10 +110,26 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
   const bus = new EventBus();
   if (logger.isEnabled('info')) bus.subscribe(logRelayEvents(logger));
   const dedupe = new DedupeCache(options.dedupeWindowMs, DEDUPE_MAX_ENTRIES);
-  await restoreDedupe(dedupe, stores.messageLog, options.dedupeWindowMs);
+  await restoreDedupe(dedupe, stores.messageLog, stores.queue, options.dedupeWindowMs);
   const router = new Router({ options, ...stores, dedupe, bus, logger });
   const gateway = new WsGateway(options, router, bus, logger);
-  const extensions: HttpExtensions = {};
+  const eventStream = new EventStream({ bus });
+  const metrics = new RelayMetrics({
+    bus,
+    stats: () => ({
+      connections: { ...router.countOnline(), unauthenticated: gateway.counts.unauthenticated },
+      queueDepth: stores.queue.depth,
+      stores: { identities: stores.identities.size, connectionEvents: stores.connectionLog.size, messages: stores.messageLog.stats().records },
+      bytesIn: gateway.bytesIn,
+      bytesOut: gateway.bytesOut,
+      eventStreamClients: eventStream.clientCount,
+    }),
+  });
+  const extensions: HttpExtensions = {
+    dashboard: serveDashboard,
+    events: (req, res) => eventStream.handle(req, res),
+    metrics: (req, res) => metrics.handle(req, res),
+  };
   const api = new HttpApi({
     options,
     router,
@@ -136,6 +162,7 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
   const stopTimers = () => {
     clearInterval(expiry);
     clearInterval(maintenance);
+    eventStream.close();
   };
 
   try {
@@ -164,6 +191,7 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
       clearTimeout(grace);
       server.closeAllConnections();
       await closeStores(stores);
+      metrics.close();
       logger.info('relay_closed', {});
     })());
 

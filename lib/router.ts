@@ -40,6 +40,15 @@ export interface RouterDeps {
   logger: Logger;
 }
 
+/** When and how big a frame arrived. */
+export interface FrameArrival {
+  bytes: number;
+  /** Wall clock, ms. */
+  receivedAt: number;
+  /** performance.now() at receipt, for the routing-latency histogram. */
+  startedAt: number;
+}
+
 export type BanResult =
   | { ok: true; identity: Identity; online: boolean }
   | { ok: false; status: 404 | 409; code: string; message: string };
@@ -109,9 +118,21 @@ export class Router {
       return;
     }
     const { identity, key, reconnected } = outcome;
+    session.identity = identity;
+    if (reconnected) {
+      this.goOnline(session, identity, key, true);
+      return;
+    }
+    // A new identity is on disk before its key is handed out, so a crash cannot forget an
+    // identity its client was already told about.
+    void this.deps.identities.flush().then(() => {
+      if (session.isOpen) this.goOnline(session, identity, key, false);
+    });
+  }
+
+  private goOnline(session: Session, identity: Identity, key: string, reconnected: boolean): void {
     const now = Date.now();
     const previous = this.online.get(identity.id);
-    session.identity = identity;
     session.ref = nodeRef(identity);
     this.online.set(identity.id, session);
     if (previous && previous !== session) {
@@ -138,7 +159,7 @@ export class Router {
       reconnected,
       timestamp: now,
     });
-    this.deps.bus.publish({ type: 'connect', node: nodeRef(identity), reconnected, at: now });
+    this.deps.bus.publish({ type: 'connect', node: session.ref, reconnected, at: now });
     this.deliverQueued(session);
   }
 
@@ -265,7 +286,8 @@ export class Router {
 
   // ---- frames after auth ---------------------------------------------------------------------
 
-  handleFrame(session: Session, frame: Record<string, unknown> & { type: string }, bytes: number, receivedAt: number): void {
+  handleFrame(session: Session, frame: Record<string, unknown> & { type: string }, arrival: FrameArrival): void {
+    const { receivedAt } = arrival;
     const identity = session.identity!;
     identity.lastSeen = receivedAt;
     switch (frame.type) {
@@ -277,7 +299,7 @@ export class Router {
         this.healthReport(session, identity, frame);
         return;
       case 'message':
-        this.route(session, identity, frame, bytes, receivedAt);
+        this.route(session, identity, frame, arrival);
         return;
       case 'auth':
         session.sendError('unsupported_type', 'This connection is already authenticated; auth is only accepted as the first frame.');
@@ -305,7 +327,8 @@ export class Router {
 
   // ---- routing -------------------------------------------------------------------------------
 
-  private route(session: Session, sender: Identity, frame: Record<string, unknown>, bytes: number, receivedAt: number): void {
+  private route(session: Session, sender: Identity, frame: Record<string, unknown>, arrival: FrameArrival): void {
+    const { receivedAt } = arrival;
     const { options, dedupe } = this.deps;
     let msgId: string;
     if (frame.msg_id === undefined || frame.msg_id === null || frame.msg_id === '') {
@@ -398,8 +421,8 @@ export class Router {
       delivered: context.delivered,
       failed: context.failed,
       queued: context.queued,
-      bytes,
-      route_ms: Date.now() - receivedAt,
+      bytes: arrival.bytes,
+      route_ms: performance.now() - arrival.startedAt,
       at: now,
     });
   }

@@ -348,25 +348,27 @@ export class Router {
       session.sendError('invalid_msg_id', `Field "msg_id" must be a string of at most ${MAX_MSG_ID_LENGTH} characters.`);
       return;
     }
+    // Errors from here on name the client's msg_id, so it can tell which send they answer.
+    const answering = frame.msg_id === msgId ? { msg_id: msgId } : {};
     const target = checkTarget(frame.to);
     if (!target.ok) {
-      session.sendError(target.error.code, target.error.message);
+      session.sendError(target.error.code, target.error.message, answering);
       return;
     }
     if (target.value.kind === 'ids' && target.value.ids.length > options.maxTargets) {
-      session.sendError('too_many_targets', `A message may name at most ${options.maxTargets} targets; use "tag:<name>" or "*" for more.`);
+      session.sendError('too_many_targets', `A message may name at most ${options.maxTargets} targets; use "tag:<name>" or "*" for more.`, answering);
       return;
     }
     const queueTtlMs = this.queueTtl(frame);
     if (typeof queueTtlMs === 'string') {
-      session.sendError('invalid_frame', queueTtlMs);
+      session.sendError('invalid_frame', queueTtlMs, answering);
       return;
     }
     let payloadJson: string | undefined;
     try {
       payloadJson = frame.payload === undefined ? undefined : JSON.stringify(frame.payload);
     } catch {
-      session.sendError('invalid_json', 'The payload could not be re-encoded (it nests too deeply); send a flatter JSON value.');
+      session.sendError('invalid_json', 'The payload could not be re-encoded (it nests too deeply); send a flatter JSON value.', answering);
       return;
     }
     const now = Date.now();
@@ -409,7 +411,7 @@ export class Router {
         () => session.sendText(finishAck(prefix, false)),
         (error: Error) => {
           this.deps.logger.error('queue_store_failed', { msg_id: msgId, error: error.message });
-          session.sendError('invalid_frame', 'The relay could not store this message for offline targets; send it again.');
+          session.sendError('invalid_frame', 'The relay could not store this message for offline targets; send it again.', { msg_id: msgId });
         },
       );
     }

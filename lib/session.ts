@@ -43,7 +43,7 @@ export class Session {
     this.sendText(JSON.stringify(frame));
   }
 
-  sendError(code: ProtocolErrorCode, message: string, extra: Partial<Pick<ErrorFrame, 'retry_after_ms'>> = {}): void {
+  sendError(code: ProtocolErrorCode, message: string, extra: Partial<Pick<ErrorFrame, 'retry_after_ms' | 'msg_id'>> = {}): void {
     this.send({ type: 'error', code, message, ...extra, timestamp: Date.now() });
   }
 

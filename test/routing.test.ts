@@ -113,6 +113,16 @@ describe('routing', () => {
     assert.deepEqual(ack.failed, [{ id: dave.id, reason: 'target_banned' }]);
   });
 
+  test('errors about a message carry its msg_id when the client gave one', async () => {
+    bob.socket.send({ type: 'message', to: 42, payload: 1, msg_id: 'bad-to-1' });
+    const named = await bob.socket.next('error');
+    assert.equal(named.code, 'invalid_to');
+    assert.equal(named.msg_id, 'bad-to-1');
+    bob.socket.send({ type: 'message', to: [], payload: 1 });
+    const unnamed = await bob.socket.next('error');
+    assert.equal(unnamed.msg_id, undefined);
+  });
+
   const badFrames: [string, unknown, string][] = [
     ['text that is not JSON', 'hello there', 'invalid_json'],
     ['a JSON array', '[1,2]', 'invalid_json'],

@@ -1,0 +1,192 @@
+// npm run bench: the relay against a bare ws forwarder (the ceiling), same client, alternating,
+// medians of several rounds. Not a pass/fail test: it prints a table and optionally writes JSON.
+//
+//   node dist/bench/bench.js [--quick] [--rounds N] [--json FILE] [--only relay|ceiling]
+//     [--scenarios throughput,latency,fanout,idle,restart] [--relay-args "--flag value"]
+//     [--profile DIR] [--max-minutes M]
+
+import fs from 'node:fs';
+import path from 'node:path';
+import minimist from 'minimist';
+import { cleanupNow, installCleanupHandlers } from './cleanup';
+import { formatHotspots, summariseProfile } from './profile-summary';
+import { buildRows, formatTable, machineInfo, type RoundResults } from './report';
+import { SCENARIOS, type BenchConfig, type Metrics, type ScenarioName } from './scenarios';
+import type { ServerKind } from './servers';
+
+const FULL: Omit<BenchConfig, 'relayArgs' | 'relayNodeArgs'> = {
+  rounds: 3,
+  throughputMessages: 50_000,
+  inFlight: 100,
+  latencyMessages: 5000,
+  latencyWarmup: 500,
+  fanoutEmployees: 1000,
+  fanoutBroadcasts: 20,
+  fanoutWarmup: 3,
+  idleConnections: 10_000,
+  idleClientProcesses: 2,
+  restartMessages: 1_000_000,
+  runTimeoutMs: 120_000,
+};
+
+const QUICK: typeof FULL = {
+  ...FULL,
+  rounds: 1,
+  throughputMessages: 5000,
+  latencyMessages: 500,
+  latencyWarmup: 100,
+  fanoutEmployees: 200,
+  fanoutBroadcasts: 5,
+  fanoutWarmup: 1,
+  idleConnections: 1000,
+  restartMessages: 100_000,
+  runTimeoutMs: 60_000,
+};
+
+interface Cli {
+  config: BenchConfig;
+  quick: boolean;
+  json: string | undefined;
+  kinds: ServerKind[];
+  scenarios: ScenarioName[];
+  profileDir: string | undefined;
+  maxMinutes: number;
+}
+
+function parseCli(argv: string[]): Cli {
+  const args = minimist(argv, { boolean: ['quick'], string: ['json', 'only', 'scenarios', 'relay-args', 'profile', 'rounds', 'max-minutes'] });
+  const quick = args.quick === true;
+  const base = quick ? QUICK : FULL;
+  const rounds = args.rounds !== undefined ? Number(args.rounds) : base.rounds;
+  if (!Number.isInteger(rounds) || rounds < 1) throw new Error('--rounds must be a whole number >= 1');
+  const kinds: ServerKind[] = args.only === 'relay' ? ['relay'] : args.only === 'ceiling' ? ['ceiling'] : ['relay', 'ceiling'];
+  const known = SCENARIOS.map((s) => s.name);
+  const scenarios = (args.scenarios ? String(args.scenarios).split(',').filter(Boolean) : known) as ScenarioName[];
+  for (const name of scenarios) if (!known.includes(name)) throw new Error(`unknown scenario "${name}"; known: ${known.join(', ')}`);
+  const relayArgs = args['relay-args'] ? String(args['relay-args']).split(/\s+/).filter(Boolean) : [];
+  return {
+    config: { ...base, rounds, relayArgs, relayNodeArgs: [] },
+    quick,
+    json: args.json ? String(args.json) : undefined,
+    kinds,
+    scenarios,
+    profileDir: args.profile ? path.resolve(String(args.profile)) : undefined,
+    maxMinutes: args['max-minutes'] !== undefined ? Number(args['max-minutes']) : quick ? 5 : 20,
+  };
+}
+
+function summarise(metrics: Metrics): string {
+  return Object.entries(metrics)
+    .map(([key, value]) => `${key}=${Number.isInteger(value) ? value : value.toFixed(3)}`)
+    .join(' ');
+}
+
+async function runRounds(cli: Cli): Promise<{ results: RoundResults; errors: string[] }> {
+  const results = {} as RoundResults;
+  const errors: string[] = [];
+  const broken = new Set<string>();
+  for (const scenario of SCENARIOS.filter((s) => cli.scenarios.includes(s.name))) {
+    results[scenario.name] = { relay: [], ceiling: [] };
+    const kinds = scenario.kinds.filter((k) => cli.kinds.includes(k));
+    for (let round = 0; round < cli.config.rounds; round++) {
+      // Alternate who goes first so drift (thermal, page cache) does not favour one side.
+      const order = round % 2 === 0 ? kinds : [...kinds].reverse();
+      for (const kind of order) {
+        if (broken.has(`${scenario.name}:${kind}`)) continue;
+        const label = `${scenario.name} round ${round + 1}/${cli.config.rounds} ${kind}`;
+        try {
+          const metrics = await scenario.run(kind, cli.config);
+          results[scenario.name][kind].push(metrics);
+          process.stderr.write(`${label}: ${summarise(metrics)}\n`);
+        } catch (error) {
+          const message = error instanceof Error ? error.message : String(error);
+          errors.push(`${label}: ${message}`);
+          broken.add(`${scenario.name}:${kind}`);
+          process.stderr.write(`${label}: FAILED ${message}\n`);
+        }
+      }
+    }
+  }
+  return { results, errors };
+}
+
+async function profileRelay(cli: Cli): Promise<string> {
+  const dir = cli.profileDir as string;
+  fs.mkdirSync(dir, { recursive: true });
+  const before = new Set(fs.readdirSync(dir));
+  const throughput = SCENARIOS.find((s) => s.name === 'throughput');
+  if (!throughput) throw new Error('no throughput scenario');
+  const config = { ...cli.config, relayNodeArgs: ['--cpu-prof', '--cpu-prof-dir', dir] };
+  const metrics = await throughput.run('relay', config);
+  const written = fs.readdirSync(dir).filter((f) => f.endsWith('.cpuprofile') && !before.has(f));
+  if (written.length === 0) {
+    return 'profile: the relay wrote no .cpuprofile (it must exit normally on SIGTERM for --cpu-prof to write one)';
+  }
+  const file = path.join(dir, written[0] as string);
+  const summary = summariseProfile(file, 25);
+  return [
+    `profiled relay throughput run: ${summarise(metrics)}`,
+    `profile: ${file} (${summary.totalMs.toFixed(0)} ms sampled)`,
+    formatHotspots('self time by function:', summary.functions),
+    formatHotspots('self time by file:', summary.files.slice(0, 15)),
+  ].join('\n\n');
+}
+
+function describeConfig(config: BenchConfig): string {
+  return [
+    `rounds ${config.rounds} (median; logged/sent: worst round; peak RSS / restart: max)`,
+    `throughput ${config.throughputMessages.toLocaleString('en-US')} msgs, ${config.inFlight} in flight`,
+    `latency ${config.latencyMessages} msgs after ${config.latencyWarmup} warm-up`,
+    `fan-out N=${config.fanoutEmployees} employees x ${config.fanoutBroadcasts} broadcasts`,
+    `idle N=${config.idleConnections.toLocaleString('en-US')} employees`,
+    `restart N=${config.restartMessages.toLocaleString('en-US')} messages`,
+  ].join('; ');
+}
+
+async function main(): Promise<void> {
+  const cli = parseCli(process.argv.slice(2));
+  installCleanupHandlers();
+  const watchdog = setTimeout(() => {
+    process.stderr.write(`bench: exceeded --max-minutes ${cli.maxMinutes}; stopping\n`);
+    cleanupNow();
+    process.exit(1);
+  }, cli.maxMinutes * 60_000);
+  watchdog.unref();
+  if (cli.kinds.includes('relay') && !fs.existsSync(path.join(__dirname, '..', 'cli.js'))) {
+    process.stderr.write('bench: dist/cli.js is missing; measuring the ceiling only\n');
+    cli.kinds = cli.kinds.filter((k) => k !== 'relay');
+  }
+  const startedAt = Date.now();
+  const machine = machineInfo();
+  process.stderr.write(`bench: ${describeConfig(cli.config)}\n`);
+  const { results, errors } = await runRounds(cli);
+  const rows = buildRows(results);
+  const out = [
+    `machine: ${machine.cpu}, ${machine.cores} cores, ${machine.memoryGb} GB, node ${machine.node}, ${machine.kernel}`,
+    `config: ${describeConfig(cli.config)}`,
+    '',
+    formatTable(rows),
+    '',
+    ...(errors.length ? ['errors:', ...errors.map((e) => `  ${e.split('\n')[0]}`), ''] : []),
+    `took ${((Date.now() - startedAt) / 1000).toFixed(0)} s`,
+  ];
+  process.stdout.write(out.join('\n') + '\n');
+  const profile = cli.profileDir && cli.kinds.includes('relay') ? await profileRelay(cli) : undefined;
+  if (profile) process.stdout.write(`\n${profile}\n`);
+  if (cli.json) {
+    const report = { machine, config: cli.config, startedAt: new Date(startedAt).toISOString(), rows, rounds: results, errors, profile };
+    fs.writeFileSync(cli.json, JSON.stringify(report, null, 2) + '\n');
+    process.stderr.write(`bench: wrote ${cli.json}\n`);
+  }
+}
+
+main()
+  .then(() => {
+    cleanupNow();
+    process.exit(0);
+  })
+  .catch((error: unknown) => {
+    process.stderr.write(`bench failed: ${error instanceof Error ? (error.stack ?? error.message) : String(error)}\n`);
+    cleanupNow();
+    process.exit(1);
+  });

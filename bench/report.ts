@@ -29,6 +29,7 @@ const ROWS: RowSpec[] = [
   { label: 'throughput ack latency p50 (ms)', scenario: 'throughput', metric: 'ackP50Ms', decimals: 2 },
   { label: 'throughput ack latency p99 (ms)', scenario: 'throughput', metric: 'ackP99Ms', decimals: 2, target: { kind: 'ratioAtMost', value: 1.5 } },
   { label: 'throughput server CPU per message (us)', scenario: 'throughput', metric: 'cpuUsPerMsg', decimals: 1 },
+  { label: 'throughput load-client CPU per message (us)', scenario: 'throughput', metric: 'clientCpuUsPerMsg', decimals: 1 },
   { label: 'throughput server peak RSS (MB)', scenario: 'throughput', metric: 'peakRssMb', decimals: 0, combine: 'max' },
   { label: 'throughput logged/sent after SIGTERM (%)', scenario: 'throughput', metric: 'loggedPercent', decimals: 2, combine: 'min', target: { kind: 'relayAtLeast', value: 100 } },
   { label: 'latency, one at a time, p50 (ms)', scenario: 'latency', metric: 'latencyP50Ms', decimals: 3 },
@@ -83,7 +84,7 @@ function judge(target: Target | undefined, relay: number | null, ratio: number |
 }
 
 export function buildRows(results: RoundResults): TableRow[] {
-  return ROWS.map((spec) => {
+  return ROWS.filter((spec) => results[spec.scenario] !== undefined).map((spec) => {
     const relay = combine(results[spec.scenario]?.relay, spec.metric, spec.combine);
     const ceiling = combine(results[spec.scenario]?.ceiling, spec.metric, spec.combine);
     const ratio = relay !== null && ceiling !== null && ceiling !== 0 ? relay / ceiling : null;

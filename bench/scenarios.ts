@@ -76,6 +76,7 @@ async function throughput(kind: ServerKind, config: BenchConfig): Promise<Metric
           ackP50Ms: result.ackP50Ms,
           ackP99Ms: result.ackP99Ms,
           cpuUsPerMsg: (cpuUsed * 1000) / result.sent,
+          clientCpuUsPerMsg: result.clientCpuUsPerMsg,
           peakRssMb: peakKb / MB,
         };
       },

@@ -21,6 +21,8 @@ export interface ThroughputResult {
   msgsPerSec: number;
   ackP50Ms: number;
   ackP99Ms: number;
+  /** CPU the load client itself used per message: shows whether the client was the limit. */
+  clientCpuUsPerMsg: number;
 }
 
 /** One boss -> one employee, `inFlight` messages outstanding by delivery_ack. */
@@ -40,6 +42,7 @@ export async function runThroughput(url: string, messages: number, inFlight: num
     boss.ws.send(`${head}${sent}"}`);
     sent++;
   };
+  const cpuBefore = process.cpuUsage();
   const run = new Promise<number>((resolve, reject) => {
     const finishIfDone = () => {
       if (acked === messages && received === messages) resolve(nowMs() - startedAt);
@@ -67,7 +70,9 @@ export async function runThroughput(url: string, messages: number, inFlight: num
   });
   try {
     const elapsedMs = await withTimeout(run, timeoutMs, 'throughput run');
+    const cpu = process.cpuUsage(cpuBefore);
     return {
+      clientCpuUsPerMsg: (cpu.user + cpu.system) / messages,
       sent,
       msgIdPrefix,
       msgsPerSec: (messages * 1000) / elapsedMs,

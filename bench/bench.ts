@@ -92,7 +92,7 @@ async function runRounds(cli: Cli): Promise<{ results: RoundResults; errors: str
       // Alternate who goes first so drift (thermal, page cache) does not favour one side.
       const order = round % 2 === 0 ? kinds : [...kinds].reverse();
       for (const kind of order) {
-        if (broken.has(`${scenario.name}:${kind}`)) continue;
+        if (broken.has(`${scenario.name}:${kind}`) || broken.has(kind)) continue;
         const label = `${scenario.name} round ${round + 1}/${cli.config.rounds} ${kind}`;
         try {
           const metrics = await scenario.run(kind, cli.config);
@@ -102,6 +102,8 @@ async function runRounds(cli: Cli): Promise<{ results: RoundResults; errors: str
           const message = error instanceof Error ? error.message : String(error);
           errors.push(`${label}: ${message}`);
           broken.add(`${scenario.name}:${kind}`);
+          // A server that cannot start will not start for the next scenario either.
+          if (/before it was ready|did not answer \/health/.test(message)) broken.add(kind);
           process.stderr.write(`${label}: FAILED ${message}\n`);
         }
       }
@@ -116,7 +118,7 @@ async function profileRelay(cli: Cli): Promise<string> {
   const before = new Set(fs.readdirSync(dir));
   const throughput = SCENARIOS.find((s) => s.name === 'throughput');
   if (!throughput) throw new Error('no throughput scenario');
-  const config = { ...cli.config, relayNodeArgs: ['--cpu-prof', '--cpu-prof-dir', dir] };
+  const config = { ...cli.config, relayNodeArgs: ['--cpu-prof', '--cpu-prof-interval', '250', '--cpu-prof-dir', dir] };
   const metrics = await throughput.run('relay', config);
   const written = fs.readdirSync(dir).filter((f) => f.endsWith('.cpuprofile') && !before.has(f));
   if (written.length === 0) {
@@ -126,7 +128,7 @@ async function profileRelay(cli: Cli): Promise<string> {
   const summary = summariseProfile(file, 25);
   return [
     `profiled relay throughput run: ${summarise(metrics)}`,
-    `profile: ${file} (${summary.totalMs.toFixed(0)} ms sampled)`,
+    `profile: ${file} (${summary.totalMs.toFixed(0)} ms busy, ${summary.idleMs.toFixed(0)} ms idle; percentages of busy time)`,
     formatHotspots('self time by function:', summary.functions),
     formatHotspots('self time by file:', summary.files.slice(0, 15)),
   ].join('\n\n');
@@ -167,7 +169,7 @@ async function main(): Promise<void> {
     '',
     formatTable(rows),
     '',
-    ...(errors.length ? ['errors:', ...errors.map((e) => `  ${e.split('\n')[0]}`), ''] : []),
+    ...(errors.length ? ['errors:', ...errors.map((e) => e.split('\n').slice(0, 8).map((l) => `  ${l}`).join('\n')), ''] : []),
     `took ${((Date.now() - startedAt) / 1000).toFixed(0)} s`,
   ];
   process.stdout.write(out.join('\n') + '\n');

@@ -52,15 +52,21 @@ function rank(totals: Map<string, number>, totalUs: number, top: number): Hotspo
     .map(([name, us]) => ({ name, selfMs: us / 1000, percent: (100 * us) / totalUs }));
 }
 
-export function summariseProfile(file: string, top = 25): { functions: Hotspot[]; files: Hotspot[]; totalMs: number } {
+/** Percentages are of busy time: the (idle) samples are counted apart as idleMs. */
+export function summariseProfile(file: string, top = 25): { functions: Hotspot[]; files: Hotspot[]; totalMs: number; idleMs: number } {
   const profile = JSON.parse(fs.readFileSync(file, 'utf8')) as CpuProfile;
   const byId = new Map(profile.nodes.map((node) => [node.id, node]));
   const byFunction = new Map<string, number>();
   const byFile = new Map<string, number>();
   let totalUs = 0;
+  let idleUs = 0;
   for (const [id, us] of selfTimesUs(profile)) {
     const frame = byId.get(id)?.callFrame;
     if (!frame) continue;
+    if (frame.functionName === '(idle)') {
+      idleUs += us;
+      continue;
+    }
     totalUs += us;
     const where = shortUrl(frame.url);
     const fn = `${frame.functionName || '(anonymous)'}${where ? ` ${where}:${frame.lineNumber + 1}` : ''}`;
@@ -68,7 +74,7 @@ export function summariseProfile(file: string, top = 25): { functions: Hotspot[]
     const fileKey = where || frame.functionName || '(native)';
     byFile.set(fileKey, (byFile.get(fileKey) ?? 0) + us);
   }
-  return { functions: rank(byFunction, totalUs, top), files: rank(byFile, totalUs, top), totalMs: totalUs / 1000 };
+  return { functions: rank(byFunction, totalUs, top), files: rank(byFile, totalUs, top), totalMs: totalUs / 1000, idleMs: idleUs / 1000 };
 }
 
 export function formatHotspots(title: string, hotspots: Hotspot[]): string {
@@ -83,7 +89,7 @@ if (require.main === module) {
     process.exit(2);
   }
   const summary = summariseProfile(file, Number(topText ?? 25));
-  process.stdout.write(`profile ${file}: ${summary.totalMs.toFixed(0)} ms sampled\n\n`);
+  process.stdout.write(`profile ${file}: ${summary.totalMs.toFixed(0)} ms busy, ${summary.idleMs.toFixed(0)} ms idle\n\n`);
   process.stdout.write(formatHotspots('self time by function:', summary.functions) + '\n\n');
   process.stdout.write(formatHotspots('self time by file:', summary.files) + '\n');
 }

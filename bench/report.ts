@@ -71,7 +71,7 @@ function describe(target: Target | undefined): string {
     case 'relayBelow':
       return `< ${target.value}`;
     case 'relayAtLeast':
-      return `${target.value}`;
+      return `= ${target.value}`;
   }
 }
 

@@ -1,8 +1,22 @@
-// The relay's public entry: startRelay(options) runs one relay and returns its handle.
-// (Implementation pending: the core is being written now.)
+// The relay's public entry: startRelay(options) runs one relay and returns its handle. Each call
+// builds its own stores, router and servers: there is no module-level state, so one process can
+// run several relays.
 
-import type { EventBus } from './lib/events';
-import type { RelayOptions } from './lib/options';
+import fs from 'node:fs/promises';
+import http from 'node:http';
+import path from 'node:path';
+import { ConnectionLog } from './lib/connection-log';
+import { DedupeCache } from './lib/dedupe-cache';
+import { DeliveryQueue } from './lib/delivery-queue';
+import { EventBus } from './lib/events';
+import { HttpApi, type HttpExtensions } from './lib/http-api';
+import { IdentityStore } from './lib/identity-store';
+import { createLogger, type Logger } from './lib/logger';
+import { MessageLog } from './lib/message-log';
+import { resolveOptions, type RelayOptions, type ResolvedOptions } from './lib/options';
+import { Router } from './lib/router';
+import { packageVersion } from './lib/version';
+import { WsGateway } from './lib/ws-gateway';
 
 export type { RelayOptions } from './lib/options';
 export type { RelayEvent } from './lib/events';
@@ -20,4 +34,152 @@ export interface RelayHandle {
   close(): Promise<void>;
 }
 
-export declare function startRelay(options: RelayOptions): Promise<RelayHandle>;
+/** The most recent msg_ids remembered for dedupe, whatever the window. */
+const DEDUPE_MAX_ENTRIES = 200_000;
+const CLOSE_HANDSHAKE_GRACE_MS = 2000;
+
+interface Stores {
+  identities: IdentityStore;
+  connectionLog: ConnectionLog;
+  messageLog: MessageLog;
+  queue: DeliveryQueue;
+}
+
+async function openStores(options: ResolvedOptions, logger: Logger): Promise<Stores> {
+  await fs.mkdir(options.dataDir, { recursive: true });
+  const file = (name: string) => path.join(options.dataDir, name);
+  const compaction = options.maintenanceIntervalMs;
+  const [identities, connectionLog, messageLog, queue] = await Promise.all([
+    IdentityStore.open(file('identities.db'), logger, compaction),
+    ConnectionLog.open(file('connections.db'), logger, compaction),
+    MessageLog.open({
+      file: file('messages.db'),
+      logger,
+      fsync: options.fsync,
+      retentionMs: options.retentionMs,
+      maxMessages: options.maxMessages,
+      maintenanceIntervalMs: options.maintenanceIntervalMs,
+    }),
+    DeliveryQueue.open(file('queue.db'), logger, { compactionIntervalMs: compaction, fsync: options.fsync }),
+  ]);
+  return { identities, connectionLog, messageLog, queue };
+}
+
+/** Rebuilds the dedupe window from the log, so a resend after a restart is still a duplicate. */
+async function restoreDedupe(dedupe: DedupeCache, messageLog: MessageLog, windowMs: number): Promise<void> {
+  if (!dedupe.enabled) return;
+  for (const record of await messageLog.recordsSince(Date.now() - windowMs)) {
+    const queued = new Set(record.queued);
+    dedupe.remember(record.from_id, record.msg_id, record.timestamp, {
+      msg_id: record.msg_id,
+      delivered: record.targets.filter((t) => t.status === 'delivered' && !queued.has(t.id)).map((t) => t.id),
+      failed: record.targets.flatMap((t) => (t.status === 'failed' && t.reason !== null ? [{ id: t.id, reason: t.reason }] : [])),
+      queued: record.queued,
+    });
+  }
+}
+
+function listen(server: http.Server, port: number, host: string): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const onError = (error: Error) => reject(error);
+    server.once('error', onError);
+    server.listen(port, host, () => {
+      server.off('error', onError);
+      resolve();
+    });
+  });
+}
+
+export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandle> {
+  const options = resolveOptions(relayOptions);
+  const logger = relayOptions.logger ?? createLogger(options.logLevel);
+  const startedAt = Date.now();
+  const stores = await openStores(options, logger);
+  const bus = new EventBus();
+  const dedupe = new DedupeCache(options.dedupeWindowMs, DEDUPE_MAX_ENTRIES);
+  await restoreDedupe(dedupe, stores.messageLog, options.dedupeWindowMs);
+  const router = new Router({ options, ...stores, dedupe, bus, logger });
+  const gateway = new WsGateway(options, router, bus, logger);
+  const extensions: HttpExtensions = {};
+  const api = new HttpApi({
+    options,
+    router,
+    identities: stores.identities,
+    messageLog: stores.messageLog,
+    logger,
+    startedAt,
+    version: packageVersion(),
+    activeConnections: () => router.online.size,
+    extensions,
+  });
+
+  const server = http.createServer((req, res) => api.handle(req, res));
+  server.on('upgrade', (req, socket, head) => gateway.handleUpgrade(req, socket, head));
+  server.on('clientError', (_error, socket) => socket.destroy());
+
+  const expiry = setInterval(() => {
+    const now = Date.now();
+    router.expireQueued(now);
+    dedupe.expire(now);
+  }, 1000);
+  expiry.unref();
+  const prune = () =>
+    stores.connectionLog
+      .prune({ retentionMs: options.retentionMs, maxEvents: options.maxMessages })
+      .catch((error: Error) => logger.error('connection_log_prune_failed', { error: error.message }));
+  const maintenance = setInterval(() => void prune(), options.maintenanceIntervalMs);
+  maintenance.unref();
+  void prune();
+  const stopTimers = () => {
+    clearInterval(expiry);
+    clearInterval(maintenance);
+  };
+
+  try {
+    await listen(server, options.port, options.host);
+  } catch (error) {
+    stopTimers();
+    gateway.closeAll();
+    await closeStores(stores);
+    throw error;
+  }
+  const address = server.address();
+  const port = typeof address === 'object' && address !== null ? address.port : options.port;
+  const reachableHost = options.host === '0.0.0.0' || options.host === '::' ? '127.0.0.1' : options.host;
+  const hostForUrl = reachableHost.includes(':') ? `[${reachableHost}]` : reachableHost;
+  const httpUrl = `http://${hostForUrl}:${port}`;
+  logger.info('relay_listening', { host: options.host, port, ws_path: options.wsPath, data_dir: options.dataDir });
+
+  let closing: Promise<void> | null = null;
+  const close = () =>
+    (closing ??= (async () => {
+      stopTimers();
+      server.close();
+      gateway.closeAll();
+      const grace = setTimeout(() => gateway.terminateAll(), CLOSE_HANDSHAKE_GRACE_MS);
+      await waitFor(() => gateway.openSessions === 0, CLOSE_HANDSHAKE_GRACE_MS + 500);
+      clearTimeout(grace);
+      server.closeAllConnections();
+      await closeStores(stores);
+      logger.info('relay_closed', {});
+    })());
+
+  return { url: `ws://${hostForUrl}:${port}${options.wsPath}`, httpUrl, port, dataDir: options.dataDir, events: bus, close };
+}
+
+async function closeStores(stores: Stores): Promise<void> {
+  // Identities last: disconnects during shutdown update them.
+  await Promise.all([stores.messageLog.close(), stores.connectionLog.close(), stores.queue.close()]);
+  await stores.identities.close();
+}
+
+function waitFor(condition: () => boolean, timeoutMs: number): Promise<void> {
+  return new Promise((resolve) => {
+    const started = Date.now();
+    const check = () => {
+      if (condition() || Date.now() - started > timeoutMs) resolve();
+      else setTimeout(check, 10);
+    };
+    check();
+  });
+}

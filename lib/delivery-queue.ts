@@ -1,0 +1,182 @@
+// queue.db: store-and-forward. A message for an offline known target is kept here until the
+// target's next auth or its TTL. Entries are on disk before the sender's ack says "queued"
+// (inserted in one NeDB append per tick, fsynced with --fsync), held in memory per target in
+// send order, and removed in batches once delivered or expired.
+
+import fs from 'node:fs/promises';
+import type Datastore from '@seald-io/nedb';
+import type { Logger } from './logger';
+import { openDatastore } from './nedb-file';
+
+export interface QueuedEntry {
+  _id: string;
+  /** Global send order. */
+  seq: number;
+  target_id: string;
+  from_id: string;
+  msg_id: string;
+  /** The messages.db record this copy belongs to. */
+  record_id: string;
+  /** The forwarded frame, ready to write to the target's socket. */
+  frame: string;
+  queued_at: number;
+  expires_at: number;
+}
+
+export type NewQueuedEntry = Omit<QueuedEntry, '_id' | 'seq'>;
+
+interface PendingInsert {
+  docs: QueuedEntry[];
+  resolve: () => void;
+  reject: (error: Error) => void;
+}
+
+function readEntry(doc: Record<string, unknown>): QueuedEntry | null {
+  const text = (key: string) => (typeof doc[key] === 'string' ? (doc[key] as string) : null);
+  const num = (key: string) => (typeof doc[key] === 'number' ? (doc[key] as number) : null);
+  const [id, target, from, msgId, recordId, frame] = ['_id', 'target_id', 'from_id', 'msg_id', 'record_id', 'frame'].map(text);
+  const [seq, queuedAt, expiresAt] = ['seq', 'queued_at', 'expires_at'].map(num);
+  if (!id || !target || !from || !msgId || !recordId || !frame || seq === null || queuedAt === null || expiresAt === null) {
+    return null;
+  }
+  return { _id: id, seq, target_id: target, from_id: from, msg_id: msgId, record_id: recordId, frame, queued_at: queuedAt, expires_at: expiresAt };
+}
+
+export class DeliveryQueue {
+  private readonly byTarget = new Map<string, QueuedEntry[]>();
+  private nextSeq = 1;
+  private count = 0;
+  private inserts: PendingInsert[] = [];
+  private removals: string[] = [];
+  private scheduled = false;
+  private writing: Promise<void> = Promise.resolve();
+
+  private constructor(
+    private readonly db: Datastore<Record<string, unknown>>,
+    private readonly filename: string,
+    private readonly logger: Logger,
+    private readonly fsync: boolean,
+  ) {}
+
+  static async open(filename: string, logger: Logger, options: { compactionIntervalMs: number; fsync: boolean }): Promise<DeliveryQueue> {
+    const db = await openDatastore<Record<string, unknown>>(filename, logger, options.compactionIntervalMs);
+    const queue = new DeliveryQueue(db, filename, logger, options.fsync);
+    const entries: QueuedEntry[] = [];
+    for (const doc of db.getAllData()) {
+      const entry = readEntry(doc);
+      if (entry) entries.push(entry);
+      else logger.warn('queue_entry_skipped', { reason: 'unreadable document' });
+    }
+    entries.sort((a, b) => a.seq - b.seq);
+    for (const entry of entries) queue.hold(entry);
+    queue.nextSeq = entries.length > 0 ? entries[entries.length - 1]!.seq + 1 : 1;
+    return queue;
+  }
+
+  get depth(): number {
+    return this.count;
+  }
+
+  pendingFor(targetId: string): readonly QueuedEntry[] {
+    return this.byTarget.get(targetId) ?? [];
+  }
+
+  /** Holds the entries and resolves once they are on disk. */
+  enqueue(newEntries: NewQueuedEntry[]): Promise<void> {
+    const docs = newEntries.map((entry) => ({ ...entry, _id: `q${this.nextSeq.toString(36)}-${entry.queued_at.toString(36)}`, seq: this.nextSeq++ }));
+    for (const doc of docs) this.hold(doc);
+    return new Promise((resolve, reject) => {
+      this.inserts.push({ docs, resolve, reject });
+      this.schedule();
+    });
+  }
+
+  /** Entries a target has had for longest past `max`; the caller expires them. */
+  overflow(targetId: string, max: number): QueuedEntry[] {
+    const list = this.byTarget.get(targetId);
+    if (!list || list.length <= max) return [];
+    return list.slice(0, list.length - max);
+  }
+
+  /** Forgets delivered or expired entries, in memory now and on disk in the next batch. */
+  remove(entries: readonly QueuedEntry[]): void {
+    for (const entry of entries) {
+      const list = this.byTarget.get(entry.target_id);
+      if (!list) continue;
+      const index = list.indexOf(entry);
+      if (index < 0) continue;
+      list.splice(index, 1);
+      if (list.length === 0) this.byTarget.delete(entry.target_id);
+      this.count--;
+      this.removals.push(entry._id);
+    }
+    this.schedule();
+  }
+
+  expired(now: number): QueuedEntry[] {
+    const out: QueuedEntry[] = [];
+    for (const list of this.byTarget.values()) {
+      for (const entry of list) if (entry.expires_at <= now) out.push(entry);
+    }
+    return out;
+  }
+
+  flush(): Promise<void> {
+    this.writing = this.writing.then(() => this.writeBatch());
+    return this.writing;
+  }
+
+  async close(): Promise<void> {
+    await this.flush();
+    this.db.stopAutocompaction();
+  }
+
+  private hold(entry: QueuedEntry): void {
+    let list = this.byTarget.get(entry.target_id);
+    if (!list) this.byTarget.set(entry.target_id, (list = []));
+    list.push(entry);
+    this.count++;
+  }
+
+  private schedule(): void {
+    if (this.scheduled) return;
+    this.scheduled = true;
+    setImmediate(() => {
+      this.scheduled = false;
+      void this.flush();
+    });
+  }
+
+  private async writeBatch(): Promise<void> {
+    const inserts = this.inserts;
+    const removals = this.removals;
+    this.inserts = [];
+    this.removals = [];
+    if (inserts.length > 0) {
+      try {
+        await this.db.insertAsync(inserts.flatMap((insert) => insert.docs.map((doc) => ({ ...doc }))));
+        if (this.fsync) await this.syncFile();
+        for (const insert of inserts) insert.resolve();
+      } catch (error) {
+        this.logger.error('queue_write_failed', { entries: inserts.length, error: (error as Error).message });
+        for (const insert of inserts) insert.reject(error as Error);
+      }
+    }
+    if (removals.length > 0) {
+      try {
+        await this.db.removeAsync({ _id: { $in: removals } }, { multi: true });
+      } catch (error) {
+        this.logger.error('queue_remove_failed', { entries: removals.length, error: (error as Error).message });
+      }
+    }
+  }
+
+  private async syncFile(): Promise<void> {
+    const handle = await fs.open(this.filename, 'r+');
+    try {
+      await handle.sync();
+    } finally {
+      await handle.close();
+    }
+  }
+}

@@ -1,0 +1,259 @@
+// The admin HTTP API: every route at /X and /api/X, JSON in and out. Reads answer loopback
+// clients freely and others only with the authkey (unless --public-reads); writes always need
+// it. Errors are {"error":code,"code":code,"message":sentence}.
+
+import type { IncomingMessage, ServerResponse } from 'node:http';
+import type { IdentityStore } from './identity-store';
+import type { Logger } from './logger';
+import type { MessageLog } from './message-log';
+import type { ResolvedOptions } from './options';
+import { isPlainObject } from './protocol';
+import { secretMatches, type Router } from './router';
+import { communicationRow, listNodes, nodeView, workforce } from './workforce';
+
+export type RouteHandler = (req: IncomingMessage, res: ServerResponse) => void;
+
+/** Routes served by other modules (dashboard page, event stream, metrics). */
+export interface HttpExtensions {
+  dashboard?: RouteHandler;
+  events?: RouteHandler;
+  metrics?: RouteHandler;
+}
+
+export interface HttpApiDeps {
+  options: ResolvedOptions;
+  router: Router;
+  identities: IdentityStore;
+  messageLog: MessageLog;
+  logger: Logger;
+  startedAt: number;
+  version: string;
+  activeConnections: () => number;
+  extensions: HttpExtensions;
+}
+
+class HttpError extends Error {
+  constructor(
+    readonly status: number,
+    readonly code: string,
+    message: string,
+  ) {
+    super(message);
+  }
+}
+
+const MAX_BODY_BYTES = 64 * 1024;
+
+export function sendJson(res: ServerResponse, status: number, body: unknown): void {
+  const text = JSON.stringify(body, null, 2);
+  res.writeHead(status, { 'content-type': 'application/json; charset=utf-8', 'content-length': Buffer.byteLength(text), 'cache-control': 'no-store' });
+  res.end(text);
+}
+
+function sendError(res: ServerResponse, error: HttpError, extraHeaders: Record<string, string> = {}): void {
+  for (const [name, value] of Object.entries(extraHeaders)) res.setHeader(name, value);
+  sendJson(res, error.status, { error: error.code, code: error.code, message: error.message });
+}
+
+/** Reads are free on loopback, with the key, or with --public-reads. */
+export function readAllowed(remoteAddress: string | undefined, keyGiven: boolean, publicReads: boolean): boolean {
+  return publicReads || keyGiven || isLoopback(remoteAddress);
+}
+
+export function isLoopback(address: string | undefined): boolean {
+  if (!address) return false;
+  return address === '::1' || address.startsWith('127.') || address.startsWith('::ffff:127.');
+}
+
+function givenKey(req: IncomingMessage, url: URL): string | undefined {
+  const header = req.headers['x-auth-key'];
+  const fromHeader = Array.isArray(header) ? header[0] : header;
+  return fromHeader ?? url.searchParams.get('authkey') ?? undefined;
+}
+
+function readBody(req: IncomingMessage): Promise<unknown> {
+  return new Promise((resolve, reject) => {
+    const chunks: Buffer[] = [];
+    let size = 0;
+    req.on('data', (chunk: Buffer) => {
+      size += chunk.length;
+      if (size > MAX_BODY_BYTES) {
+        reject(new HttpError(413, 'body_too_large', `Request body is over ${MAX_BODY_BYTES} bytes.`));
+        req.destroy();
+        return;
+      }
+      chunks.push(chunk);
+    });
+    req.on('end', () => {
+      const text = Buffer.concat(chunks).toString('utf8').trim();
+      if (text === '') return resolve(undefined);
+      try {
+        resolve(JSON.parse(text));
+      } catch {
+        reject(new HttpError(400, 'invalid_body', 'Request body must be JSON, e.g. {"banned":true}.'));
+      }
+    });
+    req.on('error', reject);
+  });
+}
+
+function intParam(url: URL, name: string, fallback: number | null, min: number, max: number): number | null {
+  const raw = url.searchParams.get(name);
+  if (raw === null || raw.trim() === '') return fallback;
+  const value = Number(raw);
+  if (!Number.isInteger(value) || value < min || value > max) {
+    throw new HttpError(400, 'invalid_query', `Query parameter "${name}" must be a whole number from ${min} to ${max}, got "${raw.slice(0, 40)}".`);
+  }
+  return value;
+}
+
+function textParam(url: URL, name: string): string | null {
+  const raw = url.searchParams.get(name);
+  return raw === null || raw.trim() === '' ? null : raw.trim();
+}
+
+export class HttpApi {
+  constructor(private readonly deps: HttpApiDeps) {}
+
+  handle(req: IncomingMessage, res: ServerResponse): void {
+    this.dispatch(req, res).catch((error: unknown) => {
+      if (error instanceof HttpError) {
+        sendError(res, error);
+        return;
+      }
+      this.deps.logger.error('http_handler_failed', { path: (req.url ?? '').split('?')[0], error: (error as Error).message });
+      if (!res.headersSent) sendError(res, new HttpError(500, 'internal_error', 'The relay failed to answer this request; see its log.'));
+      else res.end();
+    });
+  }
+
+  private async dispatch(req: IncomingMessage, res: ServerResponse): Promise<void> {
+    const url = new URL(req.url ?? '/', 'http://relay.local');
+    const method = req.method ?? 'GET';
+    const path = url.pathname === '/api' ? '/' : url.pathname.startsWith('/api/') ? url.pathname.slice(4) : url.pathname;
+    const { extensions } = this.deps;
+
+    if (path === '/' || path === '/admin') {
+      if (url.pathname.startsWith('/api')) throw this.notFound(url.pathname);
+      this.allow(method, ['GET', 'HEAD']);
+      if (!extensions.dashboard) throw this.notFound(url.pathname);
+      return extensions.dashboard(req, res);
+    }
+    if (path === '/health') {
+      this.allow(method, ['GET', 'HEAD']);
+      return sendJson(res, 200, this.health());
+    }
+    const banMatch = /^\/employees\/([^/]+)\/ban$/.exec(path);
+    if (banMatch) return this.ban(req, res, url, method, decodeURIComponent(banMatch[1]!));
+
+    const reads: Record<string, () => unknown> = {
+      '/employees': () => ({ employees: listNodes(this.deps.identities, this.isOnline, 'employee') }),
+      '/connections': () => ({ connections: listNodes(this.deps.identities, this.isOnline) }),
+      '/admin/workforce': () => workforce(this.deps.identities, this.isOnline, textParam(url, 'tag'), Date.now()),
+    };
+    const read = reads[path];
+    if (read) {
+      this.allow(method, ['GET', 'HEAD']);
+      this.requireReadAccess(req, url);
+      return sendJson(res, 200, read());
+    }
+    if (path === '/admin/communications') {
+      this.allow(method, ['GET', 'HEAD']);
+      this.requireReadAccess(req, url);
+      return sendJson(res, 200, await this.communications(url));
+    }
+    const streams: Record<string, RouteHandler | undefined> = { '/events': extensions.events, '/metrics': extensions.metrics };
+    const stream = streams[path];
+    if (stream) {
+      this.allow(method, ['GET']);
+      this.requireReadAccess(req, url);
+      return stream(req, res);
+    }
+    throw this.notFound(url.pathname);
+  }
+
+  private readonly isOnline = (id: string): boolean => this.deps.router.isOnline(id);
+
+  private notFound(path: string): HttpError {
+    return new HttpError(404, 'not_found', `No route ${path.slice(0, 80)}: see the README's admin API table (e.g. GET /api/health).`);
+  }
+
+  private allow(method: string, methods: string[]): void {
+    if (!methods.includes(method)) {
+      throw Object.assign(new HttpError(405, 'method_not_allowed', `Use ${methods.join(' or ')} for this route.`));
+    }
+  }
+
+  private keyMatches(req: IncomingMessage, url: URL): boolean {
+    return secretMatches(givenKey(req, url), this.deps.options.authkey);
+  }
+
+  private requireReadAccess(req: IncomingMessage, url: URL): void {
+    if (readAllowed(req.socket.remoteAddress, this.keyMatches(req, url), this.deps.options.publicReads)) return;
+    throw new HttpError(401, 'unauthorized', 'Reads from a non-loopback address need the authkey: send header x-auth-key or ?authkey= (or start the relay with --public-reads).');
+  }
+
+  private requireWriteAccess(req: IncomingMessage, url: URL): void {
+    if (this.keyMatches(req, url)) return;
+    throw new HttpError(401, 'unauthorized', 'This route changes state: send the authkey in header x-auth-key or as ?authkey=.');
+  }
+
+  private health() {
+    const counts = this.deps.router.countOnline();
+    return {
+      ok: true,
+      service: 'mimiclaw-websocket',
+      version: this.deps.version,
+      now: Date.now(),
+      uptime_ms: Date.now() - this.deps.startedAt,
+      active_connections: this.deps.activeConnections(),
+      online: counts,
+    };
+  }
+
+  private async communications(url: URL) {
+    const filters = {
+      boss_id: textParam(url, 'boss_id'),
+      employee_id: textParam(url, 'employee_id'),
+      tag: textParam(url, 'tag'),
+      since: intParam(url, 'since', null, 0, Number.MAX_SAFE_INTEGER),
+      until: intParam(url, 'until', null, 0, Number.MAX_SAFE_INTEGER),
+    };
+    const limit = intParam(url, 'limit', 50, 1, 500)!;
+    const offset = intParam(url, 'offset', 0, 0, Number.MAX_SAFE_INTEGER)!;
+    const { identities, messageLog } = this.deps;
+    const { total, edges } = await messageLog.query({
+      ...(filters.boss_id !== null && { bossId: filters.boss_id }),
+      ...(filters.employee_id !== null && { employeeId: filters.employee_id }),
+      ...(filters.tag !== null && { employeeIds: identities.withTag(filters.tag) }),
+      ...(filters.since !== null && { since: filters.since }),
+      ...(filters.until !== null && { until: filters.until }),
+      offset,
+      limit,
+    });
+    return { total, offset, limit, filters, rows: edges.map((edge) => communicationRow(edge, identities)), timestamp: Date.now() };
+  }
+
+  private async ban(req: IncomingMessage, res: ServerResponse, url: URL, method: string, id: string): Promise<void> {
+    this.allow(method, ['POST', 'PUT', 'DELETE']);
+    this.requireWriteAccess(req, url);
+    let banned = true;
+    if (method === 'DELETE') {
+      banned = false;
+    } else {
+      const body = await readBody(req);
+      const given = isPlainObject(body) ? body.banned : undefined;
+      if (body !== undefined && (!isPlainObject(body) || (given !== undefined && typeof given !== 'boolean'))) {
+        throw new HttpError(400, 'invalid_body', 'Body must be {"banned":true} or {"banned":false}.');
+      }
+      if (method === 'PUT' && typeof given !== 'boolean') {
+        throw new HttpError(400, 'invalid_body', 'PUT needs a body {"banned":true} or {"banned":false}.');
+      }
+      if (typeof given === 'boolean') banned = given;
+    }
+    const result = this.deps.router.setBan(id, banned, 'admin-http');
+    if (!result.ok) throw new HttpError(result.status, result.code, result.message);
+    const view = nodeView(result.identity, result.online);
+    sendJson(res, 200, { id: view.id, role: view.role, name: view.name, tags: view.tags, banned: view.banned, online: view.online });
+  }
+}

@@ -1,0 +1,221 @@
+// identities.db: every boss and employee identity. Identities live in memory (the router needs
+// them on every message) and are written back coalesced: a change marks the identity dirty and
+// one flush per tick writes each dirty identity once, so routing never rewrites identities.
+// Keys are stored only as SHA-256 hashes; data dirs with clear keys are migrated at open.
+
+import { createHash, randomBytes, randomUUID, timingSafeEqual } from 'node:crypto';
+import type Datastore from '@seald-io/nedb';
+import type { Logger } from './logger';
+import { openDatastore } from './nedb-file';
+import type { EmployeeProfile, Role } from './protocol';
+
+export interface Identity {
+  id: string;
+  role: Role;
+  keyHash: string;
+  banned: boolean;
+  name: string | null;
+  tags: string[];
+  meta: Record<string, unknown> | null;
+  createdAt: number;
+  lastSeen: number;
+  lastConnectedAt: number | null;
+  lastDisconnectedAt: number | null;
+  lastHeartbeatAt: number | null;
+  lastSelfReportAt: number | null;
+  selfReportValid: boolean | null;
+}
+
+/** On disk; meta is kept as JSON text because NeDB refuses field names with "." or "$". */
+type IdentityDoc = Omit<Identity, 'meta'> & { _id: string; meta_json: string | null; key?: string };
+
+export function hashKey(key: string): string {
+  return createHash('sha256').update(key).digest('hex');
+}
+
+function toDoc(identity: Identity): IdentityDoc {
+  const { meta, ...rest } = identity;
+  return { _id: identity.id, ...rest, meta_json: meta === null ? null : JSON.stringify(meta) };
+}
+
+function fromDoc(doc: Record<string, unknown>): Identity | null {
+  const id = typeof doc.id === 'string' ? doc.id : typeof doc._id === 'string' ? doc._id : null;
+  const role = doc.role === 'boss' || doc.role === 'employee' ? doc.role : null;
+  const keyHash =
+    typeof doc.keyHash === 'string' ? doc.keyHash : typeof doc.key === 'string' ? hashKey(doc.key) : null;
+  if (id === null || role === null || keyHash === null) return null;
+  const num = (value: unknown) => (typeof value === 'number' && Number.isFinite(value) ? value : null);
+  let meta: Record<string, unknown> | null = null;
+  if (typeof doc.meta_json === 'string') meta = JSON.parse(doc.meta_json) as Record<string, unknown>;
+  else if (typeof doc.meta === 'object' && doc.meta !== null) meta = doc.meta as Record<string, unknown>;
+  const now = Date.now();
+  return {
+    id,
+    role,
+    keyHash,
+    banned: doc.banned === true,
+    name: typeof doc.name === 'string' ? doc.name : null,
+    tags: Array.isArray(doc.tags) ? doc.tags.filter((t): t is string => typeof t === 'string') : [],
+    meta,
+    createdAt: num(doc.createdAt) ?? now,
+    lastSeen: num(doc.lastSeen) ?? now,
+    lastConnectedAt: num(doc.lastConnectedAt),
+    lastDisconnectedAt: num(doc.lastDisconnectedAt),
+    lastHeartbeatAt: num(doc.lastHeartbeatAt),
+    lastSelfReportAt: num(doc.lastSelfReportAt),
+    selfReportValid: typeof doc.selfReportValid === 'boolean' ? doc.selfReportValid : null,
+  };
+}
+
+export class IdentityStore {
+  private readonly byId = new Map<string, Identity>();
+  private readonly employeesByTag = new Map<string, Set<string>>();
+  private readonly dirty = new Set<string>();
+  private flushing: Promise<void> = Promise.resolve();
+  private flushScheduled = false;
+
+  private constructor(
+    private readonly db: Datastore<Record<string, unknown>>,
+    private readonly logger: Logger,
+  ) {}
+
+  static async open(filename: string, logger: Logger, compactionIntervalMs: number): Promise<IdentityStore> {
+    const db = await openDatastore<Record<string, unknown>>(filename, logger, compactionIntervalMs);
+    const store = new IdentityStore(db, logger);
+    let migrated = 0;
+    for (const doc of db.getAllData()) {
+      const identity = fromDoc(doc);
+      if (identity === null) {
+        logger.warn('identity_skipped', { reason: 'unreadable document', id: typeof doc._id === 'string' ? doc._id : null });
+        continue;
+      }
+      store.index(identity);
+      if (typeof doc.key === 'string' || typeof doc.meta === 'object') {
+        store.dirty.add(identity.id);
+        migrated++;
+      }
+    }
+    if (migrated > 0) {
+      // Clear keys are replaced by their hashes in place, then compaction drops the old lines.
+      await store.flush();
+      await db.compactDatafileAsync();
+      logger.info('identities_migrated', { count: migrated });
+    }
+    return store;
+  }
+
+  get size(): number {
+    return this.byId.size;
+  }
+
+  get(id: string): Identity | undefined {
+    return this.byId.get(id);
+  }
+
+  all(): IterableIterator<Identity> {
+    return this.byId.values();
+  }
+
+  /** Employee ids carrying `tag`. */
+  withTag(tag: string): ReadonlySet<string> {
+    return this.employeesByTag.get(tag) ?? new Set();
+  }
+
+  create(role: Role, profile: EmployeeProfile | null, meta: Record<string, unknown> | null): { identity: Identity; key: string } {
+    const key = randomBytes(24).toString('hex');
+    const now = Date.now();
+    const identity: Identity = {
+      id: `${role}-${randomUUID()}`,
+      role,
+      keyHash: hashKey(key),
+      banned: false,
+      name: profile?.name ?? null,
+      tags: profile?.tags ?? [],
+      meta,
+      createdAt: now,
+      lastSeen: now,
+      lastConnectedAt: null,
+      lastDisconnectedAt: null,
+      lastHeartbeatAt: null,
+      lastSelfReportAt: null,
+      selfReportValid: null,
+    };
+    this.index(identity);
+    this.save(identity);
+    return { identity, key };
+  }
+
+  keyMatches(identity: Identity, key: string): boolean {
+    const given = Buffer.from(hashKey(key), 'hex');
+    const stored = Buffer.from(identity.keyHash, 'hex');
+    return given.length === stored.length && timingSafeEqual(given, stored);
+  }
+
+  /** Replaces an employee's name and tags, keeping the tag index right. */
+  setProfile(identity: Identity, profile: EmployeeProfile): void {
+    this.unindexTags(identity);
+    identity.name = profile.name;
+    identity.tags = profile.tags;
+    this.indexTags(identity);
+    this.save(identity);
+  }
+
+  /** Marks the identity for the next coalesced write. */
+  save(identity: Identity): void {
+    this.dirty.add(identity.id);
+    if (this.flushScheduled) return;
+    this.flushScheduled = true;
+    setImmediate(() => {
+      this.flushScheduled = false;
+      void this.flush();
+    });
+  }
+
+  /** Writes every dirty identity; resolves when they are on disk. */
+  flush(): Promise<void> {
+    this.flushing = this.flushing.then(() => this.writeDirty());
+    return this.flushing;
+  }
+
+  private async writeDirty(): Promise<void> {
+    const ids = [...this.dirty];
+    this.dirty.clear();
+    for (const id of ids) {
+      const identity = this.byId.get(id);
+      if (!identity) continue;
+      try {
+        await this.db.updateAsync({ _id: id }, toDoc(identity), { upsert: true });
+      } catch (error) {
+        this.logger.error('identity_write_failed', { id, error: (error as Error).message });
+        this.dirty.add(id);
+      }
+    }
+  }
+
+  async close(): Promise<void> {
+    await this.flush();
+    this.db.stopAutocompaction();
+  }
+
+  private index(identity: Identity): void {
+    this.byId.set(identity.id, identity);
+    this.indexTags(identity);
+  }
+
+  private indexTags(identity: Identity): void {
+    if (identity.role !== 'employee') return;
+    for (const tag of identity.tags) {
+      let ids = this.employeesByTag.get(tag);
+      if (!ids) this.employeesByTag.set(tag, (ids = new Set()));
+      ids.add(identity.id);
+    }
+  }
+
+  private unindexTags(identity: Identity): void {
+    for (const tag of identity.tags) {
+      const ids = this.employeesByTag.get(tag);
+      ids?.delete(identity.id);
+      if (ids && ids.size === 0) this.employeesByTag.delete(tag);
+    }
+  }
+}

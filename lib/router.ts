@@ -1,0 +1,547 @@
+// Routing between authenticated identities: auth decisions, presence, message delivery with
+// its ack, store-and-forward for offline targets, idempotent resend and bans. The gateway
+// (ws-gateway.ts) hands it validated-JSON frames; everything here trusts lib/protocol's types.
+
+import { createHash, randomUUID, timingSafeEqual } from 'node:crypto';
+import type { ConnectionLog } from './connection-log';
+import type { AckBody, DedupeCache } from './dedupe-cache';
+import type { DeliveryQueue, NewQueuedEntry, QueuedEntry } from './delivery-queue';
+import type { EventBus, NodeRef } from './events';
+import type { Identity, IdentityStore } from './identity-store';
+import type { Logger } from './logger';
+import type { MessageLog, TargetResult } from './message-log';
+import type { ResolvedOptions } from './options';
+import {
+  CLOSE_CODES,
+  checkEmployeeProfile,
+  checkIdentity,
+  checkRole,
+  checkTarget,
+  isPlainObject,
+  type Checked,
+  type DeliveryFailure,
+  type FrameError,
+  type ParsedTarget,
+  type Role,
+} from './protocol';
+import type { Session } from './session';
+
+const MAX_META_BYTES = 16 * 1024;
+const MAX_MSG_ID_LENGTH = 256;
+
+export interface RouterDeps {
+  options: ResolvedOptions;
+  identities: IdentityStore;
+  connectionLog: ConnectionLog;
+  messageLog: MessageLog;
+  queue: DeliveryQueue;
+  dedupe: DedupeCache;
+  bus: EventBus;
+  logger: Logger;
+}
+
+export type BanResult =
+  | { ok: true; identity: Identity; online: boolean }
+  | { ok: false; status: 404 | 409; code: string; message: string };
+
+export function nodeRef(identity: Identity): NodeRef {
+  return { id: identity.id, role: identity.role, name: identity.name, tags: identity.tags };
+}
+
+function secretMatches(given: unknown, expected: string): boolean {
+  if (typeof given !== 'string') return false;
+  // Compare digests, not the strings, so the time taken reveals neither a prefix nor the length.
+  return timingSafeEqual(digest(given), digest(expected));
+}
+
+function digest(text: string): Buffer {
+  return createHash('sha256').update(text).digest();
+}
+
+export { secretMatches };
+
+interface RouteContext {
+  sender: Identity;
+  msgId: string;
+  head: string;
+  tail: string;
+  queueTtlMs: number;
+  now: number;
+  results: TargetResult[];
+  delivered: string[];
+  failed: DeliveryFailure[];
+  queued: string[];
+  toQueue: NewQueuedEntry[];
+}
+
+export class Router {
+  /** Authenticated sessions by identity id. */
+  readonly online = new Map<string, Session>();
+  private readonly pausedForLog = new Set<Session>();
+
+  constructor(private readonly deps: RouterDeps) {
+    deps.messageLog.onDrain(() => {
+      for (const session of this.pausedForLog) session.ws.resume();
+      this.pausedForLog.clear();
+    });
+  }
+
+  get options(): ResolvedOptions {
+    return this.deps.options;
+  }
+
+  countOnline(): { boss: number; employee: number } {
+    const counts = { boss: 0, employee: 0 };
+    for (const session of this.online.values()) counts[session.identity!.role]++;
+    return counts;
+  }
+
+  isOnline(id: string): boolean {
+    return this.online.has(id);
+  }
+
+  // ---- auth ----------------------------------------------------------------------------------
+
+  authenticate(session: Session, frame: Record<string, unknown>): void {
+    const outcome = this.decideAuth(frame);
+    if ('code' in outcome) {
+      this.rejectAuth(session, frame, outcome);
+      return;
+    }
+    const { identity, key, reconnected } = outcome;
+    const now = Date.now();
+    const previous = this.online.get(identity.id);
+    session.identity = identity;
+    this.online.set(identity.id, session);
+    if (previous && previous !== session) {
+      previous.close(CLOSE_CODES.replaced, 'Replaced by a newer session of this identity');
+    }
+    identity.lastConnectedAt = now;
+    identity.lastSeen = now;
+    this.deps.identities.save(identity);
+    this.deps.connectionLog.record({
+      identityId: identity.id,
+      role: identity.role,
+      event: reconnected ? 'reconnect' : 'auth_ok',
+      timestamp: now,
+      online: true,
+      address: session.address,
+    });
+    session.send({
+      type: 'auth_ok',
+      id: identity.id,
+      key,
+      role: identity.role,
+      name: identity.name,
+      tags: identity.tags,
+      reconnected,
+      timestamp: now,
+    });
+    this.deps.bus.publish({ type: 'connect', node: nodeRef(identity), reconnected, at: now });
+    this.deliverQueued(session);
+  }
+
+  private decideAuth(
+    frame: Record<string, unknown>,
+  ): { identity: Identity; key: string; reconnected: boolean } | FrameError {
+    const { options, identities } = this.deps;
+    const role = checkRole(frame);
+    if (!role.ok) return role.error;
+    if (role.value === 'boss' && !secretMatches(frame.authkey, options.authkey)) {
+      return { code: 'invalid_authkey', message: 'The authkey is not right: a boss must send the relay\'s authkey.' };
+    }
+    if (role.value === 'employee' && frame.authkey !== undefined && !secretMatches(frame.authkey, options.authkey)) {
+      return { code: 'invalid_authkey', message: 'The authkey is not right: send the relay\'s authkey or leave it out.' };
+    }
+    const checkedMeta = this.checkMeta(frame.meta);
+    if (!checkedMeta.ok) return checkedMeta.error;
+    const meta = checkedMeta.value;
+    const credentials = checkIdentity(frame);
+    if (!credentials.ok) return credentials.error;
+    const replacing = credentials.value !== undefined && this.online.has(credentials.value.id);
+    if (!replacing && this.online.size >= options.maxConnections) {
+      return { code: 'server_full', message: `The relay is at its limit of ${options.maxConnections} connections; try again later.` };
+    }
+    if (credentials.value === undefined) return this.register(role.value, frame, meta);
+    const identity = identities.get(credentials.value.id);
+    if (!identity) {
+      return { code: 'identity_not_found', message: 'No identity has this id: register again without "identity".' };
+    }
+    if (!identities.keyMatches(identity, credentials.value.key)) {
+      return { code: 'invalid_identity_key', message: 'The identity key does not match: send the key given in auth_ok.' };
+    }
+    if (identity.role !== role.value) {
+      return { code: 'role_mismatch', message: `This identity is a ${identity.role}; authenticate with "role":"${identity.role}".` };
+    }
+    if (identity.banned) {
+      return { code: 'banned', message: 'This employee is banned; an admin can unban it with DELETE /employees/:id/ban.' };
+    }
+    const update = this.profileUpdate(identity, frame);
+    if (update !== null && 'code' in update) return update;
+    if (update !== null) identities.setProfile(identity, update);
+    if (meta !== null) {
+      identity.meta = meta;
+      identities.save(identity);
+    }
+    return { identity, key: credentials.value.key, reconnected: true };
+  }
+
+  private register(
+    role: Role,
+    frame: Record<string, unknown>,
+    meta: Record<string, unknown> | null,
+  ): { identity: Identity; key: string; reconnected: boolean } | FrameError {
+    const { options, identities } = this.deps;
+    if (role === 'boss') {
+      const created = identities.create('boss', null, meta);
+      return { ...created, reconnected: false };
+    }
+    const profile = checkEmployeeProfile(frame);
+    if (!profile.ok) return profile.error;
+    if (options.employeeKey !== undefined && !secretMatches(frame.employee_key, options.employeeKey)) {
+      return { code: 'invalid_employee_key', message: 'This relay needs an employee registration key: send it as "employee_key".' };
+    }
+    const created = identities.create('employee', profile.value, meta);
+    return { ...created, reconnected: false };
+  }
+
+  /** New name and/or tags sent with an employee's reconnect; null when none were sent. */
+  private profileUpdate(identity: Identity, frame: Record<string, unknown>): { name: string; tags: string[] } | FrameError | null {
+    if (identity.role !== 'employee' || (frame.name === undefined && frame.tags === undefined)) return null;
+    const merged = checkEmployeeProfile({
+      name: frame.name === undefined ? identity.name : frame.name,
+      tags: frame.tags === undefined ? identity.tags : frame.tags,
+    });
+    return merged.ok ? merged.value : merged.error;
+  }
+
+  private checkMeta(meta: unknown): Checked<Record<string, unknown> | null> {
+    if (meta === undefined || meta === null) return { ok: true, value: null };
+    if (!isPlainObject(meta)) return { ok: false, error: { code: 'invalid_frame', message: 'Field "meta" must be a JSON object.' } };
+    if (JSON.stringify(meta).length > MAX_META_BYTES) {
+      return { ok: false, error: { code: 'invalid_frame', message: `Field "meta" must stay under ${MAX_META_BYTES} bytes of JSON.` } };
+    }
+    return { ok: true, value: meta };
+  }
+
+  private rejectAuth(session: Session, frame: Record<string, unknown>, error: FrameError): void {
+    const now = Date.now();
+    const claimed = isPlainObject(frame.identity) && typeof frame.identity.id === 'string' ? frame.identity.id : 'unknown';
+    const role = frame.role === 'boss' || frame.role === 'employee' ? frame.role : null;
+    this.deps.connectionLog.record({
+      identityId: claimed.slice(0, 100),
+      role,
+      event: 'auth_fail',
+      reason: error.code,
+      timestamp: now,
+      online: false,
+      address: session.address,
+    });
+    this.deps.bus.publish({ type: 'auth_fail', code: error.code, role, at: now });
+    session.sendError(error.code, error.message);
+    session.close(error.code === 'server_full' ? CLOSE_CODES.serverFull : CLOSE_CODES.authRejected, error.code);
+  }
+
+  disconnect(session: Session, code: number): void {
+    const identity = session.identity;
+    this.pausedForLog.delete(session);
+    if (!identity || this.online.get(identity.id) !== session) return;
+    this.online.delete(identity.id);
+    const now = Date.now();
+    identity.lastSeen = now;
+    identity.lastDisconnectedAt = now;
+    this.deps.identities.save(identity);
+    this.deps.connectionLog.record({
+      identityId: identity.id,
+      role: identity.role,
+      event: 'disconnect',
+      timestamp: now,
+      online: false,
+      code,
+    });
+    this.deps.bus.publish({ type: 'disconnect', node: nodeRef(identity), code, at: now });
+  }
+
+  // ---- frames after auth ---------------------------------------------------------------------
+
+  handleFrame(session: Session, frame: Record<string, unknown> & { type: string }, bytes: number, receivedAt: number): void {
+    const identity = session.identity!;
+    identity.lastSeen = receivedAt;
+    switch (frame.type) {
+      case 'ping':
+        identity.lastHeartbeatAt = receivedAt;
+        session.send({ type: 'pong', timestamp: Date.now() });
+        return;
+      case 'health_report':
+        this.healthReport(session, identity, frame);
+        return;
+      case 'message':
+        this.route(session, identity, frame, bytes, receivedAt);
+        return;
+      case 'auth':
+        session.sendError('unsupported_type', 'This connection is already authenticated; auth is only accepted as the first frame.');
+        return;
+      default:
+        session.sendError(
+          'unsupported_type',
+          `Frame type "${frame.type.slice(0, 40)}" is not supported: use ping, health_report or message.`,
+        );
+    }
+  }
+
+  private healthReport(session: Session, identity: Identity, frame: Record<string, unknown>): void {
+    if (typeof frame.valid !== 'boolean') {
+      session.sendError('invalid_health_report', 'Field "valid" of health_report must be true or false.');
+      return;
+    }
+    const now = Date.now();
+    identity.selfReportValid = frame.valid;
+    identity.lastSelfReportAt = now;
+    this.deps.identities.save(identity);
+    session.send({ type: 'health_report_ack', id: identity.id, valid: frame.valid, timestamp: now });
+    this.deps.bus.publish({ type: 'health', node: nodeRef(identity), valid: frame.valid, at: now });
+  }
+
+  // ---- routing -------------------------------------------------------------------------------
+
+  private route(session: Session, sender: Identity, frame: Record<string, unknown>, bytes: number, receivedAt: number): void {
+    const { options, dedupe } = this.deps;
+    let msgId: string;
+    if (frame.msg_id === undefined || frame.msg_id === null || frame.msg_id === '') {
+      msgId = randomUUID();
+    } else if (typeof frame.msg_id === 'string' && frame.msg_id.length <= MAX_MSG_ID_LENGTH) {
+      msgId = frame.msg_id;
+      const prior = dedupe.find(sender.id, msgId, receivedAt);
+      if (prior !== undefined) {
+        void Promise.resolve(prior).then((ack) => session.sendText(ackText(ack, true)));
+        return;
+      }
+    } else {
+      session.sendError('invalid_msg_id', `Field "msg_id" must be a string of at most ${MAX_MSG_ID_LENGTH} characters.`);
+      return;
+    }
+    const target = checkTarget(frame.to);
+    if (!target.ok) {
+      session.sendError(target.error.code, target.error.message);
+      return;
+    }
+    if (target.value.kind === 'ids' && target.value.ids.length > options.maxTargets) {
+      session.sendError('too_many_targets', `A message may name at most ${options.maxTargets} targets; use "tag:<name>" or "*" for more.`);
+      return;
+    }
+    const queueTtlMs = this.queueTtl(frame);
+    if (typeof queueTtlMs === 'string') {
+      session.sendError('invalid_frame', queueTtlMs);
+      return;
+    }
+    let payloadJson: string | undefined;
+    try {
+      payloadJson = frame.payload === undefined ? undefined : JSON.stringify(frame.payload);
+    } catch {
+      session.sendError('invalid_json', 'The payload could not be re-encoded (it nests too deeply); send a flatter JSON value.');
+      return;
+    }
+    const now = Date.now();
+    const context: RouteContext = {
+      sender,
+      msgId,
+      head: `{"type":"message","msg_id":${JSON.stringify(msgId)},"from_id":"${sender.id}","from_role":"${sender.role}","to":"`,
+      tail: `",${payloadJson === undefined ? '' : `"payload":${payloadJson},`}"timestamp":${now}}`,
+      queueTtlMs,
+      now,
+      results: [],
+      delivered: [],
+      failed: [],
+      queued: [],
+      toQueue: [],
+    };
+    this.deliverAll(context, target.value);
+    const { record, belowHighWaterMark } = this.deps.messageLog.append({
+      msg_id: msgId,
+      timestamp: now,
+      from_id: sender.id,
+      from_role: sender.role,
+      targets: context.results,
+      payload_json: payloadJson ?? 'null',
+    });
+    if (!belowHighWaterMark && !this.pausedForLog.has(session)) {
+      // The log is behind: stop reading from this sender until it catches up.
+      session.ws.pause();
+      this.pausedForLog.add(session);
+    }
+    const ack: AckBody = { msg_id: msgId, delivered: context.delivered, failed: context.failed, queued: context.queued };
+    if (context.toQueue.length === 0) {
+      session.sendText(ackText(ack, false));
+      dedupe.remember(sender.id, msgId, receivedAt, ack);
+    } else {
+      for (const entry of context.toQueue) entry.record_id = record._id;
+      const stored = this.storeQueued(context.toQueue).then(() => ack);
+      dedupe.remember(sender.id, msgId, receivedAt, stored);
+      stored.then(
+        () => session.sendText(ackText(ack, false)),
+        (error: Error) => {
+          this.deps.logger.error('queue_store_failed', { msg_id: msgId, error: error.message });
+          session.sendError('invalid_frame', 'The relay could not store this message for offline targets; send it again.');
+        },
+      );
+    }
+    this.deps.bus.publish({
+      type: 'message',
+      msg_id: msgId,
+      from: nodeRef(sender),
+      to: frame.to as string | string[],
+      delivered: context.delivered,
+      failed: context.failed,
+      queued: context.queued,
+      bytes,
+      route_ms: Date.now() - receivedAt,
+      at: now,
+    });
+  }
+
+  /** Queue TTL for this message in ms (0: no queueing), or an error sentence. */
+  private queueTtl(frame: Record<string, unknown>): number | string {
+    const { queueTtlMs, maxQueueTtlMs } = this.deps.options;
+    if (frame.queue !== undefined && typeof frame.queue !== 'boolean') return 'Field "queue" must be true or false.';
+    if (frame.ttl_ms !== undefined && (typeof frame.ttl_ms !== 'number' || !Number.isFinite(frame.ttl_ms) || frame.ttl_ms <= 0)) {
+      return 'Field "ttl_ms" must be a positive number of milliseconds.';
+    }
+    const wants = frame.queue === true || (frame.queue !== false && queueTtlMs > 0);
+    if (!wants) return 0;
+    const asked = typeof frame.ttl_ms === 'number' ? frame.ttl_ms : queueTtlMs > 0 ? queueTtlMs : maxQueueTtlMs;
+    return Math.min(Math.round(asked), maxQueueTtlMs);
+  }
+
+  private deliverAll(context: RouteContext, target: ParsedTarget): void {
+    const senderId = context.sender.id;
+    if (target.kind === 'broadcast') {
+      // Broadcast reaches who is online now; offline identities are not failures.
+      for (const id of this.online.keys()) if (id !== senderId) this.deliverOne(context, id);
+    } else if (target.kind === 'tag') {
+      for (const id of this.deps.identities.withTag(target.tag)) if (id !== senderId) this.deliverOne(context, id);
+    } else {
+      for (const id of target.ids) this.deliverOne(context, id);
+    }
+  }
+
+  private deliverOne(context: RouteContext, targetId: string): void {
+    const identity = this.deps.identities.get(targetId);
+    if (!identity) {
+      context.failed.push({ id: targetId, reason: 'target_not_found' });
+      context.results.push({ id: targetId, role: null, status: 'failed', reason: 'target_not_found' });
+      return;
+    }
+    if (identity.banned) {
+      context.failed.push({ id: targetId, reason: 'target_banned' });
+      context.results.push({ id: targetId, role: identity.role, status: 'failed', reason: 'target_banned' });
+      return;
+    }
+    const session = this.online.get(targetId);
+    if (session && session.ws.bufferedAmount <= this.deps.options.maxBufferedBytes) {
+      session.sendText(context.head + targetId + context.tail);
+      context.delivered.push(targetId);
+      context.results.push({ id: targetId, role: identity.role, status: 'delivered', reason: null });
+      return;
+    }
+    if (session && session.slowSince === null) session.slowSince = context.now;
+    if (context.queueTtlMs > 0) {
+      context.queued.push(targetId);
+      context.results.push({ id: targetId, role: identity.role, status: 'queued', reason: null });
+      context.toQueue.push({
+        target_id: targetId,
+        from_id: context.sender.id,
+        msg_id: context.msgId,
+        record_id: '',
+        frame: context.head + targetId + context.tail,
+        queued_at: context.now,
+        expires_at: context.now + context.queueTtlMs,
+      });
+      return;
+    }
+    const reason = session ? 'target_slow' : 'target_offline';
+    context.failed.push({ id: targetId, reason });
+    context.results.push({ id: targetId, role: identity.role, status: 'failed', reason });
+  }
+
+  // ---- store-and-forward ---------------------------------------------------------------------
+
+  private async storeQueued(entries: NewQueuedEntry[]): Promise<void> {
+    const { queue, messageLog, options } = this.deps;
+    await Promise.all([queue.enqueue(entries), messageLog.flush()]);
+    const targets = new Set(entries.map((entry) => entry.target_id));
+    for (const targetId of targets) {
+      const dropped = queue.overflow(targetId, options.maxQueuedPerTarget);
+      if (dropped.length > 0) this.finishQueued(dropped, 'expired');
+      // The target may have come back while the entry was being written.
+      const session = this.online.get(targetId);
+      if (session) this.deliverQueued(session);
+    }
+  }
+
+  /** Writes a reconnected target's queued messages in send order, as far as its buffer allows. */
+  deliverQueued(session: Session): void {
+    const identity = session.identity;
+    if (!identity) return;
+    const pending = this.deps.queue.pendingFor(identity.id);
+    if (pending.length === 0) return;
+    const sent: QueuedEntry[] = [];
+    for (const entry of pending) {
+      if (!session.isOpen || session.ws.bufferedAmount > this.deps.options.maxBufferedBytes) break;
+      session.sendText(entry.frame);
+      sent.push(entry);
+    }
+    this.finishQueued(sent, 'delivered');
+    if (sent.length < pending.length && session.isOpen) {
+      setTimeout(() => this.deliverQueued(session), 20).unref();
+    }
+  }
+
+  private finishQueued(entries: readonly QueuedEntry[], status: 'delivered' | 'expired'): void {
+    if (entries.length === 0) return;
+    const { queue, messageLog, bus } = this.deps;
+    queue.remove(entries);
+    const now = Date.now();
+    for (const entry of entries) {
+      messageLog.updateTarget(entry.record_id, entry.target_id, status);
+      this.online.get(entry.from_id)?.send({ type: 'delivery_update', msg_id: entry.msg_id, id: entry.target_id, status, timestamp: now });
+      bus.publish({ type: 'delivery_update', msg_id: entry.msg_id, from_id: entry.from_id, id: entry.target_id, status, at: now });
+    }
+  }
+
+  expireQueued(now: number): void {
+    this.finishQueued(this.deps.queue.expired(now), 'expired');
+  }
+
+  // ---- bans ----------------------------------------------------------------------------------
+
+  setBan(id: string, banned: boolean, by: string): BanResult {
+    const identity = this.deps.identities.get(id);
+    if (!identity) {
+      return { ok: false, status: 404, code: 'not_found', message: `No employee has id "${id}"; list them with GET /employees.` };
+    }
+    if (identity.role !== 'employee') {
+      return { ok: false, status: 409, code: 'not_an_employee', message: `"${id}" is a boss; only employees can be banned.` };
+    }
+    const now = Date.now();
+    const session = this.online.get(id);
+    if (identity.banned !== banned) {
+      identity.banned = banned;
+      this.deps.identities.save(identity);
+      this.deps.connectionLog.record({ identityId: id, role: 'employee', event: banned ? 'ban' : 'unban', timestamp: now, online: session !== undefined, reason: by });
+      this.deps.bus.publish({ type: banned ? 'ban' : 'unban', node: nodeRef(identity), by, at: now });
+    }
+    if (banned && session) {
+      session.send({ type: 'system', event: 'banned', by, timestamp: now });
+      session.close(CLOSE_CODES.banned, 'Banned by an admin');
+    }
+    return { ok: true, identity, online: banned ? false : session !== undefined };
+  }
+}
+
+export function ackText(ack: AckBody, duplicate: boolean): string {
+  return (
+    `{"type":"delivery_ack","msg_id":${JSON.stringify(ack.msg_id)},"delivered":${JSON.stringify(ack.delivered)},` +
+    `"failed":${JSON.stringify(ack.failed)},"queued":${JSON.stringify(ack.queued ?? [])}` +
+    `${duplicate ? ',"duplicate":true' : ''},"timestamp":${Date.now()}}`
+  );
+}

@@ -1,0 +1,48 @@
+// One WebSocket connection: its identity once authenticated, liveness and slow-peer state,
+// and its rate-limit bucket. Kept small: an idle connection should cost little memory.
+
+import WebSocket from 'ws';
+import type { Identity } from './identity-store';
+import type { ErrorFrame, ProtocolErrorCode, ServerFrame } from './protocol';
+
+export class Session {
+  identity: Identity | null = null;
+  lastActivityAt: number;
+  /** When the socket's unsent buffer first went past the bound; null while it drains fine. */
+  slowSince: number | null = null;
+  authTimer: NodeJS.Timeout | null = null;
+  /** Token bucket for the per-connection message rate. */
+  tokens = 0;
+  tokensAt = 0;
+
+  constructor(
+    readonly ws: WebSocket,
+    readonly address: string,
+    now: number,
+  ) {
+    this.lastActivityAt = now;
+  }
+
+  get isOpen(): boolean {
+    return this.ws.readyState === WebSocket.OPEN;
+  }
+
+  sendText(text: string): void {
+    if (this.ws.readyState === WebSocket.OPEN) this.ws.send(text);
+  }
+
+  send(frame: ServerFrame): void {
+    this.sendText(JSON.stringify(frame));
+  }
+
+  sendError(code: ProtocolErrorCode, message: string, extra: Partial<Pick<ErrorFrame, 'retry_after_ms'>> = {}): void {
+    this.send({ type: 'error', code, message, ...extra, timestamp: Date.now() });
+  }
+
+  close(code: number, reason: string): void {
+    if (this.ws.readyState === WebSocket.OPEN || this.ws.readyState === WebSocket.CONNECTING) {
+      // Close reasons are limited to 123 bytes by the WebSocket protocol.
+      this.ws.close(code, reason.slice(0, 120));
+    }
+  }
+}

@@ -1,0 +1,226 @@
+// The WebSocket edge: accepts upgrades on the ws path, greets, enforces the auth timeout and
+// the per-connection limits (frame size, message rate, unauthenticated sockets, auth failures
+// per address), decodes frames and hands them to the router. It also runs the liveness sweep:
+// protocol-level pings, terminating silent peers and peers stuck behind a full send buffer.
+
+import type { IncomingMessage } from 'node:http';
+import type { Duplex } from 'node:stream';
+import { WebSocketServer, type RawData, type WebSocket } from 'ws';
+import type { EventBus } from './events';
+import type { Logger } from './logger';
+import type { ResolvedOptions } from './options';
+import { CLOSE_CODES, decodeFrame } from './protocol';
+import type { Router } from './router';
+import { Session } from './session';
+
+const HELLO_SCHEMA = {
+  type: 'auth',
+  role: 'boss|employee',
+  authkey: 'required for boss',
+  name: 'required when role=employee and first-time register',
+  tags: 'required string[] when role=employee and first-time register',
+  health_report: { type: 'health_report', valid: 'boolean', details: 'optional object' },
+  identity: { id: 'optional reconnect id', key: 'optional reconnect key' },
+};
+
+/** Failed auths from one address within this window before further attempts are refused. */
+const AUTH_FAILURE_WINDOW_MS = 60_000;
+
+interface FailureCount {
+  count: number;
+  since: number;
+}
+
+export class WsGateway {
+  private readonly wss: WebSocketServer;
+  private readonly sessions = new Set<Session>();
+  private readonly authFailures = new Map<string, FailureCount>();
+  private unauthenticated = 0;
+  private readonly sweepTimer: NodeJS.Timeout | null;
+  private readonly helloText: string;
+  bytesIn = 0;
+
+  constructor(
+    private readonly options: ResolvedOptions,
+    private readonly router: Router,
+    private readonly bus: EventBus,
+    private readonly logger: Logger,
+  ) {
+    // Frames up to twice the limit are read and answered with payload_too_large, keeping the
+    // connection; anything larger is refused by ws from its header, before it is buffered.
+    const hardLimit = Math.max(2 * options.maxPayloadBytes, options.maxPayloadBytes + 64 * 1024);
+    this.wss = new WebSocketServer({ noServer: true, maxPayload: hardLimit, clientTracking: false, perMessageDeflate: false });
+    this.helloText = JSON.stringify({ type: 'hello', message: 'Please authenticate', schema: HELLO_SCHEMA });
+    this.sweepTimer = options.pingIntervalMs > 0 ? setInterval(() => this.sweep(), options.pingIntervalMs) : null;
+    this.sweepTimer?.unref();
+  }
+
+  get counts(): { sockets: number; unauthenticated: number } {
+    return { sockets: this.sessions.size, unauthenticated: this.unauthenticated };
+  }
+
+  handleUpgrade(request: IncomingMessage, socket: Duplex, head: Buffer): void {
+    const path = (request.url ?? '/').split('?')[0];
+    if (path !== this.options.wsPath) {
+      socket.end(`HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\nWebSocket endpoint is ${this.options.wsPath}\n`);
+      return;
+    }
+    this.wss.handleUpgrade(request, socket, head, (ws) => this.accept(ws, request.socket.remoteAddress ?? 'unknown'));
+  }
+
+  private accept(ws: WebSocket, address: string): void {
+    const now = Date.now();
+    const session = new Session(ws, address, now);
+    this.sessions.add(session);
+    this.unauthenticated++;
+    ws.on('message', (data, isBinary) => this.onFrame(session, data, isBinary));
+    ws.on('pong', () => {
+      session.lastActivityAt = Date.now();
+    });
+    ws.on('error', (error) => this.logger.debug('socket_error', { address, error: error.message }));
+    ws.on('close', (code) => this.onClose(session, code));
+    if (this.unauthenticated > this.options.maxUnauthenticated) {
+      session.sendError('server_full', 'Too many connections are waiting to authenticate; try again shortly.');
+      session.close(CLOSE_CODES.serverFull, 'server_full');
+      return;
+    }
+    ws.send(this.helloText.slice(0, -1) + `,"timestamp":${now}}`);
+    session.authTimer = setTimeout(() => {
+      session.authTimer = null;
+      if (!session.identity) session.close(CLOSE_CODES.authTimeout, 'Auth timeout');
+    }, this.options.authTimeoutMs);
+  }
+
+  private onClose(session: Session, code: number): void {
+    this.sessions.delete(session);
+    if (session.authTimer) clearTimeout(session.authTimer);
+    if (session.identity) this.router.disconnect(session, code);
+    else this.unauthenticated--;
+  }
+
+  private onFrame(session: Session, data: RawData, isBinary: boolean): void {
+    const receivedAt = Date.now();
+    session.lastActivityAt = receivedAt;
+    const buffer = Buffer.isBuffer(data) ? data : Array.isArray(data) ? Buffer.concat(data) : Buffer.from(data);
+    this.bytesIn += buffer.length;
+    if (isBinary) {
+      this.frameError(session, 'invalid_json', 'Binary frames are not accepted: send each frame as UTF-8 text holding one JSON object.');
+      return;
+    }
+    if (buffer.length > this.options.maxPayloadBytes) {
+      this.frameError(session, 'payload_too_large', `Frame of ${buffer.length} bytes is over the ${this.options.maxPayloadBytes}-byte limit; send a smaller payload.`);
+      return;
+    }
+    if (session.identity && !this.takeToken(session, receivedAt)) return;
+    const decoded = decodeFrame(buffer.toString('utf8'));
+    if (!decoded.ok) {
+      this.frameError(session, decoded.error.code, decoded.error.message);
+      return;
+    }
+    const frame = decoded.value;
+    if (session.identity) {
+      this.router.handleFrame(session, frame, buffer.length, receivedAt);
+      return;
+    }
+    if (frame.type !== 'auth') {
+      this.frameError(session, 'auth_required', 'Authenticate first: the first frame must be {"type":"auth",…}.');
+      return;
+    }
+    const throttledFor = this.authThrottle(session.address, receivedAt);
+    if (throttledFor > 0) {
+      session.sendError('auth_throttled', `Too many failed auths from this address; try again in ${Math.ceil(throttledFor / 1000)} s.`, { retry_after_ms: throttledFor });
+      session.close(CLOSE_CODES.authRejected, 'auth_throttled');
+      return;
+    }
+    this.router.authenticate(session, frame);
+    if (session.identity) {
+      this.unauthenticated--;
+      if (session.authTimer) clearTimeout(session.authTimer);
+      session.authTimer = null;
+    } else {
+      this.countAuthFailure(session.address, receivedAt);
+    }
+  }
+
+  private frameError(session: Session, code: Parameters<Session['sendError']>[0], message: string): void {
+    session.sendError(code, message);
+    if (this.bus.hasListeners) this.bus.publish({ type: 'frame_error', code, at: Date.now() });
+  }
+
+  /** Token bucket: `rateLimit` frames per second with a burst of one second's worth. */
+  private takeToken(session: Session, now: number): boolean {
+    const rate = this.options.rateLimit;
+    if (rate <= 0) return true;
+    if (session.tokensAt === 0) {
+      session.tokens = rate;
+    } else {
+      session.tokens = Math.min(rate, session.tokens + ((now - session.tokensAt) * rate) / 1000);
+    }
+    session.tokensAt = now;
+    if (session.tokens >= 1) {
+      session.tokens -= 1;
+      return true;
+    }
+    const retryAfterMs = Math.ceil(((1 - session.tokens) * 1000) / rate);
+    session.sendError('rate_limited', `Over ${rate} frames per second; slow down and retry after ${retryAfterMs} ms.`, { retry_after_ms: retryAfterMs });
+    return false;
+  }
+
+  private authThrottle(address: string, now: number): number {
+    const failures = this.authFailures.get(address);
+    if (!failures || this.options.maxAuthFailures === 0) return 0;
+    const elapsed = now - failures.since;
+    if (elapsed > AUTH_FAILURE_WINDOW_MS) {
+      this.authFailures.delete(address);
+      return 0;
+    }
+    return failures.count >= this.options.maxAuthFailures ? AUTH_FAILURE_WINDOW_MS - elapsed : 0;
+  }
+
+  private countAuthFailure(address: string, now: number): void {
+    const failures = this.authFailures.get(address);
+    if (failures && now - failures.since <= AUTH_FAILURE_WINDOW_MS) failures.count++;
+    else this.authFailures.set(address, { count: 1, since: now });
+  }
+
+  /** Pings everyone; ends peers silent for two intervals or stuck behind a full buffer. */
+  private sweep(): void {
+    const now = Date.now();
+    const silentAfter = 2 * this.options.pingIntervalMs;
+    for (const session of this.sessions) {
+      if (now - session.lastActivityAt > silentAfter) {
+        this.logger.info('peer_silent', { id: session.identity?.id ?? null, silent_ms: now - session.lastActivityAt });
+        session.ws.terminate();
+        continue;
+      }
+      if (session.slowSince !== null) {
+        if (session.ws.bufferedAmount <= this.options.maxBufferedBytes) {
+          session.slowSince = null;
+        } else if (now - session.slowSince > this.options.slowPeerTimeoutMs) {
+          this.logger.info('peer_too_slow', { id: session.identity?.id ?? null, buffered_bytes: session.ws.bufferedAmount });
+          session.ws.terminate();
+          continue;
+        }
+      }
+      session.ws.ping();
+    }
+    for (const [address, failures] of this.authFailures) {
+      if (now - failures.since > AUTH_FAILURE_WINDOW_MS) this.authFailures.delete(address);
+    }
+  }
+
+  /** Closes every socket with 1001 and stops the sweep. */
+  closeAll(): void {
+    if (this.sweepTimer) clearInterval(this.sweepTimer);
+    for (const session of this.sessions) session.close(CLOSE_CODES.shuttingDown, 'Server shutting down');
+  }
+
+  /** Ends sockets that did not finish their close handshake in time. */
+  terminateAll(): void {
+    for (const session of this.sessions) session.ws.terminate();
+  }
+
+  get openSessions(): number {
+    return this.sessions.size;
+  }
+}

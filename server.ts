@@ -8,6 +8,7 @@ import path from 'node:path';
 import { ConnectionLog } from './lib/connection-log';
 import { DedupeCache } from './lib/dedupe-cache';
 import { DeliveryQueue } from './lib/delivery-queue';
+import { logRelayEvents } from './lib/event-log';
 import { EventBus } from './lib/events';
 import { HttpApi, type HttpExtensions } from './lib/http-api';
 import { IdentityStore } from './lib/identity-store';
@@ -96,6 +97,7 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
   const startedAt = Date.now();
   const stores = await openStores(options, logger);
   const bus = new EventBus();
+  if (logger.isEnabled('info')) bus.subscribe(logRelayEvents(logger));
   const dedupe = new DedupeCache(options.dedupeWindowMs, DEDUPE_MAX_ENTRIES);
   await restoreDedupe(dedupe, stores.messageLog, options.dedupeWindowMs);
   const router = new Router({ options, ...stores, dedupe, bus, logger });

@@ -1,14 +1,20 @@
 // messages.db: the log of every routed message with its per-target result.
 //
-// The file keeps NeDB's on-disk format (one JSON document
-// per line with a unique `_id`; a later line with the same `_id` replaces the earlier one), so
-// NeDB and its tools can still read it. The relay does not hold it in a NeDB Datastore: NeDB
+// The file keeps NeDB's on-disk format (one JSON document per line with a unique `_id`; a
+// later line with the same `_id` replaces the earlier one), so NeDB and its tools can read it. The relay does not hold it in a NeDB Datastore: NeDB
 // keeps every document in memory and loading 1,000,000 messages took 28 s and 1.5 GB here.
 // Instead appends are batched into one write per flush (group commit) with backpressure, and
-// an in-memory columnar index of the boss<->employee edges answers the admin queries.
+// an in-memory columnar index (message-index.ts) answers the admin queries by reading only the
+// lines of the page asked for. Records with a queued target are also held in memory until every
+// target is settled, because their status changes are written as new versions.
 
-import type { FailureReason, Role } from './protocol';
+import { randomBytes } from 'node:crypto';
+import { createReadStream, createWriteStream } from 'node:fs';
+import fs from 'node:fs/promises';
+import path from 'node:path';
 import type { Logger } from './logger';
+import { MessageIndex } from './message-index';
+import type { FailureReason, Role } from './protocol';
 
 export type TargetStatus = 'delivered' | 'failed' | 'queued' | 'expired';
 
@@ -26,7 +32,7 @@ export interface MessageRecordInput {
   from_id: string;
   from_role: Role;
   targets: TargetResult[];
-  /** The payload as JSON text, written verbatim into the line as "payload":<json>. */
+  /** The payload as JSON text; stored as the string field "payload_json". */
   payload_json: string;
 }
 
@@ -75,55 +81,359 @@ export interface MessageLogStats {
   skippedLines: number;
 }
 
-import fs from 'node:fs/promises';
-import { randomBytes } from 'node:crypto';
 
-// Interim implementation: every record in memory, queries scan. The indexed, group-commit
-// implementation described above replaces it.
+const DEFAULT_HIGH_WATER_MARK = 8 * 1024 * 1024;
+const NEWLINE = 0x0a;
+
+interface ParsedLine {
+  record: MessageRecord | null;
+  deletedId: string | null;
+}
+
+/**
+ * A line as NeDB would store it. The payload is kept as its JSON text in a string field: NeDB
+ * refuses to load documents whose field names contain "." or start with "$", and payload keys
+ * are the clients' to choose.
+ */
+function serialise(record: MessageRecord): string {
+  return (
+    `{"_id":"${record._id}","msg_id":${JSON.stringify(record.msg_id)},"timestamp":${record.timestamp},` +
+    `"from_id":${JSON.stringify(record.from_id)},"from_role":"${record.from_role}",` +
+    `"targets":${JSON.stringify(record.targets)},"queued":${JSON.stringify(record.queued)},"payload_json":${JSON.stringify(record.payload_json)}}\n`
+  );
+}
+
+function parseLine(text: string): ParsedLine | null {
+  let doc: unknown;
+  try {
+    doc = JSON.parse(text);
+  } catch {
+    return null;
+  }
+  if (typeof doc !== 'object' || doc === null || Array.isArray(doc)) return null;
+  const d = doc as Record<string, unknown>;
+  if (d.$$deleted === true && typeof d._id === 'string') return { record: null, deletedId: d._id };
+  if ('$$indexCreated' in d) return { record: null, deletedId: null };
+  if (
+    typeof d._id !== 'string' ||
+    typeof d.msg_id !== 'string' ||
+    typeof d.timestamp !== 'number' ||
+    typeof d.from_id !== 'string' ||
+    (d.from_role !== 'boss' && d.from_role !== 'employee') ||
+    !Array.isArray(d.targets)
+  ) {
+    return null;
+  }
+  const targets: TargetResult[] = [];
+  for (const t of d.targets as unknown[]) {
+    if (typeof t !== 'object' || t === null || typeof (t as TargetResult).id !== 'string') return null;
+    const target = t as TargetResult;
+    targets.push({ id: target.id, role: target.role ?? null, status: target.status, reason: target.reason ?? null });
+  }
+  return {
+    deletedId: null,
+    record: {
+      _id: d._id,
+      msg_id: d.msg_id,
+      timestamp: d.timestamp,
+      from_id: d.from_id,
+      from_role: d.from_role,
+      targets,
+      queued: Array.isArray(d.queued) ? d.queued.filter((id): id is string => typeof id === 'string') : [],
+      payload_json: typeof d.payload_json === 'string' ? d.payload_json : d.payload === undefined ? 'null' : JSON.stringify(d.payload),
+    },
+  };
+}
+
+const hasQueued = (record: MessageRecord) => record.targets.some((t) => t.status === 'queued');
+
+let idCounter = 0;
+const idPrefix = randomBytes(6).toString('hex');
+
+/** Unique across restarts (a random prefix per process) without a random draw per message. */
+function newRecordId(): string {
+  return idPrefix + (++idCounter).toString(36);
+}
+
 export class MessageLog {
-  private records: MessageRecord[] = [];
-  private byId = new Map<string, MessageRecord>();
-  private lines: string[] = [];
-  private writing: Promise<void> = Promise.resolve();
-  private constructor(private readonly options: MessageLogOptions) {}
+  private readonly index = new MessageIndex();
+  /** Records still waiting on a queued target, by _id, with their slot. */
+  private readonly open = new Map<string, { slot: number; record: MessageRecord }>();
+  private handle: fs.FileHandle | null = null;
+  /** Bytes confirmed written. */
+  private fileBytes = 0;
+  /** Where the next line will sit: written, in-flight and pending bytes together. */
+  private endOffset = 0;
+  private pending: string[] = [];
+  private pendingBytes = 0;
+  private needsNewline = false;
+  private writing: Promise<void> | null = null;
+  private flushWaiters: (() => void)[] = [];
+  private aboveHighWaterMark = false;
+  private readonly drainListeners: (() => void)[] = [];
+  private skippedLines = 0;
+  private maintenanceTimer: NodeJS.Timeout | null = null;
+  private maintaining: Promise<void> | null = null;
+  private closed = false;
+  private readonly highWaterMark: number;
+
+  private constructor(private readonly options: MessageLogOptions) {
+    this.highWaterMark = options.highWaterMark ?? DEFAULT_HIGH_WATER_MARK;
+  }
+
   static async open(options: MessageLogOptions): Promise<MessageLog> {
     const log = new MessageLog(options);
-    let text = '';
-    try { text = await fs.readFile(options.file, 'utf8'); } catch { await fs.writeFile(options.file, ''); }
-    for (const line of text.split('\n')) {
-      if (!line) continue;
-      try { const doc = JSON.parse(line); const rec = { ...doc, payload_json: JSON.stringify(doc.payload) } as MessageRecord;
-        if (log.byId.has(rec._id)) { const i = log.records.findIndex(r => r._id === rec._id); log.records[i] = rec; } else log.records.push(rec);
-        log.byId.set(rec._id, rec);
-      } catch { /* skip */ }
-    }
+    await fs.mkdir(path.dirname(options.file), { recursive: true });
+    await log.load();
+    log.handle = await fs.open(options.file, 'a');
+    await log.maintain();
+    const every = options.maintenanceIntervalMs ?? 600_000;
+    log.maintenanceTimer = setInterval(() => void log.maintain(), every);
+    log.maintenanceTimer.unref();
     return log;
   }
-  private line(r: MessageRecord): string {
-    return `{"_id":"${r._id}","msg_id":${JSON.stringify(r.msg_id)},"timestamp":${r.timestamp},"from_id":"${r.from_id}","from_role":"${r.from_role}","targets":${JSON.stringify(r.targets)},"queued":${JSON.stringify(r.queued)},"payload":${r.payload_json}}\n`;
+
+  private async load(): Promise<void> {
+    let size = 0;
+    try {
+      size = (await fs.stat(this.options.file)).size;
+    } catch {
+      await fs.writeFile(this.options.file, '');
+      return;
+    }
+    let offset = 0;
+    let lineNumber = 0;
+    let carry: Buffer | null = null;
+    const stream = createReadStream(this.options.file, { highWaterMark: 1024 * 1024 });
+    for await (const chunk of stream as AsyncIterable<Buffer>) {
+      const buffer: Buffer = carry ? Buffer.concat([carry, chunk]) : chunk;
+      let start = 0;
+      for (let end = buffer.indexOf(NEWLINE, start); end >= 0; end = buffer.indexOf(NEWLINE, start)) {
+        lineNumber++;
+        this.loadLine(buffer.toString('utf8', start, end), offset, end - start + 1, lineNumber);
+        offset += end - start + 1;
+        start = end + 1;
+      }
+      carry = start < buffer.length ? buffer.subarray(start) : null;
+    }
+    if (carry && carry.length > 0) {
+      // A last line without its newline was cut off mid-write: skip it, and start the next
+      // append on a fresh line so the damage stays on its own line.
+      lineNumber++;
+      this.skip(lineNumber, 'truncated last line');
+      offset += carry.length;
+      this.needsNewline = true;
+    }
+    this.fileBytes = Math.max(offset, size);
+    this.endOffset = this.fileBytes;
   }
+
+  private loadLine(text: string, offset: number, length: number, lineNumber: number): void {
+    if (text.trim() === '') return;
+    const parsed = parseLine(text);
+    if (parsed === null) return this.skip(lineNumber, 'unreadable line');
+    if (parsed.deletedId !== null) {
+      this.open.delete(parsed.deletedId);
+      return;
+    }
+    const record = parsed.record;
+    if (record === null) return;
+    const known = this.open.get(record._id);
+    if (known) {
+      this.index.move(known.slot, offset, length);
+      known.record = record;
+      if (!hasQueued(record)) this.open.delete(record._id);
+      return;
+    }
+    const slot = this.index.add(offset, length, record.timestamp, record.from_id, record.from_role, record.targets);
+    if (hasQueued(record)) this.open.set(record._id, { slot, record });
+  }
+
+  private skip(lineNumber: number, reason: string): void {
+    this.skippedLines++;
+    this.options.logger.warn('message_log_line_skipped', { file: this.options.file, line: lineNumber, reason });
+  }
+
   append(input: MessageRecordInput): { record: MessageRecord; belowHighWaterMark: boolean } {
-    const record: MessageRecord = { ...input, _id: randomBytes(8).toString('hex'), queued: input.targets.filter(t => t.status === 'queued').map(t => t.id) };
-    this.records.push(record); this.byId.set(record._id, record); this.lines.push(this.line(record)); void this.flush();
-    return { record, belowHighWaterMark: true };
+    const queued: string[] = [];
+    for (const target of input.targets) if (target.status === 'queued') queued.push(target.id);
+    const record: MessageRecord = { ...input, _id: newRecordId(), queued };
+    const line = serialise(record);
+    const slot = this.write(line, (offset, length) =>
+      this.index.add(offset, length, record.timestamp, record.from_id, record.from_role, record.targets),
+    );
+    if (queued.length > 0) this.open.set(record._id, { slot, record });
+    return { record, belowHighWaterMark: !this.aboveHighWaterMark };
   }
+
   updateTarget(recordId: string, targetId: string, status: TargetStatus): void {
-    const r = this.byId.get(recordId); if (!r) return;
-    const t = r.targets.find(x => x.id === targetId); if (t) t.status = status; this.lines.push(this.line(r)); void this.flush();
+    const entry = this.open.get(recordId);
+    if (!entry) {
+      this.options.logger.debug('message_log_update_unknown', { record: recordId });
+      return;
+    }
+    const targets = entry.record.targets.map((t) => (t.id === targetId ? { ...t, status } : t));
+    entry.record = { ...entry.record, targets };
+    if (!hasQueued(entry.record)) this.open.delete(recordId);
+    this.write(serialise(entry.record), (offset, length) => {
+      this.index.move(entry.slot, offset, length);
+      return entry.slot;
+    });
   }
-  onDrain(_listener: () => void): void {}
-  flush(): Promise<void> { this.writing = this.writing.then(async () => { const l = this.lines; this.lines = []; if (l.length) await fs.appendFile(this.options.file, l.join('')); }); return this.writing; }
-  async query(q: CommunicationQuery): Promise<{ total: number; edges: CommunicationEdge[] }> {
+
+  /** Buffers a line; `place` learns where it will sit in the file. */
+  private write(line: string, place: (offset: number, length: number) => number): number {
+    if (this.closed) throw new Error('message log is closed');
+    if (this.needsNewline) {
+      this.needsNewline = false;
+      this.pending.push('\n');
+      this.pendingBytes += 1;
+      this.endOffset += 1;
+    }
+    const length = Buffer.byteLength(line);
+    const slot = place(this.endOffset, length);
+    this.pending.push(line);
+    this.pendingBytes += length;
+    this.endOffset += length;
+    if (this.pendingBytes > this.highWaterMark) this.aboveHighWaterMark = true;
+    if (this.writing === null && this.maintaining === null) this.writing = this.drainPending();
+    return slot;
+  }
+
+  /** Group commit: one write for everything pending, repeated while more arrives. */
+  private async drainPending(): Promise<void> {
+    try {
+      while (this.pending.length > 0 && this.handle !== null) {
+        const batch = this.pending.join('');
+        const bytes = this.pendingBytes;
+        this.pending = [];
+        this.pendingBytes = 0;
+        try {
+          await this.handle.write(batch);
+          if (this.options.fsync) await this.handle.sync();
+        } catch (error) {
+          this.options.logger.error('message_log_write_failed', { bytes, error: (error as Error).message });
+        }
+        this.fileBytes += bytes;
+        if (this.aboveHighWaterMark && this.pendingBytes <= this.highWaterMark / 2) {
+          this.aboveHighWaterMark = false;
+          for (const listener of this.drainListeners) listener();
+        }
+      }
+    } finally {
+      this.writing = null;
+      const waiters = this.flushWaiters;
+      this.flushWaiters = [];
+      for (const resolve of waiters) resolve();
+    }
+  }
+
+  onDrain(listener: () => void): void {
+    this.drainListeners.push(listener);
+  }
+
+  async flush(): Promise<void> {
+    if (this.maintaining) await this.maintaining;
+    if (this.pending.length > 0 && this.writing === null) this.writing = this.drainPending();
+    if (this.writing === null) return;
+    await new Promise<void>((resolve) => this.flushWaiters.push(resolve));
+  }
+
+  async query(query: CommunicationQuery): Promise<{ total: number; edges: CommunicationEdge[] }> {
+    await this.flush();
+    const { total, hits } = this.index.query(query);
+    const records = await this.readSlots(hits.map((hit) => hit.slot));
     const edges: CommunicationEdge[] = [];
-    for (let i = this.records.length - 1; i >= 0; i--) { const record = this.records[i]!;
-      if (q.since !== undefined && record.timestamp < q.since) continue; if (q.until !== undefined && record.timestamp > q.until) continue;
-      for (const target of record.targets) { const tr = target.role ?? (target.id.startsWith('boss-') ? 'boss' : 'employee');
-        if (record.from_role === tr) continue; const boss = record.from_role === 'boss' ? record.from_id : target.id; const emp = record.from_role === 'boss' ? target.id : record.from_id;
-        if (q.bossId && boss !== q.bossId) continue; if (q.employeeId && emp !== q.employeeId) continue; if (q.employeeIds && !q.employeeIds.has(emp)) continue;
-        edges.push({ record, target }); } }
-    return { total: edges.length, edges: edges.slice(q.offset, q.offset + q.limit) };
+    hits.forEach((hit, i) => {
+      const record = records[i];
+      const target = record?.targets[hit.target];
+      if (record && target) edges.push({ record, target });
+    });
+    return { total, edges };
   }
-  async recordsSince(since: number): Promise<MessageRecord[]> { return this.records.filter(r => r.timestamp >= since); }
-  stats(): MessageLogStats { return { records: this.records.length, fileBytes: 0, pendingBytes: 0, skippedLines: 0 }; }
-  async close(): Promise<void> { await this.flush(); }
+
+  async recordsSince(since: number): Promise<MessageRecord[]> {
+    await this.flush();
+    const records = await this.readSlots(this.index.slotsSince(since));
+    return records.filter((record): record is MessageRecord => record !== null);
+  }
+
+  private async readSlots(slots: number[]): Promise<(MessageRecord | null)[]> {
+    if (slots.length === 0) return [];
+    const reader = await fs.open(this.options.file, 'r');
+    try {
+      const out: (MessageRecord | null)[] = [];
+      for (const slot of slots) {
+        const where = this.index.location(slot);
+        if (!where) {
+          out.push(null);
+          continue;
+        }
+        const buffer = Buffer.alloc(where.length);
+        await reader.read(buffer, 0, where.length, where.offset);
+        out.push(parseLine(buffer.toString('utf8'))?.record ?? null);
+      }
+      return out;
+    } finally {
+      await reader.close();
+    }
+  }
+
+  stats(): MessageLogStats {
+    return { records: this.index.size, fileBytes: this.fileBytes, pendingBytes: this.pendingBytes, skippedLines: this.skippedLines };
+  }
+
+  /** Prunes by age and count: the kept tail of the file is copied to a new file that replaces it. */
+  private maintain(): Promise<void> {
+    if (this.maintaining || this.closed) return this.maintaining ?? Promise.resolve();
+    const retention = this.options.retentionMs ?? 0;
+    const keepFrom = this.index.firstKept(retention > 0 ? Date.now() - retention : -Infinity, this.options.maxMessages ?? 0);
+    if (keepFrom === this.index.firstSlot) return Promise.resolve();
+    this.maintaining = this.prune(keepFrom).finally(() => {
+      this.maintaining = null;
+      if (this.pending.length > 0 && this.writing === null) this.writing = this.drainPending();
+    });
+    return this.maintaining;
+  }
+
+  private async prune(keepFrom: number): Promise<void> {
+    if (this.writing) await this.writing;
+    const cut = keepFrom < this.index.nextSlot ? this.index.minOffsetFrom(keepFrom) : this.fileBytes;
+    const temp = `${this.options.file}.prune-${process.pid}`;
+    try {
+      await this.handle?.close();
+      this.handle = null;
+      if (cut > 0) {
+        await new Promise<void>((resolve, reject) => {
+          const source = createReadStream(this.options.file, { start: cut });
+          const sink = createWriteStream(temp);
+          source.on('error', reject);
+          sink.on('error', reject);
+          sink.on('finish', () => resolve());
+          source.pipe(sink);
+        });
+        await fs.rename(temp, this.options.file);
+      }
+      const dropped = keepFrom - this.index.firstSlot;
+      this.index.dropBefore(keepFrom, cut);
+      this.fileBytes -= cut;
+      this.endOffset -= cut;
+      for (const [id, entry] of this.open) if (entry.slot < keepFrom) this.open.delete(id);
+      this.options.logger.info('message_log_pruned', { records: dropped, bytes: cut });
+    } catch (error) {
+      this.options.logger.error('message_log_prune_failed', { error: (error as Error).message });
+      await fs.rm(temp, { force: true });
+    } finally {
+      this.handle = await fs.open(this.options.file, 'a');
+    }
+  }
+
+  async close(): Promise<void> {
+    if (this.maintenanceTimer) clearInterval(this.maintenanceTimer);
+    if (this.maintaining) await this.maintaining;
+    await this.flush();
+    this.closed = true;
+    await this.handle?.close();
+    this.handle = null;
+  }
 }

@@ -112,6 +112,7 @@ export class Router {
     const now = Date.now();
     const previous = this.online.get(identity.id);
     session.identity = identity;
+    session.ref = nodeRef(identity);
     this.online.set(identity.id, session);
     if (previous && previous !== session) {
       previous.close(CLOSE_CODES.replaced, 'Replaced by a newer session of this identity');
@@ -388,7 +389,7 @@ export class Router {
     this.deps.bus.publish({
       type: 'message',
       msg_id: msgId,
-      from: nodeRef(sender),
+      from: session.ref ?? nodeRef(sender),
       to: frame.to as string | string[],
       delivered: context.delivered,
       failed: context.failed,

@@ -2,11 +2,14 @@
 // and its rate-limit bucket. Kept small: an idle connection should cost little memory.
 
 import WebSocket from 'ws';
+import type { NodeRef } from './events';
 import type { Identity } from './identity-store';
 import type { ErrorFrame, ProtocolErrorCode, ServerFrame } from './protocol';
 
 export class Session {
   identity: Identity | null = null;
+  /** The identity as events describe it, made once at auth rather than per message. */
+  ref: NodeRef | null = null;
   lastActivityAt: number;
   /** When the socket's unsent buffer first went past the bound; null while it drains fine. */
   slowSince: number | null = null;

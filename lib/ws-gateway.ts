@@ -26,6 +26,9 @@ const HELLO_SCHEMA = {
 /** Failed auths from one address within this window before further attempts are refused. */
 const AUTH_FAILURE_WINDOW_MS = 60_000;
 
+const SESSION = Symbol('session');
+type SessionSocket = WebSocket & { [SESSION]: Session };
+
 interface FailureCount {
   count: number;
   since: number;
@@ -38,6 +41,7 @@ export class WsGateway {
   private unauthenticated = 0;
   private readonly sweepTimer: NodeJS.Timeout | null;
   private readonly helloText: string;
+  private readonly listeners = this.makeListeners();
   bytesIn = 0;
 
   constructor(
@@ -73,12 +77,13 @@ export class WsGateway {
     const session = new Session(ws, address, now);
     this.sessions.add(session);
     this.unauthenticated++;
-    ws.on('message', (data, isBinary) => this.onFrame(session, data, isBinary));
-    ws.on('pong', () => {
-      session.lastActivityAt = Date.now();
-    });
-    ws.on('error', (error) => this.logger.debug('socket_error', { address, error: error.message }));
-    ws.on('close', (code) => this.onClose(session, code));
+    // Shared listeners find their session on the socket: four closures per connection would
+    // cost more memory than the session itself.
+    (ws as SessionSocket)[SESSION] = session;
+    ws.on('message', this.listeners.message);
+    ws.on('pong', this.listeners.pong);
+    ws.on('error', this.listeners.error);
+    ws.on('close', this.listeners.close);
     if (this.unauthenticated > this.options.maxUnauthenticated) {
       session.sendError('server_full', 'Too many connections are waiting to authenticate; try again shortly.');
       session.close(CLOSE_CODES.serverFull, 'server_full');
@@ -89,6 +94,25 @@ export class WsGateway {
       session.authTimer = null;
       if (!session.identity) session.close(CLOSE_CODES.authTimeout, 'Auth timeout');
     }, this.options.authTimeoutMs);
+  }
+
+  private makeListeners() {
+    // `this` inside each listener is the socket (EventEmitter calls listeners on the emitter).
+    const gateway = this;
+    return {
+      message(this: WebSocket, data: RawData, isBinary: boolean) {
+        gateway.onFrame((this as SessionSocket)[SESSION], data, isBinary);
+      },
+      pong(this: WebSocket) {
+        (this as SessionSocket)[SESSION].lastActivityAt = Date.now();
+      },
+      error(this: WebSocket, error: Error) {
+        gateway.logger.debug('socket_error', { address: (this as SessionSocket)[SESSION].address, error: error.message });
+      },
+      close(this: WebSocket, code: number) {
+        gateway.onClose((this as SessionSocket)[SESSION], code);
+      },
+    };
   }
 
   private onClose(session: Session, code: number): void {

@@ -1,0 +1,40 @@
+// Turns relay events into log lines: connects, disconnects, auth failures and bans at info,
+// routed messages at debug (metadata only, never the payload).
+
+import type { RelayEvent } from './events';
+import type { Logger } from './logger';
+
+export function logRelayEvents(logger: Logger): (event: RelayEvent) => void {
+  const debug = logger.isEnabled('debug');
+  return (event) => {
+    switch (event.type) {
+      case 'connect':
+        logger.info(event.reconnected ? 'reconnect' : 'auth_ok', { id: event.node.id, role: event.node.role });
+        return;
+      case 'disconnect':
+        logger.info('disconnect', { id: event.node.id, role: event.node.role, close_code: event.code });
+        return;
+      case 'auth_fail':
+        logger.info('auth_fail', { code: event.code, role: event.role });
+        return;
+      case 'ban':
+      case 'unban':
+        logger.info(event.type, { id: event.node.id, by: event.by });
+        return;
+      case 'message':
+        if (debug) {
+          logger.debug('message', {
+            msg_id: event.msg_id,
+            from: event.from.id,
+            delivered: event.delivered.length,
+            failed: event.failed.length,
+            queued: event.queued.length,
+            bytes: event.bytes,
+          });
+        }
+        return;
+      default:
+        return;
+    }
+  };
+}

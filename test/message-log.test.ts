@@ -1,0 +1,165 @@
+// messages.db: the append-only log, its index and queries, versions, damage tolerance,
+// pruning, backpressure and that close() writes everything; and that NeDB still reads it.
+
+import assert from 'node:assert/strict';
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import { after, before, test } from 'node:test';
+import Datastore from '@seald-io/nedb';
+import { createLogger } from '../lib/logger';
+import { MessageLog, type MessageRecordInput, type TargetResult } from '../lib/message-log';
+import { makeTempDir } from './support';
+
+let dir: string;
+before(async () => {
+  dir = await makeTempDir('mimiclaw-log-');
+});
+after(() => fs.rm(dir, { recursive: true, force: true }));
+
+const silent = createLogger('silent');
+let files = 0;
+const newFile = () => path.join(dir, `messages-${++files}.db`);
+
+function message(i: number, from: string, to: TargetResult[], timestamp = 1_700_000_000_000 + i): MessageRecordInput {
+  return { msg_id: `m-${i}`, timestamp, from_id: from, from_role: from.startsWith('boss-') ? 'boss' : 'employee', targets: to, payload_json: JSON.stringify({ i, 'odd.key': '$x' }) };
+}
+const to = (id: string, status: TargetResult['status'] = 'delivered'): TargetResult => ({
+  id,
+  role: id.startsWith('boss-') ? 'boss' : 'employee',
+  status,
+  reason: status === 'failed' ? 'target_offline' : null,
+});
+
+test('append, reopen and query newest first with filters and paging', async () => {
+  const file = newFile();
+  const log = await MessageLog.open({ file, logger: silent });
+  for (let i = 0; i < 10; i++) log.append(message(i, 'boss-a', [to(i % 2 === 0 ? 'employee-x' : 'employee-y')]));
+  log.append(message(10, 'employee-x', [to('boss-a')]));
+  log.append(message(11, 'employee-x', [to('employee-y')]));
+  log.append(message(12, 'boss-b', [to('employee-x', 'failed'), to('employee-y'), to('boss-a')]));
+  await log.close();
+
+  const reopened = await MessageLog.open({ file, logger: silent });
+  assert.equal(reopened.stats().records, 13);
+  const all = await reopened.query({ offset: 0, limit: 100 });
+  assert.equal(all.total, 13, 'employee-employee and boss-boss pairs are not edges');
+  assert.deepEqual(all.edges.slice(0, 3).map((e) => [e.record.msg_id, e.target.id]), [['m-12', 'employee-x'], ['m-12', 'employee-y'], ['m-10', 'boss-a']]);
+  assert.deepEqual(JSON.parse(all.edges[2]!.record.payload_json), { i: 10, 'odd.key': '$x' });
+  assert.equal(all.edges[0]!.target.status, 'failed');
+  assert.equal((await reopened.query({ bossId: 'boss-b', offset: 0, limit: 10 })).total, 2);
+  assert.equal((await reopened.query({ employeeId: 'employee-y', offset: 0, limit: 10 })).total, 6);
+  assert.equal((await reopened.query({ employeeIds: new Set(['employee-x']), bossId: 'boss-a', offset: 0, limit: 10 })).total, 6);
+  assert.equal((await reopened.query({ bossId: 'boss-none', offset: 0, limit: 10 })).total, 0);
+  const window = await reopened.query({ since: 1_700_000_000_003, until: 1_700_000_000_005, offset: 0, limit: 10 });
+  assert.deepEqual(window.edges.map((e) => e.record.msg_id), ['m-5', 'm-4', 'm-3']);
+  const page = await reopened.query({ offset: 2, limit: 3 });
+  assert.equal(page.total, 13);
+  assert.deepEqual(page.edges.map((e) => e.record.msg_id), ['m-10', 'm-9', 'm-8']);
+  const recent = await reopened.recordsSince(1_700_000_000_011);
+  assert.deepEqual(recent.map((r) => r.msg_id), ['m-11', 'm-12']);
+  await reopened.close();
+});
+
+test('a queued target updated later keeps its place and survives reopen; NeDB reads the latest version', async () => {
+  const file = newFile();
+  const log = await MessageLog.open({ file, logger: silent });
+  const { record } = log.append(message(1, 'boss-a', [to('employee-x', 'queued'), to('employee-y')]));
+  assert.deepEqual(record.queued, ['employee-x']);
+  log.append(message(2, 'boss-a', [to('employee-y')]));
+  log.updateTarget(record._id, 'employee-x', 'delivered');
+  const live = await log.query({ employeeId: 'employee-x', offset: 0, limit: 5 });
+  assert.equal(live.edges[0]!.target.status, 'delivered');
+  await log.close();
+
+  const reopened = await MessageLog.open({ file, logger: silent });
+  const all = await reopened.query({ offset: 0, limit: 5 });
+  assert.deepEqual(all.edges.map((e) => [e.record.msg_id, e.target.id, e.target.status]), [
+    ['m-2', 'employee-y', 'delivered'],
+    ['m-1', 'employee-x', 'delivered'],
+    ['m-1', 'employee-y', 'delivered'],
+  ]);
+  assert.deepEqual(all.edges[1]!.record.queued, ['employee-x'], 'queued keeps what the first ack said');
+  await reopened.close();
+
+  const nedb = new Datastore<Record<string, unknown>>({ filename: file });
+  await nedb.loadDatabaseAsync();
+  const docs = await nedb.findAsync({});
+  assert.equal(docs.length, 2);
+  const first = docs.find((d) => d.msg_id === 'm-1')!;
+  assert.deepEqual((first.targets as TargetResult[]).map((t) => t.status), ['delivered', 'delivered']);
+  assert.deepEqual(JSON.parse(String(first.payload_json)), { i: 1, 'odd.key': '$x' });
+});
+
+test('a truncated last line and a corrupt middle line are skipped; the next append is intact', async () => {
+  const file = newFile();
+  const log = await MessageLog.open({ file, logger: silent });
+  for (let i = 0; i < 3; i++) log.append(message(i, 'boss-a', [to('employee-x')]));
+  await log.close();
+  const lines = (await fs.readFile(file, 'utf8')).split('\n');
+  lines[1] = '{"_id":"broken", "msg_id": oops';
+  await fs.writeFile(file, lines.join('\n') + '{"_id":"cut","msg_id":"m-cut","timest');
+
+  const warnings: string[] = [];
+  const logger = createLogger('warn', (line) => warnings.push(line));
+  const reopened = await MessageLog.open({ file, logger });
+  assert.equal(reopened.stats().skippedLines, 2);
+  assert.equal(warnings.length, 2);
+  assert.ok(warnings.every((w) => !w.includes('oops') && !w.includes('m-cut')), 'never logs line content');
+  reopened.append(message(9, 'boss-a', [to('employee-x')]));
+  await reopened.close();
+
+  const again = await MessageLog.open({ file, logger: silent });
+  assert.equal(again.stats().skippedLines, 2, 'the damage stays on its own lines');
+  const all = await again.query({ offset: 0, limit: 10 });
+  assert.deepEqual(all.edges.map((e) => e.record.msg_id), ['m-9', 'm-2', 'm-0']);
+  await again.close();
+});
+
+test('retention and max-messages prune the oldest records, keeping offsets right', async () => {
+  const file = newFile();
+  const now = Date.now();
+  const seed = await MessageLog.open({ file, logger: silent });
+  for (let i = 0; i < 20; i++) seed.append(message(i, 'boss-a', [to('employee-x')], now - (20 - i) * 60_000));
+  await seed.close();
+
+  const byAge = await MessageLog.open({ file, logger: silent, retentionMs: 10.5 * 60_000 });
+  assert.equal(byAge.stats().records, 10);
+  byAge.append(message(99, 'boss-a', [to('employee-x')], now));
+  const kept = await byAge.query({ offset: 0, limit: 3 });
+  assert.deepEqual(kept.edges.map((e) => e.record.msg_id), ['m-99', 'm-19', 'm-18']);
+  await byAge.close();
+
+  const byCount = await MessageLog.open({ file, logger: silent, maxMessages: 4 });
+  assert.equal(byCount.stats().records, 4);
+  const rest = await byCount.query({ offset: 0, limit: 10 });
+  assert.deepEqual(rest.edges.map((e) => e.record.msg_id), ['m-99', 'm-19', 'm-18', 'm-17']);
+  await byCount.close();
+  const text = await fs.readFile(file, 'utf8');
+  assert.equal(text.trim().split('\n').length, 4, 'the file itself shrank');
+});
+
+test('backpressure: append reports the high-water mark and drain follows', async () => {
+  const log = await MessageLog.open({ file: newFile(), logger: silent, highWaterMark: 4096 });
+  let drained = 0;
+  log.onDrain(() => drained++);
+  let signalled = false;
+  for (let i = 0; i < 200; i++) {
+    if (!log.append(message(i, 'boss-a', [to('employee-x')])).belowHighWaterMark) signalled = true;
+  }
+  assert.equal(signalled, true);
+  await log.flush();
+  assert.ok(drained >= 1);
+  assert.equal(log.stats().pendingBytes, 0);
+  await log.close();
+});
+
+test('close() writes every appended record', async () => {
+  const file = newFile();
+  const log = await MessageLog.open({ file, logger: silent });
+  for (let i = 0; i < 50_000; i++) log.append(message(i, 'boss-a', [to('employee-x')]));
+  await log.close();
+  const reopened = await MessageLog.open({ file, logger: silent });
+  assert.equal(reopened.stats().records, 50_000);
+  assert.equal((await reopened.query({ offset: 0, limit: 1 })).edges[0]!.record.msg_id, 'm-49999');
+  await reopened.close();
+});

@@ -14,7 +14,7 @@ import { buildRows, formatTable, machineInfo, type RoundResults } from './report
 import { SCENARIOS, type BenchConfig, type Metrics, type ScenarioName } from './scenarios';
 import type { ServerKind } from './servers';
 
-const FULL: Omit<BenchConfig, 'relayArgs' | 'relayNodeArgs'> = {
+const FULL: Omit<BenchConfig, 'relayArgs' | 'serverNodeArgs'> = {
   rounds: 3,
   throughputMessages: 50_000,
   inFlight: 100,
@@ -65,7 +65,7 @@ function parseCli(argv: string[]): Cli {
   for (const name of scenarios) if (!known.includes(name)) throw new Error(`unknown scenario "${name}"; known: ${known.join(', ')}`);
   const relayArgs = args['relay-args'] ? String(args['relay-args']).split(/\s+/).filter(Boolean) : [];
   return {
-    config: { ...base, rounds, relayArgs, relayNodeArgs: [] },
+    config: { ...base, rounds, relayArgs, serverNodeArgs: [] },
     quick,
     json: args.json ? String(args.json) : undefined,
     kinds,
@@ -112,23 +112,26 @@ async function runRounds(cli: Cli): Promise<{ results: RoundResults; errors: str
   return { results, errors };
 }
 
-async function profileRelay(cli: Cli): Promise<string> {
-  const dir = cli.profileDir as string;
+/** One extra throughput run of `kind` under --cpu-prof, summarised by self time. */
+async function profileThroughput(cli: Cli, kind: ServerKind): Promise<string> {
+  const dir = path.join(cli.profileDir as string, kind);
   fs.mkdirSync(dir, { recursive: true });
   const before = new Set(fs.readdirSync(dir));
   const throughput = SCENARIOS.find((s) => s.name === 'throughput');
   if (!throughput) throw new Error('no throughput scenario');
-  const config = { ...cli.config, relayNodeArgs: ['--cpu-prof', '--cpu-prof-interval', '250', '--cpu-prof-dir', dir] };
-  const metrics = await throughput.run('relay', config);
+  const config = { ...cli.config, serverNodeArgs: ['--cpu-prof', '--cpu-prof-interval', '250', '--cpu-prof-dir', dir] };
+  const metrics = await throughput.run(kind, config);
   const written = fs.readdirSync(dir).filter((f) => f.endsWith('.cpuprofile') && !before.has(f));
   if (written.length === 0) {
-    return 'profile: the relay wrote no .cpuprofile (it must exit normally on SIGTERM for --cpu-prof to write one)';
+    return `profile ${kind}: no .cpuprofile was written (the server must exit normally on SIGTERM for --cpu-prof)`;
   }
   const file = path.join(dir, written[0] as string);
   const summary = summariseProfile(file, 25);
+  const perMessageUs = (ms: number) => ((ms * 1000) / cli.config.throughputMessages).toFixed(2);
   return [
-    `profiled relay throughput run: ${summarise(metrics)}`,
-    `profile: ${file} (${summary.totalMs.toFixed(0)} ms busy, ${summary.idleMs.toFixed(0)} ms idle; percentages of busy time)`,
+    `=== ${kind}: profiled throughput run: ${summarise(metrics)}`,
+    `profile: ${file}`,
+    `${summary.totalMs.toFixed(0)} ms busy (${perMessageUs(summary.totalMs)} us per message), ${summary.idleMs.toFixed(0)} ms idle; percentages of busy time`,
     formatHotspots('self time by function:', summary.functions),
     formatHotspots('self time by file:', summary.files.slice(0, 15)),
   ].join('\n\n');
@@ -173,7 +176,9 @@ async function main(): Promise<void> {
     `took ${((Date.now() - startedAt) / 1000).toFixed(0)} s`,
   ];
   process.stdout.write(out.join('\n') + '\n');
-  const profile = cli.profileDir && cli.kinds.includes('relay') ? await profileRelay(cli) : undefined;
+  const profiles: string[] = [];
+  for (const kind of cli.profileDir ? cli.kinds : []) profiles.push(await profileThroughput(cli, kind));
+  const profile = profiles.length ? profiles.join('\n\n') : undefined;
   if (profile) process.stdout.write(`\n${profile}\n`);
   if (cli.json) {
     const report = { machine, config: cli.config, startedAt: new Date(startedAt).toISOString(), rows, rounds: results, errors, profile };

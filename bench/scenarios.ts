@@ -24,8 +24,8 @@ export interface BenchConfig {
   idleClientProcesses: number;
   restartMessages: number;
   relayArgs: string[];
-  /** Extra node flags for the relay process, e.g. --cpu-prof. */
-  relayNodeArgs: string[];
+  /** Extra node flags for the server process, e.g. --cpu-prof. */
+  serverNodeArgs: string[];
   runTimeoutMs: number;
 }
 
@@ -43,8 +43,7 @@ export interface Scenario {
 const MB = 1024;
 
 async function withServer<T>(kind: ServerKind, config: BenchConfig, body: (server: ServerProcess) => Promise<T>, dataDir?: string): Promise<T> {
-  const nodeArgs = kind === 'relay' ? config.relayNodeArgs : [];
-  const server = await startServer(kind, { relayArgs: config.relayArgs, nodeArgs, ...(dataDir ? { dataDir } : {}) });
+  const server = await startServer(kind, { relayArgs: config.relayArgs, nodeArgs: config.serverNodeArgs, ...(dataDir ? { dataDir } : {}) });
   try {
     return await body(server);
   } catch (error) {

@@ -6,14 +6,17 @@ import fs from 'node:fs/promises';
 import http from 'node:http';
 import path from 'node:path';
 import { ConnectionLog } from './lib/connection-log';
-import { DedupeCache } from './lib/dedupe-cache';
+import { ackPrefix, DedupeCache } from './lib/dedupe-cache';
 import { DeliveryQueue } from './lib/delivery-queue';
+import { serveDashboard } from './lib/dashboard-page';
 import { logRelayEvents } from './lib/event-log';
+import { EventStream } from './lib/event-stream';
 import { EventBus } from './lib/events';
 import { HttpApi, type HttpExtensions } from './lib/http-api';
 import { IdentityStore } from './lib/identity-store';
 import { createLogger, type Logger } from './lib/logger';
 import { MessageLog } from './lib/message-log';
+import { RelayMetrics } from './lib/metrics';
 import { resolveOptions, type RelayOptions, type ResolvedOptions } from './lib/options';
 import { Router } from './lib/router';
 import { packageVersion } from './lib/version';
@@ -71,12 +74,13 @@ async function restoreDedupe(dedupe: DedupeCache, messageLog: MessageLog, window
   if (!dedupe.enabled) return;
   for (const record of await messageLog.recordsSince(Date.now() - windowMs)) {
     const queued = new Set(record.queued);
-    dedupe.remember(record.from_id, record.msg_id, record.timestamp, {
+    const prefix = ackPrefix({
       msg_id: record.msg_id,
       delivered: record.targets.filter((t) => t.status === 'delivered' && !queued.has(t.id)).map((t) => t.id),
       failed: record.targets.flatMap((t) => (t.status === 'failed' && t.reason !== null ? [{ id: t.id, reason: t.reason }] : [])),
       queued: record.queued,
     });
+    dedupe.remember(record.from_id, record.msg_id, record.timestamp, prefix);
   }
 }
 
@@ -102,7 +106,23 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
   await restoreDedupe(dedupe, stores.messageLog, options.dedupeWindowMs);
   const router = new Router({ options, ...stores, dedupe, bus, logger });
   const gateway = new WsGateway(options, router, bus, logger);
-  const extensions: HttpExtensions = {};
+  const eventStream = new EventStream({ bus });
+  const metrics = new RelayMetrics({
+    bus,
+    stats: () => ({
+      connections: { ...router.countOnline(), unauthenticated: gateway.counts.unauthenticated },
+      queueDepth: stores.queue.depth,
+      stores: { identities: stores.identities.size, connectionEvents: stores.connectionLog.size, messages: stores.messageLog.stats().records },
+      bytesIn: gateway.bytesIn,
+      bytesOut: gateway.bytesOut,
+      eventStreamClients: eventStream.clientCount,
+    }),
+  });
+  const extensions: HttpExtensions = {
+    dashboard: serveDashboard,
+    events: (req, res) => eventStream.handle(req, res),
+    metrics: (req, res) => metrics.handle(req, res),
+  };
   const api = new HttpApi({
     options,
     router,
@@ -135,6 +155,7 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
   const stopTimers = () => {
     clearInterval(expiry);
     clearInterval(maintenance);
+    eventStream.close();
   };
 
   try {
@@ -163,6 +184,7 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
       clearTimeout(grace);
       server.closeAllConnections();
       await closeStores(stores);
+      metrics.close();
       logger.info('relay_closed', {});
     })());
 

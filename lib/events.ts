@@ -25,7 +25,7 @@ export type RelayEvent =
       failed: { id: string; reason: FailureReason }[];
       queued: string[];
       bytes: number;
-      /** Time spent routing, from frame receipt to the last write, in milliseconds. */
+      /** Time spent routing, from frame receipt to the last write, in milliseconds (fractional). */
       route_ms: number;
       at: number;
     }

@@ -13,7 +13,7 @@ import { createReadStream, createWriteStream } from 'node:fs';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import type { Logger } from './logger';
-import { MessageIndex } from './message-index';
+import { MessageIndex, type EdgeFilter } from './message-index';
 import type { FailureReason, Role } from './protocol';
 
 export type TargetStatus = 'delivered' | 'failed' | 'queued' | 'expired';
@@ -42,16 +42,8 @@ export interface MessageRecord extends MessageRecordInput {
   queued: string[];
 }
 
-export interface CommunicationQuery {
-  bossId?: string;
-  employeeId?: string;
-  /** Employees carrying the requested tag (resolved by the caller from current identities). */
-  employeeIds?: ReadonlySet<string>;
-  since?: number;
-  until?: number;
-  offset: number;
-  limit: number;
-}
+/** Which boss<->employee edges to list; employeeIds are the carriers of a requested tag. */
+export type CommunicationQuery = EdgeFilter;
 
 /** One boss<->employee edge of a record. */
 export interface CommunicationEdge {
@@ -95,11 +87,11 @@ interface ParsedLine {
  * refuses to load documents whose field names contain "." or start with "$", and payload keys
  * are the clients' to choose.
  */
-function serialise(record: MessageRecord): string {
+function serialise(id: string, record: MessageRecordInput, queued: readonly string[]): string {
   return (
-    `{"_id":"${record._id}","msg_id":${JSON.stringify(record.msg_id)},"timestamp":${record.timestamp},` +
+    `{"_id":"${id}","msg_id":${JSON.stringify(record.msg_id)},"timestamp":${record.timestamp},` +
     `"from_id":${JSON.stringify(record.from_id)},"from_role":"${record.from_role}",` +
-    `"targets":${JSON.stringify(record.targets)},"queued":${JSON.stringify(record.queued)},"payload_json":${JSON.stringify(record.payload_json)}}\n`
+    `"targets":${JSON.stringify(record.targets)},"queued":${JSON.stringify(queued)},"payload_json":${JSON.stringify(record.payload_json)}}\n`
   );
 }
 
@@ -254,16 +246,22 @@ export class MessageLog {
     this.options.logger.warn('message_log_line_skipped', { file: this.options.file, line: lineNumber, reason });
   }
 
-  append(input: MessageRecordInput): { record: MessageRecord; belowHighWaterMark: boolean } {
-    const queued: string[] = [];
-    for (const target of input.targets) if (target.status === 'queued') queued.push(target.id);
-    const record: MessageRecord = { ...input, _id: newRecordId(), queued };
-    const line = serialise(record);
+  /** Appends a record and returns its _id. Check belowHighWaterMark afterwards. */
+  append(input: MessageRecordInput): string {
+    let queued: string[] | null = null;
+    for (const target of input.targets) if (target.status === 'queued') (queued ??= []).push(target.id);
+    const id = newRecordId();
+    const line = serialise(id, input, queued ?? []);
     const slot = this.write(line, (offset, length) =>
-      this.index.add(offset, length, record.timestamp, record.from_id, record.from_role, record.targets),
+      this.index.add(offset, length, input.timestamp, input.from_id, input.from_role, input.targets),
     );
-    if (queued.length > 0) this.open.set(record._id, { slot, record });
-    return { record, belowHighWaterMark: !this.aboveHighWaterMark };
+    if (queued !== null) this.open.set(id, { slot, record: { ...input, _id: id, queued } });
+    return id;
+  }
+
+  /** False while more than the high-water mark waits to be written: stop reading input until onDrain. */
+  get belowHighWaterMark(): boolean {
+    return !this.aboveHighWaterMark;
   }
 
   updateTarget(recordId: string, targetId: string, status: TargetStatus): void {
@@ -275,7 +273,7 @@ export class MessageLog {
     const targets = entry.record.targets.map((t) => (t.id === targetId ? { ...t, status } : t));
     entry.record = { ...entry.record, targets };
     if (!hasQueued(entry.record)) this.open.delete(recordId);
-    this.write(serialise(entry.record), (offset, length) => {
+    this.write(serialise(entry.record._id, entry.record, entry.record.queued), (offset, length) => {
       this.index.move(entry.slot, offset, length);
       return entry.slot;
     });

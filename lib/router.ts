@@ -4,7 +4,7 @@
 
 import { createHash, randomUUID, timingSafeEqual } from 'node:crypto';
 import type { ConnectionLog } from './connection-log';
-import type { AckBody, DedupeCache } from './dedupe-cache';
+import { ackPrefix, finishAck, type DedupeCache } from './dedupe-cache';
 import type { DeliveryQueue, NewQueuedEntry, QueuedEntry } from './delivery-queue';
 import type { EventBus, NodeRef } from './events';
 import type { Identity, IdentityStore } from './identity-store';
@@ -38,6 +38,15 @@ export interface RouterDeps {
   dedupe: DedupeCache;
   bus: EventBus;
   logger: Logger;
+}
+
+/** When and how big a frame arrived. */
+export interface FrameArrival {
+  bytes: number;
+  /** Wall clock, ms. */
+  receivedAt: number;
+  /** performance.now() at receipt, for the routing-latency histogram. */
+  startedAt: number;
 }
 
 export type BanResult =
@@ -265,7 +274,8 @@ export class Router {
 
   // ---- frames after auth ---------------------------------------------------------------------
 
-  handleFrame(session: Session, frame: Record<string, unknown> & { type: string }, bytes: number, receivedAt: number): void {
+  handleFrame(session: Session, frame: Record<string, unknown> & { type: string }, arrival: FrameArrival): void {
+    const { receivedAt } = arrival;
     const identity = session.identity!;
     identity.lastSeen = receivedAt;
     switch (frame.type) {
@@ -277,7 +287,7 @@ export class Router {
         this.healthReport(session, identity, frame);
         return;
       case 'message':
-        this.route(session, identity, frame, bytes, receivedAt);
+        this.route(session, identity, frame, arrival);
         return;
       case 'auth':
         session.sendError('unsupported_type', 'This connection is already authenticated; auth is only accepted as the first frame.');
@@ -305,16 +315,21 @@ export class Router {
 
   // ---- routing -------------------------------------------------------------------------------
 
-  private route(session: Session, sender: Identity, frame: Record<string, unknown>, bytes: number, receivedAt: number): void {
+  private route(session: Session, sender: Identity, frame: Record<string, unknown>, arrival: FrameArrival): void {
+    const { receivedAt } = arrival;
     const { options, dedupe } = this.deps;
     let msgId: string;
     if (frame.msg_id === undefined || frame.msg_id === null || frame.msg_id === '') {
       msgId = randomUUID();
     } else if (typeof frame.msg_id === 'string' && frame.msg_id.length <= MAX_MSG_ID_LENGTH) {
       msgId = frame.msg_id;
-      const prior = dedupe.find(sender.id, msgId, receivedAt);
+      const prior = dedupe.find(sender.id, msgId);
+      if (typeof prior === 'string') {
+        session.sendText(finishAck(prior, true));
+        return;
+      }
       if (prior !== undefined) {
-        void Promise.resolve(prior).then((ack) => session.sendText(ackText(ack, true)));
+        void prior.then((prefix) => session.sendText(finishAck(prefix, true)));
         return;
       }
     } else {
@@ -357,7 +372,7 @@ export class Router {
       toQueue: [],
     };
     this.deliverAll(context, target.value);
-    const { record, belowHighWaterMark } = this.deps.messageLog.append({
+    const recordId = this.deps.messageLog.append({
       msg_id: msgId,
       timestamp: now,
       from_id: sender.id,
@@ -365,21 +380,21 @@ export class Router {
       targets: context.results,
       payload_json: payloadJson ?? 'null',
     });
-    if (!belowHighWaterMark && !this.pausedForLog.has(session)) {
+    if (!this.deps.messageLog.belowHighWaterMark && !this.pausedForLog.has(session)) {
       // The log is behind: stop reading from this sender until it catches up.
       session.ws.pause();
       this.pausedForLog.add(session);
     }
-    const ack: AckBody = { msg_id: msgId, delivered: context.delivered, failed: context.failed, queued: context.queued };
+    const prefix = ackPrefix({ msg_id: msgId, delivered: context.delivered, failed: context.failed, queued: context.queued });
     if (context.toQueue.length === 0) {
-      session.sendText(ackText(ack, false));
-      dedupe.remember(sender.id, msgId, receivedAt, ack);
+      session.sendText(finishAck(prefix, false));
+      dedupe.remember(sender.id, msgId, receivedAt, prefix);
     } else {
-      for (const entry of context.toQueue) entry.record_id = record._id;
-      const stored = this.storeQueued(context.toQueue).then(() => ack);
+      for (const entry of context.toQueue) entry.record_id = recordId;
+      const stored = this.storeQueued(context.toQueue).then(() => prefix);
       dedupe.remember(sender.id, msgId, receivedAt, stored);
       stored.then(
-        () => session.sendText(ackText(ack, false)),
+        () => session.sendText(finishAck(prefix, false)),
         (error: Error) => {
           this.deps.logger.error('queue_store_failed', { msg_id: msgId, error: error.message });
           session.sendError('invalid_frame', 'The relay could not store this message for offline targets; send it again.');
@@ -394,8 +409,8 @@ export class Router {
       delivered: context.delivered,
       failed: context.failed,
       queued: context.queued,
-      bytes,
-      route_ms: Date.now() - receivedAt,
+      bytes: arrival.bytes,
+      route_ms: performance.now() - arrival.startedAt,
       at: now,
     });
   }
@@ -537,12 +552,4 @@ export class Router {
     }
     return { ok: true, identity, online: banned ? false : session !== undefined };
   }
-}
-
-export function ackText(ack: AckBody, duplicate: boolean): string {
-  return (
-    `{"type":"delivery_ack","msg_id":${JSON.stringify(ack.msg_id)},"delivered":${JSON.stringify(ack.delivered)},` +
-    `"failed":${JSON.stringify(ack.failed)},"queued":${JSON.stringify(ack.queued ?? [])}` +
-    `${duplicate ? ',"duplicate":true' : ''},"timestamp":${Date.now()}}`
-  );
 }

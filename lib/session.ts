@@ -17,6 +17,8 @@ export class Session {
   /** Token bucket for the per-connection message rate. */
   tokens = 0;
   tokensAt = 0;
+  /** Bytes of frames handed to the socket, for the bytes-out metric. */
+  bytesSent = 0;
 
   constructor(
     readonly ws: WebSocket,
@@ -31,7 +33,10 @@ export class Session {
   }
 
   sendText(text: string): void {
-    if (this.ws.readyState === WebSocket.OPEN) this.ws.send(text);
+    if (this.ws.readyState === WebSocket.OPEN) {
+      this.bytesSent += Buffer.byteLength(text);
+      this.ws.send(text);
+    }
   }
 
   send(frame: ServerFrame): void {

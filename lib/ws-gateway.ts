@@ -43,6 +43,8 @@ export class WsGateway {
   private readonly helloText: string;
   private readonly listeners = this.makeListeners();
   bytesIn = 0;
+  /** Bytes sent by sessions that have closed; open sessions hold their own count. */
+  private closedBytesOut = 0;
 
   constructor(
     private readonly options: ResolvedOptions,
@@ -57,6 +59,13 @@ export class WsGateway {
     this.helloText = JSON.stringify({ type: 'hello', message: 'Please authenticate', schema: HELLO_SCHEMA });
     this.sweepTimer = options.pingIntervalMs > 0 ? setInterval(() => this.sweep(), options.pingIntervalMs) : null;
     this.sweepTimer?.unref();
+  }
+
+  /** Frame bytes sent since start. Sums the open sessions, so call it per scrape, not per message. */
+  get bytesOut(): number {
+    let total = this.closedBytesOut;
+    for (const session of this.sessions) total += session.bytesSent;
+    return total;
   }
 
   get counts(): { sockets: number; unauthenticated: number } {
@@ -117,12 +126,14 @@ export class WsGateway {
 
   private onClose(session: Session, code: number): void {
     this.sessions.delete(session);
+    this.closedBytesOut += session.bytesSent;
     if (session.authTimer) clearTimeout(session.authTimer);
     if (session.identity) this.router.disconnect(session, code);
     else this.unauthenticated--;
   }
 
   private onFrame(session: Session, data: RawData, isBinary: boolean): void {
+    const startedAt = performance.now();
     const receivedAt = Date.now();
     session.lastActivityAt = receivedAt;
     const buffer = Buffer.isBuffer(data) ? data : Array.isArray(data) ? Buffer.concat(data) : Buffer.from(data);
@@ -143,7 +154,7 @@ export class WsGateway {
     }
     const frame = decoded.value;
     if (session.identity) {
-      this.router.handleFrame(session, frame, buffer.length, receivedAt);
+      this.router.handleFrame(session, frame, { bytes: buffer.length, receivedAt, startedAt });
       return;
     }
     if (frame.type !== 'auth') {

@@ -79,6 +79,10 @@ describe('linux-x64 executable', () => {
     try {
       const health = await relay.waitForHealth();
       assert.equal(health.ok, true);
+      const page = await fetch(`http://127.0.0.1:${port}/`);
+      assert.equal(page.status, 200, 'the dashboard is inside the executable');
+      assert.match(page.headers.get('content-type') ?? '', /text\/html/);
+      assert.match(await page.text(), /<html/i);
 
       const boss = await auth(relay.wsUrl, { role: 'boss', authkey: AUTHKEY });
       const employee = await auth(relay.wsUrl, { role: 'employee', name: 'Packaged-1', tags: ['sea'] });

@@ -1,0 +1,210 @@
+// GET /metrics: Prometheus text from prom-client. Each relay owns its Registry (never the
+// global one), so several relays in one process keep separate numbers. Counters follow the
+// event bus; gauges and byte totals are read from a stats callback at scrape time, so nothing
+// here runs per message beyond a few counter increments.
+
+import type { IncomingMessage, ServerResponse } from 'node:http';
+import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
+import type { EventBus, RelayEvent } from './events';
+
+/** What the relay reports at each scrape. */
+export interface RelayStatsSnapshot {
+  connections: { boss: number; employee: number; unauthenticated: number };
+  /** Messages waiting in the store-and-forward queue. */
+  queueDepth: number;
+  /** Documents held per store. */
+  stores: { identities: number; connectionEvents: number; messages: number };
+  /** WebSocket bytes received / sent since start (totals; they only grow). */
+  bytesIn: number;
+  bytesOut: number;
+  /** Open /api/events streams, when known. */
+  eventStreamClients?: number;
+}
+
+export interface RelayMetricsOptions {
+  bus: EventBus;
+  stats: () => RelayStatsSnapshot;
+  /** Metric name prefix. Default "mimiclaw_". */
+  prefix?: string;
+}
+
+/** Routing is in-process work: buckets from 50 µs to 1 s. */
+const ROUTE_SECONDS_BUCKETS = [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1];
+
+export const METRICS_CONTENT_TYPE = Registry.PROMETHEUS_CONTENT_TYPE;
+
+/** A counter fed from a growing total read at scrape time. */
+function totalCounter(registry: Registry, name: string, help: string, read: () => number): Counter {
+  let seen = 0;
+  return new Counter({
+    name,
+    help,
+    registers: [registry],
+    collect() {
+      const now = read();
+      if (now > seen) this.inc(now - seen);
+      seen = Math.max(seen, now);
+    },
+  });
+}
+
+/** Gauges and byte totals read from the relay's stats at scrape time. */
+function registerStatsMetrics(register: Registry, p: string, current: () => RelayStatsSnapshot): void {
+  new Gauge({
+    name: `${p}connections`,
+    help: 'Open WebSocket connections by role (unauthenticated: waiting for auth).',
+    labelNames: ['role'],
+    registers: [register],
+    collect() {
+      const { boss, employee, unauthenticated } = current().connections;
+      this.set({ role: 'boss' }, boss);
+      this.set({ role: 'employee' }, employee);
+      this.set({ role: 'unauthenticated' }, unauthenticated);
+    },
+  });
+  new Gauge({
+    name: `${p}queue_depth`,
+    help: 'Messages held in the store-and-forward queue for offline targets.',
+    registers: [register],
+    collect() {
+      this.set(current().queueDepth);
+    },
+  });
+  new Gauge({
+    name: `${p}store_documents`,
+    help: 'Documents held per store (identities.db, connections.db, messages.db).',
+    labelNames: ['store'],
+    registers: [register],
+    collect() {
+      const { identities, connectionEvents, messages } = current().stores;
+      this.set({ store: 'identities' }, identities);
+      this.set({ store: 'connection_events' }, connectionEvents);
+      this.set({ store: 'messages' }, messages);
+    },
+  });
+  new Gauge({
+    name: `${p}event_stream_clients`,
+    help: 'Open /api/events streams.',
+    registers: [register],
+    collect() {
+      this.set(current().eventStreamClients ?? 0);
+    },
+  });
+  totalCounter(register, `${p}bytes_in_total`, 'WebSocket bytes received from clients.', () => current().bytesIn);
+  totalCounter(register, `${p}bytes_out_total`, 'WebSocket bytes sent to clients.', () => current().bytesOut);
+}
+
+export class RelayMetrics {
+  readonly registry = new Registry();
+  private readonly unsubscribe: () => void;
+  private readonly stats: () => RelayStatsSnapshot;
+  private snapshot: RelayStatsSnapshot | null = null;
+  private readonly authSuccesses: Counter<'role' | 'reconnected'>;
+  private readonly authFailures: Counter<'code'>;
+  private readonly disconnects: Counter<'role'>;
+  private readonly routed: Counter<'from_role'>;
+  private readonly delivered: Counter;
+  private readonly failed: Counter<'reason'>;
+  private readonly queued: Counter;
+  private readonly deliveryUpdates: Counter<'status'>;
+  private readonly payloadBytes: Counter;
+  private readonly routeSeconds: Histogram;
+  private readonly bans: Counter<'action'>;
+  private readonly healthReports: Counter<'valid'>;
+  private readonly frameErrors: Counter<'code'>;
+
+  constructor(options: RelayMetricsOptions) {
+    const p = options.prefix ?? 'mimiclaw_';
+    const register = this.registry;
+    this.stats = options.stats;
+    collectDefaultMetrics({ register });
+    // One stats() call per scrape: render() takes the snapshot every gauge of that scrape reads.
+    const current = () => this.snapshot ?? this.stats();
+
+    registerStatsMetrics(register, p, current);
+
+    this.authSuccesses = new Counter({ name: `${p}auth_successes_total`, help: 'Successful auths by role.', labelNames: ['role', 'reconnected'], registers: [register] });
+    this.authFailures = new Counter({ name: `${p}auth_failures_total`, help: 'Rejected auths by error code.', labelNames: ['code'], registers: [register] });
+    this.disconnects = new Counter({ name: `${p}disconnects_total`, help: 'Authenticated connections closed, by role.', labelNames: ['role'], registers: [register] });
+    this.routed = new Counter({ name: `${p}messages_routed_total`, help: 'Message frames routed, by sender role.', labelNames: ['from_role'], registers: [register] });
+    this.delivered = new Counter({ name: `${p}messages_delivered_total`, help: 'Per-target deliveries written at routing time.', registers: [register] });
+    this.failed = new Counter({ name: `${p}messages_failed_total`, help: 'Per-target failures by reason.', labelNames: ['reason'], registers: [register] });
+    this.queued = new Counter({ name: `${p}messages_queued_total`, help: 'Per-target messages queued for an offline target.', registers: [register] });
+    this.deliveryUpdates = new Counter({ name: `${p}queued_outcomes_total`, help: 'Queued messages later delivered or expired.', labelNames: ['status'], registers: [register] });
+    this.payloadBytes = new Counter({ name: `${p}message_bytes_total`, help: 'Bytes of routed message frames as received.', registers: [register] });
+    this.routeSeconds = new Histogram({ name: `${p}routing_duration_seconds`, help: 'Time from receiving a message frame to its last write.', buckets: ROUTE_SECONDS_BUCKETS, registers: [register] });
+    this.bans = new Counter({ name: `${p}bans_total`, help: 'Bans and unbans applied.', labelNames: ['action'], registers: [register] });
+    this.healthReports = new Counter({ name: `${p}health_reports_total`, help: 'Employee health reports by validity.', labelNames: ['valid'], registers: [register] });
+    this.frameErrors = new Counter({ name: `${p}frame_errors_total`, help: 'Client frames answered with an error, by code.', labelNames: ['code'], registers: [register] });
+
+    this.unsubscribe = options.bus.subscribe((event) => this.onEvent(event));
+  }
+
+  /** The exposition text. */
+  render(): Promise<string> {
+    this.snapshot = this.stats();
+    // prom-client calls every collect() synchronously inside metrics(), before its first await.
+    const text = this.registry.metrics();
+    this.snapshot = null;
+    return text;
+  }
+
+  /** Serves GET /metrics. The caller has already checked read access. */
+  handle(_req: IncomingMessage, res: ServerResponse): void {
+    this.render().then(
+      (text) => {
+        res.writeHead(200, { 'content-type': METRICS_CONTENT_TYPE, 'cache-control': 'no-store', 'content-length': Buffer.byteLength(text) });
+        res.end(text);
+      },
+      (error: Error) => {
+        const body = JSON.stringify({ error: 'metrics_failed', code: 'metrics_failed', message: `Collecting metrics failed (${error.message}); try again or see the relay log.` });
+        if (!res.headersSent) res.writeHead(500, { 'content-type': 'application/json; charset=utf-8' });
+        res.end(body);
+      },
+    );
+  }
+
+  close(): void {
+    this.unsubscribe();
+    this.registry.clear();
+  }
+
+  private onEvent(event: RelayEvent): void {
+    switch (event.type) {
+      case 'connect':
+        this.authSuccesses.inc({ role: event.node.role, reconnected: String(event.reconnected) });
+        break;
+      case 'auth_fail':
+        this.authFailures.inc({ code: event.code });
+        break;
+      case 'disconnect':
+        this.disconnects.inc({ role: event.node.role });
+        break;
+      case 'message':
+        this.onMessage(event);
+        break;
+      case 'delivery_update':
+        this.deliveryUpdates.inc({ status: event.status });
+        break;
+      case 'ban':
+      case 'unban':
+        this.bans.inc({ action: event.type });
+        break;
+      case 'health':
+        this.healthReports.inc({ valid: String(event.valid) });
+        break;
+      case 'frame_error':
+        this.frameErrors.inc({ code: event.code });
+        break;
+    }
+  }
+
+  private onMessage(event: Extract<RelayEvent, { type: 'message' }>): void {
+    this.routed.inc({ from_role: event.from.role });
+    if (event.delivered.length > 0) this.delivered.inc(event.delivered.length);
+    if (event.queued.length > 0) this.queued.inc(event.queued.length);
+    for (const failure of event.failed) this.failed.inc({ reason: failure.reason });
+    this.payloadBytes.inc(event.bytes);
+    this.routeSeconds.observe(event.route_ms / 1000);
+  }
+}

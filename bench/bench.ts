@@ -9,12 +9,12 @@ import fs from 'node:fs';
 import path from 'node:path';
 import minimist from 'minimist';
 import { cleanupNow, installCleanupHandlers } from './cleanup';
-import { formatHotspots, summariseProfile } from './profile-summary';
+import { profileAll, summariseMetrics } from './profiling';
 import { buildRows, formatTable, machineInfo, type RoundResults } from './report';
-import { SCENARIOS, type BenchConfig, type Metrics, type ScenarioName } from './scenarios';
+import { SCENARIOS, type BenchConfig, type ScenarioName } from './scenarios';
 import type { ServerKind } from './servers';
 
-const FULL: Omit<BenchConfig, 'relayArgs' | 'serverNodeArgs'> = {
+const FULL: Omit<BenchConfig, 'relayArgs' | 'serverNodeArgs' | 'heapSnapshotAfterThroughput'> = {
   rounds: 3,
   throughputMessages: 50_000,
   inFlight: 100,
@@ -65,7 +65,7 @@ function parseCli(argv: string[]): Cli {
   for (const name of scenarios) if (!known.includes(name)) throw new Error(`unknown scenario "${name}"; known: ${known.join(', ')}`);
   const relayArgs = args['relay-args'] ? String(args['relay-args']).split(/\s+/).filter(Boolean) : [];
   return {
-    config: { ...base, rounds, relayArgs, serverNodeArgs: [] },
+    config: { ...base, rounds, relayArgs, serverNodeArgs: [], heapSnapshotAfterThroughput: false },
     quick,
     json: args.json ? String(args.json) : undefined,
     kinds,
@@ -73,12 +73,6 @@ function parseCli(argv: string[]): Cli {
     profileDir: args.profile ? path.resolve(String(args.profile)) : undefined,
     maxMinutes: args['max-minutes'] !== undefined ? Number(args['max-minutes']) : quick ? 5 : 20,
   };
-}
-
-function summarise(metrics: Metrics): string {
-  return Object.entries(metrics)
-    .map(([key, value]) => `${key}=${Number.isInteger(value) ? value : value.toFixed(3)}`)
-    .join(' ');
 }
 
 async function runRounds(cli: Cli): Promise<{ results: RoundResults; errors: string[] }> {
@@ -97,7 +91,7 @@ async function runRounds(cli: Cli): Promise<{ results: RoundResults; errors: str
         try {
           const metrics = await scenario.run(kind, cli.config);
           results[scenario.name][kind].push(metrics);
-          process.stderr.write(`${label}: ${summarise(metrics)}\n`);
+          process.stderr.write(`${label}: ${summariseMetrics(metrics)}\n`);
         } catch (error) {
           const message = error instanceof Error ? error.message : String(error);
           errors.push(`${label}: ${message}`);
@@ -110,31 +104,6 @@ async function runRounds(cli: Cli): Promise<{ results: RoundResults; errors: str
     }
   }
   return { results, errors };
-}
-
-/** One extra throughput run of `kind` under --cpu-prof, summarised by self time. */
-async function profileThroughput(cli: Cli, kind: ServerKind): Promise<string> {
-  const dir = path.join(cli.profileDir as string, kind);
-  fs.mkdirSync(dir, { recursive: true });
-  const before = new Set(fs.readdirSync(dir));
-  const throughput = SCENARIOS.find((s) => s.name === 'throughput');
-  if (!throughput) throw new Error('no throughput scenario');
-  const config = { ...cli.config, serverNodeArgs: ['--cpu-prof', '--cpu-prof-interval', '250', '--cpu-prof-dir', dir] };
-  const metrics = await throughput.run(kind, config);
-  const written = fs.readdirSync(dir).filter((f) => f.endsWith('.cpuprofile') && !before.has(f));
-  if (written.length === 0) {
-    return `profile ${kind}: no .cpuprofile was written (the server must exit normally on SIGTERM for --cpu-prof)`;
-  }
-  const file = path.join(dir, written[0] as string);
-  const summary = summariseProfile(file, 25);
-  const perMessageUs = (ms: number) => ((ms * 1000) / cli.config.throughputMessages).toFixed(2);
-  return [
-    `=== ${kind}: profiled throughput run: ${summarise(metrics)}`,
-    `profile: ${file}`,
-    `${summary.totalMs.toFixed(0)} ms busy (${perMessageUs(summary.totalMs)} us per message), ${summary.idleMs.toFixed(0)} ms idle; percentages of busy time`,
-    formatHotspots('self time by function:', summary.functions),
-    formatHotspots('self time by file:', summary.files.slice(0, 15)),
-  ].join('\n\n');
 }
 
 function describeConfig(config: BenchConfig): string {
@@ -176,9 +145,7 @@ async function main(): Promise<void> {
     `took ${((Date.now() - startedAt) / 1000).toFixed(0)} s`,
   ];
   process.stdout.write(out.join('\n') + '\n');
-  const profiles: string[] = [];
-  for (const kind of cli.profileDir ? cli.kinds : []) profiles.push(await profileThroughput(cli, kind));
-  const profile = profiles.length ? profiles.join('\n\n') : undefined;
+  const profile = cli.profileDir ? await profileAll(cli.config, cli.kinds, cli.profileDir) : undefined;
   if (profile) process.stdout.write(`\n${profile}\n`);
   if (cli.json) {
     const report = { machine, config: cli.config, startedAt: new Date(startedAt).toISOString(), rows, rounds: results, errors, profile };

@@ -33,7 +33,8 @@ function recordLine(index: number, timestamp: number): string {
     from_role: fromBoss ? 'boss' : 'employee',
     targets: [{ id: fromBoss ? employee : boss, role: fromBoss ? 'employee' : 'boss', status: 'delivered', reason: null }],
     queued: [],
-    payload: { task: 'summarise', seq: index, body: 'report on item ' + index },
+    // The relay keeps the payload as its JSON text (NeDB refuses keys with "." or "$").
+    payload_json: JSON.stringify({ task: 'summarise', seq: index, body: 'report on item ' + index }),
   };
   return JSON.stringify(record);
 }

@@ -7,7 +7,7 @@ import path from 'node:path';
 import { makeTempDir, removeTempDir, trackChild } from './cleanup';
 import { countMessagesDb, writeMessagesDb } from './message-db';
 import { cpuMs, peakRssKb, rssKb, sampleRss, sleep, withTimeout } from './proc';
-import { startServer, type ServerKind, type ServerProcess } from './servers';
+import { healthAnswers, startServer, type ServerKind, type ServerProcess } from './servers';
 import { median } from './stats';
 import { runFanout, runLatency, runThroughput } from './workloads';
 
@@ -26,6 +26,8 @@ export interface BenchConfig {
   relayArgs: string[];
   /** Extra node flags for the server process, e.g. --cpu-prof. */
   serverNodeArgs: string[];
+  /** After the throughput run, SIGUSR2 the server (started with --heapsnapshot-signal) and wait for the snapshot. */
+  heapSnapshotAfterThroughput: boolean;
   runTimeoutMs: number;
 }
 
@@ -54,6 +56,17 @@ async function withServer<T>(kind: ServerKind, config: BenchConfig, body: (serve
   }
 }
 
+/** The server writes the snapshot on its main thread; /health answers again once it is done. */
+async function takeHeapSnapshot(server: ServerProcess, timeoutMs: number): Promise<void> {
+  process.kill(server.pid, 'SIGUSR2');
+  await sleep(500);
+  const deadline = Date.now() + timeoutMs;
+  while (!(await healthAnswers(server.port))) {
+    if (Date.now() > deadline) throw new Error('heap snapshot did not finish in time');
+    await sleep(100);
+  }
+}
+
 async function throughput(kind: ServerKind, config: BenchConfig): Promise<Metrics> {
   const dataDir = makeTempDir(`mimiclaw-bench-${kind}-`);
   try {
@@ -70,6 +83,7 @@ async function throughput(kind: ServerKind, config: BenchConfig): Promise<Metric
         const peakKb = Math.max(sampler.stop(), peakRssKb(server.pid));
         msgIdPrefix = result.msgIdPrefix;
         sent = result.sent;
+        if (config.heapSnapshotAfterThroughput) await takeHeapSnapshot(server, config.runTimeoutMs);
         return {
           msgsPerSec: result.msgsPerSec,
           ackP50Ms: result.ackP50Ms,
@@ -173,7 +187,7 @@ async function restart(kind: ServerKind, config: BenchConfig): Promise<Metrics> 
   const dataDir = makeTempDir('mimiclaw-bench-restart-');
   try {
     fs.copyFileSync(restartTemplate, path.join(dataDir, 'messages.db'));
-    const server = await startServer(kind, { dataDir, relayArgs: config.relayArgs, readyTimeoutMs: config.runTimeoutMs });
+    const server = await startServer(kind, { dataDir, relayArgs: config.relayArgs, nodeArgs: config.serverNodeArgs, readyTimeoutMs: config.runTimeoutMs });
     try {
       const readyRssKb = rssKb(server.pid);
       await sleep(2000);

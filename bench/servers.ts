@@ -57,7 +57,7 @@ function commandFor(kind: ServerKind, port: number, dataDir: string, options: Se
   ];
 }
 
-function healthAnswers(port: number): Promise<boolean> {
+export function healthAnswers(port: number): Promise<boolean> {
   return new Promise((resolve) => {
     const req = http.get({ host: '127.0.0.1', port, path: '/health', timeout: 1000 }, (res) => {
       res.resume();

@@ -69,11 +69,18 @@ async function openStores(options: ResolvedOptions, logger: Logger): Promise<Sto
   return { identities, connectionLog, messageLog, queue };
 }
 
-/** Rebuilds the dedupe window from the log, so a resend after a restart is still a duplicate. */
-async function restoreDedupe(dedupe: DedupeCache, messageLog: MessageLog, windowMs: number): Promise<void> {
+/**
+ * Rebuilds the dedupe window from the log, so a resend after a restart is still a duplicate.
+ * A record whose queued copy never reached queue.db (a crash between the two writes) is left
+ * out: its ack was never sent, so the resend must be routed again rather than answered.
+ */
+async function restoreDedupe(dedupe: DedupeCache, messageLog: MessageLog, queue: DeliveryQueue, windowMs: number): Promise<void> {
   if (!dedupe.enabled) return;
+  const stillQueued = queue.recordIds();
   for (const record of await messageLog.recordsSince(Date.now() - windowMs)) {
     const queued = new Set(record.queued);
+    const lostQueueWrite = record.targets.some((t) => t.status === 'queued') && !stillQueued.has(record._id);
+    if (lostQueueWrite) continue;
     const prefix = ackPrefix({
       msg_id: record.msg_id,
       delivered: record.targets.filter((t) => t.status === 'delivered' && !queued.has(t.id)).map((t) => t.id),
@@ -103,7 +110,7 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
   const bus = new EventBus();
   if (logger.isEnabled('info')) bus.subscribe(logRelayEvents(logger));
   const dedupe = new DedupeCache(options.dedupeWindowMs, DEDUPE_MAX_ENTRIES);
-  await restoreDedupe(dedupe, stores.messageLog, options.dedupeWindowMs);
+  await restoreDedupe(dedupe, stores.messageLog, stores.queue, options.dedupeWindowMs);
   const router = new Router({ options, ...stores, dedupe, bus, logger });
   const gateway = new WsGateway(options, router, bus, logger);
   const eventStream = new EventStream({ bus });

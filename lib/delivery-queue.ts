@@ -77,6 +77,13 @@ export class DeliveryQueue {
     return this.count;
   }
 
+  /** The messages.db records that still have a queued copy here. */
+  recordIds(): Set<string> {
+    const ids = new Set<string>();
+    for (const list of this.byTarget.values()) for (const entry of list) ids.add(entry.record_id);
+    return ids;
+  }
+
   pendingFor(targetId: string): readonly QueuedEntry[] {
     return this.byTarget.get(targetId) ?? [];
   }

@@ -289,16 +289,18 @@ export function checkTarget(to: unknown): Checked<ParsedTarget> {
     return { ok: true, value: { kind: 'ids', ids: [single] } };
   }
   if (Array.isArray(to)) {
-    const ids: string[] = [];
+    // A Set, not ids.includes(): one frame can carry ~100,000 ids before the target limit is
+    // checked, and a quadratic de-duplication of those blocks the event loop for seconds.
+    const ids = new Set<string>();
     for (const item of to) {
       if (typeof item !== 'string') return invalid();
       const id = item.trim();
       if (id === '') continue;
       if (id === '*' || id === 'all') return { ok: true, value: { kind: 'broadcast' } };
-      if (!ids.includes(id)) ids.push(id);
+      ids.add(id);
     }
-    if (ids.length === 0) return invalid();
-    return { ok: true, value: { kind: 'ids', ids } };
+    if (ids.size === 0) return invalid();
+    return { ok: true, value: { kind: 'ids', ids: [...ids] } };
   }
   return invalid();
 }

@@ -118,9 +118,21 @@ export class Router {
       return;
     }
     const { identity, key, reconnected } = outcome;
+    session.identity = identity;
+    if (reconnected) {
+      this.goOnline(session, identity, key, true);
+      return;
+    }
+    // A new identity is on disk before its key is handed out, so a crash cannot forget an
+    // identity its client was already told about.
+    void this.deps.identities.flush().then(() => {
+      if (session.isOpen) this.goOnline(session, identity, key, false);
+    });
+  }
+
+  private goOnline(session: Session, identity: Identity, key: string, reconnected: boolean): void {
     const now = Date.now();
     const previous = this.online.get(identity.id);
-    session.identity = identity;
     session.ref = nodeRef(identity);
     this.online.set(identity.id, session);
     if (previous && previous !== session) {
@@ -147,7 +159,7 @@ export class Router {
       reconnected,
       timestamp: now,
     });
-    this.deps.bus.publish({ type: 'connect', node: nodeRef(identity), reconnected, at: now });
+    this.deps.bus.publish({ type: 'connect', node: session.ref, reconnected, at: now });
     this.deliverQueued(session);
   }
 

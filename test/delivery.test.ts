@@ -275,3 +275,39 @@ describe('employee registration key', () => {
     }
   });
 });
+
+describe('crash between the log write and the queue write', () => {
+  test('a resend of a message whose queued copy never reached queue.db is routed again, not answered as a duplicate', async () => {
+    let env = await startTestRelay();
+    try {
+      const boss = await authBoss(env.relay);
+      const worker = await authEmployee(env.relay);
+      await Promise.all([boss.socket.close(), worker.socket.close()]);
+      await env.relay.close();
+      // What a kill -9 between the two writes leaves: the record says queued, queue.db has nothing.
+      const line = {
+        _id: 'crashrecord01',
+        msg_id: 'lost-1',
+        timestamp: Date.now(),
+        from_id: boss.id,
+        from_role: 'boss',
+        targets: [{ id: worker.id, role: 'employee', status: 'queued', reason: null }],
+        queued: [worker.id],
+        payload_json: '"lost"',
+      };
+      const { appendFile } = await import('node:fs/promises');
+      await appendFile(`${env.dataDir}/messages.db`, JSON.stringify(line) + '\n');
+      env = await startTestRelay({}, env.dataDir);
+      const again = await reconnect(env.relay, boss, 'boss', { authkey: TEST_AUTHKEY });
+      again.socket.send({ type: 'message', to: worker.id, payload: 'lost', msg_id: 'lost-1', queue: true });
+      const ack = await again.socket.next('delivery_ack');
+      assert.equal(ack.duplicate, undefined);
+      assert.deepEqual(ack.queued, [worker.id]);
+      const back = await reconnect(env.relay, worker, 'employee');
+      assert.equal((await back.socket.next('message')).payload, 'lost');
+      await Promise.all([again.socket.close(), back.socket.close()]);
+    } finally {
+      await env.dispose();
+    }
+  });
+});

@@ -56,6 +56,9 @@ export async function startTestRelay(overrides: Partial<RelayOptions> = {}, data
   };
 }
 
+/** What the socket and HTTP helpers need of a relay: an in-process handle or a child process. */
+export type RelayEndpoint = Pick<RelayHandle, 'url' | 'httpUrl'>;
+
 export type Frame = Record<string, unknown> & { type: string };
 
 export interface CloseInfo {
@@ -124,7 +127,7 @@ export class TestSocket {
 }
 
 /** Opens a socket and consumes the hello frame. */
-export async function connect(relay: RelayHandle): Promise<TestSocket> {
+export async function connect(relay: RelayEndpoint): Promise<TestSocket> {
   const socket = new TestSocket(relay.url);
   await socket.opened();
   await socket.next('hello');
@@ -137,7 +140,7 @@ export interface Authed {
   key: string;
 }
 
-export async function authBoss(relay: RelayHandle, authkey = TEST_AUTHKEY): Promise<Authed> {
+export async function authBoss(relay: RelayEndpoint, authkey = TEST_AUTHKEY): Promise<Authed> {
   const socket = await connect(relay);
   socket.send({ type: 'auth', role: 'boss', authkey });
   const ok = await socket.next('auth_ok');
@@ -145,7 +148,7 @@ export async function authBoss(relay: RelayHandle, authkey = TEST_AUTHKEY): Prom
 }
 
 export async function authEmployee(
-  relay: RelayHandle,
+  relay: RelayEndpoint,
   name = 'Worker',
   tags: string[] = ['general'],
   extra: Record<string, unknown> = {},
@@ -156,7 +159,7 @@ export async function authEmployee(
   return { socket, id: String(ok.id), key: String(ok.key) };
 }
 
-export async function reconnect(relay: RelayHandle, who: { id: string; key: string }, role: 'boss' | 'employee', extra: Record<string, unknown> = {}): Promise<{ socket: TestSocket; ok: Frame }> {
+export async function reconnect(relay: RelayEndpoint, who: { id: string; key: string }, role: 'boss' | 'employee', extra: Record<string, unknown> = {}): Promise<{ socket: TestSocket; ok: Frame }> {
   const socket = await connect(relay);
   socket.send({ type: 'auth', role, identity: { id: who.id, key: who.key }, ...extra });
   const ok = await socket.next();
@@ -165,7 +168,7 @@ export async function reconnect(relay: RelayHandle, who: { id: string; key: stri
 
 /** JSON over HTTP against the relay's admin API. */
 export async function http(
-  relay: RelayHandle,
+  relay: RelayEndpoint,
   method: string,
   route: string,
   options: { body?: unknown; authkey?: string; headers?: Record<string, string> } = {},

@@ -136,7 +136,7 @@ async function main(): Promise<void> {
   const { results, errors } = await runRounds(cli);
   const rows = buildRows(results);
   const out = [
-    `machine: ${machine.cpu}, ${machine.cores} cores, ${machine.memoryGb} GB, node ${machine.node}, ${machine.kernel}`,
+    `machine: ${machine.cpu}, ${machine.cores} cores, ${machine.memoryGb} GB, node ${machine.node}, ${machine.kernel}; load average ${machine.loadAverage} at start`,
     `config: ${describeConfig(cli.config)}`,
     '',
     formatTable(rows),

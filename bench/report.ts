@@ -117,6 +117,8 @@ export interface MachineInfo {
   memoryGb: number;
   node: string;
   kernel: string;
+  /** 1-minute load average when the run started: other work on the machine skews every row. */
+  loadAverage: number;
 }
 
 export function machineInfo(): MachineInfo {
@@ -127,5 +129,6 @@ export function machineInfo(): MachineInfo {
     memoryGb: Math.round(os.totalmem() / 1024 ** 3),
     node: process.version,
     kernel: `${os.type()} ${os.release()}`,
+    loadAverage: Number((os.loadavg()[0] ?? 0).toFixed(2)),
   };
 }

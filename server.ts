@@ -77,7 +77,7 @@ async function openStores(options: ResolvedOptions, logger: Logger): Promise<Sto
 async function restoreDedupe(dedupe: DedupeCache, messageLog: MessageLog, queue: DeliveryQueue, windowMs: number): Promise<void> {
   if (!dedupe.enabled) return;
   const stillQueued = queue.recordIds();
-  for (const record of await messageLog.recordsSince(Date.now() - windowMs)) {
+  for (const record of await messageLog.recordsSince(Date.now() - windowMs, DEDUPE_MAX_ENTRIES)) {
     const queued = new Set(record.queued);
     const lostQueueWrite = record.targets.some((t) => t.status === 'queued') && !stillQueued.has(record._id);
     if (lostQueueWrite) continue;

@@ -170,10 +170,10 @@ export class MessageIndex {
     return { total, hits };
   }
 
-  /** Slots with timestamp >= since, oldest first. Records are appended in time order. */
-  slotsSince(since: number): number[] {
+  /** Slots with timestamp >= since, oldest first, at most the newest `limit`. Records are appended in time order. */
+  slotsSince(since: number, limit = Infinity): number[] {
     const out: number[] = [];
-    for (let at = this.slotTime.length - 1; at >= 0 && this.slotTime.data[at]! >= since; at--) out.push(this.base + at);
+    for (let at = this.slotTime.length - 1; at >= 0 && out.length < limit && this.slotTime.data[at]! >= since; at--) out.push(this.base + at);
     return out.reverse();
   }
 

@@ -95,10 +95,18 @@ function serialise(id: string, record: MessageRecordInput, queued: readonly stri
   );
 }
 
-function parseLine(text: string): ParsedLine | null {
+const PAYLOAD_FIELD = ',"payload_json":';
+
+/**
+ * Reads a line. Without `withPayload` only the fields before "payload_json" are parsed: the
+ * relay writes that field last, and inside JSON strings quotes are escaped, so the first
+ * occurrence of the separator is the field itself. Lines in any other shape are parsed whole.
+ */
+function parseLine(text: string, withPayload = true): ParsedLine | null {
   let doc: unknown;
   try {
-    doc = JSON.parse(text);
+    const cut = withPayload ? -1 : text.indexOf(PAYLOAD_FIELD);
+    doc = cut > 0 ? JSON.parse(text.slice(0, cut) + '}') : JSON.parse(text);
   } catch {
     return null;
   }
@@ -222,7 +230,10 @@ export class MessageLog {
 
   private loadLine(text: string, offset: number, length: number, lineNumber: number): void {
     if (text.trim() === '') return;
-    const parsed = parseLine(text);
+    let parsed = parseLine(text, false);
+    if (parsed === null) return this.skip(lineNumber, 'unreadable line');
+    // Records waiting on a queued target are kept whole: their next version rewrites the payload.
+    if (parsed.record !== null && hasQueued(parsed.record)) parsed = parseLine(text);
     if (parsed === null) return this.skip(lineNumber, 'unreadable line');
     if (parsed.deletedId !== null) {
       this.open.delete(parsed.deletedId);
@@ -350,26 +361,38 @@ export class MessageLog {
     return { total, edges };
   }
 
-  async recordsSince(since: number): Promise<MessageRecord[]> {
+  /** Records with timestamp >= since, oldest first, at most the newest `limit`; payloads are not read. */
+  async recordsSince(since: number, limit = Infinity): Promise<MessageRecord[]> {
     await this.flush();
-    const records = await this.readSlots(this.index.slotsSince(since));
+    const records = await this.readSlots(this.index.slotsSince(since, limit), false);
     return records.filter((record): record is MessageRecord => record !== null);
   }
 
-  private async readSlots(slots: number[]): Promise<(MessageRecord | null)[]> {
+  /** Reads the records at these slots; neighbouring lines are read together in one call. */
+  private async readSlots(slots: number[], withPayload = true): Promise<(MessageRecord | null)[]> {
     if (slots.length === 0) return [];
+    const where = slots.map((slot) => this.index.location(slot));
+    const order = slots.map((_, i) => i).filter((i) => where[i] !== null);
+    order.sort((a, b) => where[a]!.offset - where[b]!.offset);
+    const out: (MessageRecord | null)[] = new Array<MessageRecord | null>(slots.length).fill(null);
     const reader = await fs.open(this.options.file, 'r');
     try {
-      const out: (MessageRecord | null)[] = [];
-      for (const slot of slots) {
-        const where = this.index.location(slot);
-        if (!where) {
-          out.push(null);
-          continue;
+      for (let first = 0; first < order.length; ) {
+        // A run of lines that follow each other in the file, up to 16 MiB per read.
+        let last = first;
+        const start = where[order[first]!]!.offset;
+        let end = start + where[order[first]!]!.length;
+        while (last + 1 < order.length && where[order[last + 1]!]!.offset === end && end - start < 16 * 1024 * 1024) {
+          last++;
+          end += where[order[last]!]!.length;
         }
-        const buffer = Buffer.alloc(where.length);
-        await reader.read(buffer, 0, where.length, where.offset);
-        out.push(parseLine(buffer.toString('utf8'))?.record ?? null);
+        const buffer = Buffer.alloc(end - start);
+        await reader.read(buffer, 0, buffer.length, start);
+        for (let k = first; k <= last; k++) {
+          const at = where[order[k]!]!;
+          out[order[k]!] = parseLine(buffer.toString('utf8', at.offset - start, at.offset - start + at.length), withPayload)?.record ?? null;
+        }
+        first = last + 1;
       }
       return out;
     } finally {

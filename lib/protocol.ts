@@ -170,6 +170,8 @@ export interface ErrorFrame {
   message: string;
   /** Present with rate_limited: when the client may send again. */
   retry_after_ms?: number;
+  /** Part B: the msg_id of the message frame this error answers, when the relay could read it. */
+  msg_id?: string;
   timestamp: number;
 }
 

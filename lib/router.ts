@@ -464,14 +464,17 @@ export class Router {
       context.results.push({ id: targetId, role: identity.role, status: 'failed', reason: 'target_banned' });
       return;
     }
+    // A socket that is closing (peer leaving, relay shutting down) drops what is written to it:
+    // treat its target as offline, so the message is queued or failed instead of lost as delivered.
     const session = this.online.get(targetId);
-    if (session && session.ws.bufferedAmount <= this.deps.options.maxBufferedBytes) {
+    const open = session !== undefined && session.isOpen;
+    if (open && session.ws.bufferedAmount <= this.deps.options.maxBufferedBytes) {
       session.sendText(context.head + targetId + context.tail);
       context.delivered.push(targetId);
       context.results.push({ id: targetId, role: identity.role, status: 'delivered', reason: null });
       return;
     }
-    if (session && session.slowSince === null) session.slowSince = context.now;
+    if (open && session.slowSince === null) session.slowSince = context.now;
     if (context.queueTtlMs > 0) {
       context.queued.push(targetId);
       context.results.push({ id: targetId, role: identity.role, status: 'queued', reason: null });
@@ -486,7 +489,7 @@ export class Router {
       });
       return;
     }
-    const reason = session ? 'target_slow' : 'target_offline';
+    const reason = open ? 'target_slow' : 'target_offline';
     context.failed.push({ id: targetId, reason });
     context.results.push({ id: targetId, role: identity.role, status: 'failed', reason });
   }
@@ -502,7 +505,7 @@ export class Router {
       if (dropped.length > 0) this.finishQueued(dropped, 'expired');
       // The target may have come back while the entry was being written.
       const session = this.online.get(targetId);
-      if (session) this.deliverQueued(session);
+      if (session?.isOpen) this.deliverQueued(session);
     }
   }
 

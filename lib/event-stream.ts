@@ -36,7 +36,9 @@ export interface MissedEventsNotice {
 
 interface RingEntry {
   id: number;
-  text: string;
+  event: RelayEvent;
+  /** The SSE frame, made only once some stream needs it: routing must not pay for it. */
+  text: string | null;
 }
 
 const DEFAULT_RING_SIZE = 1000;
@@ -50,6 +52,10 @@ function frameText(id: number | null, type: string, data: unknown): string {
 }
 
 /** Parses a Last-Event-ID value; null when absent or not a non-negative integer. */
+function entryText(entry: RingEntry): string {
+  return (entry.text ??= frameText(entry.id, entry.event.type, entry.event));
+}
+
 export function parseLastEventId(raw: string | string[] | null | undefined): number | null {
   const value = Array.isArray(raw) ? raw[0] : raw;
   if (value === undefined || value === null || !/^\d{1,16}$/.test(value.trim())) return null;
@@ -133,16 +139,16 @@ export class EventStream {
   private onEvent(event: RelayEvent): void {
     if (!this.streamed.has(event.type)) return;
     const id = ++this.lastId;
-    const text = frameText(id, event.type, event);
+    const entry: RingEntry = { id, event, text: null };
     const size = this.ring.length;
     if (this.ringCount < size) {
-      this.ring[(this.ringStart + this.ringCount) % size] = { id, text };
+      this.ring[(this.ringStart + this.ringCount) % size] = entry;
       this.ringCount++;
     } else {
-      this.ring[this.ringStart] = { id, text };
+      this.ring[this.ringStart] = entry;
       this.ringStart = (this.ringStart + 1) % size;
     }
-    this.broadcast(text);
+    if (this.clients.size > 0) this.broadcast(entryText(entry));
   }
 
   private broadcast(text: string): void {
@@ -184,7 +190,7 @@ export class EventStream {
     const size = this.ring.length;
     for (let i = 0; i < this.ringCount; i++) {
       const entry = this.ring[(this.ringStart + i) % size]!;
-      if (entry.id > afterId) res.write(entry.text);
+      if (entry.id > afterId) res.write(entryText(entry));
     }
   }
 }

@@ -6,7 +6,7 @@ import fs from 'node:fs/promises';
 import http from 'node:http';
 import path from 'node:path';
 import { ConnectionLog } from './lib/connection-log';
-import { ackPrefix, DedupeCache } from './lib/dedupe-cache';
+import { DedupeCache } from './lib/dedupe-cache';
 import { DeliveryQueue } from './lib/delivery-queue';
 import { serveDashboard } from './lib/dashboard-page';
 import { logRelayEvents } from './lib/event-log';
@@ -77,17 +77,9 @@ async function openStores(options: ResolvedOptions, logger: Logger): Promise<Sto
 async function restoreDedupe(dedupe: DedupeCache, messageLog: MessageLog, queue: DeliveryQueue, windowMs: number): Promise<void> {
   if (!dedupe.enabled) return;
   const stillQueued = queue.recordIds();
-  for (const record of await messageLog.recordsSince(Date.now() - windowMs, DEDUPE_MAX_ENTRIES)) {
-    const queued = new Set(record.queued);
+  for (const { slot, record } of await messageLog.recordsSince(Date.now() - windowMs, DEDUPE_MAX_ENTRIES)) {
     const lostQueueWrite = record.targets.some((t) => t.status === 'queued') && !stillQueued.has(record._id);
-    if (lostQueueWrite) continue;
-    const prefix = ackPrefix({
-      msg_id: record.msg_id,
-      delivered: record.targets.filter((t) => t.status === 'delivered' && !queued.has(t.id)).map((t) => t.id),
-      failed: record.targets.flatMap((t) => (t.status === 'failed' && t.reason !== null ? [{ id: t.id, reason: t.reason }] : [])),
-      queued: record.queued,
-    });
-    dedupe.remember(record.from_id, record.msg_id, record.timestamp, prefix);
+    if (!lostQueueWrite) dedupe.remember(record.from_id, record.msg_id, record.timestamp, slot);
   }
 }
 

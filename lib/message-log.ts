@@ -12,6 +12,7 @@ import { randomBytes } from 'node:crypto';
 import { createReadStream, createWriteStream } from 'node:fs';
 import fs from 'node:fs/promises';
 import path from 'node:path';
+import type { AckBody } from './dedupe-cache';
 import type { Logger } from './logger';
 import { MessageIndex, type EdgeFilter } from './message-index';
 import type { FailureReason, Role } from './protocol';
@@ -145,6 +146,17 @@ function parseLine(text: string, withPayload = true): ParsedLine | null {
   };
 }
 
+/** What the record's first delivery_ack said: queued targets count as queued whatever happened since. */
+export function firstAck(record: MessageRecord): AckBody {
+  const queued = new Set(record.queued);
+  return {
+    msg_id: record.msg_id,
+    delivered: record.targets.filter((t) => t.status === 'delivered' && !queued.has(t.id)).map((t) => t.id),
+    failed: record.targets.flatMap((t) => (t.status === 'failed' && t.reason !== null ? [{ id: t.id, reason: t.reason }] : [])),
+    queued: record.queued,
+  };
+}
+
 const hasQueued = (record: MessageRecord) => record.targets.some((t) => t.status === 'queued');
 
 let idCounter = 0;
@@ -172,6 +184,7 @@ export class MessageLog {
   private aboveHighWaterMark = false;
   private readonly drainListeners: (() => void)[] = [];
   private skippedLines = 0;
+  private lastId = '';
   private maintenanceTimer: NodeJS.Timeout | null = null;
   private maintaining: Promise<void> | null = null;
   private closed = false;
@@ -257,17 +270,33 @@ export class MessageLog {
     this.options.logger.warn('message_log_line_skipped', { file: this.options.file, line: lineNumber, reason });
   }
 
-  /** Appends a record and returns its _id. Check belowHighWaterMark afterwards. */
-  append(input: MessageRecordInput): string {
+  /**
+   * Appends a record and returns its slot (its place in the index, for ackAt); the record's
+   * _id is lastRecordId. Check belowHighWaterMark afterwards.
+   */
+  append(input: MessageRecordInput): number {
     let queued: string[] | null = null;
     for (const target of input.targets) if (target.status === 'queued') (queued ??= []).push(target.id);
     const id = newRecordId();
+    this.lastId = id;
     const line = serialise(id, input, queued ?? []);
     const slot = this.write(line, (offset, length) =>
       this.index.add(offset, length, input.timestamp, input.from_id, input.from_role, input.targets),
     );
     if (queued !== null) this.open.set(id, { slot, record: { ...input, _id: id, queued } });
-    return id;
+    return slot;
+  }
+
+  /** The _id of the record append() wrote last. */
+  get lastRecordId(): string {
+    return this.lastId;
+  }
+
+  /** The ack a record's first delivery_ack carried, rebuilt from the record; null once pruned. */
+  async ackAt(slot: number): Promise<AckBody | null> {
+    await this.flush();
+    const [record] = await this.readSlots([slot], false);
+    return record ? firstAck(record) : null;
   }
 
   /** False while more than the high-water mark waits to be written: stop reading input until onDrain. */
@@ -361,11 +390,16 @@ export class MessageLog {
     return { total, edges };
   }
 
-  /** Records with timestamp >= since, oldest first, at most the newest `limit`; payloads are not read. */
-  async recordsSince(since: number, limit = Infinity): Promise<MessageRecord[]> {
+  /** Records with timestamp >= since with their slots, oldest first, at most the newest `limit`; payloads are not read. */
+  async recordsSince(since: number, limit = Infinity): Promise<{ slot: number; record: MessageRecord }[]> {
     await this.flush();
-    const records = await this.readSlots(this.index.slotsSince(since, limit), false);
-    return records.filter((record): record is MessageRecord => record !== null);
+    const slots = this.index.slotsSince(since, limit);
+    const records = await this.readSlots(slots, false);
+    const out: { slot: number; record: MessageRecord }[] = [];
+    records.forEach((record, i) => {
+      if (record) out.push({ slot: slots[i]!, record });
+    });
+    return out;
   }
 
   /** Reads the records at these slots; neighbouring lines are read together in one call. */

@@ -4,7 +4,7 @@
 
 import { createHash, randomUUID, timingSafeEqual } from 'node:crypto';
 import type { ConnectionLog } from './connection-log';
-import { ackPrefix, finishAck, type DedupeCache } from './dedupe-cache';
+import { ackPrefix, finishAck, type DedupeCache, type Remembered } from './dedupe-cache';
 import type { DeliveryQueue, NewQueuedEntry, QueuedEntry } from './delivery-queue';
 import type { EventBus, NodeRef } from './events';
 import type { Identity, IdentityStore } from './identity-store';
@@ -336,12 +336,8 @@ export class Router {
     } else if (typeof frame.msg_id === 'string' && frame.msg_id.length <= MAX_MSG_ID_LENGTH) {
       msgId = frame.msg_id;
       const prior = dedupe.find(sender.id, msgId);
-      if (typeof prior === 'string') {
-        session.sendText(finishAck(prior, true));
-        return;
-      }
       if (prior !== undefined) {
-        void prior.then((prefix) => session.sendText(finishAck(prefix, true)));
+        this.answerDuplicate(session, sender, frame, arrival, msgId, prior);
         return;
       }
     } else {
@@ -386,7 +382,7 @@ export class Router {
       toQueue: [],
     };
     this.deliverAll(context, target.value);
-    const recordId = this.deps.messageLog.append({
+    const slot = this.deps.messageLog.append({
       msg_id: msgId,
       timestamp: now,
       from_id: sender.id,
@@ -402,10 +398,11 @@ export class Router {
     const prefix = ackPrefix({ msg_id: msgId, delivered: context.delivered, failed: context.failed, queued: context.queued });
     if (context.toQueue.length === 0) {
       session.sendText(finishAck(prefix, false));
-      dedupe.remember(sender.id, msgId, receivedAt, prefix);
+      dedupe.remember(sender.id, msgId, receivedAt, slot);
     } else {
+      const recordId = this.deps.messageLog.lastRecordId;
       for (const entry of context.toQueue) entry.record_id = recordId;
-      const stored = this.storeQueued(context.toQueue).then(() => prefix);
+      const stored = this.storeQueued(context.toQueue).then(() => slot);
       dedupe.remember(sender.id, msgId, receivedAt, stored);
       stored.then(
         () => session.sendText(finishAck(prefix, false)),
@@ -427,6 +424,23 @@ export class Router {
       route_ms: performance.now() - arrival.startedAt,
       at: now,
     });
+  }
+
+  /** Answers a repeated msg_id with the first ack, rebuilt from its log record. */
+  private answerDuplicate(session: Session, sender: Identity, frame: Record<string, unknown>, arrival: FrameArrival, msgId: string, prior: Remembered): void {
+    const { dedupe, messageLog, logger } = this.deps;
+    void Promise.resolve(prior)
+      .then((slot) => messageLog.ackAt(slot))
+      .then((ack) => {
+        if (ack) {
+          session.sendText(finishAck(ackPrefix(ack), true));
+          return;
+        }
+        // The first record was pruned already: nothing to repeat, so this is a new message.
+        dedupe.forget(sender.id, msgId);
+        if (session.isOpen) this.route(session, sender, frame, arrival);
+      })
+      .catch((error: Error) => logger.error('duplicate_ack_failed', { msg_id: msgId, error: error.message }));
   }
 
   /** Queue TTL for this message in ms (0: no queueing), or an error sentence. */

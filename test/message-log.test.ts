@@ -56,16 +56,26 @@ test('append, reopen and query newest first with filters and paging', async () =
   assert.equal(page.total, 13);
   assert.deepEqual(page.edges.map((e) => e.record.msg_id), ['m-10', 'm-9', 'm-8']);
   const recent = await reopened.recordsSince(1_700_000_000_011);
-  assert.deepEqual(recent.map((r) => r.msg_id), ['m-11', 'm-12']);
+  assert.deepEqual(recent.map((r) => r.record.msg_id), ['m-11', 'm-12']);
+  const newestTwo = await reopened.recordsSince(0, 2);
+  assert.deepEqual(newestTwo.map((r) => r.record.msg_id), ['m-11', 'm-12']);
+  assert.deepEqual(await reopened.ackAt(newestTwo[1]!.slot), {
+    msg_id: 'm-12',
+    delivered: ['employee-y', 'boss-a'],
+    failed: [{ id: 'employee-x', reason: 'target_offline' }],
+    queued: [],
+  });
   await reopened.close();
 });
 
 test('a queued target updated later keeps its place and survives reopen; NeDB reads the latest version', async () => {
   const file = newFile();
   const log = await MessageLog.open({ file, logger: silent });
-  const recordId = log.append(message(1, 'boss-a', [to('employee-x', 'queued'), to('employee-y')]));
+  const slot = log.append(message(1, 'boss-a', [to('employee-x', 'queued'), to('employee-y')]));
+  const recordId = log.lastRecordId;
   log.append(message(2, 'boss-a', [to('employee-y')]));
   log.updateTarget(recordId, 'employee-x', 'delivered');
+  assert.deepEqual(await log.ackAt(slot), { msg_id: 'm-1', delivered: ['employee-y'], failed: [], queued: ['employee-x'] }, 'the first ack, not the current state');
   const live = await log.query({ employeeId: 'employee-x', offset: 0, limit: 5 });
   assert.equal(live.edges[0]!.target.status, 'delivered');
   await log.close();

@@ -84,24 +84,30 @@ interface ParsedLine {
 }
 
 /**
- * A line as NeDB would store it. The payload is kept as its JSON text in a string field: NeDB
- * refuses to load documents whose field names contain "." or start with "$", and payload keys
- * are the clients' to choose.
+ * A line as NeDB would store it. NeDB refuses to load documents whose field names contain "."
+ * or start with "$", and payload keys are the clients' to choose: a payload whose JSON text has
+ * neither character anywhere is written as it is ("payload"), any other as a JSON string
+ * ("payload_json"), which costs an escaping pass.
  */
 function serialise(id: string, record: MessageRecordInput, queued: readonly string[]): string {
   return (
     `{"_id":"${id}","msg_id":${JSON.stringify(record.msg_id)},"timestamp":${record.timestamp},` +
     `"from_id":${JSON.stringify(record.from_id)},"from_role":"${record.from_role}",` +
-    `"targets":${JSON.stringify(record.targets)},"queued":${JSON.stringify(queued)},"payload_json":${JSON.stringify(record.payload_json)}}\n`
+    `"targets":${JSON.stringify(record.targets)},"queued":${JSON.stringify(queued)},${payloadField(record.payload_json)}}\n`
   );
 }
 
-const PAYLOAD_FIELD = ',"payload_json":';
+function payloadField(json: string): string {
+  return json.indexOf('.') < 0 && json.indexOf('$') < 0 ? `"payload":${json}` : `"payload_json":${JSON.stringify(json)}`;
+}
+
+/** Where the payload field starts: the relay writes it last, as "payload" or "payload_json". */
+const PAYLOAD_FIELD = ',"payload';
 
 /**
- * Reads a line. Without `withPayload` only the fields before "payload_json" are parsed: the
- * relay writes that field last, and inside JSON strings quotes are escaped, so the first
- * occurrence of the separator is the field itself. Lines in any other shape are parsed whole.
+ * Reads a line. Without `withPayload` only the fields before the payload are parsed: the relay
+ * writes it last, and inside JSON strings quotes are escaped, so the first `,"payload` is the
+ * field itself. Lines in any other shape are parsed whole.
  */
 function parseLine(text: string, withPayload = true): ParsedLine | null {
   let doc: unknown;

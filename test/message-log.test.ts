@@ -73,7 +73,7 @@ test('a queued target updated later keeps its place and survives reopen; NeDB re
   const log = await MessageLog.open({ file, logger: silent });
   const slot = log.append(message(1, 'boss-a', [to('employee-x', 'queued'), to('employee-y')]));
   const recordId = log.lastRecordId;
-  log.append(message(2, 'boss-a', [to('employee-y')]));
+  log.append({ ...message(2, 'boss-a', [to('employee-y')]), payload_json: '{"plain":[1,2]}' });
   log.updateTarget(recordId, 'employee-x', 'delivered');
   assert.deepEqual(await log.ackAt(slot), { msg_id: 'm-1', delivered: ['employee-y'], failed: [], queued: ['employee-x'] }, 'the first ack, not the current state');
   const live = await log.query({ employeeId: 'employee-x', offset: 0, limit: 5 });
@@ -96,7 +96,8 @@ test('a queued target updated later keeps its place and survives reopen; NeDB re
   assert.equal(docs.length, 2);
   const first = docs.find((d) => d.msg_id === 'm-1')!;
   assert.deepEqual((first.targets as TargetResult[]).map((t) => t.status), ['delivered', 'delivered']);
-  assert.deepEqual(JSON.parse(String(first.payload_json)), { i: 1, 'odd.key': '$x' });
+  assert.deepEqual(JSON.parse(String(first.payload_json)), { i: 1, 'odd.key': '$x' }, 'keys NeDB refuses are kept as JSON text');
+  assert.deepEqual(docs.find((d) => d.msg_id === 'm-2')!.payload, { plain: [1, 2] }, 'other payloads are stored as they are');
 });
 
 test('a truncated last line and a corrupt middle line are skipped; the next append is intact', async () => {

@@ -165,6 +165,22 @@ export function firstAck(record: MessageRecord): AckBody {
 
 const hasQueued = (record: MessageRecord) => record.targets.some((t) => t.status === 'queued');
 
+function copyRange(from: string, to: string, start: number, end: number, flags: 'w' | 'a'): Promise<void> {
+  if (end <= start && flags === 'a') return Promise.resolve();
+  return new Promise<void>((resolve, reject) => {
+    const sink = createWriteStream(to, { flags });
+    sink.on('error', reject);
+    sink.on('finish', () => resolve());
+    if (end <= start) {
+      sink.end();
+      return;
+    }
+    const source = createReadStream(from, { start, end: end - 1 });
+    source.on('error', reject);
+    source.pipe(sink);
+  });
+}
+
 let idCounter = 0;
 const idPrefix = randomBytes(6).toString('hex');
 
@@ -193,6 +209,9 @@ export class MessageLog {
   private lastId = '';
   private maintenanceTimer: NodeJS.Timeout | null = null;
   private maintaining: Promise<void> | null = null;
+  /** Set while a rewrite swaps the files: new lines wait in memory. */
+  private holdWrites = false;
+  private closing = false;
   private closed = false;
   private readonly highWaterMark: number;
 
@@ -290,6 +309,8 @@ export class MessageLog {
       this.index.add(offset, length, input.timestamp, input.from_id, input.from_role, input.targets),
     );
     if (queued !== null) this.open.set(id, { slot, record: { ...input, _id: id, queued } });
+    const cap = this.options.maxMessages ?? 0;
+    if (cap > 0 && this.index.size > cap * 1.1 && this.maintaining === null) void this.maintain();
     return slot;
   }
 
@@ -340,25 +361,19 @@ export class MessageLog {
     this.pendingBytes += length;
     this.endOffset += length;
     if (this.pendingBytes > this.highWaterMark) this.aboveHighWaterMark = true;
-    if (this.writing === null && this.maintaining === null) this.writing = this.drainPending();
+    if (this.writing === null && !this.holdWrites) this.writing = this.drainPending();
     return slot;
   }
 
   /** Group commit: one write for everything pending, repeated while more arrives. */
   private async drainPending(): Promise<void> {
     try {
-      while (this.pending.length > 0 && this.handle !== null) {
-        const batch = this.pending.join('');
-        const bytes = this.pendingBytes;
+      while (this.pending.length > 0 && this.handle !== null && !this.holdWrites) {
+        const batch = Buffer.from(this.pending.join(''));
         this.pending = [];
         this.pendingBytes = 0;
-        try {
-          await this.handle.write(batch);
-          if (this.options.fsync) await this.handle.sync();
-        } catch (error) {
-          this.options.logger.error('message_log_write_failed', { bytes, error: (error as Error).message });
-        }
-        this.fileBytes += bytes;
+        await this.writeFully(batch);
+        this.fileBytes += batch.length;
         if (this.aboveHighWaterMark && this.pendingBytes <= this.highWaterMark / 2) {
           this.aboveHighWaterMark = false;
           for (const listener of this.drainListeners) listener();
@@ -372,12 +387,33 @@ export class MessageLog {
     }
   }
 
+  /**
+   * Writes the whole batch, retrying after a failure (a full disk, say): the index already
+   * points at these offsets, so a batch may not be skipped. Meanwhile new lines wait in memory
+   * and the high-water mark pauses the senders. Only close() gives up, after a few tries.
+   */
+  private async writeFully(batch: Buffer): Promise<void> {
+    let written = 0;
+    for (let failures = 0; written < batch.length; ) {
+      try {
+        written += (await this.handle!.write(batch, written, batch.length - written)).bytesWritten;
+        if (written === batch.length && this.options.fsync) await this.handle!.sync();
+        failures = 0;
+      } catch (error) {
+        failures++;
+        this.options.logger.error('message_log_write_failed', { bytes: batch.length - written, attempt: failures, error: (error as Error).message });
+        if (this.closing && failures >= 3) return;
+        await new Promise((resolve) => setTimeout(resolve, Math.min(5000, 100 * 2 ** failures)));
+      }
+    }
+  }
+
   onDrain(listener: () => void): void {
     this.drainListeners.push(listener);
   }
 
   async flush(): Promise<void> {
-    if (this.maintaining) await this.maintaining;
+    if (this.holdWrites && this.maintaining) await this.maintaining;
     if (this.pending.length > 0 && this.writing === null) this.writing = this.drainPending();
     if (this.writing === null) return;
     await new Promise<void>((resolve) => this.flushWaiters.push(resolve));
@@ -457,24 +493,23 @@ export class MessageLog {
     return this.maintaining;
   }
 
+  /**
+   * Copies the kept tail [cut, end) to a new file while appends go on, then holds new writes
+   * only to copy what arrived meanwhile and swap the files.
+   */
   private async prune(keepFrom: number): Promise<void> {
     if (this.writing) await this.writing;
     const cut = keepFrom < this.index.nextSlot ? this.index.minOffsetFrom(keepFrom) : this.fileBytes;
     const temp = `${this.options.file}.prune-${process.pid}`;
     try {
+      const copiedTo = this.fileBytes;
+      await copyRange(this.options.file, temp, cut, copiedTo, 'w');
+      this.holdWrites = true;
+      if (this.writing) await this.writing;
+      await copyRange(this.options.file, temp, copiedTo, this.fileBytes, 'a');
       await this.handle?.close();
       this.handle = null;
-      if (cut > 0) {
-        await new Promise<void>((resolve, reject) => {
-          const source = createReadStream(this.options.file, { start: cut });
-          const sink = createWriteStream(temp);
-          source.on('error', reject);
-          sink.on('error', reject);
-          sink.on('finish', () => resolve());
-          source.pipe(sink);
-        });
-        await fs.rename(temp, this.options.file);
-      }
+      await fs.rename(temp, this.options.file);
       const dropped = keepFrom - this.index.firstSlot;
       this.index.dropBefore(keepFrom, cut);
       this.fileBytes -= cut;
@@ -485,11 +520,13 @@ export class MessageLog {
       this.options.logger.error('message_log_prune_failed', { error: (error as Error).message });
       await fs.rm(temp, { force: true });
     } finally {
-      this.handle = await fs.open(this.options.file, 'a');
+      this.handle ??= await fs.open(this.options.file, 'a');
+      this.holdWrites = false;
     }
   }
 
   async close(): Promise<void> {
+    this.closing = true;
     if (this.maintenanceTimer) clearInterval(this.maintenanceTimer);
     if (this.maintaining) await this.maintaining;
     await this.flush();

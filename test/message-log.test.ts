@@ -174,3 +174,24 @@ test('close() writes every appended record', async () => {
   assert.equal((await reopened.query({ offset: 0, limit: 1 })).edges[0]!.record.msg_id, 'm-49999');
   await reopened.close();
 });
+
+test('appends while pruning runs are all kept, in order, with offsets right', async () => {
+  const file = newFile();
+  const log = await MessageLog.open({ file, logger: silent, maxMessages: 500 });
+  for (let i = 0; i < 5000; i++) {
+    log.append(message(i, 'boss-a', [to('employee-x')]));
+    // Let writes and the automatic pruning (past 110% of the cap) run between bursts.
+    if (i % 250 === 0) await new Promise((resolve) => setImmediate(resolve));
+  }
+  const live = await log.query({ offset: 0, limit: 3 });
+  assert.deepEqual(live.edges.map((e) => e.record.msg_id), ['m-4999', 'm-4998', 'm-4997']);
+  await log.close();
+  const reopened = await MessageLog.open({ file, logger: silent });
+  assert.ok(reopened.stats().records < 5000, `pruned while appending (${reopened.stats().records} records kept)`);
+  assert.equal(reopened.stats().skippedLines, 0);
+  const all = await reopened.query({ offset: 0, limit: 5000 });
+  const numbers = all.edges.map((e) => Number(e.record.msg_id.slice(2)));
+  assert.equal(numbers[0], 4999);
+  assert.ok(numbers.every((n, i) => i === 0 || n === numbers[i - 1]! - 1), 'no gaps among the kept records');
+  await reopened.close();
+});

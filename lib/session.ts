@@ -1,9 +1,11 @@
 // One WebSocket connection: its identity once authenticated, liveness and slow-peer state,
 // and its rate-limit bucket. Kept small: an idle connection should cost little memory.
 
+import type { Duplex } from 'node:stream';
 import WebSocket from 'ws';
 import type { NodeRef } from './events';
 import type { Identity } from './identity-store';
+import type { WriteBatch } from './write-batch';
 import type { ErrorFrame, ProtocolErrorCode, ServerFrame } from './protocol';
 
 export class Session {
@@ -20,12 +22,18 @@ export class Session {
   /** Bytes of frames handed to the socket, for the bytes-out metric. */
   bytesSent = 0;
 
+  corked = false;
+  readonly socket: Duplex | undefined;
+
   constructor(
     readonly ws: WebSocket,
     readonly address: string,
     now: number,
+    private readonly batch: WriteBatch,
   ) {
     this.lastActivityAt = now;
+    // ws keeps its net.Socket private; corking it is the only way to batch writes across frames.
+    this.socket = (ws as unknown as { _socket?: Duplex })._socket;
   }
 
   get isOpen(): boolean {
@@ -35,6 +43,7 @@ export class Session {
   sendText(text: string): void {
     if (this.ws.readyState === WebSocket.OPEN) {
       this.bytesSent += Buffer.byteLength(text);
+      this.batch.hold(this);
       this.ws.send(text);
     }
   }

@@ -12,6 +12,7 @@ import type { ResolvedOptions } from './options';
 import { CLOSE_CODES, decodeFrame } from './protocol';
 import type { Router } from './router';
 import { Session } from './session';
+import { WriteBatch } from './write-batch';
 
 const HELLO_SCHEMA = {
   type: 'auth',
@@ -42,6 +43,7 @@ export class WsGateway {
   private readonly sweepTimer: NodeJS.Timeout | null;
   private readonly helloText: string;
   private readonly listeners = this.makeListeners();
+  private readonly writeBatch = new WriteBatch();
   bytesIn = 0;
   /** Bytes sent by sessions that have closed; open sessions hold their own count. */
   private closedBytesOut = 0;
@@ -83,7 +85,7 @@ export class WsGateway {
 
   private accept(ws: WebSocket, address: string): void {
     const now = Date.now();
-    const session = new Session(ws, address, now);
+    const session = new Session(ws, address, now, this.writeBatch);
     this.sessions.add(session);
     this.unauthenticated++;
     // Shared listeners find their session on the socket: four closures per connection would

@@ -76,6 +76,12 @@ export interface MessageLogStats {
 
 
 const DEFAULT_HIGH_WATER_MARK = 8 * 1024 * 1024;
+/**
+ * A write starts once this much is pending, or LINGER_MS after the first pending line: on two
+ * cores, a thread-pool write per message competes with the senders and receivers for CPU.
+ */
+const LINGER_BYTES = 64 * 1024;
+const LINGER_MS = 2;
 const NEWLINE = 0x0a;
 
 interface ParsedLine {
@@ -211,6 +217,7 @@ export class MessageLog {
   private maintaining: Promise<void> | null = null;
   /** Set while a rewrite swaps the files: new lines wait in memory. */
   private holdWrites = false;
+  private lingerTimer: NodeJS.Timeout | null = null;
   private closing = false;
   private closed = false;
   private readonly highWaterMark: number;
@@ -361,11 +368,21 @@ export class MessageLog {
     this.pendingBytes += length;
     this.endOffset += length;
     if (this.pendingBytes > this.highWaterMark) this.aboveHighWaterMark = true;
-    if (this.writing === null && !this.holdWrites) this.writing = this.drainPending();
+    if (this.writing === null && !this.holdWrites) {
+      if (this.pendingBytes >= LINGER_BYTES) this.startWriting();
+      else this.lingerTimer ??= setTimeout(this.startWriting, LINGER_MS);
+    }
     return slot;
   }
 
   /** Group commit: one write for everything pending, repeated while more arrives. */
+  /** Writes what is pending now (unless a write or a file swap is under way). */
+  private readonly startWriting = (): void => {
+    if (this.lingerTimer) clearTimeout(this.lingerTimer);
+    this.lingerTimer = null;
+    if (this.writing === null && !this.holdWrites && this.pending.length > 0) this.writing = this.drainPending();
+  };
+
   private async drainPending(): Promise<void> {
     try {
       while (this.pending.length > 0 && this.handle !== null && !this.holdWrites) {
@@ -414,7 +431,7 @@ export class MessageLog {
 
   async flush(): Promise<void> {
     if (this.holdWrites && this.maintaining) await this.maintaining;
-    if (this.pending.length > 0 && this.writing === null) this.writing = this.drainPending();
+    this.startWriting();
     if (this.writing === null) return;
     await new Promise<void>((resolve) => this.flushWaiters.push(resolve));
   }
@@ -488,7 +505,7 @@ export class MessageLog {
     if (keepFrom === this.index.firstSlot) return Promise.resolve();
     this.maintaining = this.prune(keepFrom).finally(() => {
       this.maintaining = null;
-      if (this.pending.length > 0 && this.writing === null) this.writing = this.drainPending();
+      this.startWriting();
     });
     return this.maintaining;
   }

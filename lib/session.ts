@@ -19,7 +19,7 @@ export class Session {
   /** Token bucket for the per-connection message rate. */
   tokens = 0;
   tokensAt = 0;
-  /** Bytes of frames handed to the socket, for the bytes-out metric. */
+  /** Size of frames handed to the socket, for the bytes-out metric (characters; bytes for ASCII). */
   bytesSent = 0;
 
   corked = false;
@@ -42,7 +42,8 @@ export class Session {
 
   sendText(text: string): void {
     if (this.ws.readyState === WebSocket.OPEN) {
-      this.bytesSent += Buffer.byteLength(text);
+      // Characters, not encoded bytes: exact for ASCII frames, and no extra pass over each frame.
+      this.bytesSent += text.length;
       this.batch.hold(this);
       this.ws.send(text);
     }

@@ -109,7 +109,7 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
   const metrics = new RelayMetrics({
     bus,
     stats: () => ({
-      connections: { ...router.countOnline(), unauthenticated: gateway.counts.unauthenticated },
+      connections: { ...router.countOnline(), unauthenticated: gateway.unauthenticatedCount },
       queueDepth: stores.queue.depth,
       stores: { identities: stores.identities.size, connectionEvents: stores.connectionLog.size, messages: stores.messageLog.stats().records },
       bytesIn: gateway.bytesIn,
@@ -163,6 +163,7 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
     stopTimers();
     gateway.closeAll();
     await closeStores(stores);
+    metrics.close();
     throw error;
   }
   const address = server.address();

@@ -37,6 +37,7 @@ class HttpError extends Error {
     readonly status: number,
     readonly code: string,
     message: string,
+    readonly headers: Record<string, string> = {},
   ) {
     super(message);
   }
@@ -50,8 +51,8 @@ export function sendJson(res: ServerResponse, status: number, body: unknown): vo
   res.end(text);
 }
 
-function sendError(res: ServerResponse, error: HttpError, extraHeaders: Record<string, string> = {}): void {
-  for (const [name, value] of Object.entries(extraHeaders)) res.setHeader(name, value);
+function sendError(res: ServerResponse, error: HttpError): void {
+  for (const [name, value] of Object.entries(error.headers)) res.setHeader(name, value);
   sendJson(res, error.status, { error: error.code, code: error.code, message: error.message });
 }
 
@@ -180,7 +181,7 @@ export class HttpApi {
 
   private allow(method: string, methods: string[]): void {
     if (!methods.includes(method)) {
-      throw Object.assign(new HttpError(405, 'method_not_allowed', `Use ${methods.join(' or ')} for this route.`));
+      throw new HttpError(405, 'method_not_allowed', `Use ${methods.join(' or ')} for this route.`, { allow: methods.join(', ') });
     }
   }
 

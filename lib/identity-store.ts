@@ -38,6 +38,16 @@ function toDoc(identity: Identity): IdentityDoc {
   return { _id: identity.id, ...rest, meta_json: meta === null ? null : JSON.stringify(meta) };
 }
 
+/** Stored meta; unreadable meta is dropped rather than stopping the start. */
+function parseMeta(json: string): Record<string, unknown> | null {
+  try {
+    const value: unknown = JSON.parse(json);
+    return typeof value === 'object' && value !== null && !Array.isArray(value) ? (value as Record<string, unknown>) : null;
+  } catch {
+    return null;
+  }
+}
+
 function fromDoc(doc: Record<string, unknown>): Identity | null {
   const id = typeof doc.id === 'string' ? doc.id : typeof doc._id === 'string' ? doc._id : null;
   const role = doc.role === 'boss' || doc.role === 'employee' ? doc.role : null;
@@ -46,7 +56,7 @@ function fromDoc(doc: Record<string, unknown>): Identity | null {
   if (id === null || role === null || keyHash === null) return null;
   const num = (value: unknown) => (typeof value === 'number' && Number.isFinite(value) ? value : null);
   let meta: Record<string, unknown> | null = null;
-  if (typeof doc.meta_json === 'string') meta = JSON.parse(doc.meta_json) as Record<string, unknown>;
+  if (typeof doc.meta_json === 'string') meta = parseMeta(doc.meta_json);
   else if (typeof doc.meta === 'object' && doc.meta !== null) meta = doc.meta as Record<string, unknown>;
   const now = Date.now();
   return {

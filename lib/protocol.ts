@@ -29,21 +29,20 @@ export const PROTOCOL_ERROR_CODES = [
   'server_full',
   'auth_throttled',
   'invalid_employee_key',
-  'already_authenticated',
+  'store_failed',
 ] as const;
 export type ProtocolErrorCode = (typeof PROTOCOL_ERROR_CODES)[number];
 
 export const CLOSE_CODES = {
   shuttingDown: 1001,
-  protocolError: 1002,
-  unsupportedData: 1003,
+  /** Sent by ws itself: a frame far over the size limit, or text that is not UTF-8. */
   messageTooBig: 1009,
+  invalidText: 1007,
   replaced: 4000,
   authTimeout: 4001,
   authRejected: 4003,
   banned: 4008,
   serverFull: 4013,
-  peerTooSlow: 4014,
 } as const;
 
 export type FailureReason =

@@ -57,7 +57,7 @@ export function nodeRef(identity: Identity): NodeRef {
   return { id: identity.id, role: identity.role, name: identity.name, tags: identity.tags };
 }
 
-function secretMatches(given: unknown, expected: string): boolean {
+export function secretMatches(given: unknown, expected: string): boolean {
   if (typeof given !== 'string') return false;
   // Compare digests, not the strings, so the time taken reveals neither a prefix nor the length.
   return timingSafeEqual(digest(given), digest(expected));
@@ -67,7 +67,6 @@ function digest(text: string): Buffer {
   return createHash('sha256').update(text).digest();
 }
 
-export { secretMatches };
 
 interface RouteContext {
   sender: Identity;
@@ -344,8 +343,10 @@ export class Router {
       session.sendError('invalid_msg_id', `Field "msg_id" must be a string of at most ${MAX_MSG_ID_LENGTH} characters.`);
       return;
     }
-    // Errors from here on name the client's msg_id, so it can tell which send they answer.
-    const answering = frame.msg_id === msgId ? { msg_id: msgId } : {};
+    // Only a client's own msg_id can come back; errors from here on name it so the client can
+    // tell which send they answer.
+    const clientGaveId = frame.msg_id === msgId;
+    const answering = clientGaveId ? { msg_id: msgId } : {};
     const target = checkTarget(frame.to);
     if (!target.ok) {
       session.sendError(target.error.code, target.error.message, answering);
@@ -398,17 +399,17 @@ export class Router {
     const prefix = ackPrefix({ msg_id: msgId, delivered: context.delivered, failed: context.failed, queued: context.queued });
     if (context.toQueue.length === 0) {
       session.sendText(finishAck(prefix, false));
-      dedupe.remember(sender.id, msgId, receivedAt, slot);
+      if (clientGaveId) dedupe.remember(sender.id, msgId, receivedAt, slot);
     } else {
       const recordId = this.deps.messageLog.lastRecordId;
       for (const entry of context.toQueue) entry.record_id = recordId;
       const stored = this.storeQueued(context.toQueue).then(() => slot);
-      dedupe.remember(sender.id, msgId, receivedAt, stored);
+      if (clientGaveId) dedupe.remember(sender.id, msgId, receivedAt, stored);
       stored.then(
         () => session.sendText(finishAck(prefix, false)),
         (error: Error) => {
           this.deps.logger.error('queue_store_failed', { msg_id: msgId, error: error.message });
-          session.sendError('invalid_frame', 'The relay could not store this message for offline targets; send it again.', { msg_id: msgId });
+          session.sendError('store_failed', 'The relay could not store this message for offline targets (see its log); send it again.', { msg_id: msgId });
         },
       );
     }

@@ -70,8 +70,8 @@ export class WsGateway {
     return total;
   }
 
-  get counts(): { sockets: number; unauthenticated: number } {
-    return { sockets: this.sessions.size, unauthenticated: this.unauthenticated };
+  get unauthenticatedCount(): number {
+    return this.unauthenticated;
   }
 
   handleUpgrade(request: IncomingMessage, socket: Duplex, head: Buffer): void {

@@ -150,6 +150,7 @@ describe('admin API', () => {
     assert.equal(missing.body.code, 'not_found');
     const wrong = await http(env.relay, 'POST', '/api/employees', { authkey: TEST_AUTHKEY });
     assert.equal(wrong.status, 405);
+    assert.equal(wrong.headers.get('allow'), 'GET, HEAD');
   });
 
   test('writes need the authkey', async () => {

@@ -71,12 +71,6 @@ export class ConnectionLog {
     return this.writing;
   }
 
-  /** Events of one identity, newest first. */
-  async forIdentity(identityId: string, limit: number): Promise<ConnectionEvent[]> {
-    const docs = await this.db.findAsync({ identityId }).sort({ timestamp: -1 }).limit(limit);
-    return docs as unknown as ConnectionEvent[];
-  }
-
   /** Drops events past the retention age or the count cap, oldest first. */
   async prune(policy: RetentionPolicy, now = Date.now()): Promise<number> {
     let removed = 0;

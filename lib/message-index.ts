@@ -125,10 +125,6 @@ export class MessageIndex {
     return { offset: this.slotOffset.data[at]!, length: this.slotLength.data[at]! };
   }
 
-  time(slot: number): number {
-    return this.slotTime.data[slot - this.base]!;
-  }
-
   /** Matching edges newest first: the page and the total. */
   query(filter: EdgeFilter): { total: number; hits: EdgeHit[] } {
     const boss = filter.bossId === undefined ? -1 : this.ids.get(filter.bossId) ?? -2;

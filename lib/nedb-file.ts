@@ -39,7 +39,3 @@ export async function openDatastore<T extends Record<string, unknown>>(
   tolerant.setAutocompactionInterval(compactionIntervalMs);
   return tolerant;
 }
-
-export function stopDatastore(store: Datastore<Record<string, unknown>>): void {
-  store.stopAutocompaction();
-}

@@ -4,22 +4,6 @@
 // is rebuilt from the record on a duplicate, which is rare), in a Map per sender, with arrival
 // order kept in parallel arrays for expiry and eviction, oldest first.
 
-import type { DeliveryAckFrame } from './protocol';
-
-export type AckBody = Pick<DeliveryAckFrame, 'msg_id' | 'delivered' | 'failed' | 'queued'>;
-
-/** `{"type":"delivery_ack",…,"queued":[…]` — an ack without its timestamp and closing brace. */
-export function ackPrefix(ack: AckBody): string {
-  return (
-    `{"type":"delivery_ack","msg_id":${JSON.stringify(ack.msg_id)},"delivered":${JSON.stringify(ack.delivered)},` +
-    `"failed":${JSON.stringify(ack.failed)},"queued":${JSON.stringify(ack.queued ?? [])}`
-  );
-}
-
-export function finishAck(prefix: string, duplicate: boolean, now = Date.now()): string {
-  return `${prefix}${duplicate ? ',"duplicate":true' : ''},"timestamp":${now}}`;
-}
-
 /** A log slot, or the promise of one while a queued message's writes finish. */
 export type Remembered = number | Promise<number>;
 

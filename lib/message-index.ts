@@ -48,15 +48,12 @@ export interface EdgeHit {
   target: number;
 }
 
-export interface IndexedTarget {
-  id: string;
-  role: Role | null;
+/** A target's role from its id (PROTOCOL.md: ids are `boss-…` / `employee-…`); null for any other id. */
+export function roleFromId(id: string): Role | null {
+  return id.startsWith('employee-') ? 'employee' : id.startsWith('boss-') ? 'boss' : null;
 }
 
-function roleOf(id: string, role: Role | null): Role | null {
-  if (role !== null) return role;
-  return id.startsWith('boss-') ? 'boss' : id.startsWith('employee-') ? 'employee' : null;
-}
+type TargetList = readonly (string | { readonly id: string })[];
 
 export class MessageIndex {
   private readonly ids = new Map<string, number>();
@@ -91,22 +88,29 @@ export class MessageIndex {
     return index;
   }
 
-  /** Adds a record; returns its slot. */
-  add(offset: number, length: number, timestamp: number, fromId: string, fromRole: Role, targets: readonly IndexedTarget[]): number {
+  /**
+   * Adds a record; returns its slot. Its targets come as lists (an ack's delivered, failed and
+   * queued, or a record's targets); a target's index counts through the lists in order.
+   */
+  add(offset: number, length: number, timestamp: number, fromId: string, fromRole: Role, ...targetLists: TargetList[]): number {
     const slot = this.nextSlot;
     this.slotOffset.push(offset);
     this.slotLength.push(length);
     this.slotTime.push(timestamp);
     const from = this.intern(fromId);
-    for (let i = 0; i < targets.length; i++) {
-      const target = targets[i]!;
-      const role = roleOf(target.id, target.role);
-      if (role === null || role === fromRole) continue;
-      const other = this.intern(target.id);
-      this.edgeSlot.push(slot);
-      this.edgeTarget.push(i);
-      this.edgeBoss.push(fromRole === 'boss' ? from : other);
-      this.edgeEmployee.push(fromRole === 'boss' ? other : from);
+    let index = 0;
+    for (const list of targetLists) {
+      for (let i = 0; i < list.length; i++, index++) {
+        const target = list[i]!;
+        const id = typeof target === 'string' ? target : target.id;
+        const role = roleFromId(id);
+        if (role === null || role === fromRole) continue;
+        const other = this.intern(id);
+        this.edgeSlot.push(slot);
+        this.edgeTarget.push(index);
+        this.edgeBoss.push(fromRole === 'boss' ? from : other);
+        this.edgeEmployee.push(fromRole === 'boss' ? other : from);
+      }
     }
     return slot;
   }

@@ -12,10 +12,10 @@ import { randomBytes } from 'node:crypto';
 import { createReadStream, createWriteStream } from 'node:fs';
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import type { AckBody } from './dedupe-cache';
+import { outcomeFields, type AckBody, type RoutingOutcome } from './delivery-ack';
 import type { Logger } from './logger';
-import { MessageIndex, type EdgeFilter } from './message-index';
-import type { FailureReason, Role } from './protocol';
+import { MessageIndex, roleFromId, type EdgeFilter } from './message-index';
+import type { DeliveryFailure, FailureReason, Role } from './protocol';
 
 export type TargetStatus = 'delivered' | 'failed' | 'queued' | 'expired';
 
@@ -27,20 +27,27 @@ export interface TargetResult {
   reason: FailureReason | null;
 }
 
-export interface MessageRecordInput {
+/** A routed message as the router hands it over: the outcome lists are those of its delivery_ack. */
+export interface MessageRecordInput extends RoutingOutcome {
+  msg_id: string;
+  timestamp: number;
+  from_id: string;
+  from_role: Role;
+  /** The payload as JSON text. */
+  payload_json: string;
+}
+
+/** A record as read back: one result per target, in the order delivered, failed, queued. */
+export interface MessageRecord {
+  _id: string;
   msg_id: string;
   timestamp: number;
   from_id: string;
   from_role: Role;
   targets: TargetResult[];
-  /** The payload as JSON text; stored as the string field "payload_json". */
-  payload_json: string;
-}
-
-export interface MessageRecord extends MessageRecordInput {
-  _id: string;
   /** Ids that were queued at routing time (what the first delivery_ack said). */
   queued: string[];
+  payload_json: string;
 }
 
 /** Which boss<->employee edges to list; employeeIds are the carriers of a requested tag. */
@@ -90,17 +97,37 @@ interface ParsedLine {
 }
 
 /**
- * A line as NeDB would store it. NeDB refuses to load documents whose field names contain "."
- * or start with "$", and payload keys are the clients' to choose: a payload whose JSON text has
- * neither character anywhere is written as it is ("payload"), any other as a JSON string
+ * A line as NeDB would store it. The targets are stored as the ack lists them (one string per
+ * delivered or queued id, an {id, reason} per failure), so the router serialises them once for
+ * both, and a broadcast to 1,000 costs 1,000 ids rather than 1,000 objects; a queued target's
+ * later outcome goes into "settled". Each target's role is its id's prefix (PROTOCOL.md: ids are
+ * `boss-…` / `employee-…`). NeDB refuses to load documents whose field names contain "." or start
+ * with "$", and payload keys are the clients' to choose: a payload whose JSON text has neither
+ * character anywhere is written as it is ("payload"), any other as a JSON string
  * ("payload_json"), which costs an escaping pass.
  */
-function serialise(id: string, record: MessageRecordInput, queued: readonly string[]): string {
+function serialise(id: string, record: Omit<MessageRecordInput, keyof RoutingOutcome>, outcomeText: string, settled: string): string {
   return (
     `{"_id":"${id}","msg_id":${JSON.stringify(record.msg_id)},"timestamp":${record.timestamp},` +
     `"from_id":${JSON.stringify(record.from_id)},"from_role":"${record.from_role}",` +
-    `"targets":${JSON.stringify(record.targets)},"queued":${JSON.stringify(queued)},${payloadField(record.payload_json)}}\n`
+    `${outcomeText}${settled},${payloadField(record.payload_json)}}\n`
   );
+}
+
+/** A later version of a record: its first outcome as routed, plus what became of its queued targets. */
+function serialiseVersion(record: MessageRecord): string {
+  const queued = new Set(record.queued);
+  const delivered: string[] = [];
+  const failed: DeliveryFailure[] = [];
+  const settled: Record<string, TargetStatus> = {};
+  for (const target of record.targets) {
+    if (queued.has(target.id)) {
+      if (target.status !== 'queued') settled[target.id] = target.status;
+    } else if (target.status === 'delivered') delivered.push(target.id);
+    else if (target.reason !== null) failed.push({ id: target.id, reason: target.reason });
+  }
+  const settledText = Object.keys(settled).length > 0 ? `,"settled":${JSON.stringify(settled)}` : '';
+  return serialise(record._id, record, outcomeFields({ delivered, failed, queued: record.queued }), settledText);
 }
 
 function payloadField(json: string): string {
@@ -132,17 +159,13 @@ function parseLine(text: string, withPayload = true): ParsedLine | null {
     typeof d.msg_id !== 'string' ||
     typeof d.timestamp !== 'number' ||
     typeof d.from_id !== 'string' ||
-    (d.from_role !== 'boss' && d.from_role !== 'employee') ||
-    !Array.isArray(d.targets)
+    (d.from_role !== 'boss' && d.from_role !== 'employee')
   ) {
     return null;
   }
-  const targets: TargetResult[] = [];
-  for (const t of d.targets as unknown[]) {
-    if (typeof t !== 'object' || t === null || typeof (t as TargetResult).id !== 'string') return null;
-    const target = t as TargetResult;
-    targets.push({ id: target.id, role: target.role ?? null, status: target.status, reason: target.reason ?? null });
-  }
+  const queued = Array.isArray(d.queued) ? d.queued.filter((id): id is string => typeof id === 'string') : [];
+  const targets = Array.isArray(d.targets) ? legacyTargets(d.targets) : outcomeTargets(d.delivered, d.failed, queued, d.settled);
+  if (targets === null) return null;
   return {
     deletedId: null,
     record: {
@@ -152,10 +175,46 @@ function parseLine(text: string, withPayload = true): ParsedLine | null {
       from_id: d.from_id,
       from_role: d.from_role,
       targets,
-      queued: Array.isArray(d.queued) ? d.queued.filter((id): id is string => typeof id === 'string') : [],
+      queued,
       payload_json: typeof d.payload_json === 'string' ? d.payload_json : d.payload === undefined ? 'null' : JSON.stringify(d.payload),
     },
   };
+}
+
+function recordOf(id: string, input: MessageRecordInput): MessageRecord {
+  const { delivered, failed, queued, ...rest } = input;
+  return { ...rest, _id: id, targets: outcomeTargets(delivered, failed, [...queued], null)!, queued: [...queued] };
+}
+
+/** Targets as the relay wrote them before records stored the ack's lists: one object each. */
+function legacyTargets(list: unknown[]): TargetResult[] | null {
+  const targets: TargetResult[] = [];
+  for (const t of list) {
+    if (typeof t !== 'object' || t === null || typeof (t as TargetResult).id !== 'string') return null;
+    const target = t as TargetResult;
+    targets.push({ id: target.id, role: target.role ?? null, status: target.status, reason: target.reason ?? null });
+  }
+  return targets;
+}
+
+function outcomeTargets(delivered: unknown, failed: unknown, queued: string[], settled: unknown): TargetResult[] | null {
+  if (!Array.isArray(delivered) || !Array.isArray(failed)) return null;
+  const later = typeof settled === 'object' && settled !== null ? (settled as Record<string, unknown>) : {};
+  const targets: TargetResult[] = [];
+  for (const id of delivered) {
+    if (typeof id !== 'string') return null;
+    targets.push({ id, role: roleFromId(id), status: 'delivered', reason: null });
+  }
+  for (const f of failed) {
+    if (typeof f !== 'object' || f === null || typeof (f as DeliveryFailure).id !== 'string') return null;
+    const { id, reason } = f as DeliveryFailure;
+    targets.push({ id, role: reason === 'target_not_found' ? null : roleFromId(id), status: 'failed', reason });
+  }
+  for (const id of queued) {
+    const status = later[id];
+    targets.push({ id, role: roleFromId(id), status: status === 'delivered' || status === 'expired' ? status : 'queued', reason: null });
+  }
+  return targets;
 }
 
 /** What the record's first delivery_ack said: queued targets count as queued whatever happened since. */
@@ -306,16 +365,14 @@ export class MessageLog {
    * Appends a record and returns its slot (its place in the index, for ackAt); the record's
    * _id is lastRecordId. Check belowHighWaterMark afterwards.
    */
-  append(input: MessageRecordInput): number {
-    let queued: string[] | null = null;
-    for (const target of input.targets) if (target.status === 'queued') (queued ??= []).push(target.id);
+  append(input: MessageRecordInput, outcomeText: string = outcomeFields(input)): number {
     const id = newRecordId();
     this.lastId = id;
-    const line = serialise(id, input, queued ?? []);
+    const line = serialise(id, input, outcomeText, '');
     const slot = this.write(line, (offset, length) =>
-      this.index.add(offset, length, input.timestamp, input.from_id, input.from_role, input.targets),
+      this.index.add(offset, length, input.timestamp, input.from_id, input.from_role, input.delivered, input.failed, input.queued),
     );
-    if (queued !== null) this.open.set(id, { slot, record: { ...input, _id: id, queued } });
+    if (input.queued.length > 0) this.open.set(id, { slot, record: recordOf(id, input) });
     const cap = this.options.maxMessages ?? 0;
     if (cap > 0 && this.index.size > cap * 1.1 && this.maintaining === null) void this.maintain();
     return slot;
@@ -347,7 +404,7 @@ export class MessageLog {
     const targets = entry.record.targets.map((t) => (t.id === targetId ? { ...t, status } : t));
     entry.record = { ...entry.record, targets };
     if (!hasQueued(entry.record)) this.open.delete(recordId);
-    this.write(serialise(entry.record._id, entry.record, entry.record.queued), (offset, length) => {
+    this.write(serialiseVersion(entry.record), (offset, length) => {
       this.index.move(entry.slot, offset, length);
       return entry.slot;
     });

@@ -4,12 +4,13 @@
 
 import { createHash, randomUUID, timingSafeEqual } from 'node:crypto';
 import type { ConnectionLog } from './connection-log';
-import { ackPrefix, finishAck, type DedupeCache, type Remembered } from './dedupe-cache';
+import type { DedupeCache, Remembered } from './dedupe-cache';
+import { ackPrefix, finishAck, outcomeFields } from './delivery-ack';
 import type { DeliveryQueue, NewQueuedEntry, QueuedEntry } from './delivery-queue';
 import type { EventBus, NodeRef } from './events';
 import type { Identity, IdentityStore } from './identity-store';
 import type { Logger } from './logger';
-import type { MessageLog, TargetResult } from './message-log';
+import type { MessageLog } from './message-log';
 import type { ResolvedOptions } from './options';
 import {
   CLOSE_CODES,
@@ -75,7 +76,6 @@ interface RouteContext {
   tail: string;
   queueTtlMs: number;
   now: number;
-  results: TargetResult[];
   delivered: string[];
   failed: DeliveryFailure[];
   queued: string[];
@@ -376,27 +376,32 @@ export class Router {
       tail: `",${payloadJson === undefined ? '' : `"payload":${payloadJson},`}"timestamp":${now}}`,
       queueTtlMs,
       now,
-      results: [],
       delivered: [],
       failed: [],
       queued: [],
       toQueue: [],
     };
     this.deliverAll(context, target.value);
-    const slot = this.deps.messageLog.append({
-      msg_id: msgId,
-      timestamp: now,
-      from_id: sender.id,
-      from_role: sender.role,
-      targets: context.results,
-      payload_json: payloadJson ?? 'null',
-    });
+    const outcomeText = outcomeFields(context);
+    const slot = this.deps.messageLog.append(
+      {
+        msg_id: msgId,
+        timestamp: now,
+        from_id: sender.id,
+        from_role: sender.role,
+        delivered: context.delivered,
+        failed: context.failed,
+        queued: context.queued,
+        payload_json: payloadJson ?? 'null',
+      },
+      outcomeText,
+    );
     if (!this.deps.messageLog.belowHighWaterMark && !this.pausedForLog.has(session)) {
       // The log is behind: stop reading from this sender until it catches up.
       session.ws.pause();
       this.pausedForLog.add(session);
     }
-    const prefix = ackPrefix({ msg_id: msgId, delivered: context.delivered, failed: context.failed, queued: context.queued });
+    const prefix = ackPrefix(msgId, outcomeText);
     if (context.toQueue.length === 0) {
       session.sendText(finishAck(prefix, false));
       if (clientGaveId) dedupe.remember(sender.id, msgId, receivedAt, slot);
@@ -434,7 +439,7 @@ export class Router {
       .then((slot) => messageLog.ackAt(slot))
       .then((ack) => {
         if (ack) {
-          session.sendText(finishAck(ackPrefix(ack), true));
+          session.sendText(finishAck(ackPrefix(ack.msg_id, outcomeFields(ack)), true));
           return;
         }
         // The first record was pruned already: nothing to repeat, so this is a new message.
@@ -473,12 +478,10 @@ export class Router {
     const identity = this.deps.identities.get(targetId);
     if (!identity) {
       context.failed.push({ id: targetId, reason: 'target_not_found' });
-      context.results.push({ id: targetId, role: null, status: 'failed', reason: 'target_not_found' });
       return;
     }
     if (identity.banned) {
       context.failed.push({ id: targetId, reason: 'target_banned' });
-      context.results.push({ id: targetId, role: identity.role, status: 'failed', reason: 'target_banned' });
       return;
     }
     // A socket that is closing (peer leaving, relay shutting down) drops what is written to it:
@@ -488,13 +491,11 @@ export class Router {
     if (open && session.ws.bufferedAmount <= this.deps.options.maxBufferedBytes) {
       session.sendText(context.head + targetId + context.tail);
       context.delivered.push(targetId);
-      context.results.push({ id: targetId, role: identity.role, status: 'delivered', reason: null });
       return;
     }
     if (open && session.slowSince === null) session.slowSince = context.now;
     if (context.queueTtlMs > 0) {
       context.queued.push(targetId);
-      context.results.push({ id: targetId, role: identity.role, status: 'queued', reason: null });
       context.toQueue.push({
         target_id: targetId,
         from_id: context.sender.id,
@@ -508,7 +509,6 @@ export class Router {
     }
     const reason = open ? 'target_slow' : 'target_offline';
     context.failed.push({ id: targetId, reason });
-    context.results.push({ id: targetId, role: identity.role, status: 'failed', reason });
   }
 
   // ---- store-and-forward ---------------------------------------------------------------------

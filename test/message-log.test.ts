@@ -21,7 +21,16 @@ let files = 0;
 const newFile = () => path.join(dir, `messages-${++files}.db`);
 
 function message(i: number, from: string, to: TargetResult[], timestamp = 1_700_000_000_000 + i): MessageRecordInput {
-  return { msg_id: `m-${i}`, timestamp, from_id: from, from_role: from.startsWith('boss-') ? 'boss' : 'employee', targets: to, payload_json: JSON.stringify({ i, 'odd.key': '$x' }) };
+  return {
+    msg_id: `m-${i}`,
+    timestamp,
+    from_id: from,
+    from_role: from.startsWith('boss-') ? 'boss' : 'employee',
+    delivered: to.filter((t) => t.status === 'delivered').map((t) => t.id),
+    failed: to.flatMap((t) => (t.status === 'failed' && t.reason !== null ? [{ id: t.id, reason: t.reason }] : [])),
+    queued: to.filter((t) => t.status === 'queued').map((t) => t.id),
+    payload_json: JSON.stringify({ i, 'odd.key': '$x' }),
+  };
 }
 const to = (id: string, status: TargetResult['status'] = 'delivered'): TargetResult => ({
   id,
@@ -43,9 +52,10 @@ test('append, reopen and query newest first with filters and paging', async () =
   assert.equal(reopened.stats().records, 13);
   const all = await reopened.query({ offset: 0, limit: 100 });
   assert.equal(all.total, 13, 'employee-employee and boss-boss pairs are not edges');
-  assert.deepEqual(all.edges.slice(0, 3).map((e) => [e.record.msg_id, e.target.id]), [['m-12', 'employee-x'], ['m-12', 'employee-y'], ['m-10', 'boss-a']]);
+  // Within a record, targets come as its ack lists them: delivered, failed, queued.
+  assert.deepEqual(all.edges.slice(0, 3).map((e) => [e.record.msg_id, e.target.id]), [['m-12', 'employee-y'], ['m-12', 'employee-x'], ['m-10', 'boss-a']]);
   assert.deepEqual(JSON.parse(all.edges[2]!.record.payload_json), { i: 10, 'odd.key': '$x' });
-  assert.equal(all.edges[0]!.target.status, 'failed');
+  assert.deepEqual(all.edges.slice(0, 2).map((e) => [e.target.status, e.target.reason, e.target.role]), [['delivered', null, 'employee'], ['failed', 'target_offline', 'employee']]);
   assert.equal((await reopened.query({ bossId: 'boss-b', offset: 0, limit: 10 })).total, 2);
   assert.equal((await reopened.query({ employeeId: 'employee-y', offset: 0, limit: 10 })).total, 6);
   assert.equal((await reopened.query({ employeeIds: new Set(['employee-x']), bossId: 'boss-a', offset: 0, limit: 10 })).total, 6);
@@ -84,8 +94,8 @@ test('a queued target updated later keeps its place and survives reopen; NeDB re
   const all = await reopened.query({ offset: 0, limit: 5 });
   assert.deepEqual(all.edges.map((e) => [e.record.msg_id, e.target.id, e.target.status]), [
     ['m-2', 'employee-y', 'delivered'],
-    ['m-1', 'employee-x', 'delivered'],
     ['m-1', 'employee-y', 'delivered'],
+    ['m-1', 'employee-x', 'delivered'],
   ]);
   assert.deepEqual(all.edges[1]!.record.queued, ['employee-x'], 'queued keeps what the first ack said');
   await reopened.close();
@@ -95,9 +105,41 @@ test('a queued target updated later keeps its place and survives reopen; NeDB re
   const docs = await nedb.findAsync({});
   assert.equal(docs.length, 2);
   const first = docs.find((d) => d.msg_id === 'm-1')!;
-  assert.deepEqual((first.targets as TargetResult[]).map((t) => t.status), ['delivered', 'delivered']);
+  assert.deepEqual([first.delivered, first.failed, first.queued, first.settled], [['employee-y'], [], ['employee-x'], { 'employee-x': 'delivered' }]);
   assert.deepEqual(JSON.parse(String(first.payload_json)), { i: 1, 'odd.key': '$x' }, 'keys NeDB refuses are kept as JSON text');
   assert.deepEqual(docs.find((d) => d.msg_id === 'm-2')!.payload, { plain: [1, 2] }, 'other payloads are stored as they are');
+});
+
+test('records written with one object per target (the earlier line format) still load, query and answer acks', async () => {
+  const file = newFile();
+  const legacy = (id: string, msgId: string, targets: object[], queued: string[]) =>
+    JSON.stringify({ _id: id, msg_id: msgId, timestamp: 1_700_000_000_000, from_id: 'boss-a', from_role: 'boss', targets, queued, payload: { n: 1 } });
+  await fs.writeFile(
+    file,
+    [
+      legacy('r1', 'old-1', [
+        { id: 'employee-x', role: 'employee', status: 'failed', reason: 'target_offline' },
+        { id: 'employee-y', role: 'employee', status: 'delivered', reason: null },
+      ], []),
+      legacy('r2', 'old-2', [{ id: 'employee-x', role: 'employee', status: 'queued', reason: null }], ['employee-x']),
+      legacy('r2', 'old-2', [{ id: 'employee-x', role: 'employee', status: 'expired', reason: null }], ['employee-x']),
+    ].join('\n') + '\n',
+  );
+  const log = await MessageLog.open({ file, logger: silent });
+  const all = await log.query({ offset: 0, limit: 10 });
+  assert.deepEqual(all.edges.map((e) => [e.record.msg_id, e.target.id, e.target.status]), [
+    ['old-2', 'employee-x', 'expired'],
+    ['old-1', 'employee-x', 'failed'],
+    ['old-1', 'employee-y', 'delivered'],
+  ]);
+  const [first, second] = await log.recordsSince(0);
+  assert.deepEqual(await log.ackAt(first!.slot), { msg_id: 'old-1', delivered: ['employee-y'], failed: [{ id: 'employee-x', reason: 'target_offline' }], queued: [] });
+  assert.deepEqual(await log.ackAt(second!.slot), { msg_id: 'old-2', delivered: [], failed: [], queued: ['employee-x'] });
+  log.append(message(3, 'boss-a', [to('employee-y')]));
+  await log.close();
+  const reopened = await MessageLog.open({ file, logger: silent });
+  assert.equal((await reopened.query({ employeeId: 'employee-y', offset: 0, limit: 10 })).total, 2, 'old and new lines side by side');
+  await reopened.close();
 });
 
 test('a truncated last line and a corrupt middle line are skipped; the next append is intact', async () => {

@@ -31,10 +31,11 @@ function recordLine(index: number, timestamp: number): string {
     timestamp,
     from_id: fromBoss ? boss : employee,
     from_role: fromBoss ? 'boss' : 'employee',
-    targets: [{ id: fromBoss ? employee : boss, role: fromBoss ? 'employee' : 'boss', status: 'delivered', reason: null }],
+    delivered: [fromBoss ? employee : boss],
+    failed: [],
     queued: [],
-    // The relay keeps the payload as its JSON text (NeDB refuses keys with "." or "$").
-    payload_json: JSON.stringify({ task: 'summarise', seq: index, body: 'report on item ' + index }),
+    // As the relay writes it: a payload without "." or "$" in its JSON text is stored as it is.
+    payload: { task: 'summarise', seq: index, body: 'report on item ' + index },
   };
   return JSON.stringify(record);
 }

@@ -23,6 +23,7 @@ export class Session {
   bytesSent = 0;
 
   corked = false;
+  writtenInTick = 0;
   readonly socket: Duplex | undefined;
 
   constructor(

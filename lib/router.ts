@@ -466,7 +466,7 @@ export class Router {
     const senderId = context.sender.id;
     if (target.kind === 'broadcast') {
       // Broadcast reaches who is online now; offline identities are not failures.
-      for (const id of this.online.keys()) if (id !== senderId) this.deliverOne(context, id);
+      for (const [id, session] of this.online) if (id !== senderId) this.deliverTo(context, id, session.identity!, session);
     } else if (target.kind === 'tag') {
       for (const id of this.deps.identities.withTag(target.tag)) if (id !== senderId) this.deliverOne(context, id);
     } else {
@@ -480,13 +480,17 @@ export class Router {
       context.failed.push({ id: targetId, reason: 'target_not_found' });
       return;
     }
+    this.deliverTo(context, targetId, identity, this.online.get(targetId));
+  }
+
+  /** One target, its identity and session already looked up (a broadcast walks the sessions). */
+  private deliverTo(context: RouteContext, targetId: string, identity: Identity, session: Session | undefined): void {
     if (identity.banned) {
       context.failed.push({ id: targetId, reason: 'target_banned' });
       return;
     }
     // A socket that is closing (peer leaving, relay shutting down) drops what is written to it:
     // treat its target as offline, so the message is queued or failed instead of lost as delivered.
-    const session = this.online.get(targetId);
     const open = session !== undefined && session.isOpen;
     if (open && session.ws.bufferedAmount <= this.deps.options.maxBufferedBytes) {
       session.sendText(context.head + targetId + context.tail);

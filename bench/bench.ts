@@ -110,7 +110,7 @@ function describeConfig(config: BenchConfig): string {
   return [
     `rounds ${config.rounds} (median; logged/sent: worst round; peak RSS / restart: max)`,
     `throughput ${config.throughputMessages.toLocaleString('en-US')} msgs, ${config.inFlight} in flight`,
-    `latency ${config.latencyMessages} msgs after ${config.latencyWarmup} warm-up`,
+    `latency ${config.latencyMessages} msgs after ${config.latencyWarmup} + ${config.latencyMessages} warm-up (first N after start: the ${config.latencyMessages} after ${config.latencyWarmup})`,
     `fan-out N=${config.fanoutEmployees} employees x ${config.fanoutBroadcasts} broadcasts`,
     `idle N=${config.idleConnections.toLocaleString('en-US')} employees`,
     `restart N=${config.restartMessages.toLocaleString('en-US')} messages`,

@@ -34,6 +34,8 @@ const ROWS: RowSpec[] = [
   { label: 'throughput logged/sent after SIGTERM (%)', scenario: 'throughput', metric: 'loggedPercent', decimals: 2, combine: 'min', target: { kind: 'relayAtLeast', value: 100 } },
   { label: 'latency, one at a time, p50 (ms)', scenario: 'latency', metric: 'latencyP50Ms', decimals: 3 },
   { label: 'latency, one at a time, p99 (ms)', scenario: 'latency', metric: 'latencyP99Ms', decimals: 3, target: { kind: 'ratioAtMost', value: 1.5 } },
+  { label: 'latency, first N after start, p50 (ms)', scenario: 'latency', metric: 'latencyFreshP50Ms', decimals: 3 },
+  { label: 'latency, first N after start, p99 (ms)', scenario: 'latency', metric: 'latencyFreshP99Ms', decimals: 3 },
   { label: 'fan-out to N employees (deliveries/s)', scenario: 'fanout', metric: 'fanoutDeliveriesPerSec', decimals: 0, target: { kind: 'ratioAtLeast', value: 0.95 } },
   { label: 'fan-out time until all N received (ms)', scenario: 'fanout', metric: 'fanoutTimeToAllMs', decimals: 2 },
   { label: 'idle memory per connection (KB)', scenario: 'idle', metric: 'idleKbPerConnection', decimals: 2, target: { kind: 'ratioAtMost', value: 1.5 } },

@@ -112,7 +112,7 @@ async function throughput(kind: ServerKind, config: BenchConfig): Promise<Metric
 async function latency(kind: ServerKind, config: BenchConfig): Promise<Metrics> {
   return withServer(kind, config, async (server) => {
     const result = await runLatency(server.url, config.latencyMessages, config.latencyWarmup, config.runTimeoutMs);
-    return { latencyP50Ms: result.p50Ms, latencyP99Ms: result.p99Ms };
+    return { latencyP50Ms: result.p50Ms, latencyP99Ms: result.p99Ms, latencyFreshP50Ms: result.freshP50Ms, latencyFreshP99Ms: result.freshP99Ms };
   });
 }
 

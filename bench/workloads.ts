@@ -87,15 +87,22 @@ export async function runThroughput(url: string, messages: number, inFlight: num
 export interface LatencyResult {
   p50Ms: number;
   p99Ms: number;
+  /** The same, over the `messages` right after the warm-up, while the server is still new. */
+  freshP50Ms: number;
+  freshP99Ms: number;
 }
 
-/** One message at a time: the next is sent after the previous was received and acked. */
+/**
+ * One message at a time: the next is sent after the previous was received and acked. After
+ * `warmup` messages, two windows of `messages` each: the first shows a freshly started server
+ * (JIT still compiling its code), the second the steady state.
+ */
 export async function runLatency(url: string, messages: number, warmup: number, timeoutMs: number): Promise<LatencyResult> {
   const boss = await connectAndAuth(url, 'boss');
   const employee = await connectAndAuth(url, 'employee', 'bench-latency');
   const head = `{"type":"message","to":${JSON.stringify(employee.id)},"payload":${PAYLOAD},"msg_id":"l${randomBytes(4).toString('hex')}-`;
-  const total = warmup + messages;
-  const latency = new Float64Array(messages);
+  const total = warmup + 2 * messages;
+  const latency = new Float64Array(2 * messages);
   let index = 0;
   let sentAt = 0;
   let received = false;
@@ -131,7 +138,9 @@ export async function runLatency(url: string, messages: number, warmup: number, 
   });
   try {
     await withTimeout(run, timeoutMs, 'latency run');
-    return { p50Ms: percentile(latency, 50), p99Ms: percentile(latency, 99) };
+    const fresh = latency.slice(0, messages);
+    const steady = latency.slice(messages);
+    return { p50Ms: percentile(steady, 50), p99Ms: percentile(steady, 99), freshP50Ms: percentile(fresh, 50), freshP99Ms: percentile(fresh, 99) };
   } finally {
     closeAll([boss, employee]);
   }

@@ -26,6 +26,7 @@ import {
   type Role,
 } from './protocol';
 import type { Session } from './session';
+import { splitText, type SplitText } from './ws-frame';
 
 const MAX_META_BYTES = 16 * 1024;
 const MAX_MSG_ID_LENGTH = 256;
@@ -74,6 +75,8 @@ interface RouteContext {
   msgId: string;
   head: string;
   tail: string;
+  /** head and tail encoded, made at the first delivery. */
+  split: SplitText | null;
   queueTtlMs: number;
   now: number;
   delivered: string[];
@@ -374,6 +377,7 @@ export class Router {
       msgId,
       head: `{"type":"message","msg_id":${JSON.stringify(msgId)},"from_id":"${sender.id}","from_role":"${sender.role}","to":"`,
       tail: `",${payloadJson === undefined ? '' : `"payload":${payloadJson},`}"timestamp":${now}}`,
+      split: null,
       queueTtlMs,
       now,
       delivered: [],
@@ -466,7 +470,10 @@ export class Router {
     const senderId = context.sender.id;
     if (target.kind === 'broadcast') {
       // Broadcast reaches who is online now; offline identities are not failures.
-      for (const [id, session] of this.online) if (id !== senderId) this.deliverTo(context, id, session.identity!, session);
+      for (const session of this.online.values()) {
+        const identity = session.identity!;
+        if (identity.id !== senderId) this.deliverTo(context, identity.id, identity, session);
+      }
     } else if (target.kind === 'tag') {
       for (const id of this.deps.identities.withTag(target.tag)) if (id !== senderId) this.deliverOne(context, id);
     } else {
@@ -493,7 +500,7 @@ export class Router {
     // treat its target as offline, so the message is queued or failed instead of lost as delivered.
     const open = session !== undefined && session.isOpen;
     if (open && session.ws.bufferedAmount <= this.deps.options.maxBufferedBytes) {
-      session.sendText(context.head + targetId + context.tail);
+      session.sendSplit((context.split ??= splitText(context.head, context.tail)), targetId);
       context.delivered.push(targetId);
       return;
     }

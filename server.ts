@@ -135,6 +135,8 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
   });
 
   const server = http.createServer((req, res) => api.handle(req, res));
+  // Expect: 100-continue comes to the API too, so it can refuse a body too large before it is sent.
+  server.on('checkContinue', (req, res) => api.handle(req, res));
   server.on('upgrade', (req, socket, head) => gateway.handleUpgrade(req, socket, head));
   server.on('clientError', (_error, socket) => socket.destroy());
 

@@ -90,6 +90,12 @@ const DEFAULT_HIGH_WATER_MARK = 8 * 1024 * 1024;
 const LINGER_BYTES = 64 * 1024;
 const LINGER_MS = 2;
 const NEWLINE = 0x0a;
+/**
+ * What a damaged line is overwritten with once the file has been copied aside (padded with
+ * spaces to the line's length, so no offset moves): an empty document, which the relay and
+ * NeDB both pass over.
+ */
+const SET_ASIDE = '{}';
 
 interface ParsedLine {
   record: MessageRecord | null;
@@ -271,6 +277,9 @@ export class MessageLog {
   private aboveHighWaterMark = false;
   private readonly drainListeners: (() => void)[] = [];
   private skippedLines = 0;
+  /** Byte ranges of the lines skipped at load (newline excluded), to set aside once copied. */
+  private damaged: { offset: number; length: number }[] = [];
+  private loadedLines = 0;
   private lastId = '';
   private maintenanceTimer: NodeJS.Timeout | null = null;
   private maintaining: Promise<void> | null = null;
@@ -289,6 +298,7 @@ export class MessageLog {
     const log = new MessageLog(options);
     await fs.mkdir(path.dirname(options.file), { recursive: true });
     await log.load();
+    if (log.damaged.length > 0) await log.setDamageAside();
     log.handle = await fs.open(options.file, 'a');
     await log.maintain();
     const every = options.maintenanceIntervalMs ?? 600_000;
@@ -324,21 +334,50 @@ export class MessageLog {
       // A last line without its newline was cut off mid-write: skip it, and start the next
       // append on a fresh line so the damage stays on its own line.
       lineNumber++;
-      this.skip(lineNumber, 'truncated last line');
+      this.skip(lineNumber, 'truncated last line', offset, carry.length);
       offset += carry.length;
       this.needsNewline = true;
     }
     this.fileBytes = Math.max(offset, size);
     this.endOffset = this.fileBytes;
+    this.loadedLines = lineNumber;
+  }
+
+  /**
+   * Like the NeDB-held stores: keeps a copy of the damaged file as NAME.corrupt-<time>, then
+   * overwrites the damaged lines in place, so the next start neither skips nor copies them
+   * again. When the copy cannot be made the file is left as it is (the lines stay skipped).
+   */
+  private async setDamageAside(): Promise<void> {
+    const { file, logger } = this.options;
+    const backup = `${file}.corrupt-${Date.now()}`;
+    try {
+      await fs.copyFile(file, backup);
+      const handle = await fs.open(file, 'r+');
+      try {
+        for (const { offset, length } of this.damaged) {
+          const filler = Buffer.alloc(length, ' ');
+          if (length >= SET_ASIDE.length) filler.write(SET_ASIDE);
+          await handle.write(filler, 0, length, offset);
+        }
+      } finally {
+        await handle.close();
+      }
+      logger.warn('store_lines_skipped', { file, skipped_lines: this.skippedLines, total_lines: this.loadedLines, backup });
+    } catch (error) {
+      logger.error('message_log_backup_failed', { file, backup, skipped_lines: this.skippedLines, error: (error as Error).message });
+    }
+    this.damaged = [];
   }
 
   private loadLine(text: string, offset: number, length: number, lineNumber: number): void {
-    if (text.trim() === '') return;
+    const trimmed = text.trim();
+    if (trimmed === '' || trimmed === SET_ASIDE) return;
     let parsed = parseLine(text, false);
-    if (parsed === null) return this.skip(lineNumber, 'unreadable line');
+    if (parsed === null) return this.skip(lineNumber, 'unreadable line', offset, length - 1);
     // Records waiting on a queued target are kept whole: their next version rewrites the payload.
     if (parsed.record !== null && hasQueued(parsed.record)) parsed = parseLine(text);
-    if (parsed === null) return this.skip(lineNumber, 'unreadable line');
+    if (parsed === null) return this.skip(lineNumber, 'unreadable line', offset, length - 1);
     if (parsed.deletedId !== null) {
       this.open.delete(parsed.deletedId);
       return;
@@ -356,8 +395,9 @@ export class MessageLog {
     if (hasQueued(record)) this.open.set(record._id, { slot, record });
   }
 
-  private skip(lineNumber: number, reason: string): void {
+  private skip(lineNumber: number, reason: string, offset: number, length: number): void {
     this.skippedLines++;
+    this.damaged.push({ offset, length });
     this.options.logger.warn('message_log_line_skipped', { file: this.options.file, line: lineNumber, reason });
   }
 

@@ -2,10 +2,10 @@
 // builds its own stores, router and servers: there is no module-level state, so one process can
 // run several relays.
 
-import fs from 'node:fs/promises';
 import http from 'node:http';
 import path from 'node:path';
 import { ConnectionLog } from './lib/connection-log';
+import { prepareDataDir } from './lib/data-dir';
 import { DedupeCache } from './lib/dedupe-cache';
 import { DeliveryQueue } from './lib/delivery-queue';
 import { serveDashboard } from './lib/dashboard-page';
@@ -50,12 +50,12 @@ interface Stores {
 }
 
 async function openStores(options: ResolvedOptions, logger: Logger): Promise<Stores> {
-  await fs.mkdir(options.dataDir, { recursive: true });
+  await prepareDataDir(options.dataDir, options.fileMode, logger);
   const file = (name: string) => path.join(options.dataDir, name);
-  const compaction = options.maintenanceIntervalMs;
+  const { maintenanceIntervalMs: compaction, fileMode } = options;
   const [identities, connectionLog, messageLog, queue] = await Promise.all([
-    IdentityStore.open(file('identities.db'), logger, compaction),
-    ConnectionLog.open(file('connections.db'), logger, compaction),
+    IdentityStore.open(file('identities.db'), logger, compaction, fileMode),
+    ConnectionLog.open(file('connections.db'), logger, compaction, fileMode),
     MessageLog.open({
       file: file('messages.db'),
       logger,
@@ -63,8 +63,9 @@ async function openStores(options: ResolvedOptions, logger: Logger): Promise<Sto
       retentionMs: options.retentionMs,
       maxMessages: options.maxMessages,
       maintenanceIntervalMs: options.maintenanceIntervalMs,
+      fileMode,
     }),
-    DeliveryQueue.open(file('queue.db'), logger, { compactionIntervalMs: compaction, fsync: options.fsync }),
+    DeliveryQueue.open(file('queue.db'), logger, { compactionIntervalMs: compaction, fsync: options.fsync, fileMode }),
   ]);
   return { identities, connectionLog, messageLog, queue };
 }

@@ -9,7 +9,7 @@ export class UsageError extends Error {}
 
 export type ParsedCommand = { kind: 'help' } | { kind: 'version' } | { kind: 'run'; options: RelayOptions };
 
-type Kind = 'duration' | 'bytes' | 'count' | 'string' | 'boolean';
+type Kind = 'duration' | 'bytes' | 'count' | 'mode' | 'string' | 'boolean';
 
 /** Every flag: its kind, the option it sets, and its help line. */
 const FLAGS: Record<string, { kind: Kind; option: keyof RelayOptions; help: string }> = {
@@ -39,6 +39,7 @@ const FLAGS: Record<string, { kind: Kind; option: keyof RelayOptions; help: stri
   fsync: { kind: 'boolean', option: 'fsync', help: 'fsync the logs after each write batch (default off)' },
   'employee-key': { kind: 'string', option: 'employeeKey', help: 'key employees must send as "employee_key" to register (else env MIMICLAW_EMPLOYEE_KEY; default none)' },
   'public-reads': { kind: 'boolean', option: 'publicReads', help: 'let non-loopback clients read without the authkey (default off)' },
+  'file-mode': { kind: 'mode', option: 'fileMode', help: 'mode of the data files, octal (default 600; a new data dir gets 700); 640 lets the group read' },
 };
 
 const BYTE_UNITS: Record<string, number> = { '': 1, b: 1, kb: 1000, kib: 1024, mb: 1e6, mib: 1024 ** 2, gb: 1e9, gib: 1024 ** 3 };
@@ -62,9 +63,15 @@ function convert(name: string, kind: Kind, raw: unknown): string | number | bool
     if (typeof raw === 'boolean') return raw;
     throw new UsageError(`--${name} is a switch and takes no value.`);
   }
-  if (raw === true || raw === '' || raw === undefined) throw new UsageError(`--${name} needs a value, e.g. --${name} ${kind === 'duration' ? '30s' : kind === 'bytes' ? '1MiB' : '10'}.`);
+  if (raw === true || raw === '' || raw === undefined) {
+    throw new UsageError(`--${name} needs a value, e.g. --${name} ${kind === 'duration' ? '30s' : kind === 'bytes' ? '1MiB' : kind === 'mode' ? '600' : '10'}.`);
+  }
   const text = String(raw);
   if (kind === 'string') return text;
+  if (kind === 'mode') {
+    if (!/^(0o?)?[0-7]{3}$/i.test(text)) throw new UsageError(`--${name} must be an octal mode such as 600 or 640, got "${text}".`);
+    return parseInt(text.slice(-3), 8);
+  }
   if (name === 'port') return parsePort(text);
   const value = kind === 'duration' ? parseDuration(text) : kind === 'bytes' ? parseBytes(text) : /^\d+$/.test(text) ? Number(text) : undefined;
   if (value === undefined) {
@@ -113,7 +120,7 @@ export function parseCommandLine(argv: string[], env: NodeJS.ProcessEnv = proces
 export function helpText(version: string): string {
   const width = Math.max(...Object.keys(FLAGS).map((name) => name.length)) + 10;
   const lines = Object.entries(FLAGS).map(([name, spec]) => {
-    const value = spec.kind === 'boolean' ? '' : spec.kind === 'duration' ? ' <dur>' : spec.kind === 'bytes' ? ' <size>' : spec.kind === 'count' ? ' <n>' : ' <text>';
+    const value = spec.kind === 'boolean' ? '' : spec.kind === 'duration' ? ' <dur>' : spec.kind === 'bytes' ? ' <size>' : spec.kind === 'count' ? ' <n>' : spec.kind === 'mode' ? ' <octal>' : ' <text>';
     return `  --${(name + value).padEnd(width)} ${spec.help}`;
   });
   return [

@@ -58,8 +58,8 @@ export class DeliveryQueue {
     private readonly fsync: boolean,
   ) {}
 
-  static async open(filename: string, logger: Logger, options: { compactionIntervalMs: number; fsync: boolean }): Promise<DeliveryQueue> {
-    const db = await openDatastore<Record<string, unknown>>(filename, logger, options.compactionIntervalMs);
+  static async open(filename: string, logger: Logger, options: { compactionIntervalMs: number; fsync: boolean; fileMode?: number }): Promise<DeliveryQueue> {
+    const db = await openDatastore<Record<string, unknown>>(filename, logger, options.compactionIntervalMs, options.fileMode);
     const queue = new DeliveryQueue(db, filename, logger, options.fsync);
     const entries: QueuedEntry[] = [];
     for (const doc of db.getAllData()) {

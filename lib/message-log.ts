@@ -12,6 +12,7 @@ import { randomBytes } from 'node:crypto';
 import { createReadStream, createWriteStream } from 'node:fs';
 import fs from 'node:fs/promises';
 import path from 'node:path';
+import { applyFileMode, DEFAULT_FILE_MODE, dirModeFor } from './data-dir';
 import { outcomeFields, type AckBody, type RoutingOutcome } from './delivery-ack';
 import type { Logger } from './logger';
 import { MessageIndex, roleFromId, type EdgeFilter } from './message-index';
@@ -72,6 +73,8 @@ export interface MessageLogOptions {
   maxMessages?: number;
   /** How often pruning/compaction runs, ms. */
   maintenanceIntervalMs?: number;
+  /** Permission bits of the file, its rewrites and copies. Default 0o600. */
+  fileMode?: number;
 }
 
 export interface MessageLogStats {
@@ -236,10 +239,10 @@ export function firstAck(record: MessageRecord): AckBody {
 
 const hasQueued = (record: MessageRecord) => record.targets.some((t) => t.status === 'queued');
 
-function copyRange(from: string, to: string, start: number, end: number, flags: 'w' | 'a'): Promise<void> {
+function copyRange(from: string, to: string, start: number, end: number, flags: 'w' | 'a', mode: number): Promise<void> {
   if (end <= start && flags === 'a') return Promise.resolve();
   return new Promise<void>((resolve, reject) => {
-    const sink = createWriteStream(to, { flags });
+    const sink = createWriteStream(to, { flags, mode });
     sink.on('error', reject);
     sink.on('finish', () => resolve());
     if (end <= start) {
@@ -289,17 +292,21 @@ export class MessageLog {
   private closing = false;
   private closed = false;
   private readonly highWaterMark: number;
+  private readonly fileMode: number;
 
   private constructor(private readonly options: MessageLogOptions) {
     this.highWaterMark = options.highWaterMark ?? DEFAULT_HIGH_WATER_MARK;
+    this.fileMode = options.fileMode ?? DEFAULT_FILE_MODE;
   }
 
   static async open(options: MessageLogOptions): Promise<MessageLog> {
     const log = new MessageLog(options);
-    await fs.mkdir(path.dirname(options.file), { recursive: true });
+    await fs.mkdir(path.dirname(options.file), { recursive: true, mode: dirModeFor(log.fileMode) });
     await log.load();
+    // Also tightens a file an older relay wrote 0644.
+    await applyFileMode(options.file, log.fileMode, options.logger);
     if (log.damaged.length > 0) await log.setDamageAside();
-    log.handle = await fs.open(options.file, 'a');
+    log.handle = await fs.open(options.file, 'a', log.fileMode);
     await log.maintain();
     const every = options.maintenanceIntervalMs ?? 600_000;
     log.maintenanceTimer = setInterval(() => void log.maintain(), every);
@@ -312,7 +319,7 @@ export class MessageLog {
     try {
       size = (await fs.stat(this.options.file)).size;
     } catch {
-      await fs.writeFile(this.options.file, '');
+      await fs.writeFile(this.options.file, '', { mode: this.fileMode });
       return;
     }
     let offset = 0;
@@ -353,6 +360,7 @@ export class MessageLog {
     const backup = `${file}.corrupt-${Date.now()}`;
     try {
       await fs.copyFile(file, backup);
+      await applyFileMode(backup, this.fileMode, logger);
       const handle = await fs.open(file, 'r+');
       try {
         for (const { offset, length } of this.damaged) {
@@ -617,10 +625,12 @@ export class MessageLog {
     const temp = `${this.options.file}.prune-${process.pid}`;
     try {
       const copiedTo = this.fileBytes;
-      await copyRange(this.options.file, temp, cut, copiedTo, 'w');
+      await copyRange(this.options.file, temp, cut, copiedTo, 'w', this.fileMode);
+      // A temp file left by a crash keeps its old mode when opened again.
+      await applyFileMode(temp, this.fileMode, this.options.logger);
       this.holdWrites = true;
       if (this.writing) await this.writing;
-      await copyRange(this.options.file, temp, copiedTo, this.fileBytes, 'a');
+      await copyRange(this.options.file, temp, copiedTo, this.fileBytes, 'a', this.fileMode);
       await this.handle?.close();
       this.handle = null;
       await fs.rename(temp, this.options.file);
@@ -634,7 +644,7 @@ export class MessageLog {
       this.options.logger.error('message_log_prune_failed', { error: (error as Error).message });
       await fs.rm(temp, { force: true });
     } finally {
-      this.handle ??= await fs.open(this.options.file, 'a');
+      this.handle ??= await fs.open(this.options.file, 'a', this.fileMode);
       this.holdWrites = false;
     }
   }

@@ -61,6 +61,8 @@ export interface RelayOptions {
   publicReads?: boolean;
   /** How often pruning and compaction run, ms. Default 10 minutes. */
   maintenanceIntervalMs?: number;
+  /** Permission bits of the data files (e.g. 0o640); a dir the relay creates gets them plus search bits. Default 0o600. */
+  fileMode?: number;
 }
 
 export type ResolvedOptions = Required<Omit<RelayOptions, 'logger' | 'employeeKey'>> & {
@@ -94,6 +96,7 @@ export const DEFAULTS = {
   fsync: false,
   publicReads: false,
   maintenanceIntervalMs: 10 * MINUTE,
+  fileMode: 0o600,
 } as const;
 
 export function defaultDataDir(env: NodeJS.ProcessEnv = process.env): string {
@@ -113,6 +116,18 @@ function wholeNumber(name: string, value: number, min: number, max = Number.MAX_
     throw new OptionsError(`${name} must be a whole number from ${min} to ${max}, got ${String(value)}.`);
   }
   return value;
+}
+
+/** Permission bits the relay can live with: it must read and write its own files. */
+function fileModeOption(value: number | undefined): number {
+  const mode = value ?? DEFAULTS.fileMode;
+  if (!Number.isInteger(mode) || mode < 0 || mode > 0o777) {
+    throw new OptionsError(`fileMode must be permission bits such as 0o600 or 0o640 (--file-mode 640), got ${String(value)}.`);
+  }
+  if ((mode & 0o600) !== 0o600) {
+    throw new OptionsError(`fileMode must give the owner read and write (the relay rewrites its files), e.g. 0o600 or 0o640; got 0o${mode.toString(8)}.`);
+  }
+  return mode;
 }
 
 /** Fills defaults and rejects impossible values with a message that names the option. */
@@ -153,6 +168,7 @@ export function resolveOptions(options: RelayOptions): ResolvedOptions {
     employeeKey: options.employeeKey === '' ? undefined : options.employeeKey,
     publicReads: options.publicReads ?? DEFAULTS.publicReads,
     maintenanceIntervalMs: ms('maintenanceIntervalMs', options.maintenanceIntervalMs, DEFAULTS.maintenanceIntervalMs, 1000),
+    fileMode: fileModeOption(options.fileMode),
   };
   return resolved;
 }

@@ -52,12 +52,6 @@ export interface RelayClientOptions {
   maxReconnectDelayMs?: number;
   /** Most sends waiting for their ack; send() rejects with code pending_full beyond it. Default 1000. */
   maxPendingSends?: number;
-  /** How often to send {"type":"ping"}; a connection silent for two intervals is dropped and redialled. 0 = off. Default 20000. */
-  heartbeatIntervalMs?: number;
-  /** Reject a send with code ack_timeout when no ack came this long after send(). Default 0: wait (across reconnects). */
-  ackTimeoutMs?: number;
-  /** Give up on a connection attempt that is not authenticated after this long, and retry. Default 10000. */
-  authTimeoutMs?: number;
   /**
    * A message with the same from_id and msg_id as one passed on within this window is dropped
    * (the relay may route a message twice after a crash). 0 = pass every copy on. Default 600000.
@@ -65,6 +59,12 @@ export interface RelayClientOptions {
   inboundDedupeWindowMs?: number;
   /** Most (from_id, msg_id) pairs remembered for that; the oldest are forgotten first. Default 10000. */
   inboundDedupeMaxEntries?: number;
+  /** How often to send {"type":"ping"}; a connection silent for two intervals is dropped and redialled. 0 = off. Default 20000. */
+  heartbeatIntervalMs?: number;
+  /** Reject a send with code ack_timeout when no ack came this long after send(). Default 0: wait (across reconnects). */
+  ackTimeoutMs?: number;
+  /** Give up on a connection attempt that is not authenticated after this long, and retry. Default 10000. */
+  authTimeoutMs?: number;
 }
 
 export interface SendOptions {
@@ -163,6 +163,8 @@ export class RelayClient {
     RelayClientOptions;
   private readonly listeners = new Map<keyof RelayClientEvents, Set<(value: never) => void>>();
   private readonly pending = new Map<string, PendingSend>();
+  /** (from_id, msg_id) of the messages passed on lately, kept across reconnects. */
+  private readonly inboundSeen: DedupeCache;
   private ws: WebSocket | null = null;
   private state: ClientStatus = 'closed';
   private started = false;
@@ -180,8 +182,6 @@ export class RelayClient {
   private retryAfterMs = 0;
   private lastReceivedAt = 0;
   private connectWaiters: { resolve: (ok: AuthOkFrame) => void; reject: (error: RelayClientError) => void }[] = [];
-  /** (from_id, msg_id) of the messages passed on lately, kept across reconnects. */
-  private readonly inboundSeen: DedupeCache;
 
   constructor(options: RelayClientOptions) {
     this.options = {
@@ -461,6 +461,7 @@ export class RelayClient {
     }
     const frame = decoded.value as unknown as ServerFrame;
     this.emit('frame', frame);
+    if (frame.type === 'message' && this.isRepeat(frame)) return;
     switch (frame.type) {
       case 'auth_ok':
         void this.onAuthOk(frame);
@@ -472,7 +473,7 @@ export class RelayClient {
         this.onErrorFrame(frame);
         return;
       case 'message':
-        if (!this.isRepeat(frame)) this.emit('message', frame);
+        this.emit('message', frame);
         return;
       case 'delivery_update':
         this.emit('delivery_update', frame);

@@ -52,7 +52,8 @@ interface Stores {
 async function openStores(options: ResolvedOptions, logger: Logger): Promise<Stores> {
   await prepareDataDir(options.dataDir, options.fileMode, logger);
   const file = (name: string) => path.join(options.dataDir, name);
-  const { maintenanceIntervalMs: compaction, fileMode } = options;
+  const compaction = options.maintenanceIntervalMs;
+  const fileMode = options.fileMode;
   const [identities, connectionLog, messageLog, queue] = await Promise.all([
     IdentityStore.open(file('identities.db'), logger, compaction, fileMode),
     ConnectionLog.open(file('connections.db'), logger, compaction, fileMode),

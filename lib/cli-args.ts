@@ -18,6 +18,7 @@ const FLAGS: Record<string, { kind: Kind; option: keyof RelayOptions; help: stri
   'ws-path': { kind: 'string', option: 'wsPath', help: 'WebSocket path (default /ws)' },
   authkey: { kind: 'string', option: 'authkey', help: 'boss/admin key (else env MIMICLAW_AUTHKEY)' },
   'data-dir': { kind: 'string', option: 'dataDir', help: 'data dir (else env MIMICLAW_RELAY_HOME, else ~/.mimiclaw-relay)' },
+  'file-mode': { kind: 'mode', option: 'fileMode', help: 'mode of the data files, octal (default 600; a new data dir gets 700); 640 lets the group read' },
   'auth-timeout': { kind: 'duration', option: 'authTimeoutMs', help: 'close sockets not authenticated in time (default 15s)' },
   'log-level': { kind: 'string', option: 'logLevel', help: `${LOG_LEVELS.join('|')} (default info)` },
   'queue-ttl': { kind: 'duration', option: 'queueTtlMs', help: 'queue every message for offline targets this long (default off: only "queue":true)' },
@@ -39,7 +40,6 @@ const FLAGS: Record<string, { kind: Kind; option: keyof RelayOptions; help: stri
   fsync: { kind: 'boolean', option: 'fsync', help: 'fsync the logs after each write batch (default off)' },
   'employee-key': { kind: 'string', option: 'employeeKey', help: 'key employees must send as "employee_key" to register (else env MIMICLAW_EMPLOYEE_KEY; default none)' },
   'public-reads': { kind: 'boolean', option: 'publicReads', help: 'let non-loopback clients read without the authkey (default off)' },
-  'file-mode': { kind: 'mode', option: 'fileMode', help: 'mode of the data files, octal (default 600; a new data dir gets 700); 640 lets the group read' },
 };
 
 const BYTE_UNITS: Record<string, number> = { '': 1, b: 1, kb: 1000, kib: 1024, mb: 1e6, mib: 1024 ** 2, gb: 1e9, gib: 1024 ** 3 };

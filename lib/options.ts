@@ -16,6 +16,8 @@ export interface RelayOptions {
   authkey: string;
   /** Default ~/.mimiclaw-relay or MIMICLAW_RELAY_HOME. */
   dataDir?: string;
+  /** Permission bits of the data files (e.g. 0o640); a dir the relay creates gets them plus search bits. Default 0o600. */
+  fileMode?: number;
   /** Close sockets that have not authenticated after this many ms. Default 15000. */
   authTimeoutMs?: number;
   /** Default info. Ignored when `logger` is given. */
@@ -61,8 +63,6 @@ export interface RelayOptions {
   publicReads?: boolean;
   /** How often pruning and compaction run, ms. Default 10 minutes. */
   maintenanceIntervalMs?: number;
-  /** Permission bits of the data files (e.g. 0o640); a dir the relay creates gets them plus search bits. Default 0o600. */
-  fileMode?: number;
 }
 
 export type ResolvedOptions = Required<Omit<RelayOptions, 'logger' | 'employeeKey'>> & {
@@ -76,6 +76,7 @@ export const DEFAULTS = {
   port: 8787,
   host: '0.0.0.0',
   wsPath: '/ws',
+  fileMode: 0o600,
   authTimeoutMs: 15_000,
   logLevel: 'info' as LogLevel,
   queueTtlMs: 0,
@@ -96,7 +97,6 @@ export const DEFAULTS = {
   fsync: false,
   publicReads: false,
   maintenanceIntervalMs: 10 * MINUTE,
-  fileMode: 0o600,
 } as const;
 
 export function defaultDataDir(env: NodeJS.ProcessEnv = process.env): string {
@@ -147,6 +147,7 @@ export function resolveOptions(options: RelayOptions): ResolvedOptions {
     wsPath,
     authkey: options.authkey,
     dataDir: path.resolve(options.dataDir ?? defaultDataDir()),
+    fileMode: fileModeOption(options.fileMode),
     authTimeoutMs: ms('authTimeoutMs', options.authTimeoutMs, DEFAULTS.authTimeoutMs, 1),
     logLevel: options.logLevel ?? DEFAULTS.logLevel,
     queueTtlMs: ms('queueTtlMs', options.queueTtlMs, DEFAULTS.queueTtlMs),
@@ -168,7 +169,6 @@ export function resolveOptions(options: RelayOptions): ResolvedOptions {
     employeeKey: options.employeeKey === '' ? undefined : options.employeeKey,
     publicReads: options.publicReads ?? DEFAULTS.publicReads,
     maintenanceIntervalMs: ms('maintenanceIntervalMs', options.maintenanceIntervalMs, DEFAULTS.maintenanceIntervalMs, 1000),
-    fileMode: fileModeOption(options.fileMode),
   };
   return resolved;
 }

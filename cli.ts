@@ -1,9 +1,11 @@
 #!/usr/bin/env node
-// The `mimiclaw-ws` command: runs the relay until SIGINT/SIGTERM. Startup problems end with one
-// line on stderr that says what to do, and a non-zero exit.
+// The `mimiclaw-ws` command: runs the relay until SIGINT/SIGTERM; SIGHUP reloads the key files
+// and the TLS certificate. Startup problems end with one line on stderr that says what to do,
+// and a non-zero exit.
 
 import { helpText, parseCommandLine, UsageError } from './lib/cli-args';
 import { runConnect, runSend } from './lib/cli-client';
+import { runHealth } from './lib/health-check';
 import { OptionsError } from './lib/options';
 import { packageVersion } from './lib/version';
 import { startRelay } from './server';
@@ -45,14 +47,17 @@ async function runRelay(argv: string[]): Promise<number> {
     };
     process.on('SIGINT', stop);
     process.on('SIGTERM', stop);
+    // What it reloads (or fails to) is logged by the relay; a failure keeps what is in use.
+    process.on('SIGHUP', () => void relay.reload());
   });
   return 0;
 }
 
 async function main(argv: string[]): Promise<number> {
-  // Subcommands (connect, send) are dispatched here; a plain number stays the port.
+  // Subcommands (connect, send, health) are dispatched here; a plain number stays the port.
   if (argv[0] === 'connect') return runConnect(argv.slice(1));
   if (argv[0] === 'send') return runSend(argv.slice(1));
+  if (argv[0] === 'health') return runHealth(argv.slice(1));
   return runRelay(argv);
 }
 

@@ -3,6 +3,7 @@
 // run several relays.
 
 import http from 'node:http';
+import https from 'node:https';
 import path from 'node:path';
 import { ConnectionLog } from './lib/connection-log';
 import { prepareDataDir } from './lib/data-dir';
@@ -19,6 +20,8 @@ import { MessageLog } from './lib/message-log';
 import { RelayMetrics } from './lib/metrics';
 import { resolveOptions, type RelayOptions, type ResolvedOptions } from './lib/options';
 import { Router } from './lib/router';
+import { loadKeyFiles, reloadKeyFiles, type KeyReloadResult } from './lib/secret-files';
+import { CertificateReloader, type CertificateReloadResult } from './lib/tls';
 import { packageVersion } from './lib/version';
 import { WsGateway } from './lib/ws-gateway';
 
@@ -27,15 +30,26 @@ export type { RelayEvent } from './lib/events';
 export * from './lib/protocol';
 
 export interface RelayHandle {
-  /** ws://HOST:PORT/ws (loopback address when listening on all interfaces). */
+  /** ws://HOST:PORT/ws, or wss:// with TLS (loopback address when listening on all interfaces). */
   url: string;
-  /** http://HOST:PORT */
+  /** http://HOST:PORT, or https:// with TLS */
   httpUrl: string;
   port: number;
   dataDir: string;
   events: EventBus;
+  /**
+   * What SIGHUP does: reads the key files and the TLS files again. New keys apply to auths from
+   * then on; a renewed certificate to handshakes from then on. A file that fails keeps what is in use.
+   */
+  reload(): Promise<ReloadResult>;
   /** Closes every socket with 1001, finishes pending writes, closes the stores. */
   close(): Promise<void>;
+}
+
+export interface ReloadResult {
+  keys: KeyReloadResult;
+  /** 'off' without TLS. */
+  certificate: CertificateReloadResult | 'off';
 }
 
 /** The most recent msg_ids remembered for dedupe, whatever the window. */
@@ -85,7 +99,7 @@ async function restoreDedupe(dedupe: DedupeCache, messageLog: MessageLog, queue:
   }
 }
 
-function listen(server: http.Server, port: number, host: string): Promise<void> {
+function listen(server: http.Server | https.Server, port: number, host: string): Promise<void> {
   return new Promise((resolve, reject) => {
     const onError = (error: Error) => reject(error);
     server.once('error', onError);
@@ -100,6 +114,8 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
   const options = resolveOptions(relayOptions);
   const logger = relayOptions.logger ?? createLogger(options.logLevel);
   const startedAt = Date.now();
+  await loadKeyFiles(options, logger);
+  const tlsPair = options.tls ? await CertificateReloader.load(options.tls, logger) : null;
   const stores = await openStores(options, logger);
   const bus = new EventBus();
   if (logger.isEnabled('info')) bus.subscribe(logRelayEvents(logger));
@@ -136,7 +152,8 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
     extensions,
   });
 
-  const server = http.createServer((req, res) => api.handle(req, res));
+  const onRequest: http.RequestListener = (req, res) => api.handle(req, res);
+  const server = tlsPair ? https.createServer({ cert: tlsPair.credentials.cert, key: tlsPair.credentials.key }, onRequest) : http.createServer(onRequest);
   // Expect: 100-continue comes to the API too, so it can refuse a body too large before it is sent.
   server.on('checkContinue', (req, res) => api.handle(req, res));
   server.on('upgrade', (req, socket, head) => gateway.handleUpgrade(req, socket, head));
@@ -170,17 +187,19 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
     metrics.close();
     throw error;
   }
+  const certificates = tlsPair?.attach(server as https.Server, options.tlsReloadIntervalMs) ?? null;
   const address = server.address();
   const port = typeof address === 'object' && address !== null ? address.port : options.port;
   const reachableHost = options.host === '0.0.0.0' || options.host === '::' ? '127.0.0.1' : options.host;
   const hostForUrl = reachableHost.includes(':') ? `[${reachableHost}]` : reachableHost;
-  const httpUrl = `http://${hostForUrl}:${port}`;
-  logger.info('relay_listening', { host: options.host, port, ws_path: options.wsPath, data_dir: options.dataDir });
+  const httpUrl = `${tlsPair ? 'https' : 'http'}://${hostForUrl}:${port}`;
+  logger.info('relay_listening', { host: options.host, port, ws_path: options.wsPath, data_dir: options.dataDir, tls: tlsPair !== null, cert_valid_to: tlsPair?.credentials.validTo });
 
   let closing: Promise<void> | null = null;
   const close = () =>
     (closing ??= (async () => {
       stopTimers();
+      certificates?.stop();
       server.close();
       gateway.closeAll();
       const grace = setTimeout(() => gateway.terminateAll(), CLOSE_HANDSHAKE_GRACE_MS);
@@ -192,7 +211,13 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
       logger.info('relay_closed', {});
     })());
 
-  return { url: `ws://${hostForUrl}:${port}${options.wsPath}`, httpUrl, port, dataDir: options.dataDir, events: bus, close };
+  const reload = async (): Promise<ReloadResult> => {
+    const [keys, certificate] = await Promise.all([reloadKeyFiles(options, logger), certificates?.reload() ?? ('off' as const)]);
+    logger.info('relay_reloaded', { keys_changed: keys.changed, keys_error: keys.error !== null, certificate });
+    return { keys, certificate };
+  };
+  const url = `${tlsPair ? 'wss' : 'ws'}://${hostForUrl}:${port}${options.wsPath}`;
+  return { url, httpUrl, port, dataDir: options.dataDir, events: bus, reload, close };
 }
 
 async function closeStores(stores: Stores): Promise<void> {

@@ -3,13 +3,13 @@
 
 import minimist from 'minimist';
 import { isLogLevel, LOG_LEVELS } from './logger';
-import { defaultDataDir, parseDuration, type RelayOptions } from './options';
+import { defaultDataDir, normaliseOrigin, parseDuration, type RelayOptions } from './options';
 
 export class UsageError extends Error {}
 
 export type ParsedCommand = { kind: 'help' } | { kind: 'version' } | { kind: 'run'; options: RelayOptions };
 
-type Kind = 'duration' | 'bytes' | 'count' | 'mode' | 'string' | 'boolean';
+type Kind = 'duration' | 'bytes' | 'count' | 'mode' | 'string' | 'boolean' | 'origins';
 
 /** Every flag: its kind, the option it sets, and its help line. */
 const FLAGS: Record<string, { kind: Kind; option: keyof RelayOptions; help: string }> = {
@@ -40,6 +40,12 @@ const FLAGS: Record<string, { kind: Kind; option: keyof RelayOptions; help: stri
   fsync: { kind: 'boolean', option: 'fsync', help: 'fsync the logs after each write batch (default off)' },
   'employee-key': { kind: 'string', option: 'employeeKey', help: 'key employees must send as "employee_key" to register (else env MIMICLAW_EMPLOYEE_KEY; default none)' },
   'public-reads': { kind: 'boolean', option: 'publicReads', help: 'let non-loopback clients read without the authkey (default off)' },
+  'authkey-file': { kind: 'string', option: 'authkeyFile', help: 'read the authkey from this file, at start and on SIGHUP (else env MIMICLAW_AUTHKEY_FILE)' },
+  'employee-key-file': { kind: 'string', option: 'employeeKeyFile', help: 'read the employee key from this file, at start and on SIGHUP (else env MIMICLAW_EMPLOYEE_KEY_FILE)' },
+  'tls-cert': { kind: 'string', option: 'tlsCertFile', help: 'PEM certificate chain: serve wss:// and https:// (needs --tls-key)' },
+  'tls-key': { kind: 'string', option: 'tlsKeyFile', help: 'PEM private key of --tls-cert' },
+  'tls-reload-interval': { kind: 'duration', option: 'tlsReloadIntervalMs', help: 'how often the TLS files are checked for a renewal (default 1m; 0 = only on SIGHUP)' },
+  'allowed-origins': { kind: 'origins', option: 'allowedOrigins', help: 'comma-separated origins whose browser pages may open WebSockets; another Origin gets 403 (default: any)' },
 };
 
 const BYTE_UNITS: Record<string, number> = { '': 1, b: 1, kb: 1000, kib: 1024, mb: 1e6, mib: 1024 ** 2, gb: 1e9, gib: 1024 ** 3 };
@@ -58,7 +64,16 @@ function parsePort(text: string): number {
   return port;
 }
 
-function convert(name: string, kind: Kind, raw: unknown): string | number | boolean {
+function parseOrigins(name: string, text: string): string[] {
+  const entries = text.split(',').map((entry) => entry.trim()).filter((entry) => entry !== '');
+  const bad = entries.find((entry) => normaliseOrigin(entry) === undefined);
+  if (entries.length === 0 || bad !== undefined) {
+    throw new UsageError(`--${name} must be a comma-separated list of origins such as https://app.example.com,http://localhost:3000 (scheme, host, optional port; no path), got "${bad ?? text}".`);
+  }
+  return entries;
+}
+
+function convert(name: string, kind: Kind, raw: unknown): string | number | boolean | string[] {
   if (kind === 'boolean') {
     if (typeof raw === 'boolean') return raw;
     throw new UsageError(`--${name} is a switch and takes no value.`);
@@ -68,6 +83,7 @@ function convert(name: string, kind: Kind, raw: unknown): string | number | bool
   }
   const text = String(raw);
   if (kind === 'string') return text;
+  if (kind === 'origins') return parseOrigins(name, text);
   if (kind === 'mode') {
     if (!/^(0o?)?[0-7]{3}$/i.test(text)) throw new UsageError(`--${name} must be an octal mode such as 600 or 640, got "${text}".`);
     return parseInt(text.slice(-3), 8);
@@ -105,11 +121,20 @@ export function parseCommandLine(argv: string[], env: NodeJS.ProcessEnv = proces
   if (port !== undefined && options.port === undefined) options.port = parsePort(port);
   if (authkey !== undefined && options.authkey === undefined) options.authkey = authkey;
   if (dataDir !== undefined && options.dataDir === undefined) options.dataDir = dataDir;
-  options.authkey ??= env.MIMICLAW_AUTHKEY;
-  options.employeeKey ??= env.MIMICLAW_EMPLOYEE_KEY;
+  keyFromEnv(options, env, 'authkey', 'authkeyFile', 'MIMICLAW_AUTHKEY');
+  keyFromEnv(options, env, 'employeeKey', 'employeeKeyFile', 'MIMICLAW_EMPLOYEE_KEY');
   options.dataDir ??= defaultDataDir(env);
-  if (typeof options.authkey !== 'string' || options.authkey === '') {
-    throw new UsageError('No authkey: pass it as the second argument (mimiclaw-ws 8787 <authkey>), with --authkey <key>, or in env MIMICLAW_AUTHKEY.');
+  if ((typeof options.authkey !== 'string' || options.authkey === '') && options.authkeyFile === undefined) {
+    throw new UsageError('No authkey: pass it as the second argument (mimiclaw-ws 8787 <authkey>), with --authkey <key> or --authkey-file <path>, or in env MIMICLAW_AUTHKEY or MIMICLAW_AUTHKEY_FILE.');
+  }
+  if (options.authkey !== undefined && options.authkeyFile !== undefined) {
+    throw new UsageError('Give the authkey once: --authkey (or the second argument) or --authkey-file, not both.');
+  }
+  if (options.employeeKey !== undefined && options.employeeKeyFile !== undefined) {
+    throw new UsageError('Give the employee key once: --employee-key or --employee-key-file, not both.');
+  }
+  if ((options.tlsCertFile === undefined) !== (options.tlsKeyFile === undefined)) {
+    throw new UsageError(`--${options.tlsCertFile === undefined ? 'tls-key' : 'tls-cert'} needs ${options.tlsCertFile === undefined ? '--tls-cert <file>' : '--tls-key <file>'} too: TLS takes the certificate and its key.`);
   }
   if (options.logLevel !== undefined && !isLogLevel(options.logLevel)) {
     throw new UsageError(`--log-level must be one of ${LOG_LEVELS.join(', ')}, got "${String(options.logLevel)}".`);
@@ -117,10 +142,20 @@ export function parseCommandLine(argv: string[], env: NodeJS.ProcessEnv = proces
   return { kind: 'run', options: options as unknown as RelayOptions };
 }
 
+/** A key not given on the command line comes from env NAME or env NAME_FILE (one of them). */
+function keyFromEnv(options: Record<string, unknown>, env: NodeJS.ProcessEnv, key: string, fileKey: string, name: string): void {
+  if (options[key] !== undefined || options[fileKey] !== undefined) return;
+  const value = env[name] || undefined;
+  const file = env[`${name}_FILE`] || undefined;
+  if (value !== undefined && file !== undefined) throw new UsageError(`Set ${name} or ${name}_FILE, not both.`);
+  if (value !== undefined) options[key] = value;
+  if (file !== undefined) options[fileKey] = file;
+}
+
 export function helpText(version: string): string {
   const width = Math.max(...Object.keys(FLAGS).map((name) => name.length)) + 10;
   const lines = Object.entries(FLAGS).map(([name, spec]) => {
-    const value = spec.kind === 'boolean' ? '' : spec.kind === 'duration' ? ' <dur>' : spec.kind === 'bytes' ? ' <size>' : spec.kind === 'count' ? ' <n>' : spec.kind === 'mode' ? ' <octal>' : ' <text>';
+    const value = spec.kind === 'boolean' ? '' : spec.kind === 'duration' ? ' <dur>' : spec.kind === 'bytes' ? ' <size>' : spec.kind === 'count' ? ' <n>' : spec.kind === 'mode' ? ' <octal>' : spec.kind === 'origins' ? ' <list>' : ' <text>';
     return `  --${(name + value).padEnd(width)} ${spec.help}`;
   });
   return [
@@ -130,6 +165,7 @@ export function helpText(version: string): string {
     '  mimiclaw-ws [port] [authkey] [data-dir] [options]',
     '  mimiclaw-ws connect <ws-url> [options]     (mimiclaw-ws connect --help)',
     '  mimiclaw-ws send <ws-url> [options]        (mimiclaw-ws send --help)',
+    '  mimiclaw-ws health [--url <http-url>]      (mimiclaw-ws health --help)',
     '',
     'Options:',
     ...lines,

@@ -133,9 +133,9 @@ export class CertificateReloader {
   }
 
   private async load(): Promise<CertificateReloadResult> {
-    this.lastTried = '';
+    // A file missing now is reported by the load below; '' makes the next tick try again.
+    this.lastTried = await statSignature(this.files).catch(() => '');
     try {
-      this.lastTried = await statSignature(this.files);
       const next = await loadTlsCredentials(this.files, this.logger);
       if (next.cert.equals(this.current.cert) && next.key.equals(this.current.key)) return 'unchanged';
       this.server.setSecureContext({ cert: next.cert, key: next.key });

@@ -11,6 +11,7 @@ import { parseCommandLine } from '../lib/cli-args';
 import { resolveOptions } from '../lib/options';
 import { startRelay } from '../server';
 import { startTestRelay, TEST_AUTHKEY, type TestRelay } from './support';
+import { within } from './tls-support';
 
 interface UpgradeOutcome {
   status: number;
@@ -69,7 +70,7 @@ describe('--allowed-origins', () => {
     assert.equal((await upgrade(env.relay.url)).status, 101);
     const boss = new RelayClient({ url: env.relay.url, role: 'boss', authkey: TEST_AUTHKEY, heartbeatIntervalMs: 0 });
     try {
-      assert.equal((await boss.connect()).role, 'boss');
+      assert.equal((await within(boss.connect(), 10_000, 'the boss to connect')).role, 'boss');
     } finally {
       await boss.close();
     }

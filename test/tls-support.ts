@@ -88,3 +88,16 @@ export function httpsGet(url: string, ca: string, headers: Record<string, string
     request.once('error', reject);
   });
 }
+
+/** `promise`, or a failure naming `what` after `timeoutMs`: a test waiting on an event must not hang. */
+export async function within<T>(promise: Promise<T>, timeoutMs: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<never>((_resolve, reject) => {
+    timer = setTimeout(() => reject(new Error(`timed out after ${timeoutMs} ms waiting for ${what}`)), timeoutMs);
+  });
+  try {
+    return await Promise.race([promise, timeout]);
+  } finally {
+    clearTimeout(timer);
+  }
+}

@@ -12,7 +12,7 @@ import { RelayClient } from '../client';
 import { startRelay } from '../server';
 import { ChildRelay, freePort, runToEnd } from './child-relay';
 import { makeTempDir, startTestRelay, TEST_AUTHKEY, type TestRelay } from './support';
-import { capturingLogger, httpsGet, makeCertificate, presentedFingerprint, renewInPlace, waitUntil, type TestCertificate } from './tls-support';
+import { capturingLogger, httpsGet, makeCertificate, presentedFingerprint, renewInPlace, waitUntil, within, type TestCertificate } from './tls-support';
 
 const CLI = path.join(__dirname, '..', 'cli.js');
 const childEnv = (extra: NodeJS.ProcessEnv = {}): NodeJS.ProcessEnv => ({ PATH: process.env.PATH, HOME: process.env.HOME, ...extra });
@@ -40,15 +40,16 @@ describe('TLS: wss:// and https:// on one port', () => {
   });
 
   test('RelayClient boss and employee talk over wss:// when given the certificate as ca', async () => {
+    assert.match(env.relay.url, /^wss:/);
     const worker = new RelayClient({ url: env.relay.url, role: 'employee', name: 'Tls-1', tags: ['tls'], ca: first.cert, heartbeatIntervalMs: 0 });
     const boss = new RelayClient({ url: env.relay.url, role: 'boss', authkey: TEST_AUTHKEY, ca: first.cert, heartbeatIntervalMs: 0 });
     try {
       const received = new Promise<unknown>((resolve) => worker.on('message', (m) => resolve(m.payload)));
-      const workerOk = await worker.connect();
-      await boss.connect();
+      const workerOk = await within(worker.connect(), 10_000, 'the employee to connect');
+      await within(boss.connect(), 10_000, 'the boss to connect');
       const ack = await boss.send(workerOk.id, { task: 'over tls' });
       assert.deepEqual(ack.delivered, [workerOk.id]);
-      assert.deepEqual(await received, { task: 'over tls' });
+      assert.deepEqual(await within(received, 10_000, 'the message at the employee'), { task: 'over tls' });
     } finally {
       await Promise.all([worker.close(), boss.close()]);
     }
@@ -56,10 +57,13 @@ describe('TLS: wss:// and https:// on one port', () => {
 
   test('a client that does not trust the certificate is refused by its own TLS check', async () => {
     const boss = new RelayClient({ url: env.relay.url, role: 'boss', authkey: TEST_AUTHKEY, heartbeatIntervalMs: 0, minReconnectDelayMs: 60_000 });
-    const failed = new Promise<Error>((resolve) => boss.on('error', (e) => e instanceof Error && resolve(e)));
-    boss.connect().catch(() => undefined);
-    assert.match((await failed).message, /self-signed certificate/);
-    await boss.close();
+    try {
+      const failed = new Promise<Error>((resolve) => boss.on('error', (e) => e instanceof Error && resolve(e)));
+      boss.connect().catch(() => undefined);
+      assert.match((await within(failed, 10_000, 'the connection to fail')).message, /self-signed certificate/);
+    } finally {
+      await boss.close();
+    }
   });
 
   test('curl reaches /health over https with --cacert, and fails without it', async () => {
@@ -118,7 +122,7 @@ describe('TLS: a renewed certificate without a restart', () => {
     const env = await startTestRelay({ tlsCertFile: live.certFile, tlsKeyFile: live.keyFile, tlsReloadIntervalMs: 0 });
     const boss = new RelayClient({ url: env.relay.url, role: 'boss', authkey: TEST_AUTHKEY, ca: [live.cert, renewed.cert].join('\n'), heartbeatIntervalMs: 0 });
     try {
-      await boss.connect();
+      await within(boss.connect(), 10_000, 'the boss to connect');
       assert.equal(await presentedFingerprint(env.relay.port), live.fingerprint);
       assert.equal((await env.relay.reload()).certificate, 'unchanged');
       await renewInPlace(live, renewed);

@@ -107,10 +107,6 @@ export class CertificateReloader {
     };
   }
 
-  get validTo(): string {
-    return this.current.validTo;
-  }
-
   /** Reads both files again and serves them if they changed and load; otherwise keeps the current pair. */
   reload(): Promise<CertificateReloadResult> {
     return (this.running ??= this.load().finally(() => (this.running = null)));

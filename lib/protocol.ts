@@ -210,8 +210,55 @@ export function isPlainObject(value: unknown): value is Record<string, unknown> 
   return typeof value === 'object' && value !== null && !Array.isArray(value);
 }
 
-/** A frame is text holding one JSON object with a string `type`. */
+/**
+ * Deepest nesting of objects and arrays a frame may have; the frame object itself is level 1,
+ * so a message payload may nest 127 levels. Deeper frames are refused before JSON.parse: parsing
+ * (and later re-encoding) deep nesting costs milliseconds per frame, enough for a few hundred
+ * such frames to stall every other connection.
+ */
+export const MAX_FRAME_DEPTH = 128;
+
+/**
+ * Whether JSON text nests objects and arrays deeper than `limit`, in one pass over the text:
+ * brackets inside strings do not count and escaped quotes do not end a string. For text that is
+ * not valid JSON the answer covers the valid prefix, which is all JSON.parse reads of it.
+ */
+export function nestsDeeperThan(text: string, limit: number): boolean {
+  if (text.length <= limit) return false;
+  let depth = 0;
+  for (let i = 0; i < text.length; i++) {
+    const c = text.charCodeAt(i);
+    if (c === 0x5b || c === 0x7b) {
+      // [ or {
+      if (++depth > limit) return true;
+    } else if (c === 0x5d || c === 0x7d) {
+      // ] or }
+      depth--;
+    } else if (c === 0x22) {
+      // A string: jump to its closing quote, the first one not escaped by an odd run of
+      // backslashes. indexOf keeps long string payloads cheap to skip.
+      let end = i;
+      for (;;) {
+        end = text.indexOf('"', end + 1);
+        if (end < 0) return false;
+        let backslashes = 0;
+        while (text.charCodeAt(end - 1 - backslashes) === 0x5c) backslashes++;
+        if (backslashes % 2 === 0) break;
+      }
+      i = end;
+    }
+  }
+  return false;
+}
+
+/** A frame is text holding one JSON object with a string `type`, nested at most MAX_FRAME_DEPTH deep. */
 export function decodeFrame(text: string): Checked<Record<string, unknown> & { type: string }> {
+  if (nestsDeeperThan(text, MAX_FRAME_DEPTH)) {
+    return fail(
+      'invalid_json',
+      `Frame nests objects or arrays more than ${MAX_FRAME_DEPTH} levels deep: send a flatter JSON value (the connection stays open).`,
+    );
+  }
   let parsed: unknown;
   try {
     parsed = JSON.parse(text);

@@ -4,7 +4,7 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import { MAX_FRAME_DEPTH } from '../lib/protocol';
-import { authBoss, authEmployee, connect, startTestRelay, TEST_AUTHKEY, type Authed, type TestRelay } from './support';
+import { authBoss, authEmployee, connect, startTestRelay, TEST_AUTHKEY, type Authed, type Frame, type TestRelay } from './support';
 
 /** `levels` arrays, one inside the other, around 0: nesting `levels` deep. */
 function nested(levels: number): string {
@@ -14,6 +14,11 @@ function nested(levels: number): string {
 /** A message frame whose payload makes the whole frame `depth` levels deep (the frame object is level 1). */
 function messageOfDepth(to: string, depth: number, msgId: string): string {
   return `{"type":"message","to":${JSON.stringify(to)},"msg_id":${JSON.stringify(msgId)},"payload":${nested(depth - 1)}}`;
+}
+
+/** Matches the frame of `type` about message `msgId`. */
+function answering(type: string, msgId: string): (f: Frame) => boolean {
+  return (f) => f.type === type && f.msg_id === msgId;
 }
 
 describe('frame nesting bound', () => {
@@ -50,18 +55,17 @@ describe('frame nesting bound', () => {
 
   test('a frame exactly at the bound is routed', async () => {
     boss.socket.send(messageOfDepth(employee.id, MAX_FRAME_DEPTH, 'at-bound'));
-    const ack = await boss.socket.next('delivery_ack');
+    const ack = await boss.socket.next(answering('delivery_ack', 'at-bound'));
     assert.deepEqual(ack.delivered, [employee.id]);
-    const got = await employee.socket.next('message');
-    assert.equal(got.msg_id, 'at-bound');
+    const got = await employee.socket.next(answering('message', 'at-bound'));
     assert.equal(JSON.stringify(got.payload), nested(MAX_FRAME_DEPTH - 1));
   });
 
   test('brackets inside strings and escaped quotes do not count as nesting', async () => {
     const text = '"[[{' + '['.repeat(5000) + '\\' + '{'.repeat(300) + '\\\\';
     boss.socket.send({ type: 'message', to: employee.id, msg_id: 'in-strings', payload: { text, more: ['"[', '\\', text] } });
-    assert.deepEqual((await boss.socket.next('delivery_ack')).delivered, [employee.id]);
-    const got = await employee.socket.next('message');
+    assert.deepEqual((await boss.socket.next(answering('delivery_ack', 'in-strings'))).delivered, [employee.id]);
+    const got = await employee.socket.next(answering('message', 'in-strings'));
     assert.deepEqual(got.payload, { text, more: ['"[', '\\', text] });
   });
 

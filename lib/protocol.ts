@@ -218,6 +218,9 @@ export function isPlainObject(value: unknown): value is Record<string, unknown> 
  */
 export const MAX_FRAME_DEPTH = 128;
 
+const QUOTE = 0x22;
+const BACKSLASH = 0x5c;
+
 /**
  * Whether JSON text nests objects and arrays deeper than `limit`, in one pass over the text:
  * brackets inside strings do not count and escaped quotes do not end a string. For text that is
@@ -234,21 +237,37 @@ export function nestsDeeperThan(text: string, limit: number): boolean {
     } else if (c === 0x5d || c === 0x7d) {
       // ] or }
       depth--;
-    } else if (c === 0x22) {
-      // A string: jump to its closing quote, the first one not escaped by an odd run of
-      // backslashes. indexOf keeps long string payloads cheap to skip.
-      let end = i;
-      for (;;) {
-        end = text.indexOf('"', end + 1);
-        if (end < 0) return false;
-        let backslashes = 0;
-        while (text.charCodeAt(end - 1 - backslashes) === 0x5c) backslashes++;
-        if (backslashes % 2 === 0) break;
-      }
-      i = end;
+    } else if (c === QUOTE) {
+      i = stringEnd(text, i);
+      if (i < 0) return false;
     }
   }
   return false;
+}
+
+/** Index of the quote that closes the string opened at `open`, or -1 when the text ends first. */
+function stringEnd(text: string, open: number): number {
+  const length = text.length;
+  // Short strings (keys, ids) are cheapest to walk character by character.
+  const shortEnd = Math.min(length, open + 33);
+  let i = open + 1;
+  for (; i < shortEnd; i++) {
+    const c = text.charCodeAt(i);
+    if (c === QUOTE) return i;
+    if (c === BACKSLASH) i++;
+  }
+  if (i >= length) return -1;
+  // A long one: the next quote ends it unless a backslash stands right before it, so a long
+  // payload string costs one native search; only then is the rest walked escape by escape.
+  const quote = text.indexOf('"', i);
+  if (quote < 0) return -1;
+  if (text.charCodeAt(quote - 1) !== BACKSLASH) return quote;
+  for (; i < length; i++) {
+    const c = text.charCodeAt(i);
+    if (c === QUOTE) return i;
+    if (c === BACKSLASH) i++;
+  }
+  return -1;
 }
 
 /** A frame is text holding one JSON object with a string `type`, nested at most MAX_FRAME_DEPTH deep. */

@@ -3,6 +3,7 @@
 
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
+import { helpText, parseCommandLine } from '../lib/cli-args';
 import { authBoss, authEmployee, connect, reconnect, startTestRelay, TEST_AUTHKEY, type Frame, type TestRelay } from './support';
 
 /** One auth on a fresh socket; the relay's answer (auth_ok or error) and, for an error, the close code. */
@@ -103,5 +104,13 @@ describe('auth-failure throttle', () => {
     } finally {
       await env.dispose();
     }
+  });
+
+  test('--throttle-loopback is a switch that sets throttleLoopback, listed in --help', () => {
+    const parsed = parseCommandLine(['8787', 'k', '--throttle-loopback'], {});
+    assert.equal(parsed.kind === 'run' && parsed.options.throttleLoopback, true);
+    const plain = parseCommandLine(['8787', 'k'], {});
+    assert.equal(plain.kind === 'run' && plain.options.throttleLoopback, undefined);
+    assert.match(helpText('0'), /--throttle-loopback/);
   });
 });

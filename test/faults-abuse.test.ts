@@ -305,6 +305,10 @@ test('100,000 hostile frames from several sockets: each gets its answer, the rel
     assert.equal(wrongKeys.filter(({ answer }) => answer === 'error:auth_throttled').length, wrongKeys.length - 20, 'further authkey guesses are throttled');
     const others = authCodes.filter(({ owed }) => owed !== 'error:invalid_authkey');
     assert.deepEqual(others.filter(({ owed, answer }) => owed !== answer), [], 'invalid auths are never throttled');
+    const throttleLines = relay.logLines().filter((line) => line.event === 'auth_throttled');
+    assert.equal(throttleLines.length, 1, 'reaching the limit is logged once');
+    assert.equal(throttleLines[0]!.guessed, 'the authkey');
+    assert.ok(!JSON.stringify(throttleLines[0]).includes('"wrong"'), 'the guessed secret is not logged');
     assert.deepEqual(tooLargeCloses, Array(tooLarge).fill(1009), 'frames over twice the limit are closed with 1009');
     assert.deepEqual(badUtf8Closes, Array(badUtf8).fill(1007), 'text frames that are not UTF-8 are closed with 1007');
     assert.ok(tripsDuringFlood >= 1, 'the pair routed while the flood was in flight');

@@ -1,7 +1,8 @@
 // The WebSocket edge: accepts upgrades on the ws path, greets, enforces the auth timeout and
 // the per-connection limits (frame size, message rate, unauthenticated sockets, wrong secrets
-// per address: lib/auth-throttle.ts), decodes frames and hands them to the router. It also runs the liveness sweep:
-// protocol-level pings, terminating silent peers and peers stuck behind a full send buffer.
+// per address: lib/auth-throttle.ts), decodes frames and hands them to the router. It also
+// runs the liveness sweep: protocol-level pings, terminating silent peers and peers stuck
+// behind a full send buffer.
 
 import type { IncomingMessage } from 'node:http';
 import type { Duplex } from 'node:stream';

@@ -43,8 +43,10 @@ export interface RelayOptions {
   maxConnections?: number;
   /** Most sockets waiting to authenticate. Default 1000. */
   maxUnauthenticated?: number;
-  /** Failed auths allowed per address per minute before further attempts are refused; 0 = no limit. Default 20. */
+  /** Wrong secrets allowed per address and per secret guessed at (authkey, employee key, one identity's key) per minute before auths presenting it are refused; 0 = no limit. Default 20. */
   maxAuthFailures?: number;
+  /** Apply the maxAuthFailures throttle to loopback clients too. Default false. */
+  throttleLoopback?: boolean;
   /** WebSocket ping interval, ms; a peer silent for two intervals is terminated. Default 30000. */
   pingIntervalMs?: number;
   /** Per-socket unsent bytes past which messages to it fail with target_slow. Default 4 MiB. */
@@ -89,6 +91,7 @@ export const DEFAULTS = {
   maxConnections: 20_000,
   maxUnauthenticated: 1000,
   maxAuthFailures: 20,
+  throttleLoopback: false,
   pingIntervalMs: 30_000,
   maxBufferedBytes: 4 * 1024 * 1024,
   slowPeerTimeoutMs: 30_000,
@@ -160,6 +163,7 @@ export function resolveOptions(options: RelayOptions): ResolvedOptions {
     maxConnections: ms('maxConnections', options.maxConnections, DEFAULTS.maxConnections, 1),
     maxUnauthenticated: ms('maxUnauthenticated', options.maxUnauthenticated, DEFAULTS.maxUnauthenticated, 1),
     maxAuthFailures: ms('maxAuthFailures', options.maxAuthFailures, DEFAULTS.maxAuthFailures),
+    throttleLoopback: options.throttleLoopback ?? DEFAULTS.throttleLoopback,
     pingIntervalMs: ms('pingIntervalMs', options.pingIntervalMs, DEFAULTS.pingIntervalMs, 0),
     maxBufferedBytes: ms('maxBufferedBytes', options.maxBufferedBytes, DEFAULTS.maxBufferedBytes, 1024),
     slowPeerTimeoutMs: ms('slowPeerTimeoutMs', options.slowPeerTimeoutMs, DEFAULTS.slowPeerTimeoutMs, 1),

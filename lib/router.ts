@@ -3,6 +3,7 @@
 // (ws-gateway.ts) hands it validated-JSON frames; everything here trusts lib/protocol's types.
 
 import { createHash, randomUUID, timingSafeEqual } from 'node:crypto';
+import { presented, type GuessTarget } from './auth-throttle';
 import type { ConnectionLog } from './connection-log';
 import type { DedupeCache, Remembered } from './dedupe-cache';
 import { ackPrefix, finishAck, outcomeFields } from './delivery-ack';
@@ -69,6 +70,8 @@ function digest(text: string): Buffer {
   return createHash('sha256').update(text).digest();
 }
 
+/** A rejected auth; `wrong` names the secret it got wrong, when that is why it was rejected. */
+type AuthRejection = FrameError & { wrong?: GuessTarget };
 
 interface RouteContext {
   sender: Identity;
@@ -113,23 +116,29 @@ export class Router {
 
   // ---- auth ----------------------------------------------------------------------------------
 
-  authenticate(session: Session, frame: Record<string, unknown>): void {
+  /**
+   * Authenticates the session or rejects the auth (error frame, close 4003). Returns the secret
+   * a rejected auth got wrong, for the gateway's throttle; null when it succeeded or failed for
+   * any other reason (a missing secret, a malformed or invalid frame).
+   */
+  authenticate(session: Session, frame: Record<string, unknown>): GuessTarget | null {
     const outcome = this.decideAuth(frame);
     if ('code' in outcome) {
       this.rejectAuth(session, frame, outcome);
-      return;
+      return outcome.wrong ?? null;
     }
     const { identity, key, reconnected } = outcome;
     session.identity = identity;
     if (reconnected) {
       this.goOnline(session, identity, key, true);
-      return;
+      return null;
     }
     // A new identity is on disk before its key is handed out, so a crash cannot forget an
     // identity its client was already told about.
     void this.deps.identities.flush().then(() => {
       if (session.isOpen) this.goOnline(session, identity, key, false);
     });
+    return null;
   }
 
   private goOnline(session: Session, identity: Identity, key: string, reconnected: boolean): void {
@@ -167,15 +176,25 @@ export class Router {
 
   private decideAuth(
     frame: Record<string, unknown>,
-  ): { identity: Identity; key: string; reconnected: boolean } | FrameError {
+  ): { identity: Identity; key: string; reconnected: boolean } | AuthRejection {
     const { options, identities } = this.deps;
     const role = checkRole(frame);
     if (!role.ok) return role.error;
+    if (role.value === 'boss' && !presented(frame.authkey)) {
+      return {
+        code: 'invalid_authkey',
+        message: 'The authkey is missing: a boss must send the relay\'s authkey as "authkey", also when it reconnects with its identity.',
+      };
+    }
     if (role.value === 'boss' && !secretMatches(frame.authkey, options.authkey)) {
-      return { code: 'invalid_authkey', message: 'The authkey is not right: a boss must send the relay\'s authkey.' };
+      return { code: 'invalid_authkey', message: 'The authkey is not right: a boss must send the relay\'s authkey.', wrong: 'authkey' };
     }
     if (role.value === 'employee' && frame.authkey !== undefined && !secretMatches(frame.authkey, options.authkey)) {
-      return { code: 'invalid_authkey', message: 'The authkey is not right: send the relay\'s authkey or leave it out.' };
+      return {
+        code: 'invalid_authkey',
+        message: 'The authkey is not right: send the relay\'s authkey or leave it out.',
+        ...(presented(frame.authkey) && { wrong: 'authkey' as const }),
+      };
     }
     const checkedMeta = this.checkMeta(frame.meta);
     if (!checkedMeta.ok) return checkedMeta.error;
@@ -192,7 +211,11 @@ export class Router {
       return { code: 'identity_not_found', message: 'No identity has this id: register again without "identity".' };
     }
     if (!identities.keyMatches(identity, credentials.value.key)) {
-      return { code: 'invalid_identity_key', message: 'The identity key does not match: send the key given in auth_ok.' };
+      return {
+        code: 'invalid_identity_key',
+        message: 'The identity key does not match: send the key given in auth_ok.',
+        wrong: `identity:${identity.id}`,
+      };
     }
     if (identity.role !== role.value) {
       return { code: 'role_mismatch', message: `This identity is a ${identity.role}; authenticate with "role":"${identity.role}".` };
@@ -214,7 +237,7 @@ export class Router {
     role: Role,
     frame: Record<string, unknown>,
     meta: Record<string, unknown> | null,
-  ): { identity: Identity; key: string; reconnected: boolean } | FrameError {
+  ): { identity: Identity; key: string; reconnected: boolean } | AuthRejection {
     const { options, identities } = this.deps;
     if (role === 'boss') {
       const created = identities.create('boss', null, meta);
@@ -222,8 +245,11 @@ export class Router {
     }
     const profile = checkEmployeeProfile(frame);
     if (!profile.ok) return profile.error;
-    if (options.employeeKey !== undefined && !secretMatches(frame.employee_key, options.employeeKey)) {
+    if (options.employeeKey !== undefined && !presented(frame.employee_key)) {
       return { code: 'invalid_employee_key', message: 'This relay needs an employee registration key: send it as "employee_key".' };
+    }
+    if (options.employeeKey !== undefined && !secretMatches(frame.employee_key, options.employeeKey)) {
+      return { code: 'invalid_employee_key', message: 'The employee key is not right: send the relay\'s employee registration key as "employee_key".', wrong: 'employee_key' };
     }
     const created = identities.create('employee', profile.value, meta);
     return { ...created, reconnected: false };

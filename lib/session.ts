@@ -73,6 +73,22 @@ export class Session {
     this.socket!.write(frame);
   }
 
+  /**
+   * Calls `resume` once at most `limit` bytes wait to be sent: at once, at the socket's 'drain'
+   * when a write has filled it, else after a short wait (a limit below the socket's own
+   * high-water mark never makes a write report it full). It may never be called once the
+   * socket closes, so the caller forgets its wait on close.
+   */
+  whenWritable(limit: number, resume: () => void): void {
+    if (this.ws.bufferedAmount <= limit) {
+      setImmediate(resume);
+    } else if (this.socket?.writableNeedDrain) {
+      this.socket.once('drain', resume);
+    } else {
+      setTimeout(resume, 10).unref();
+    }
+  }
+
   send(frame: ServerFrame): void {
     this.sendText(JSON.stringify(frame));
   }

@@ -78,7 +78,7 @@ test('a backlog larger than --max-buffered drains completely, and a newer queued
     // The backlog is still being written: a new queued message must not overtake it.
     boss.socket.send({ type: 'message', to: worker.id, payload: 'newer', msg_id: 'new-0', queue: true });
     const ack = await boss.socket.next((f) => f.type === 'delivery_ack' && f.msg_id === 'new-0', 10_000);
-    assert.equal(ack.failed instanceof Array && ack.failed.length, 0);
+    assert.deepEqual(ack.failed, []);
 
     const newer = await back.socket.next((f) => f.type === 'message' && f.msg_id === 'new-0', 10_000).catch(() => null);
     const before = takeMessages(back.socket);
@@ -108,7 +108,7 @@ test('a backlog larger than --max-buffered drains completely, and a newer queued
   }
 });
 
-test('kill -9 while a backlog drains: after the restart every entry arrives, and at most one removal batch arrives twice', async () => {
+test('kill -9 while a backlog drains: after the restart every entry arrives, and at most one removal batch arrives twice', async (t) => {
   const dir = await makeTempDir();
   let relay: RelayProcess | undefined = await startRelayProcess(dir);
   try {
@@ -151,7 +151,7 @@ test('kill -9 while a backlog drains: after the restart every entry arrives, and
     assert.equal(union.size, total, 'every queued message arrives');
     const firstSet = new Set(firstIds);
     const twice = secondIds.filter((id) => firstSet.has(id)).length;
-    console.log(`kill -9 mid-drain: ${firstIds.length} received before the kill, ${secondIds.length} after the restart, ${twice} twice (bound ${DRAIN_BATCH_ENTRIES})`);
+    t.diagnostic(`kill -9 mid-drain: ${firstIds.length} received before the kill, ${secondIds.length} after the restart, ${twice} twice (bound ${DRAIN_BATCH_ENTRIES})`);
     assert.ok(
       twice <= DRAIN_BATCH_ENTRIES,
       `${twice} messages arrived twice: more than the ${DRAIN_BATCH_ENTRIES} entries one drain batch writes before its removal is on disk`,

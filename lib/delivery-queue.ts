@@ -133,11 +133,13 @@ export class DeliveryQueue {
   }
 
   /**
-   * Forgets delivered or expired entries, in memory now and on disk in the next batch; resolves
+   * Forgets delivered or expired entries, in memory now and on disk in the next batch. Returns
+   * those it still held (an entry may have expired meanwhile), and `written`, which resolves
    * once that batch is written (or has failed, which is logged: the entries come back at the
    * next start and are delivered again).
    */
-  remove(entries: readonly QueuedEntry[]): Promise<void> {
+  remove(entries: readonly QueuedEntry[]): { removed: QueuedEntry[]; written: Promise<void> } {
+    const removed: QueuedEntry[] = [];
     const gone = new Map<string, Set<QueuedEntry>>();
     for (const entry of entries) {
       let set = gone.get(entry.target_id);
@@ -152,6 +154,7 @@ export class DeliveryQueue {
       let kept = 0;
       for (const entry of list) {
         if (set.has(entry)) {
+          removed.push(entry);
           this.count--;
           this.removals.push(entry._id);
           this.unreleased.delete(entry);
@@ -164,7 +167,7 @@ export class DeliveryQueue {
     }
     const written = new Promise<void>((resolve) => this.removalWaiters.push(resolve));
     this.schedule();
-    return written;
+    return { removed, written };
   }
 
   expired(now: number): QueuedEntry[] {

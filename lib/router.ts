@@ -567,9 +567,11 @@ export class Router {
   /**
    * Writes a target's queued messages in send order, in batches of at most DRAIN_BATCH_ENTRIES
    * while its socket holds under half of --max-buffered (the other half stays free for live
-   * messages to it). The next batch waits until this one's removal is on disk and the socket
-   * has room again (its 'drain'), so the drain resumes on its own past the buffer bound, and a
-   * crash delivers at most one batch twice.
+   * messages to it). A batch counts as delivered once the socket has handed it to the kernel;
+   * the next one waits until this one's removal is on disk and the socket has room again (its
+   * 'drain'). So the drain resumes on its own past the buffer bound, a crash delivers at most
+   * one batch twice, and a frame still in the relay's buffer when the connection drops stays
+   * queued for the next auth.
    */
   deliverQueued(session: Session): void {
     if (this.draining.has(session)) return;
@@ -577,7 +579,16 @@ export class Router {
     if (!identity || !session.isOpen || this.online.get(identity.id) !== session) return;
     const { queue, options } = this.deps;
     const room = options.maxBufferedBytes / 2;
+    const resume = () => {
+      if (this.draining.delete(session)) this.deliverQueued(session);
+    };
     const sent: QueuedEntry[] = [];
+    const flushed: QueuedEntry[] = [];
+    let settled = 0;
+    let writing = true;
+    const finish = () => {
+      void this.finishQueued(flushed, 'delivered').then(() => session.whenWritable(room, resume));
+    };
     let full = false;
     for (const entry of queue.pendingFor(identity.id)) {
       // An entry whose sender has no ack yet is handed on by releaseQueued, which calls back here.
@@ -586,29 +597,32 @@ export class Router {
         full = true;
         break;
       }
-      session.sendText(entry.frame);
       sent.push(entry);
+      session.sendQueued(entry.frame, (error) => {
+        // Socket writes complete in order, so `flushed` stays in send order.
+        if (!error) flushed.push(entry);
+        if (++settled === sent.length && !writing) finish();
+      });
     }
+    writing = false;
     if (sent.length === 0 && !full) return;
     this.draining.add(session);
-    const resume = () => {
-      if (this.draining.delete(session)) this.deliverQueued(session);
-    };
-    void this.finishQueued(sent, 'delivered').then(() => session.whenWritable(room, resume));
+    if (sent.length === 0) session.whenWritable(room, resume);
+    else if (settled === sent.length) finish();
   }
 
-  /** Settles entries and tells their senders; resolves once their removal is on disk. */
+  /** Settles entries still queued and tells their senders; resolves once their removal is on disk. */
   private finishQueued(entries: readonly QueuedEntry[], status: 'delivered' | 'expired'): Promise<void> {
     if (entries.length === 0) return Promise.resolve();
     const { queue, messageLog, bus } = this.deps;
-    const removed = queue.remove(entries);
+    const { removed, written } = queue.remove(entries);
     const now = Date.now();
-    for (const entry of entries) {
+    for (const entry of removed) {
       messageLog.updateTarget(entry.record_id, entry.target_id, status);
       this.online.get(entry.from_id)?.send({ type: 'delivery_update', msg_id: entry.msg_id, id: entry.target_id, status, timestamp: now });
       bus.publish({ type: 'delivery_update', msg_id: entry.msg_id, from_id: entry.from_id, id: entry.target_id, status, at: now });
     }
-    return removed;
+    return written;
   }
 
   expireQueued(now: number): void {

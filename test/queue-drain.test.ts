@@ -74,13 +74,13 @@ test('a backlog larger than --max-buffered drains completely, and a newer queued
 
     const back = await reconnect(env.relay, worker, 'employee');
     assert.equal(back.ok.type, 'auth_ok');
-    await back.socket.next('message', 10_000);
+    await back.socket.next('message', 30_000);
     // The backlog is still being written: a new queued message must not overtake it.
     boss.socket.send({ type: 'message', to: worker.id, payload: 'newer', msg_id: 'new-0', queue: true });
-    const ack = await boss.socket.next((f) => f.type === 'delivery_ack' && f.msg_id === 'new-0', 10_000);
+    const ack = await boss.socket.next((f) => f.type === 'delivery_ack' && f.msg_id === 'new-0', 30_000);
     assert.deepEqual(ack.failed, []);
 
-    const newer = await back.socket.next((f) => f.type === 'message' && f.msg_id === 'new-0', 10_000).catch(() => null);
+    const newer = await back.socket.next((f) => f.type === 'message' && f.msg_id === 'new-0', 30_000).catch(() => null);
     const before = takeMessages(back.socket);
     assert.ok(newer, `the newer message arrives (after ${before.length + 1} of ${total} older ones, then nothing)`);
     assert.equal(before.length + 1, total, `the newer message arrives after all ${total} older ones, not after ${before.length + 1}`);
@@ -89,7 +89,7 @@ test('a backlog larger than --max-buffered drains completely, and a newer queued
       Array.from({ length: total - 1 }, (_, i) => i + 1),
       'the backlog arrives whole and in send order',
     );
-    await eventually('the queue is empty', async () => (await queueDepth(env.relay)) === 0);
+    await eventually('the queue is empty', async () => (await queueDepth(env.relay)) === 0, 30_000);
 
     // The sender hears the ack before any delivery_update of the same message.
     const updates: Frame[] = [];
@@ -99,7 +99,7 @@ test('a backlog larger than --max-buffered drains completely, and a newer queued
         else i++;
       }
       return updates.length >= total + (ack.queued instanceof Array && ack.queued.length > 0 ? 1 : 0);
-    });
+    }, 30_000);
     assert.ok(updates.every((u) => u.status === 'delivered'));
     assert.deepEqual(updates.slice(0, total).map((u) => u.msg_id), Array.from({ length: total }, (_, i) => `old-${i}`));
     await Promise.all([back.socket.close(), boss.socket.close()]);

@@ -96,11 +96,11 @@ export function nodeHealth(identity: Identity, online: boolean, now: number, sta
     reasons.push('offline');
   } else {
     if (heartbeatStale) reasons.push('heartbeat_stale');
-    if (identity.role === 'boss') {
-      // Bosses have no self report to miss.
-    } else if (identity.selfReportValid === null) reasons.push('self_report_missing');
-    else if (!identity.selfReportValid) reasons.push('self_report_invalid');
-    else if (reportStale) reasons.push('self_report_stale');
+    if (identity.role === 'employee') {
+      if (identity.selfReportValid === null) reasons.push('self_report_missing');
+      else if (!identity.selfReportValid) reasons.push('self_report_invalid');
+      else if (reportStale) reasons.push('self_report_stale');
+    }
     if (reasons.length > 0) overall = 'degraded';
   }
   return {
@@ -149,7 +149,7 @@ interface TagGroup {
 /**
  * GET /admin/workforce as compact JSON text: {summary, bosses, employees, employees_by_tag,
  * timestamp}, nodes in registration order with their health. Each node is serialised once and
- * its text reused in every tag group it belongs to, which keeps 1,000 employees to a few ms.
+ * its text reused in every tag group it belongs to, rather than serialised again per tag.
  */
 export function workforceJson(identities: IdentityStore, liveness: Liveness, tag: string | null, now: number): string {
   const bosses: string[] = [];

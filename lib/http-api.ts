@@ -47,11 +47,10 @@ const MAX_BODY_BYTES = 64 * 1024;
 
 /** Compact JSON: a workforce of thousands is megabytes more when indented (pipe into jq to read). */
 export function sendJson(res: ServerResponse, status: number, body: unknown): void {
-  sendJsonText(res, status, JSON.stringify(body));
+  sendJsonBody(res, status, Buffer.from(JSON.stringify(body), 'utf8'));
 }
 
-function sendJsonText(res: ServerResponse, status: number, text: string): void {
-  const body = Buffer.from(text, 'utf8');
+function sendJsonBody(res: ServerResponse, status: number, body: Buffer): void {
   res.writeHead(status, { 'content-type': 'application/json; charset=utf-8', 'content-length': body.length, 'cache-control': 'no-store' });
   res.end(body);
 }
@@ -175,7 +174,7 @@ export class HttpApi {
     if (path === '/admin/workforce') {
       this.allow(method, ['GET', 'HEAD']);
       this.requireReadAccess(req, url);
-      return sendJsonText(res, 200, workforceJson(this.deps.identities, this.liveness, textParam(url, 'tag'), Date.now()));
+      return sendJsonBody(res, 200, workforceJson(this.deps.identities, this.liveness, textParam(url, 'tag'), Date.now()));
     }
     if (path === '/admin/communications') {
       this.allow(method, ['GET', 'HEAD']);

@@ -143,17 +143,28 @@ export function listNodes(identities: IdentityStore, liveness: Liveness, role?: 
 
 interface TagGroup {
   ids: string[];
-  nodes: string[];
+  nodes: Buffer[];
+}
+
+const COMMA = Buffer.from(',');
+
+/** `items` separated by commas, as parts of a body. */
+function pushList(parts: Buffer[], items: Buffer[]): void {
+  for (let i = 0; i < items.length; i++) {
+    if (i > 0) parts.push(COMMA);
+    parts.push(items[i]!);
+  }
 }
 
 /**
- * GET /admin/workforce as compact JSON text: {summary, bosses, employees, employees_by_tag,
- * timestamp}, nodes in registration order with their health. Each node is serialised once and
- * its text reused in every tag group it belongs to, rather than serialised again per tag.
+ * GET /admin/workforce as a compact JSON body: {summary, bosses, employees, employees_by_tag,
+ * timestamp}, nodes in registration order with their health. Each node is serialised and
+ * encoded once, and its bytes reused in every tag group it belongs to: the body is copied
+ * together once, instead of every employee being serialised again per tag.
  */
-export function workforceJson(identities: IdentityStore, liveness: Liveness, tag: string | null, now: number): string {
-  const bosses: string[] = [];
-  const employees: string[] = [];
+export function workforceJson(identities: IdentityStore, liveness: Liveness, tag: string | null, now: number): Buffer {
+  const bosses: Buffer[] = [];
+  const employees: Buffer[] = [];
   // A Map, not an object: a tag may be any string, "__proto__" included.
   const byTag = new Map<string, TagGroup>();
   const health = { healthy: 0, degraded: 0, unhealthy: 0 };
@@ -165,7 +176,7 @@ export function workforceJson(identities: IdentityStore, liveness: Liveness, tag
     const isUp = activity !== undefined;
     const view = nodeView(identity, isUp, activity);
     const nodeHealthView = nodeHealth(identity, isUp, now, liveness.heartbeatStaleMs, activity);
-    const text = JSON.stringify({ ...view, health: nodeHealthView });
+    const text = Buffer.from(JSON.stringify({ ...view, health: nodeHealthView }));
     health[nodeHealthView.overall]++;
     if (isUp) online++;
     if (identity.banned) banned++;
@@ -192,14 +203,20 @@ export function workforceJson(identities: IdentityStore, liveness: Liveness, tag
     health,
     filtered_by_tag: tag,
   };
-  const groups: string[] = [];
+  const parts: Buffer[] = [Buffer.from(`{"summary":${JSON.stringify(summary)},"bosses":[`)];
+  pushList(parts, bosses);
+  parts.push(Buffer.from('],"employees":['));
+  pushList(parts, employees);
+  parts.push(Buffer.from('],"employees_by_tag":{'));
+  let first = true;
   for (const [name, group] of byTag) {
-    groups.push(`${JSON.stringify(name)}:{"count":${group.ids.length},"employee_ids":${JSON.stringify(group.ids)},"employees":[${group.nodes.join(',')}]}`);
+    parts.push(Buffer.from(`${first ? '' : ','}${JSON.stringify(name)}:{"count":${group.ids.length},"employee_ids":${JSON.stringify(group.ids)},"employees":[`));
+    pushList(parts, group.nodes);
+    parts.push(Buffer.from(']}'));
+    first = false;
   }
-  return (
-    `{"summary":${JSON.stringify(summary)},"bosses":[${bosses.join(',')}],"employees":[${employees.join(',')}],` +
-    `"employees_by_tag":{${groups.join(',')}},"timestamp":${now}}`
-  );
+  parts.push(Buffer.from(`},"timestamp":${now}}`));
+  return Buffer.concat(parts);
 }
 
 export interface CommNode {

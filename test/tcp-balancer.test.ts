@@ -1,12 +1,14 @@
 // The test load balancer in front of two single relays (separate data dirs): WebSocket
-// connections alternate between the backends, a stopped backend is skipped, admin HTTP passes
-// through, and closing either end closes the other.
+// connections alternate between the backends, a stopped or killed backend is skipped, admin
+// HTTP passes through, and closing either end closes the other.
 
 import assert from 'node:assert/strict';
+import fs from 'node:fs/promises';
 import http from 'node:http';
 import net from 'node:net';
 import { after, before, describe, it } from 'node:test';
-import { authBoss, authEmployee, connect, startTestRelay, TEST_AUTHKEY, type RelayEndpoint, type TestRelay } from './support';
+import { startRelayProcess } from './fault-support';
+import { authBoss, authEmployee, connect, makeTempDir, startTestRelay, TEST_AUTHKEY, type RelayEndpoint, type TestRelay } from './support';
 import { startBalancer, type Backend, type Balancer } from './tcp-balancer';
 
 async function activeConnections(relay: RelayEndpoint): Promise<number> {
@@ -155,6 +157,28 @@ describe('tcp-balancer in front of two relays', () => {
       for (const s of next) await s.socket.close();
     } finally {
       await c.dispose();
+    }
+  });
+
+  it('skips a node killed with SIGKILL, and its clients see their sockets close', async () => {
+    const dir = await makeTempDir();
+    const killed = await startRelayProcess(dir);
+    try {
+      const port = Number(new URL(killed.httpUrl).port);
+      balancer.setBackends([{ host: '127.0.0.1', port }, backendOf(b)]);
+      const onKilled = await authEmployee(balancer, 'On-killed-node');
+      assert.equal(await activeConnections(killed), 1);
+      killed.child.child.kill('SIGKILL');
+      await killed.child.exited;
+      assert.equal((await onKilled.socket.closed).code, 1006);
+      const next = [];
+      for (let i = 0; i < 2; i++) next.push(await authEmployee(balancer, `After-kill-${i}`));
+      assert.equal(await activeConnections(b.relay), 2, 'both new connections landed on the node still running');
+      for (const s of next) await s.socket.close();
+    } finally {
+      killed.child.child.kill('SIGKILL');
+      await killed.child.exited;
+      await fs.rm(dir, { recursive: true, force: true });
     }
   });
 

@@ -29,7 +29,7 @@ export interface Balancer {
   httpUrl: string;
   /** ws://127.0.0.1:PORT + path, for a relay started with another --ws-path. */
   wsUrl(path?: string): string;
-  /** Replaces the backends for connections made from now on; open ones stay where they are. */
+  /** Replaces the backends for connections made from now on (the rotation starts again at the first); open ones stay where they are. */
   setBackends(backends: Backend[]): void;
   /** How many client connections each backend took so far, keyed "host:port". */
   accepted(): Map<string, number>;

@@ -23,7 +23,7 @@ const FLAGS: Record<string, { kind: Kind; option: keyof RelayOptions; help: stri
   'max-queue-ttl': { kind: 'duration', option: 'maxQueueTtlMs', help: 'longest a queued message waits (default 7d)' },
   'max-queued': { kind: 'count', option: 'maxQueuedPerTarget', help: 'most queued messages per target (default 10000)' },
   'dedupe-window': { kind: 'duration', option: 'dedupeWindowMs', help: 'repeated msg_id window (default 10m; 0 = off)' },
-  'max-payload': { kind: 'bytes', option: 'maxPayloadBytes', help: 'largest frame (default 1MiB)' },
+  'max-payload': { kind: 'bytes', option: 'maxPayloadBytes', help: 'largest frame (default 1MiB, at most 64MiB)' },
   'rate-limit': { kind: 'count', option: 'rateLimit', help: 'frames per second per connection (default 0 = off)' },
   'max-targets': { kind: 'count', option: 'maxTargets', help: 'most ids in one "to" array (default 1000)' },
   'max-connections': { kind: 'count', option: 'maxConnections', help: 'most authenticated connections (default 20000)' },
@@ -218,6 +218,7 @@ export function helpText(version: string): string {
     `  --${'version'.padEnd(width)} print the version`,
     '',
     'Durations: 500ms, 15s, 10m, 2h, 30d (a bare number is seconds). Sizes: 65536, 512KiB, 1MiB.',
+    'Switches: --fsync, --fsync=false or --no-fsync. -- ends the options.',
     '',
   ].join('\n');
 }

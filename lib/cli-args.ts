@@ -125,7 +125,7 @@ function splitArgs(argv: string[]): { flags: Map<string, string | boolean>; posi
       continue;
     }
     const match = /^--(no-)?([^=]+)(?:=(.*))?$/s.exec(arg);
-    const spec = match ? FLAGS[match[2]!] : undefined;
+    const spec = match && Object.hasOwn(FLAGS, match[2]!) ? FLAGS[match[2]!] : undefined;
     if (!match || !spec) throw new UsageError(`Unknown option ${arg.split('=')[0]}: run mimiclaw-ws --help for the list.`);
     const [, negated, name, inline] = match as unknown as [string, string | undefined, string, string | undefined];
     if (flags.has(name)) throw new UsageError(`--${name} is given more than once: give it once.`);

@@ -115,7 +115,8 @@ test('startup errors are one line with a non-zero exit', async () => {
     const port = (blocker.address() as net.AddressInfo).port;
     const inUse = await run([String(port), 'k', dir, '--host', '127.0.0.1']).done;
     blocker.close();
-    assert.notEqual(inUse.code, 0);
+    assert.equal(inUse.code, 1);
+    assert.equal(inUse.stdout, '', 'it never said it was ready');
     assert.equal(inUse.stderr.trim().split('\n').length, 1);
     assert.match(inUse.stderr, /in use/);
   } finally {
@@ -207,6 +208,7 @@ test('every bad flag value is refused with a message that names the flag as type
     [['1', 'k', '--port', '2', '--port', '3'], /^--port is given more than once/],
     [['1', 'k', '--no-port'], /^Unknown option --no-port/],
     [['1', 'k', '-x'], /^Unknown option -x/],
+    [['1', 'k', '--constructor', 'x'], /^Unknown option --constructor/],
   ];
   for (const [argv, message] of refused) {
     assert.throws(() => parseCommandLine(argv, {}), (error: Error) => {

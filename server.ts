@@ -2,10 +2,10 @@
 // builds its own stores, router and servers: there is no module-level state, so one process can
 // run several relays.
 
-import fs from 'node:fs/promises';
 import http from 'node:http';
 import path from 'node:path';
 import { ConnectionLog } from './lib/connection-log';
+import { prepareDataDir } from './lib/data-dir';
 import { DedupeCache } from './lib/dedupe-cache';
 import { DeliveryQueue } from './lib/delivery-queue';
 import { serveDashboard } from './lib/dashboard-page';
@@ -52,14 +52,15 @@ interface Stores {
 }
 
 async function openStores(options: ResolvedOptions, logger: Logger): Promise<Stores> {
-  await fs.mkdir(options.dataDir, { recursive: true });
+  await prepareDataDir(options.dataDir, options.fileMode, logger);
   const file = (name: string) => path.join(options.dataDir, name);
   const compaction = options.maintenanceIntervalMs;
+  const fileMode = options.fileMode;
   // NeDB never settles on a datafile that is a directory: its read error escapes the promise.
   await Promise.all(['identities.db', 'connections.db', 'messages.db', 'queue.db'].map((name) => assertNotDirectory(file(name))));
   const opened = await Promise.allSettled([
-    IdentityStore.open(file('identities.db'), logger, compaction),
-    ConnectionLog.open(file('connections.db'), logger, compaction),
+    IdentityStore.open(file('identities.db'), logger, compaction, fileMode),
+    ConnectionLog.open(file('connections.db'), logger, compaction, fileMode),
     MessageLog.open({
       file: file('messages.db'),
       logger,
@@ -67,8 +68,9 @@ async function openStores(options: ResolvedOptions, logger: Logger): Promise<Sto
       retentionMs: options.retentionMs,
       maxMessages: options.maxMessages,
       maintenanceIntervalMs: options.maintenanceIntervalMs,
+      fileMode,
     }),
-    DeliveryQueue.open(file('queue.db'), logger, { compactionIntervalMs: compaction, fsync: options.fsync }),
+    DeliveryQueue.open(file('queue.db'), logger, { compactionIntervalMs: compaction, fsync: options.fsync, fileMode }),
   ]);
   const [identities, connectionLog, messageLog, queue] = opened;
   if (identities.status === 'fulfilled' && connectionLog.status === 'fulfilled' && messageLog.status === 'fulfilled' && queue.status === 'fulfilled') {
@@ -150,6 +152,8 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
   });
 
   const server = http.createServer((req, res) => api.handle(req, res));
+  // Expect: 100-continue comes to the API too, so it can refuse a body too large before it is sent.
+  server.on('checkContinue', (req, res) => api.handle(req, res));
   server.on('upgrade', (req, socket, head) => gateway.handleUpgrade(req, socket, head));
   server.on('clientError', (_error, socket) => socket.destroy());
 

@@ -8,7 +8,7 @@ export class UsageError extends Error {}
 
 export type ParsedCommand = { kind: 'help' } | { kind: 'version' } | { kind: 'run'; options: RelayOptions };
 
-type Kind = 'duration' | 'bytes' | 'count' | 'string' | 'boolean';
+type Kind = 'duration' | 'bytes' | 'count' | 'mode' | 'string' | 'boolean';
 
 /** Every flag: its kind, the option it sets, and its help line. */
 const FLAGS: Record<string, { kind: Kind; option: keyof RelayOptions; help: string }> = {
@@ -17,6 +17,7 @@ const FLAGS: Record<string, { kind: Kind; option: keyof RelayOptions; help: stri
   'ws-path': { kind: 'string', option: 'wsPath', help: 'WebSocket path (default /ws)' },
   authkey: { kind: 'string', option: 'authkey', help: 'boss/admin key (else env MIMICLAW_AUTHKEY)' },
   'data-dir': { kind: 'string', option: 'dataDir', help: 'data dir (else env MIMICLAW_RELAY_HOME, else ~/.mimiclaw-relay)' },
+  'file-mode': { kind: 'mode', option: 'fileMode', help: 'mode of the data files, octal (default 600; a new data dir gets 700); 640 lets the group read' },
   'auth-timeout': { kind: 'duration', option: 'authTimeoutMs', help: 'close sockets not authenticated in time (default 15s)' },
   'log-level': { kind: 'string', option: 'logLevel', help: `${LOG_LEVELS.join('|')} (default info)` },
   'queue-ttl': { kind: 'duration', option: 'queueTtlMs', help: 'queue every message for offline targets this long (default off: only "queue":true)' },
@@ -28,7 +29,8 @@ const FLAGS: Record<string, { kind: Kind; option: keyof RelayOptions; help: stri
   'max-targets': { kind: 'count', option: 'maxTargets', help: 'most ids in one "to" array (default 1000)' },
   'max-connections': { kind: 'count', option: 'maxConnections', help: 'most authenticated connections (default 20000)' },
   'max-unauthenticated': { kind: 'count', option: 'maxUnauthenticated', help: 'most sockets waiting to authenticate (default 1000)' },
-  'max-auth-failures': { kind: 'count', option: 'maxAuthFailures', help: 'failed auths per address per minute before refusing (default 20; 0 = no limit)' },
+  'max-auth-failures': { kind: 'count', option: 'maxAuthFailures', help: 'wrong secrets per address and guessed key per minute before refusing (default 20; 0 = no limit)' },
+  'throttle-loopback': { kind: 'boolean', option: 'throttleLoopback', help: 'apply --max-auth-failures to loopback clients too (default off)' },
   'ping-interval': { kind: 'duration', option: 'pingIntervalMs', help: 'protocol ping interval; silent for two is dead (default 30s; 0 = off)' },
   'max-buffered': { kind: 'bytes', option: 'maxBufferedBytes', help: 'unsent bytes per socket before target_slow (default 4MiB)' },
   'slow-peer-timeout': { kind: 'duration', option: 'slowPeerTimeoutMs', help: 'disconnect a peer stuck past max-buffered this long (default 30s)' },
@@ -60,11 +62,16 @@ const EXAMPLES: Record<Exclude<Kind, 'boolean'>, string> = {
   duration: 'a duration like 500ms, 15s, 10m, 2h or 30d (a bare number is seconds)',
   bytes: 'a size like 65536, 512KiB or 1MiB',
   count: 'a whole number like 10',
+  mode: 'an octal mode such as 600 or 640',
   string: 'a value',
 };
 
 function convert(name: string, kind: Exclude<Kind, 'boolean'>, text: string): string | number {
   if (kind === 'string') return text;
+  if (kind === 'mode') {
+    if (!/^(0o?)?[0-7]{3}$/i.test(text)) throw new UsageError(`--${name} must be ${EXAMPLES.mode}; got "${text}".`);
+    return parseInt(text.slice(-3), 8);
+  }
   if (name === 'port') return parsePort(text, true);
   const value = kind === 'duration' ? parseDuration(text) : kind === 'bytes' ? parseBytes(text) : /^\d+$/.test(text) ? Number(text) : undefined;
   if (value === undefined) throw new UsageError(`--${name} must be ${EXAMPLES[kind]}; got "${text}".`);
@@ -93,7 +100,9 @@ function flagRangeError(error: OptionsError, given: Map<string, string>): UsageE
   const [name, spec] = entry;
   const typed = given.get(name) ?? '';
   if (name === 'ws-path') return new UsageError(`--ws-path must be a path starting with "/" (no spaces, ? or #), like /ws; got "${typed}".`);
-  if (!error.range || spec.kind === 'boolean' || spec.kind === 'string') return new UsageError(`--${name}: ${error.message}`);
+  if (!error.range || spec.kind === 'boolean' || spec.kind === 'string' || spec.kind === 'mode') {
+    return new UsageError(error.message.replace(`${spec.option} must`, `--${name} must`).replace(/, got ([^.;]+)\.$/, `; got "${typed}".`));
+  }
   const show = spec.kind === 'bytes' ? formatBytes : spec.kind === 'duration' ? formatDuration : String;
   const { min, max } = error.range;
   const range = max >= Number.MAX_SAFE_INTEGER ? `at least ${show(min)}` : `from ${show(min)} to ${show(max)}`;
@@ -140,7 +149,7 @@ function splitArgs(argv: string[]): { flags: Map<string, string | boolean>; posi
     if (negated !== undefined) throw new UsageError(`Unknown option --no-${name}: --${name} is not a switch; run mimiclaw-ws --help for the list.`);
     const value = inline ?? argv[i + 1];
     if (value === undefined || value === '' || (inline === undefined && value.startsWith('--'))) {
-      const example = spec.kind === 'duration' ? '30s' : spec.kind === 'bytes' ? '1MiB' : spec.kind === 'count' ? '10' : '<text>';
+      const example = spec.kind === 'duration' ? '30s' : spec.kind === 'bytes' ? '1MiB' : spec.kind === 'count' ? '10' : spec.kind === 'mode' ? '600' : '<text>';
       throw new UsageError(`--${name} needs a value${spec.kind === 'string' ? '' : `, ${EXAMPLES[spec.kind]}`}, e.g. --${name} ${example}.`);
     }
     if (inline === undefined) i++;
@@ -201,7 +210,7 @@ export function parseCommandLine(argv: string[], env: NodeJS.ProcessEnv = proces
 export function helpText(version: string): string {
   const width = Math.max(...Object.keys(FLAGS).map((name) => name.length)) + 10;
   const lines = Object.entries(FLAGS).map(([name, spec]) => {
-    const value = spec.kind === 'boolean' ? '' : spec.kind === 'duration' ? ' <dur>' : spec.kind === 'bytes' ? ' <size>' : spec.kind === 'count' ? ' <n>' : ' <text>';
+    const value = spec.kind === 'boolean' ? '' : spec.kind === 'duration' ? ' <dur>' : spec.kind === 'bytes' ? ' <size>' : spec.kind === 'count' ? ' <n>' : spec.kind === 'mode' ? ' <octal>' : ' <text>';
     return `  --${(name + value).padEnd(width)} ${spec.help}`;
   });
   return [

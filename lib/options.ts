@@ -16,6 +16,8 @@ export interface RelayOptions {
   authkey: string;
   /** Default ~/.mimiclaw-relay or MIMICLAW_RELAY_HOME. */
   dataDir?: string;
+  /** Permission bits of the data files (e.g. 0o640); a dir the relay creates gets them plus search bits. Default 0o600. */
+  fileMode?: number;
   /** Close sockets that have not authenticated after this many ms. Default 15000. */
   authTimeoutMs?: number;
   /** Default info. Ignored when `logger` is given. */
@@ -41,8 +43,10 @@ export interface RelayOptions {
   maxConnections?: number;
   /** Most sockets waiting to authenticate. Default 1000. */
   maxUnauthenticated?: number;
-  /** Failed auths allowed per address per minute before further attempts are refused; 0 = no limit. Default 20. */
+  /** Wrong secrets allowed per address and per secret guessed at (authkey, employee key, one identity's key) per minute before auths presenting it are refused; 0 = no limit. Default 20. */
   maxAuthFailures?: number;
+  /** Apply the maxAuthFailures throttle to loopback clients too. Default false. */
+  throttleLoopback?: boolean;
   /** WebSocket ping interval, ms; a peer silent for two intervals is terminated. Default 30000. */
   pingIntervalMs?: number;
   /** Per-socket unsent bytes past which messages to it fail with target_slow. Default 4 MiB. */
@@ -74,6 +78,7 @@ export const DEFAULTS = {
   port: 8787,
   host: '0.0.0.0',
   wsPath: '/ws',
+  fileMode: 0o600,
   authTimeoutMs: 15_000,
   logLevel: 'info' as LogLevel,
   queueTtlMs: 0,
@@ -86,6 +91,7 @@ export const DEFAULTS = {
   maxConnections: 20_000,
   maxUnauthenticated: 1000,
   maxAuthFailures: 20,
+  throttleLoopback: false,
   pingIntervalMs: 30_000,
   maxBufferedBytes: 4 * 1024 * 1024,
   slowPeerTimeoutMs: 30_000,
@@ -125,6 +131,18 @@ function wholeNumber(name: keyof RelayOptions, value: number, min: number, max =
   return value;
 }
 
+/** Permission bits the relay can live with: it must read and write its own files. */
+function fileModeOption(value: number | undefined): number {
+  const mode = value ?? DEFAULTS.fileMode;
+  if (!Number.isInteger(mode) || mode < 0 || mode > 0o777) {
+    throw new OptionsError(`fileMode must be permission bits such as 0o600 or 0o640 (--file-mode 640), got ${String(value)}.`, 'fileMode');
+  }
+  if ((mode & 0o600) !== 0o600) {
+    throw new OptionsError(`fileMode must give the owner read and write (the relay rewrites its files), e.g. 0o600 or 0o640; got 0o${mode.toString(8)}.`, 'fileMode');
+  }
+  return mode;
+}
+
 /** Fills defaults and rejects impossible values with a message that names the option. */
 export function resolveOptions(options: RelayOptions): ResolvedOptions {
   if (typeof options.authkey !== 'string' || options.authkey === '') {
@@ -142,6 +160,7 @@ export function resolveOptions(options: RelayOptions): ResolvedOptions {
     wsPath,
     authkey: options.authkey,
     dataDir: path.resolve(options.dataDir ?? defaultDataDir()),
+    fileMode: fileModeOption(options.fileMode),
     authTimeoutMs: ms('authTimeoutMs', options.authTimeoutMs, DEFAULTS.authTimeoutMs, 1, MAX_TIMER_MS),
     logLevel: options.logLevel ?? DEFAULTS.logLevel,
     queueTtlMs: ms('queueTtlMs', options.queueTtlMs, DEFAULTS.queueTtlMs),
@@ -154,6 +173,7 @@ export function resolveOptions(options: RelayOptions): ResolvedOptions {
     maxConnections: ms('maxConnections', options.maxConnections, DEFAULTS.maxConnections, 1),
     maxUnauthenticated: ms('maxUnauthenticated', options.maxUnauthenticated, DEFAULTS.maxUnauthenticated, 1),
     maxAuthFailures: ms('maxAuthFailures', options.maxAuthFailures, DEFAULTS.maxAuthFailures),
+    throttleLoopback: options.throttleLoopback ?? DEFAULTS.throttleLoopback,
     pingIntervalMs: ms('pingIntervalMs', options.pingIntervalMs, DEFAULTS.pingIntervalMs, 0, MAX_TIMER_MS),
     maxBufferedBytes: ms('maxBufferedBytes', options.maxBufferedBytes, DEFAULTS.maxBufferedBytes, 1024),
     slowPeerTimeoutMs: ms('slowPeerTimeoutMs', options.slowPeerTimeoutMs, DEFAULTS.slowPeerTimeoutMs, 1, MAX_TIMER_MS),

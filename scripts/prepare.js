@@ -24,7 +24,8 @@ function run(command, args, env) {
   if (result.status !== 0) process.exit(result.status ?? 1);
 }
 
-const needed = ['typescript/package.json', 'ws/package.json', '@seald-io/nedb/package.json', 'minimist/package.json', 'prom-client/package.json'];
+const manifest = JSON.parse(fs.readFileSync(path.join(root, 'package.json'), 'utf8'));
+const needed = ['typescript', ...Object.keys(manifest.dependencies || {})].map((name) => `${name}/package.json`);
 if (!needed.every(resolvable)) {
   // The outer install's settings (global, prefix, omit=dev…) must not leak into this one.
   const env = { ...process.env };

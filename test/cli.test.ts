@@ -209,6 +209,8 @@ test('every bad flag value is refused with a message that names the flag as type
     [['1', 'k', '--no-port'], /^Unknown option --no-port/],
     [['1', 'k', '-x'], /^Unknown option -x/],
     [['1', 'k', '--constructor', 'x'], /^Unknown option --constructor/],
+    [['1', 'k', '--file-mode', '400'], /^--file-mode must give the owner read and write/],
+    [['1', 'k', '--file-mode', 'rw'], /^--file-mode must be an octal mode such as 600 or 640; got "rw"/],
   ];
   for (const [argv, message] of refused) {
     assert.throws(() => parseCommandLine(argv, {}), (error: Error) => {

@@ -214,10 +214,10 @@ describe('examples/nginx-tls.conf', () => {
     const boss = new RelayClient({ url, role: 'boss', authkey: TEST_AUTHKEY, ca: cert.cert, heartbeatIntervalMs: 0 });
     try {
       const received = new Promise<unknown>((resolve) => worker.on('message', (m) => resolve(m.payload)));
-      const workerOk = await within(worker.connect(), 10_000, 'the employee to connect');
-      await within(boss.connect(), 10_000, 'the boss to connect');
+      const workerOk = await within(worker.connect(), 30_000, 'the employee to connect');
+      await within(boss.connect(), 30_000, 'the boss to connect');
       assert.deepEqual((await boss.send(workerOk.id, 'through nginx')).delivered, [workerOk.id]);
-      assert.equal(await within(received, 10_000, 'the message at the employee'), 'through nginx');
+      assert.equal(await within(received, 30_000, 'the message at the employee'), 'through nginx');
     } finally {
       await Promise.all([worker.close(), boss.close()]);
     }

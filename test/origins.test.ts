@@ -70,7 +70,7 @@ describe('--allowed-origins', () => {
     assert.equal((await upgrade(env.relay.url)).status, 101);
     const boss = new RelayClient({ url: env.relay.url, role: 'boss', authkey: TEST_AUTHKEY, heartbeatIntervalMs: 0 });
     try {
-      assert.equal((await within(boss.connect(), 10_000, 'the boss to connect')).role, 'boss');
+      assert.equal((await within(boss.connect(), 30_000, 'the boss to connect')).role, 'boss');
     } finally {
       await boss.close();
     }

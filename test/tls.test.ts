@@ -45,11 +45,11 @@ describe('TLS: wss:// and https:// on one port', () => {
     const boss = new RelayClient({ url: env.relay.url, role: 'boss', authkey: TEST_AUTHKEY, ca: first.cert, heartbeatIntervalMs: 0 });
     try {
       const received = new Promise<unknown>((resolve) => worker.on('message', (m) => resolve(m.payload)));
-      const workerOk = await within(worker.connect(), 10_000, 'the employee to connect');
-      await within(boss.connect(), 10_000, 'the boss to connect');
+      const workerOk = await within(worker.connect(), 30_000, 'the employee to connect');
+      await within(boss.connect(), 30_000, 'the boss to connect');
       const ack = await boss.send(workerOk.id, { task: 'over tls' });
       assert.deepEqual(ack.delivered, [workerOk.id]);
-      assert.deepEqual(await within(received, 10_000, 'the message at the employee'), { task: 'over tls' });
+      assert.deepEqual(await within(received, 30_000, 'the message at the employee'), { task: 'over tls' });
     } finally {
       await Promise.all([worker.close(), boss.close()]);
     }
@@ -60,7 +60,7 @@ describe('TLS: wss:// and https:// on one port', () => {
     try {
       const failed = new Promise<Error>((resolve) => boss.on('error', (e) => e instanceof Error && resolve(e)));
       boss.connect().catch(() => undefined);
-      assert.match((await within(failed, 10_000, 'the connection to fail')).message, /self-signed certificate/);
+      assert.match((await within(failed, 30_000, 'the connection to fail')).message, /self-signed certificate/);
     } finally {
       await boss.close();
     }
@@ -87,7 +87,7 @@ describe('TLS: wss:// and https:// on one port', () => {
       const viaEnv = await runToEnd(process.execPath, [CLI, 'send', env.relay.url, '--authkey', TEST_AUTHKEY, '--to', id, '--payload', '{"n":2}'], childEnv({ NODE_EXTRA_CA_CERTS: first.certFile }));
       assert.equal(viaEnv.code, 0, viaEnv.stderr);
       await waitUntil('both messages reached the employee', () => stdout.includes('"n":1') && stdout.includes('"n":2'));
-      const untrusted = await runToEnd(process.execPath, [CLI, 'send', env.relay.url, '--authkey', TEST_AUTHKEY, '--to', id, '--payload', '{"n":3}', '--timeout', '2s'], childEnv());
+      const untrusted = await runToEnd(process.execPath, [CLI, 'send', env.relay.url, '--authkey', TEST_AUTHKEY, '--to', id, '--payload', '{"n":3}', '--timeout', '4s'], childEnv());
       assert.equal(untrusted.code, 1);
       assert.match(untrusted.stderr, /self-signed certificate/);
     } finally {
@@ -122,7 +122,7 @@ describe('TLS: a renewed certificate without a restart', () => {
     const env = await startTestRelay({ tlsCertFile: live.certFile, tlsKeyFile: live.keyFile, tlsReloadIntervalMs: 0 });
     const boss = new RelayClient({ url: env.relay.url, role: 'boss', authkey: TEST_AUTHKEY, ca: [live.cert, renewed.cert].join('\n'), heartbeatIntervalMs: 0 });
     try {
-      await within(boss.connect(), 10_000, 'the boss to connect');
+      await within(boss.connect(), 30_000, 'the boss to connect');
       assert.equal(await presentedFingerprint(env.relay.port), live.fingerprint);
       assert.equal((await env.relay.reload()).certificate, 'unchanged');
       await renewInPlace(live, renewed);

@@ -42,7 +42,7 @@ function parseHealth(argv: string[]): HealthCommand | 'help' {
     unknown: (arg) => {
       const flag = /^--?(?:no-)?([^=]+)/.exec(arg)?.[1];
       if (flag !== undefined && !known.has(flag)) throw new HealthArgsError(`unknown option ${arg}`);
-      if (flag === undefined) throw new HealthArgsError(`unexpected argument ${arg}`);
+      if (flag === undefined) throw new HealthArgsError(`unexpected argument ${arg}: give the relay's URL with --url`);
       return true;
     },
   });

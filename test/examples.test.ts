@@ -360,4 +360,26 @@ describe('examples/Dockerfile (checked without a Docker engine)', () => {
     assert.equal(gone.code, 1);
     assert.match(gone.stderr, /did not answer/);
   });
+
+  test('`mimiclaw-ws health` exits 1 on an answer other than 200 and 2 on bad arguments', async () => {
+    const relay = await startTestRelay();
+    try {
+      const notFound = await runToEnd(process.execPath, [CLI, 'health', '--url', `${relay.relay.httpUrl}/no-such-page`], childEnv());
+      assert.equal(notFound.code, 1);
+      assert.match(notFound.stderr, /no-such-page answered 404/);
+    } finally {
+      await relay.dispose();
+    }
+    for (const [args, message] of [
+      [['http://127.0.0.1:8787'], /unexpected argument .*--url/],
+      [['--url', 'ftp://x'], /--url must be http:\/\/ or https:\/\//],
+      [['--timeout', 'soon'], /--timeout must be a duration/],
+      [['--ca', '/no/such/file'], /--ca \/no\/such\/file cannot be read \(ENOENT\)/],
+      [['--verbose'], /unknown option --verbose/],
+    ] as const) {
+      const result = await runToEnd(process.execPath, [CLI, 'health', ...args], childEnv());
+      assert.equal(result.code, 2, args.join(' '));
+      assert.match(result.stderr, message);
+    }
+  });
 });

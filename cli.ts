@@ -35,7 +35,7 @@ async function runRelay(argv: string[]): Promise<number> {
     }
     throw error;
   }
-  process.stdout.write(`mimiclaw-ws ${packageVersion()} ready: ${relay.url} ${relay.httpUrl} (data: ${relay.dataDir})\n`);
+  process.stdout.write(`mimiclaw-ws ${packageVersion()} ready: ${relay.url} ${relay.httpUrl} (data: ${relay.dataDir}, node: ${relay.nodeId}${relay.clusterName === null ? '' : `, cluster: ${relay.clusterName}`})\n`);
   await new Promise<void>((resolve) => {
     let stopping = false;
     const stop = () => {

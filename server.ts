@@ -5,7 +5,9 @@
 import fs from 'node:fs/promises';
 import http from 'node:http';
 import path from 'node:path';
+import type { ClusterLink } from './lib/cluster-link';
 import { ConnectionLog } from './lib/connection-log';
+import { lockDataDir, type DataDirLock } from './lib/data-dir-lock';
 import { DedupeCache } from './lib/dedupe-cache';
 import { DeliveryQueue } from './lib/delivery-queue';
 import { serveDashboard } from './lib/dashboard-page';
@@ -17,8 +19,10 @@ import { IdentityStore } from './lib/identity-store';
 import { createLogger, type Logger } from './lib/logger';
 import { MessageLog } from './lib/message-log';
 import { RelayMetrics } from './lib/metrics';
+import { loadNodeId } from './lib/node-id';
 import { resolveOptions, type RelayOptions, type ResolvedOptions } from './lib/options';
 import { Router } from './lib/router';
+import { SingleNode } from './lib/single-node';
 import { packageVersion } from './lib/version';
 import { WsGateway } from './lib/ws-gateway';
 
@@ -33,6 +37,10 @@ export interface RelayHandle {
   httpUrl: string;
   port: number;
   dataDir: string;
+  /** This node's stable id (docs/CLUSTER.md). */
+  nodeId: string;
+  /** The cluster this node joined, or null without --redis. */
+  clusterName: string | null;
   events: EventBus;
   /** Closes every socket with 1001, finishes pending writes, closes the stores. */
   close(): Promise<void>;
@@ -49,12 +57,17 @@ interface Stores {
   queue: DeliveryQueue;
 }
 
-async function openStores(options: ResolvedOptions, logger: Logger): Promise<Stores> {
-  await fs.mkdir(options.dataDir, { recursive: true });
+/** The other nodes, or nothing elsewhere on a single node; the only place that knows which. */
+async function openClusterLink(options: ResolvedOptions, nodeId: string, _logger: Logger): Promise<{ link: ClusterLink; identities: IdentityStore | null }> {
+  if (options.redisUrl === undefined) return { link: new SingleNode(nodeId), identities: null };
+  throw new Error('Cluster mode is not available yet.');
+}
+
+async function openStores(options: ResolvedOptions, logger: Logger, sharedIdentities: IdentityStore | null): Promise<Stores> {
   const file = (name: string) => path.join(options.dataDir, name);
   const compaction = options.maintenanceIntervalMs;
   const [identities, connectionLog, messageLog, queue] = await Promise.all([
-    IdentityStore.open(file('identities.db'), logger, compaction),
+    sharedIdentities ?? IdentityStore.open(file('identities.db'), logger, compaction),
     ConnectionLog.open(file('connections.db'), logger, compaction),
     MessageLog.open({
       file: file('messages.db'),
@@ -98,12 +111,29 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
   const options = resolveOptions(relayOptions);
   const logger = relayOptions.logger ?? createLogger(options.logLevel);
   const startedAt = Date.now();
-  const stores = await openStores(options, logger);
+  await fs.mkdir(options.dataDir, { recursive: true });
+  const lock = await lockDataDir(options.dataDir);
+  let cluster: ClusterLink;
+  let stores: Stores;
+  try {
+    const nodeId = await loadNodeId(options.dataDir, options.nodeId);
+    const opened = await openClusterLink(options, nodeId, logger);
+    cluster = opened.link;
+    try {
+      stores = await openStores(options, logger, opened.identities);
+    } catch (error) {
+      await cluster.close();
+      throw error;
+    }
+  } catch (error) {
+    await lock.release();
+    throw error;
+  }
   const bus = new EventBus();
   if (logger.isEnabled('info')) bus.subscribe(logRelayEvents(logger));
   const dedupe = new DedupeCache(options.dedupeWindowMs, DEDUPE_MAX_ENTRIES);
   await restoreDedupe(dedupe, stores.messageLog, stores.queue, options.dedupeWindowMs);
-  const router = new Router({ options, ...stores, dedupe, bus, logger });
+  const router = new Router({ options, ...stores, dedupe, cluster, bus, logger });
   const gateway = new WsGateway(options, router, bus, logger);
   const eventStream = new EventStream({ bus });
   const metrics = new RelayMetrics({
@@ -162,7 +192,7 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
   } catch (error) {
     stopTimers();
     gateway.closeAll();
-    await closeStores(stores);
+    await closeStores(stores, cluster, lock);
     metrics.close();
     throw error;
   }
@@ -171,7 +201,14 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
   const reachableHost = options.host === '0.0.0.0' || options.host === '::' ? '127.0.0.1' : options.host;
   const hostForUrl = reachableHost.includes(':') ? `[${reachableHost}]` : reachableHost;
   const httpUrl = `http://${hostForUrl}:${port}`;
-  logger.info('relay_listening', { host: options.host, port, ws_path: options.wsPath, data_dir: options.dataDir });
+  logger.info('relay_listening', {
+    host: options.host,
+    port,
+    ws_path: options.wsPath,
+    data_dir: options.dataDir,
+    node: cluster.nodeId,
+    cluster: cluster.clustered ? options.clusterName : null,
+  });
 
   let closing: Promise<void> | null = null;
   const close = () =>
@@ -183,18 +220,30 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
       await waitFor(() => gateway.openSessions === 0, CLOSE_HANDSHAKE_GRACE_MS + 500);
       clearTimeout(grace);
       server.closeAllConnections();
-      await closeStores(stores);
+      await closeStores(stores, cluster, lock);
       metrics.close();
       logger.info('relay_closed', {});
     })());
 
-  return { url: `ws://${hostForUrl}:${port}${options.wsPath}`, httpUrl, port, dataDir: options.dataDir, events: bus, close };
+  return {
+    url: `ws://${hostForUrl}:${port}${options.wsPath}`,
+    httpUrl,
+    port,
+    dataDir: options.dataDir,
+    nodeId: cluster.nodeId,
+    clusterName: cluster.clustered ? options.clusterName : null,
+    events: bus,
+    close,
+  };
 }
 
-async function closeStores(stores: Stores): Promise<void> {
-  // Identities last: disconnects during shutdown update them.
+async function closeStores(stores: Stores, cluster: ClusterLink, lock: DataDirLock): Promise<void> {
+  // Identities last: disconnects during shutdown update them; the cluster link after them (its
+  // identities are written through it), the lock at the very end.
   await Promise.all([stores.messageLog.close(), stores.connectionLog.close(), stores.queue.close()]);
   await stores.identities.close();
+  await cluster.close();
+  await lock.release();
 }
 
 function waitFor(condition: () => boolean, timeoutMs: number): Promise<void> {

@@ -3,7 +3,7 @@
 
 import minimist from 'minimist';
 import { isLogLevel, LOG_LEVELS } from './logger';
-import { defaultDataDir, parseDuration, type RelayOptions } from './options';
+import { checkName, checkRedisUrl, defaultDataDir, parseDuration, type RelayOptions } from './options';
 
 export class UsageError extends Error {}
 
@@ -39,6 +39,9 @@ const FLAGS: Record<string, { kind: Kind; option: keyof RelayOptions; help: stri
   fsync: { kind: 'boolean', option: 'fsync', help: 'fsync the logs after each write batch (default off)' },
   'employee-key': { kind: 'string', option: 'employeeKey', help: 'key employees must send as "employee_key" to register (else env MIMICLAW_EMPLOYEE_KEY; default none)' },
   'public-reads': { kind: 'boolean', option: 'publicReads', help: 'let non-loopback clients read without the authkey (default off)' },
+  redis: { kind: 'string', option: 'redisUrl', help: 'join a cluster whose store is this Redis, e.g. redis://127.0.0.1:6379 (else env MIMICLAW_REDIS_URL; default none: one node)' },
+  cluster: { kind: 'string', option: 'clusterName', help: 'cluster name prefixing every Redis key and channel (default mimiclaw)' },
+  'node-id': { kind: 'string', option: 'nodeId', help: 'this node\'s id (default: kept in <data-dir>/node-id)' },
 };
 
 const BYTE_UNITS: Record<string, number> = { '': 1, b: 1, kb: 1000, kib: 1024, mb: 1e6, mib: 1024 ** 2, gb: 1e9, gib: 1024 ** 3 };
@@ -100,6 +103,10 @@ export function parseCommandLine(argv: string[], env: NodeJS.ProcessEnv = proces
   if (dataDir !== undefined && options.dataDir === undefined) options.dataDir = dataDir;
   options.authkey ??= env.MIMICLAW_AUTHKEY;
   options.employeeKey ??= env.MIMICLAW_EMPLOYEE_KEY;
+  if (options.redisUrl !== undefined) checkRedisUrl(String(options.redisUrl), '--redis');
+  else if (env.MIMICLAW_REDIS_URL) options.redisUrl = checkRedisUrl(env.MIMICLAW_REDIS_URL, 'MIMICLAW_REDIS_URL');
+  if (options.clusterName !== undefined) checkName('--cluster', String(options.clusterName));
+  if (options.nodeId !== undefined) checkName('--node-id', String(options.nodeId));
   options.dataDir ??= defaultDataDir(env);
   if (typeof options.authkey !== 'string' || options.authkey === '') {
     throw new UsageError('No authkey: pass it as the second argument (mimiclaw-ws 8787 <authkey>), with --authkey <key>, or in env MIMICLAW_AUTHKEY.');

@@ -205,6 +205,7 @@ export class HttpApi {
       ok: true,
       service: 'mimiclaw-websocket',
       version: this.deps.version,
+      node: this.deps.router.nodeId,
       now: Date.now(),
       uptime_ms: Date.now() - this.deps.startedAt,
       active_connections: this.deps.activeConnections(),
@@ -252,7 +253,7 @@ export class HttpApi {
       }
       if (typeof given === 'boolean') banned = given;
     }
-    const result = this.deps.router.setBan(id, banned, 'admin-http');
+    const result = await this.deps.router.setBan(id, banned, 'admin-http');
     if (!result.ok) throw new HttpError(result.status, result.code, result.message);
     const view = nodeView(result.identity, result.online);
     sendJson(res, 200, { id: view.id, role: view.role, name: view.name, tags: view.tags, banned: view.banned, online: view.online });

@@ -61,11 +61,24 @@ export interface RelayOptions {
   publicReads?: boolean;
   /** How often pruning and compaction run, ms. Default 10 minutes. */
   maintenanceIntervalMs?: number;
+
+  // ---- part D (docs/CLUSTER.md) ----
+  /** redis:// or rediss:// URL of the cluster store: joins this node to a cluster. Default none: a single node. */
+  redisUrl?: string;
+  /** Prefix of every cluster key and channel, so several clusters can share one Redis. Default "mimiclaw". */
+  clusterName?: string;
+  /** This node's id; default the one kept in <data-dir>/node-id (made on first start). */
+  nodeId?: string;
 }
 
-export type ResolvedOptions = Required<Omit<RelayOptions, 'logger' | 'employeeKey'>> & {
+export type ResolvedOptions = Required<Omit<RelayOptions, 'logger' | 'employeeKey' | 'redisUrl' | 'nodeId'>> & {
   employeeKey: string | undefined;
+  redisUrl: string | undefined;
+  nodeId: string | undefined;
 };
+
+const NAME_PATTERN = /^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/;
+const NAME_RULE = '1 to 63 letters, digits, ".", "_" or "-", starting with a letter or digit';
 
 const MINUTE = 60_000;
 const DAY = 24 * 60 * MINUTE;
@@ -94,6 +107,7 @@ export const DEFAULTS = {
   fsync: false,
   publicReads: false,
   maintenanceIntervalMs: 10 * MINUTE,
+  clusterName: 'mimiclaw',
 } as const;
 
 export function defaultDataDir(env: NodeJS.ProcessEnv = process.env): string {
@@ -153,8 +167,30 @@ export function resolveOptions(options: RelayOptions): ResolvedOptions {
     employeeKey: options.employeeKey === '' ? undefined : options.employeeKey,
     publicReads: options.publicReads ?? DEFAULTS.publicReads,
     maintenanceIntervalMs: ms('maintenanceIntervalMs', options.maintenanceIntervalMs, DEFAULTS.maintenanceIntervalMs, 1000),
+    redisUrl: checkRedisUrl(options.redisUrl),
+    clusterName: checkName('clusterName', options.clusterName ?? DEFAULTS.clusterName),
+    nodeId: options.nodeId === undefined ? undefined : checkName('nodeId', options.nodeId),
   };
   return resolved;
+}
+
+export function checkName(name: string, value: string): string {
+  if (!NAME_PATTERN.test(value)) throw new OptionsError(`${name} must be ${NAME_RULE}, got "${value.slice(0, 80)}".`);
+  return value;
+}
+
+export function checkRedisUrl(value: string | undefined, name = 'redisUrl'): string | undefined {
+  if (value === undefined || value === '') return undefined;
+  let url: URL | null = null;
+  try {
+    url = new URL(value);
+  } catch {
+    url = null;
+  }
+  if (url === null || (url.protocol !== 'redis:' && url.protocol !== 'rediss:') || url.hostname === '') {
+    throw new OptionsError(`${name} must be a redis:// or rediss:// URL such as redis://127.0.0.1:6379, got "${value.slice(0, 80)}".`);
+  }
+  return value;
 }
 
 const DURATION_UNITS: Record<string, number> = { ms: 1, s: 1000, m: MINUTE, h: 60 * MINUTE, d: DAY };

@@ -3,12 +3,13 @@
 // (ws-gateway.ts) hands it validated-JSON frames; everything here trusts lib/protocol's types.
 
 import { createHash, randomUUID, timingSafeEqual } from 'node:crypto';
+import type { ClusterHandlers, ClusterLink, FramePieces, QueuedOutcome, RemoteOutcome, SharedQueuedEntry } from './cluster-link';
 import type { ConnectionLog } from './connection-log';
 import type { DedupeCache, Remembered } from './dedupe-cache';
 import { ackPrefix, finishAck, outcomeFields } from './delivery-ack';
 import type { DeliveryQueue, NewQueuedEntry, QueuedEntry } from './delivery-queue';
 import type { EventBus, NodeRef } from './events';
-import type { Identity, IdentityStore } from './identity-store';
+import { toDoc, type Identity, type IdentityStore } from './identity-store';
 import type { Logger } from './logger';
 import type { MessageLog } from './message-log';
 import type { ResolvedOptions } from './options';
@@ -38,9 +39,16 @@ export interface RouterDeps {
   messageLog: MessageLog;
   queue: DeliveryQueue;
   dedupe: DedupeCache;
+  /** Other nodes: SingleNode when there are none. */
+  cluster: ClusterLink;
   bus: EventBus;
   logger: Logger;
 }
+
+/** Called once an auth is decided: accepted (the session has its identity) or not. */
+export type AuthSettled = (accepted: boolean) => void;
+
+const CLUSTER_UNAVAILABLE = 'The cluster store (Redis) cannot be reached from this node right now; retry in a few seconds.';
 
 /** When and how big a frame arrived. */
 export interface FrameArrival {
@@ -53,7 +61,7 @@ export interface FrameArrival {
 
 export type BanResult =
   | { ok: true; identity: Identity; online: boolean }
-  | { ok: false; status: 404 | 409; code: string; message: string };
+  | { ok: false; status: 404 | 409 | 503; code: string; message: string };
 
 export function nodeRef(identity: Identity): NodeRef {
   return { id: identity.id, role: identity.role, name: identity.name, tags: identity.tags };
@@ -83,18 +91,30 @@ interface RouteContext {
   failed: DeliveryFailure[];
   queued: string[];
   toQueue: NewQueuedEntry[];
+  /** Cluster: targets this node does not hold (or does not know), to ask the other nodes about. */
+  elsewhere: string[] | null;
+  /** Cluster: a broadcast, to repeat on every other node. */
+  broadcast: boolean;
 }
 
-export class Router {
+export class Router implements ClusterHandlers {
   /** Authenticated sessions by identity id. */
   readonly online = new Map<string, Session>();
   private readonly pausedForLog = new Set<Session>();
+  /** Read once: on a single node every cluster step is skipped by this one test. */
+  private readonly clustered: boolean;
 
   constructor(private readonly deps: RouterDeps) {
+    this.clustered = deps.cluster.clustered;
     deps.messageLog.onDrain(() => {
       for (const session of this.pausedForLog) session.ws.resume();
       this.pausedForLog.clear();
     });
+    deps.cluster.attach(this);
+  }
+
+  get nodeId(): string {
+    return this.deps.cluster.nodeId;
   }
 
   get options(): ResolvedOptions {
@@ -113,23 +133,65 @@ export class Router {
 
   // ---- auth ----------------------------------------------------------------------------------
 
-  authenticate(session: Session, frame: Record<string, unknown>): void {
+  authenticate(session: Session, frame: Record<string, unknown>, settled: AuthSettled): void {
+    if (this.clustered && !this.deps.cluster.available) {
+      this.rejectAuth(session, frame, { code: 'cluster_unavailable', message: CLUSTER_UNAVAILABLE });
+      settled(false);
+      return;
+    }
     const outcome = this.decideAuth(frame);
     if ('code' in outcome) {
+      const unknownId = outcome.code === 'identity_not_found' && isPlainObject(frame.identity) ? frame.identity.id : undefined;
+      if (this.clustered && typeof unknownId === 'string') {
+        // Registered on another node a moment ago, and not yet in this node's replica.
+        this.authAfterFetch(session, frame, unknownId, settled);
+        return;
+      }
       this.rejectAuth(session, frame, outcome);
+      settled(false);
       return;
     }
     const { identity, key, reconnected } = outcome;
     session.identity = identity;
+    settled(true);
     if (reconnected) {
       this.goOnline(session, identity, key, true);
       return;
     }
-    // A new identity is on disk before its key is handed out, so a crash cannot forget an
-    // identity its client was already told about.
-    void this.deps.identities.flush().then(() => {
-      if (session.isOpen) this.goOnline(session, identity, key, false);
-    });
+    // A new identity is on disk (or in the cluster store) before its key is handed out, so a
+    // crash cannot forget an identity its client was already told about.
+    this.deps.identities.flush().then(
+      () => {
+        if (session.isOpen) this.goOnline(session, identity, key, false);
+      },
+      () => {
+        session.sendError('cluster_unavailable', CLUSTER_UNAVAILABLE);
+        session.close(CLOSE_CODES.tryAgainLater, 'cluster_unavailable');
+      },
+    );
+  }
+
+  private authAfterFetch(session: Session, frame: Record<string, unknown>, id: string, settled: AuthSettled): void {
+    this.deps.cluster.fetchIdentity(id).then(
+      (found) => {
+        if (!session.isOpen) return;
+        if (found && !this.deps.identities.get(id)) this.deps.identities.apply(toDoc(found));
+        const outcome = this.decideAuth(frame);
+        if ('code' in outcome) {
+          this.rejectAuth(session, frame, outcome);
+          settled(false);
+          return;
+        }
+        session.identity = outcome.identity;
+        settled(true);
+        this.goOnline(session, outcome.identity, outcome.key, outcome.reconnected);
+      },
+      () => {
+        if (!session.isOpen) return;
+        this.rejectAuth(session, frame, { code: 'cluster_unavailable', message: CLUSTER_UNAVAILABLE });
+        settled(false);
+      },
+    );
   }
 
   private goOnline(session: Session, identity: Identity, key: string, reconnected: boolean): void {
@@ -162,6 +224,10 @@ export class Router {
       timestamp: now,
     });
     this.deps.bus.publish({ type: 'connect', node: session.ref, reconnected, at: now });
+    if (this.clustered) {
+      this.deps.cluster.joined(identity.id);
+      this.drainShared(session);
+    }
     this.deliverQueued(session);
   }
 
@@ -263,7 +329,9 @@ export class Router {
     });
     this.deps.bus.publish({ type: 'auth_fail', code: error.code, role, at: now });
     session.sendError(error.code, error.message);
-    session.close(error.code === 'server_full' ? CLOSE_CODES.serverFull : CLOSE_CODES.authRejected, error.code);
+    const closeCode =
+      error.code === 'server_full' ? CLOSE_CODES.serverFull : error.code === 'cluster_unavailable' ? CLOSE_CODES.tryAgainLater : CLOSE_CODES.authRejected;
+    session.close(closeCode, error.code);
   }
 
   disconnect(session: Session, code: number): void {
@@ -271,6 +339,7 @@ export class Router {
     this.pausedForLog.delete(session);
     if (!identity || this.online.get(identity.id) !== session) return;
     this.online.delete(identity.id);
+    if (this.clustered) this.deps.cluster.left(identity.id);
     const now = Date.now();
     identity.lastSeen = now;
     identity.lastDisconnectedAt = now;
@@ -330,8 +399,26 @@ export class Router {
   // ---- routing -------------------------------------------------------------------------------
 
   private route(session: Session, sender: Identity, frame: Record<string, unknown>, arrival: FrameArrival): void {
-    const { receivedAt } = arrival;
-    const { options, dedupe } = this.deps;
+    if (session.routing === null) {
+      const waiting = this.routeNow(session, sender, frame, arrival);
+      if (waiting !== undefined) this.holdOrder(session, waiting);
+      return;
+    }
+    // An earlier message of this sender waits on the cluster store: this one goes after it.
+    this.holdOrder(session, session.routing.then(() => (session.isOpen ? this.routeNow(session, sender, frame, arrival) : undefined)));
+  }
+
+  /** Later messages of the session wait for `step` (cluster only: a single node never waits). */
+  private holdOrder(session: Session, step: Promise<void>): void {
+    const settled: Promise<void> = step.catch(() => undefined).then(() => {
+      if (session.routing === settled) session.routing = null;
+    });
+    session.routing = settled;
+  }
+
+  /** Routes now, or returns a promise when the cluster's dedupe window must be asked first. */
+  private routeNow(session: Session, sender: Identity, frame: Record<string, unknown>, arrival: FrameArrival): Promise<void> | undefined {
+    const { dedupe } = this.deps;
     let msgId: string;
     if (frame.msg_id === undefined || frame.msg_id === null || frame.msg_id === '') {
       msgId = randomUUID();
@@ -340,35 +427,65 @@ export class Router {
       const prior = dedupe.find(sender.id, msgId);
       if (prior !== undefined) {
         this.answerDuplicate(session, sender, frame, arrival, msgId, prior);
-        return;
+        return undefined;
       }
+      if (this.clustered && dedupe.enabled) return this.routeAfterClaim(session, sender, frame, arrival, msgId);
     } else {
       session.sendError('invalid_msg_id', `Field "msg_id" must be a string of at most ${MAX_MSG_ID_LENGTH} characters.`);
-      return;
+      return undefined;
     }
+    this.routeChecked(session, sender, frame, arrival, msgId, false);
+    return undefined;
+  }
+
+  /** Cluster: a msg_id this node has not seen may have been routed by another node. */
+  private routeAfterClaim(session: Session, sender: Identity, frame: Record<string, unknown>, arrival: FrameArrival, msgId: string): Promise<void> {
+    return this.deps.cluster.claimMsgId(sender.id, msgId).then(
+      (claim) => {
+        if (!session.isOpen) {
+          if (claim.kind === 'new') this.deps.cluster.releaseMsgId(sender.id, msgId);
+          return;
+        }
+        if (claim.kind === 'seen') session.sendText(finishAck(ackPrefix(msgId, claim.outcome), true));
+        else this.routeChecked(session, sender, frame, arrival, msgId, true);
+      },
+      () => session.sendError('cluster_unavailable', CLUSTER_UNAVAILABLE, { msg_id: msgId }),
+    );
+  }
+
+  private routeChecked(session: Session, sender: Identity, frame: Record<string, unknown>, arrival: FrameArrival, msgId: string, claimed: boolean): void {
+    const { options } = this.deps;
     // Only a client's own msg_id can come back; errors from here on name it so the client can
     // tell which send they answer.
     const clientGaveId = frame.msg_id === msgId;
     const answering = clientGaveId ? { msg_id: msgId } : {};
+    const refuse = (code: Parameters<Session['sendError']>[0], message: string) => {
+      if (claimed) this.deps.cluster.releaseMsgId(sender.id, msgId);
+      session.sendError(code, message, answering);
+    };
     const target = checkTarget(frame.to);
     if (!target.ok) {
-      session.sendError(target.error.code, target.error.message, answering);
+      refuse(target.error.code, target.error.message);
       return;
     }
     if (target.value.kind === 'ids' && target.value.ids.length > options.maxTargets) {
-      session.sendError('too_many_targets', `A message may name at most ${options.maxTargets} targets; use "tag:<name>" or "*" for more.`, answering);
+      refuse('too_many_targets', `A message may name at most ${options.maxTargets} targets; use "tag:<name>" or "*" for more.`);
       return;
     }
     const queueTtlMs = this.queueTtl(frame);
     if (typeof queueTtlMs === 'string') {
-      session.sendError('invalid_frame', queueTtlMs, answering);
+      refuse('invalid_frame', queueTtlMs);
       return;
     }
     let payloadJson: string | undefined;
     try {
       payloadJson = frame.payload === undefined ? undefined : JSON.stringify(frame.payload);
     } catch {
-      session.sendError('invalid_json', 'The payload could not be re-encoded (it nests too deeply); send a flatter JSON value.', answering);
+      refuse('invalid_json', 'The payload could not be re-encoded (it nests too deeply); send a flatter JSON value.');
+      return;
+    }
+    if (this.clustered && !this.deps.cluster.available && !this.allHeldHere(target.value)) {
+      refuse('cluster_unavailable', CLUSTER_UNAVAILABLE);
       return;
     }
     const now = Date.now();
@@ -384,8 +501,41 @@ export class Router {
       failed: [],
       queued: [],
       toQueue: [],
+      elsewhere: null,
+      broadcast: false,
     };
     this.deliverAll(context, target.value);
+    if (context.elsewhere === null && !context.broadcast) {
+      this.finishRoute(session, frame, arrival, context, payloadJson, clientGaveId, claimed);
+      return;
+    }
+    this.deliverElsewhere(context).then(
+      () => this.finishRoute(session, frame, arrival, context, payloadJson, clientGaveId, claimed),
+      (error: Error) => {
+        this.deps.logger.error('cluster_route_failed', { msg_id: msgId, error: error.message });
+        refuse('cluster_unavailable', CLUSTER_UNAVAILABLE);
+      },
+    );
+  }
+
+  /** Whether every target of a message is a socket of this node (what a node without its cluster store can still route). */
+  private allHeldHere(target: ParsedTarget): boolean {
+    return target.kind === 'ids' && target.ids.every((id) => this.online.has(id));
+  }
+
+  /** Logs the routed message, then acks it (once its queued copies are stored). */
+  private finishRoute(
+    session: Session,
+    frame: Record<string, unknown>,
+    arrival: FrameArrival,
+    context: RouteContext,
+    payloadJson: string | undefined,
+    clientGaveId: boolean,
+    claimed: boolean,
+  ): void {
+    const { dedupe } = this.deps;
+    const { sender, msgId, now } = context;
+    const { receivedAt } = arrival;
     const outcomeText = outcomeFields(context);
     const slot = this.deps.messageLog.append(
       {
@@ -409,15 +559,20 @@ export class Router {
     if (context.toQueue.length === 0) {
       session.sendText(finishAck(prefix, false));
       if (clientGaveId) dedupe.remember(sender.id, msgId, receivedAt, slot);
+      if (claimed) this.deps.cluster.settleMsgId(sender.id, msgId, outcomeText);
     } else {
       const recordId = this.deps.messageLog.lastRecordId;
       for (const entry of context.toQueue) entry.record_id = recordId;
       const stored = this.storeQueued(context.toQueue).then(() => slot);
       if (clientGaveId) dedupe.remember(sender.id, msgId, receivedAt, stored);
       stored.then(
-        () => session.sendText(finishAck(prefix, false)),
+        () => {
+          session.sendText(finishAck(prefix, false));
+          if (claimed) this.deps.cluster.settleMsgId(sender.id, msgId, outcomeText);
+        },
         (error: Error) => {
           this.deps.logger.error('queue_store_failed', { msg_id: msgId, error: error.message });
+          if (claimed) this.deps.cluster.releaseMsgId(sender.id, msgId);
           session.sendError('store_failed', 'The relay could not store this message for offline targets (see its log); send it again.', { msg_id: msgId });
         },
       );
@@ -436,6 +591,34 @@ export class Router {
     });
   }
 
+  /** Cluster: the targets this node does not hold, asked of the nodes that do. */
+  private async deliverElsewhere(context: RouteContext): Promise<void> {
+    const { cluster, identities } = this.deps;
+    const known: string[] = [];
+    const unknown: string[] = [];
+    for (const id of context.elsewhere ?? []) (identities.get(id) ? known : unknown).push(id);
+    const fetched = await Promise.all(unknown.map((id) => cluster.fetchIdentity(id)));
+    unknown.forEach((id, index) => {
+      const found = fetched[index];
+      if (!found) context.failed.push({ id, reason: 'target_not_found' });
+      else if (found.banned) context.failed.push({ id, reason: 'target_banned' });
+      else known.push(id);
+      if (found && !identities.get(id)) identities.apply(toDoc(found));
+    });
+    const pieces: FramePieces = { head: context.head, tail: context.tail };
+    const [outcomes, reached] = await Promise.all([
+      known.length > 0 ? cluster.deliverElsewhere(pieces, known) : ({} as Record<string, RemoteOutcome>),
+      context.broadcast ? cluster.broadcastElsewhere(pieces, context.sender.id) : [],
+    ]);
+    for (const id of known) {
+      const outcome = outcomes[id] ?? 'offline';
+      if (outcome === 'delivered') context.delivered.push(id);
+      else if (outcome === 'banned') context.failed.push({ id, reason: 'target_banned' });
+      else this.notDelivered(context, id, outcome === 'slow' ? 'target_slow' : 'target_offline');
+    }
+    for (const id of reached) context.delivered.push(id);
+  }
+
   /** Answers a repeated msg_id with the first ack, rebuilt from its log record. */
   private answerDuplicate(session: Session, sender: Identity, frame: Record<string, unknown>, arrival: FrameArrival, msgId: string, prior: Remembered): void {
     const { dedupe, messageLog, logger } = this.deps;
@@ -448,7 +631,7 @@ export class Router {
         }
         // The first record was pruned already: nothing to repeat, so this is a new message.
         dedupe.forget(sender.id, msgId);
-        if (session.isOpen) this.route(session, sender, frame, arrival);
+        if (session.isOpen) this.routeChecked(session, sender, frame, arrival, msgId, false);
       })
       .catch((error: Error) => logger.error('duplicate_ack_failed', { msg_id: msgId, error: error.message }));
   }
@@ -474,6 +657,7 @@ export class Router {
         const identity = session.identity!;
         if (identity.id !== senderId) this.deliverTo(context, identity.id, identity, session);
       }
+      context.broadcast = this.clustered;
     } else if (target.kind === 'tag') {
       for (const id of this.deps.identities.withTag(target.tag)) if (id !== senderId) this.deliverOne(context, id);
     } else {
@@ -484,7 +668,8 @@ export class Router {
   private deliverOne(context: RouteContext, targetId: string): void {
     const identity = this.deps.identities.get(targetId);
     if (!identity) {
-      context.failed.push({ id: targetId, reason: 'target_not_found' });
+      if (this.clustered) (context.elsewhere ??= []).push(targetId);
+      else context.failed.push({ id: targetId, reason: 'target_not_found' });
       return;
     }
     this.deliverTo(context, targetId, identity, this.online.get(targetId));
@@ -496,6 +681,10 @@ export class Router {
       context.failed.push({ id: targetId, reason: 'target_banned' });
       return;
     }
+    if (session === undefined && this.clustered) {
+      (context.elsewhere ??= []).push(targetId);
+      return;
+    }
     // A socket that is closing (peer leaving, relay shutting down) drops what is written to it:
     // treat its target as offline, so the message is queued or failed instead of lost as delivered.
     const open = session !== undefined && session.isOpen;
@@ -505,6 +694,11 @@ export class Router {
       return;
     }
     if (open && session.slowSince === null) session.slowSince = context.now;
+    this.notDelivered(context, targetId, open ? 'target_slow' : 'target_offline');
+  }
+
+  /** A target not written to: queued when queueing applies, else failed with `reason`. */
+  private notDelivered(context: RouteContext, targetId: string, reason: 'target_slow' | 'target_offline'): void {
     if (context.queueTtlMs > 0) {
       context.queued.push(targetId);
       context.toQueue.push({
@@ -518,14 +712,18 @@ export class Router {
       });
       return;
     }
-    const reason = open ? 'target_slow' : 'target_offline';
     context.failed.push({ id: targetId, reason });
   }
 
   // ---- store-and-forward ---------------------------------------------------------------------
 
   private async storeQueued(entries: NewQueuedEntry[]): Promise<void> {
-    const { queue, messageLog, options } = this.deps;
+    const { queue, messageLog, options, cluster } = this.deps;
+    if (this.clustered) {
+      // In the cluster store, for whichever node the target reaches; the link wakes its node.
+      await Promise.all([cluster.enqueue(entries), messageLog.flush()]);
+      return;
+    }
     await Promise.all([queue.enqueue(entries), messageLog.flush()]);
     const targets = new Set(entries.map((entry) => entry.target_id));
     for (const targetId of targets) {
@@ -573,26 +771,137 @@ export class Router {
 
   // ---- bans ----------------------------------------------------------------------------------
 
-  setBan(id: string, banned: boolean, by: string): BanResult {
-    const identity = this.deps.identities.get(id);
+  async setBan(id: string, banned: boolean, by: string): Promise<BanResult> {
+    const { identities, cluster } = this.deps;
+    let identity = identities.get(id);
+    if (!identity && this.clustered) {
+      const found = await cluster.fetchIdentity(id);
+      if (found) identity = identities.apply(toDoc(found)) ?? undefined;
+    }
     if (!identity) {
       return { ok: false, status: 404, code: 'not_found', message: `No employee has id "${id}"; list them with GET /employees.` };
     }
     if (identity.role !== 'employee') {
       return { ok: false, status: 409, code: 'not_an_employee', message: `"${id}" is a boss; only employees can be banned.` };
     }
+    if (this.clustered) {
+      // In the cluster store first (another node may hold the socket; its replica learns from the announcement).
+      try {
+        await cluster.setBanned(identity, banned, by);
+      } catch {
+        return { ok: false, status: 503, code: 'cluster_unavailable', message: CLUSTER_UNAVAILABLE };
+      }
+    }
     const now = Date.now();
     const session = this.online.get(id);
     if (identity.banned !== banned) {
       identity.banned = banned;
-      this.deps.identities.save(identity);
+      if (!this.clustered) identities.save(identity);
       this.deps.connectionLog.record({ identityId: id, role: 'employee', event: banned ? 'ban' : 'unban', timestamp: now, online: session !== undefined, reason: by });
       this.deps.bus.publish({ type: banned ? 'ban' : 'unban', node: nodeRef(identity), by, at: now });
     }
-    if (banned && session) {
-      session.send({ type: 'system', event: 'banned', by, timestamp: now });
-      session.close(CLOSE_CODES.banned, 'Banned by an admin');
-    }
+    if (banned && session) this.closeBanned(session, by);
     return { ok: true, identity, online: banned ? false : session !== undefined };
   }
+
+  private closeBanned(session: Session, by: string): void {
+    session.send({ type: 'system', event: 'banned', by, timestamp: Date.now() });
+    session.close(CLOSE_CODES.banned, 'Banned by an admin');
+  }
+
+  // ---- what other nodes ask of this one (ClusterHandlers) -------------------------------------
+
+  deliverHere(pieces: FramePieces, ids: readonly string[]): Record<string, RemoteOutcome> {
+    const outcomes: Record<string, RemoteOutcome> = {};
+    let split: SplitText | null = null;
+    for (const id of ids) {
+      const session = this.online.get(id);
+      if (session === undefined || !session.isOpen) outcomes[id] = 'offline';
+      else if (session.identity!.banned) outcomes[id] = 'banned';
+      else if (session.ws.bufferedAmount > this.deps.options.maxBufferedBytes) outcomes[id] = 'slow';
+      else {
+        session.sendSplit((split ??= splitText(pieces.head, pieces.tail)), id);
+        outcomes[id] = 'delivered';
+      }
+    }
+    return outcomes;
+  }
+
+  broadcastHere(pieces: FramePieces, senderId: string): string[] {
+    const reached: string[] = [];
+    let split: SplitText | null = null;
+    for (const [id, session] of this.online) {
+      if (id === senderId || !session.isOpen || session.identity!.banned) continue;
+      if (session.ws.bufferedAmount > this.deps.options.maxBufferedBytes) continue;
+      session.sendSplit((split ??= splitText(pieces.head, pieces.tail)), id);
+      reached.push(id);
+    }
+    return reached;
+  }
+
+  replacedElsewhere(id: string): void {
+    this.online.get(id)?.close(CLOSE_CODES.replaced, 'Replaced by a newer session of this identity');
+  }
+
+  identityWritten(doc: Record<string, unknown>): void {
+    const id = typeof doc._id === 'string' ? doc._id : null;
+    if (id === null) return;
+    // A ban travels on its own announcement: keep what this replica knows.
+    const banned = this.deps.identities.get(id)?.banned ?? false;
+    const identity = this.deps.identities.apply(doc);
+    if (identity) identity.banned = banned;
+  }
+
+  banChanged(id: string, banned: boolean, by: string): void {
+    const identity = this.deps.identities.get(id);
+    if (identity) identity.banned = banned;
+    const session = this.online.get(id);
+    if (banned && session) this.closeBanned(session, by);
+  }
+
+  queuedFor(id: string): void {
+    const session = this.online.get(id);
+    if (session?.isOpen) this.drainShared(session);
+  }
+
+  queuedOutcome(outcome: QueuedOutcome): void {
+    const now = Date.now();
+    const { msg_id, from_id, target_id, status } = outcome;
+    if (outcome.origin === this.nodeId) {
+      this.deps.messageLog.updateTarget(outcome.record_id, target_id, status);
+      this.deps.bus.publish({ type: 'delivery_update', msg_id, from_id, id: target_id, status, at: now });
+    }
+    this.online.get(from_id)?.send({ type: 'delivery_update', msg_id, id: target_id, status, timestamp: now });
+  }
+
+  /** Cluster: writes the queued copies waiting in the cluster store for this session's identity. */
+  private drainShared(session: Session): void {
+    const id = session.identity!.id;
+    const { cluster, logger } = this.deps;
+    cluster.takeQueued(id).then(
+      (entries) => {
+        if (entries.length === 0) return;
+        const now = Date.now();
+        const rest: SharedQueuedEntry[] = [];
+        for (const entry of entries) {
+          if (entry.expires_at <= now) {
+            cluster.finishQueued(queuedOutcomeOf(entry, 'expired'));
+          } else if (rest.length > 0 || !session.isOpen || this.online.get(id) !== session) {
+            rest.push(entry);
+          } else {
+            session.sendText(entry.frame);
+            cluster.finishQueued(queuedOutcomeOf(entry, 'delivered'));
+          }
+        }
+        if (rest.length > 0) {
+          cluster.returnQueued(id, rest).catch((error: Error) => logger.error('queue_return_failed', { id, entries: rest.length, error: error.message }));
+        }
+      },
+      (error: Error) => logger.warn('queue_take_failed', { id, error: error.message }),
+    );
+  }
+}
+
+function queuedOutcomeOf(entry: SharedQueuedEntry, status: 'delivered' | 'expired'): QueuedOutcome {
+  return { origin: entry.origin, record_id: entry.record_id, msg_id: entry.msg_id, from_id: entry.from_id, target_id: entry.target_id, status };
 }

@@ -169,14 +169,15 @@ export class WsGateway {
       session.close(CLOSE_CODES.authRejected, 'auth_throttled');
       return;
     }
-    this.router.authenticate(session, frame);
-    if (session.identity) {
-      this.unauthenticated--;
-      if (session.authTimer) clearTimeout(session.authTimer);
-      session.authTimer = null;
-    } else {
-      this.countAuthFailure(session.address, receivedAt);
-    }
+    this.router.authenticate(session, frame, (accepted) => {
+      if (accepted) {
+        this.unauthenticated--;
+        if (session.authTimer) clearTimeout(session.authTimer);
+        session.authTimer = null;
+      } else {
+        this.countAuthFailure(session.address, receivedAt);
+      }
+    });
   }
 
   private frameError(session: Session, code: Parameters<Session['sendError']>[0], message: string): void {

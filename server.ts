@@ -21,6 +21,7 @@ import { MessageLog } from './lib/message-log';
 import { RelayMetrics } from './lib/metrics';
 import { loadNodeId } from './lib/node-id';
 import { resolveOptions, type RelayOptions, type ResolvedOptions } from './lib/options';
+import { RedisCluster } from './lib/redis-cluster';
 import { Router } from './lib/router';
 import { SingleNode } from './lib/single-node';
 import { packageVersion } from './lib/version';
@@ -58,9 +59,16 @@ interface Stores {
 }
 
 /** The other nodes, or nothing elsewhere on a single node; the only place that knows which. */
-async function openClusterLink(options: ResolvedOptions, nodeId: string, _logger: Logger): Promise<{ link: ClusterLink; identities: IdentityStore | null }> {
+async function openClusterLink(options: ResolvedOptions, nodeId: string, logger: Logger): Promise<{ link: ClusterLink; identities: IdentityStore | null }> {
   if (options.redisUrl === undefined) return { link: new SingleNode(nodeId), identities: null };
-  throw new Error('Cluster mode is not available yet.');
+  const cluster = await RedisCluster.connect({
+    url: options.redisUrl,
+    clusterName: options.clusterName,
+    nodeId,
+    dedupeWindowMs: options.dedupeWindowMs,
+    logger,
+  });
+  return { link: cluster, identities: cluster.identities };
 }
 
 async function openStores(options: ResolvedOptions, logger: Logger, sharedIdentities: IdentityStore | null): Promise<Stores> {

@@ -51,6 +51,8 @@ export interface ClusterHandlers {
   banChanged(id: string, banned: boolean, by: string): void;
   /** Queued copies for a target held here may be waiting: deliver them. */
   queuedFor(id: string): void;
+  /** Every identity whose session this node holds (re-announced after the store comes back). */
+  heldIds(): Iterable<string>;
   /** A queued copy sent by a sender of this node (or to a sender held here) was delivered or expired. */
   queuedOutcome(outcome: QueuedOutcome): void;
 }

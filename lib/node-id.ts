@@ -7,18 +7,12 @@ import path from 'node:path';
 
 const NODE_ID_PATTERN = /^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/;
 
-export function isNodeId(text: string): boolean {
-  return NODE_ID_PATTERN.test(text);
-}
-
-export const NODE_ID_RULE = '1 to 63 letters, digits, ".", "_" or "-", starting with a letter or digit';
-
 export async function loadNodeId(dataDir: string, given: string | undefined): Promise<string> {
   if (given !== undefined) return given;
   const file = path.join(dataDir, 'node-id');
   try {
     const stored = (await fs.readFile(file, 'utf8')).trim();
-    if (isNodeId(stored)) return stored;
+    if (NODE_ID_PATTERN.test(stored)) return stored;
   } catch (error) {
     if ((error as NodeJS.ErrnoException).code !== 'ENOENT') throw error;
   }

@@ -839,6 +839,10 @@ export class Router implements ClusterHandlers {
     return reached;
   }
 
+  heldIds(): Iterable<string> {
+    return this.online.keys();
+  }
+
   replacedElsewhere(id: string): void {
     this.online.get(id)?.close(CLOSE_CODES.replaced, 'Replaced by a newer session of this identity');
   }

@@ -1,0 +1,556 @@
+// The ClusterLink of a node started with --redis: what lives in Redis and how nodes reach each
+// other through it (docs/CLUSTER.md is the design; the key and channel names are listed there).
+// Two connections: one for commands, one subscribed to this node's inbox and reply channels and
+// the cluster's control channel.
+
+import { randomUUID } from 'node:crypto';
+import type Redis from 'ioredis';
+import type {
+  ClusterHandlers,
+  ClusterLink,
+  DedupeClaim,
+  FramePieces,
+  QueuedOutcome,
+  RemoteOutcome,
+  SharedQueuedEntry,
+} from './cluster-link';
+import type { NewQueuedEntry } from './delivery-queue';
+import { fromDoc, IdentityStore, type Identity, type IdentityDoc } from './identity-store';
+import type { Logger } from './logger';
+import { isPlainObject } from './protocol';
+import { ClusterStartError, connectRedis } from './redis-connection';
+
+/** A node's liveness key lives this long unless refreshed. */
+export const NODE_TTL_MS = 5000;
+/** How often a node refreshes its key and looks for dead nodes. */
+export const HEARTBEAT_MS = 1000;
+/** How long a node waits for another node's answer before counting its targets as not delivered. */
+export const REPLY_TIMEOUT_MS = 3000;
+/** How long a resend waits for another node still routing the same msg_id. */
+const CLAIM_WAIT_MS = 3000;
+
+export interface RedisClusterOptions {
+  url: string;
+  clusterName: string;
+  nodeId: string;
+  dedupeWindowMs: number;
+  logger: Logger;
+}
+
+type ControlMessage =
+  | { t: 'replace'; node: string; id: string }
+  | { t: 'identity'; node: string; doc: Record<string, unknown> }
+  | { t: 'ban'; node: string; id: string; banned: boolean; by: string }
+  | { t: 'queued'; ids: string[] }
+  | ({ t: 'queued_outcome' } & QueuedOutcome);
+
+type InboxMessage =
+  | { t: 'deliver'; req: string; reply: string; head: string; tail: string; ids: string[] }
+  | { t: 'broadcast'; req: string; reply: string; head: string; tail: string; sender: string };
+
+interface ReplyMessage {
+  req: string;
+  outcomes?: Record<string, RemoteOutcome>;
+  reached?: string[];
+}
+
+interface PendingRequest {
+  answer(reply: ReplyMessage): void;
+}
+
+// Refreshes this node's key while it still holds it; takes it back if it expired (a pause, a
+// Redis restart without its data). 0: another process holds this node id now.
+const HEARTBEAT_SCRIPT = `
+local current = redis.call('GET', KEYS[1])
+if current == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+if current then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('SADD', KEYS[2], ARGV[3])
+return 1`;
+
+// This node now holds the identity: presence points here, the previous holder's set forgets it.
+const JOIN_SCRIPT = `
+local previous = redis.call('HGET', KEYS[1], ARGV[1])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('SADD', KEYS[2], ARGV[1])
+if previous and previous ~= ARGV[2] then redis.call('SREM', ARGV[3] .. previous, ARGV[1]) end
+return 1`;
+
+// Only the node named in the presence entry removes it: a newer session elsewhere stays.
+const LEAVE_SCRIPT = `
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then redis.call('HDEL', KEYS[1], ARGV[1]) end
+redis.call('SREM', KEYS[2], ARGV[1])
+return 1`;
+
+// A dead node: its presence entries that still name it go, then the node itself.
+const BURY_SCRIPT = `
+local ids = redis.call('SMEMBERS', KEYS[2])
+local removed = 0
+for _, id in ipairs(ids) do
+  if redis.call('HGET', KEYS[1], id) == ARGV[1] then redis.call('HDEL', KEYS[1], id); removed = removed + 1 end
+end
+redis.call('DEL', KEYS[2])
+redis.call('SREM', KEYS[3], ARGV[1])
+return removed`;
+
+// Frees this node's id at a clean stop, unless another process took it.
+const RELEASE_SCRIPT = `
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+redis.call('SREM', KEYS[2], ARGV[2])
+return 1`;
+
+export class NodeIdTakenError extends ClusterStartError {}
+
+export class RedisCluster implements ClusterLink {
+  readonly clustered = true;
+  /** The node's replica of every identity, written through to Redis. */
+  readonly identities: IdentityStore;
+  private handlers: ClusterHandlers | null = null;
+  private readonly token = randomUUID();
+  private readonly prefix: string;
+  private readonly pending = new Map<string, PendingRequest>();
+  private requestSeq = 0;
+  /** Other nodes alive at the last check. */
+  private liveNodes: string[] = [];
+  private heartbeat: NodeJS.Timeout | null = null;
+  private closed = false;
+  private ticking = false;
+
+  private constructor(
+    private readonly options: RedisClusterOptions,
+    private readonly redis: Redis,
+    private readonly sub: Redis,
+    docs: Record<string, unknown>[],
+  ) {
+    this.prefix = `${options.clusterName}:`;
+    this.identities = IdentityStore.fromDocs(
+      docs,
+      { write: (doc) => this.writeIdentity(doc), close: () => Promise.resolve() },
+      options.logger,
+    );
+  }
+
+  get nodeId(): string {
+    return this.options.nodeId;
+  }
+
+  get available(): boolean {
+    return !this.closed && this.redis.status === 'ready' && this.sub.status === 'ready';
+  }
+
+  /** Joins the cluster: refused when Redis cannot be reached or another running node has this id. */
+  static async connect(options: RedisClusterOptions): Promise<RedisCluster> {
+    const redis = await connectRedis(options.url, `mimiclaw:${options.nodeId}`);
+    let sub: Redis | null = null;
+    try {
+      sub = await connectRedis(options.url, `mimiclaw:${options.nodeId}:sub`);
+      const prefix = `${options.clusterName}:`;
+      const [entries, banned] = await Promise.all([redis.hgetall(`${prefix}identities`), redis.smembers(`${prefix}banned`)]);
+      const bannedIds = new Set(banned);
+      const docs: Record<string, unknown>[] = [];
+      for (const [id, json] of Object.entries(entries)) {
+        const doc = parseObject(json);
+        if (doc) docs.push({ ...doc, _id: id, id, banned: bannedIds.has(id) });
+      }
+      const cluster = new RedisCluster(options, redis, sub, docs);
+      await cluster.claimNodeId();
+      await cluster.subscribe();
+      cluster.start();
+      return cluster;
+    } catch (error) {
+      redis.disconnect();
+      sub?.disconnect();
+      throw error;
+    }
+  }
+
+  attach(handlers: ClusterHandlers): void {
+    this.handlers = handlers;
+  }
+
+  // ---- keys ----------------------------------------------------------------------------------
+
+  private key(name: string): string {
+    return this.prefix + name;
+  }
+
+  private nodeKey(nodeId: string): string {
+    return this.key(`node:${nodeId}`);
+  }
+
+  // ---- node registry -------------------------------------------------------------------------
+
+  /**
+   * SET NX with this process's token. A key left by this node id's previous process (killed
+   * without a clean stop) expires within NODE_TTL_MS, so wait that long before refusing: only a
+   * node that is still running keeps it.
+   */
+  private async claimNodeId(): Promise<void> {
+    const deadline = Date.now() + NODE_TTL_MS + HEARTBEAT_MS;
+    for (;;) {
+      const set = await this.redis.set(this.nodeKey(this.nodeId), this.token, 'PX', NODE_TTL_MS, 'NX');
+      if (set === 'OK') break;
+      if (Date.now() > deadline) {
+        throw new NodeIdTakenError(
+          `Node id "${this.nodeId}" is in use by another running node of cluster "${this.options.clusterName}": give this node its own --node-id (or its own data dir).`,
+        );
+      }
+      await delay(250);
+    }
+    await this.redis.sadd(this.key('nodes'), this.nodeId);
+  }
+
+  private async subscribe(): Promise<void> {
+    this.sub.on('message', (channel: string, text: string) => this.onMessage(channel, text));
+    await this.sub.subscribe(this.key(`inbox:${this.nodeId}`), this.key(`reply:${this.nodeId}`), this.key('control'));
+  }
+
+  private start(): void {
+    this.heartbeat = setInterval(() => void this.tick(), HEARTBEAT_MS);
+    this.heartbeat.unref();
+    // After Redis comes back (a restart, a network cut), write this node's part of the shared
+    // state again: its key and the presence of every socket it holds.
+    this.redis.on('ready', () => void this.resync());
+    void this.tick();
+  }
+
+  private async tick(): Promise<void> {
+    if (this.ticking || this.closed || this.redis.status !== 'ready') return;
+    this.ticking = true;
+    try {
+      const held = await this.redis.eval(HEARTBEAT_SCRIPT, 2, this.nodeKey(this.nodeId), this.key('nodes'), this.token, NODE_TTL_MS, this.nodeId);
+      if (held === 0) this.options.logger.error('node_id_taken', { node: this.nodeId, cluster: this.options.clusterName });
+      await this.findDeadNodes();
+    } catch (error) {
+      this.options.logger.warn('cluster_heartbeat_failed', { error: (error as Error).message });
+    } finally {
+      this.ticking = false;
+    }
+  }
+
+  private async findDeadNodes(): Promise<void> {
+    const nodes = (await this.redis.smembers(this.key('nodes'))).filter((id) => id !== this.nodeId);
+    if (nodes.length === 0) {
+      this.liveNodes = [];
+      return;
+    }
+    const exists = await this.redis.mget(nodes.map((id) => this.nodeKey(id)));
+    const live: string[] = [];
+    for (const [index, id] of nodes.entries()) {
+      if (exists[index] !== null) {
+        live.push(id);
+        continue;
+      }
+      const removed = await this.redis.eval(BURY_SCRIPT, 3, this.key('presence'), this.key(`presence:${id}`), this.key('nodes'), id);
+      this.options.logger.warn('cluster_node_dead', { node: id, presence_removed: Number(removed) });
+    }
+    this.liveNodes = live;
+  }
+
+  private async resync(): Promise<void> {
+    if (this.closed) return;
+    try {
+      await this.redis.eval(HEARTBEAT_SCRIPT, 2, this.nodeKey(this.nodeId), this.key('nodes'), this.token, NODE_TTL_MS, this.nodeId);
+      for (const id of this.handlers?.heldIds() ?? []) this.joined(id);
+      this.options.logger.info('cluster_resynced', { node: this.nodeId });
+    } catch (error) {
+      this.options.logger.warn('cluster_resync_failed', { error: (error as Error).message });
+    }
+  }
+
+  // ---- presence ------------------------------------------------------------------------------
+
+  joined(id: string): void {
+    this.redis
+      .eval(JOIN_SCRIPT, 2, this.key('presence'), this.key(`presence:${this.nodeId}`), id, this.nodeId, this.key('presence:'))
+      .then(() => this.publish('control', { t: 'replace', node: this.nodeId, id }))
+      .catch((error: Error) => this.options.logger.warn('cluster_presence_failed', { id, error: error.message }));
+  }
+
+  left(id: string): void {
+    this.redis
+      .eval(LEAVE_SCRIPT, 2, this.key('presence'), this.key(`presence:${this.nodeId}`), id, this.nodeId)
+      .catch((error: Error) => this.options.logger.warn('cluster_presence_failed', { id, error: error.message }));
+  }
+
+  // ---- identities ----------------------------------------------------------------------------
+
+  /** Bans are kept apart (set `banned`), so a stale replica's write can never undo one. */
+  private async writeIdentity(doc: IdentityDoc): Promise<void> {
+    const { banned: _banned, ...record } = doc;
+    const json = JSON.stringify(record);
+    await this.redis.multi().hset(this.key('identities'), doc._id, json).publish(this.key('control'), JSON.stringify({ t: 'identity', node: this.nodeId, doc: record })).exec();
+  }
+
+  async fetchIdentity(id: string): Promise<Identity | undefined> {
+    const [json, banned] = await Promise.all([this.redis.hget(this.key('identities'), id), this.redis.sismember(this.key('banned'), id)]);
+    const doc = json === null ? null : parseObject(json);
+    if (doc === null) return undefined;
+    return fromDoc({ ...doc, _id: id, id, banned: banned === 1 }) ?? undefined;
+  }
+
+  async setBanned(identity: Identity, banned: boolean, by: string): Promise<void> {
+    const set = this.key('banned');
+    const multi = this.redis.multi();
+    if (banned) multi.sadd(set, identity.id);
+    else multi.srem(set, identity.id);
+    multi.publish(this.key('control'), JSON.stringify({ t: 'ban', node: this.nodeId, id: identity.id, banned, by }));
+    await multi.exec();
+  }
+
+  // ---- delivery across nodes -----------------------------------------------------------------
+
+  async deliverElsewhere(pieces: FramePieces, ids: readonly string[]): Promise<Record<string, RemoteOutcome>> {
+    const outcomes: Record<string, RemoteOutcome> = {};
+    const holders = await this.redis.hmget(this.key('presence'), ...ids);
+    const byNode = new Map<string, string[]>();
+    ids.forEach((id, index) => {
+      const node = holders[index];
+      outcomes[id] = 'offline';
+      if (node === null || node === undefined || node === this.nodeId) return;
+      let list = byNode.get(node);
+      if (!list) byNode.set(node, (list = []));
+      list.push(id);
+    });
+    await Promise.all(
+      [...byNode].map(async ([node, targets]) => {
+        const reply = await this.request(node, (req) => ({ t: 'deliver', req, reply: this.nodeId, head: pieces.head, tail: pieces.tail, ids: targets }));
+        // Only what the holder says it wrote counts as delivered; no answer leaves them offline.
+        for (const id of targets) {
+          const outcome = reply?.outcomes?.[id];
+          if (outcome !== undefined) outcomes[id] = outcome;
+        }
+      }),
+    );
+    return outcomes;
+  }
+
+  async broadcastElsewhere(pieces: FramePieces, senderId: string): Promise<string[]> {
+    const replies = await Promise.all(
+      this.liveNodes.map((node) => this.request(node, (req) => ({ t: 'broadcast', req, reply: this.nodeId, head: pieces.head, tail: pieces.tail, sender: senderId }))),
+    );
+    return replies.flatMap((reply) => reply?.reached ?? []);
+  }
+
+  /** Publishes on `node`'s inbox and waits for its answer; null when none came in time. */
+  private async request(node: string, make: (req: string) => InboxMessage): Promise<ReplyMessage | null> {
+    const req = `${this.nodeId}:${(this.requestSeq++).toString(36)}`;
+    const answered = new Promise<ReplyMessage | null>((resolve) => {
+      const timer = setTimeout(() => {
+        this.pending.delete(req);
+        resolve(null);
+      }, REPLY_TIMEOUT_MS);
+      this.pending.set(req, {
+        answer: (reply) => {
+          clearTimeout(timer);
+          this.pending.delete(req);
+          resolve(reply);
+        },
+      });
+    });
+    let receivers = 0;
+    try {
+      receivers = await this.redis.publish(this.key(`inbox:${node}`), JSON.stringify(make(req)));
+    } catch {
+      receivers = 0;
+    }
+    // Nobody listens on that inbox: the node is gone, there is nothing to wait for.
+    if (receivers === 0) this.pending.get(req)?.answer({ req });
+    return answered;
+  }
+
+  private onMessage(channel: string, text: string): void {
+    const message = parseObject(text);
+    if (message === null || this.handlers === null) return;
+    try {
+      if (channel === this.key('control')) this.onControl(message as ControlMessage);
+      else if (channel === this.key(`inbox:${this.nodeId}`)) this.onInbox(message as InboxMessage);
+      else if (channel === this.key(`reply:${this.nodeId}`)) this.onReply(message as unknown as ReplyMessage);
+    } catch (error) {
+      this.options.logger.error('cluster_message_failed', { channel, error: (error as Error).message });
+    }
+  }
+
+  private onInbox(message: InboxMessage): void {
+    const handlers = this.handlers!;
+    if (typeof message.req !== 'string' || typeof message.reply !== 'string' || typeof message.head !== 'string' || typeof message.tail !== 'string') return;
+    let reply: ReplyMessage;
+    if (message.t === 'deliver' && Array.isArray(message.ids)) {
+      reply = { req: message.req, outcomes: handlers.deliverHere(message, message.ids.filter((id): id is string => typeof id === 'string')) };
+    } else if (message.t === 'broadcast' && typeof message.sender === 'string') {
+      reply = { req: message.req, reached: handlers.broadcastHere(message, message.sender) };
+    } else {
+      return;
+    }
+    this.publish(`reply:${message.reply}`, reply);
+  }
+
+  private onReply(reply: ReplyMessage): void {
+    if (typeof reply.req === 'string') this.pending.get(reply.req)?.answer(reply);
+  }
+
+  private onControl(message: ControlMessage): void {
+    const handlers = this.handlers!;
+    switch (message.t) {
+      case 'replace':
+        if (message.node !== this.nodeId && typeof message.id === 'string') handlers.replacedElsewhere(message.id);
+        return;
+      case 'identity':
+        if (message.node !== this.nodeId && isPlainObject(message.doc)) handlers.identityWritten(message.doc);
+        return;
+      case 'ban':
+        if (message.node !== this.nodeId && typeof message.id === 'string') handlers.banChanged(message.id, message.banned === true, String(message.by));
+        return;
+      case 'queued':
+        if (Array.isArray(message.ids)) for (const id of message.ids) if (typeof id === 'string') handlers.queuedFor(id);
+        return;
+      case 'queued_outcome':
+        if (typeof message.origin === 'string' && typeof message.from_id === 'string' && typeof message.target_id === 'string') {
+          handlers.queuedOutcome({
+            origin: message.origin,
+            record_id: String(message.record_id),
+            msg_id: String(message.msg_id),
+            from_id: message.from_id,
+            target_id: message.target_id,
+            status: message.status === 'expired' ? 'expired' : 'delivered',
+          });
+        }
+        return;
+    }
+  }
+
+  private publish(channel: string, message: object): void {
+    this.redis.publish(this.key(channel), JSON.stringify(message)).catch((error: Error) => {
+      this.options.logger.warn('cluster_publish_failed', { channel, error: error.message });
+    });
+  }
+
+  // ---- store-and-forward ---------------------------------------------------------------------
+
+  async enqueue(entries: readonly NewQueuedEntry[]): Promise<void> {
+    const multi = this.redis.multi();
+    const targets = new Set<string>();
+    for (const entry of entries) {
+      const shared: SharedQueuedEntry = { ...entry, origin: this.nodeId };
+      multi.rpush(this.key(`queue:${entry.target_id}`), JSON.stringify(shared));
+      targets.add(entry.target_id);
+    }
+    // The target may be online on some node (it came back while this was decided): wake it.
+    multi.publish(this.key('control'), JSON.stringify({ t: 'queued', ids: [...targets] }));
+    const results = await multi.exec();
+    const failed = results?.find(([error]) => error !== null);
+    if (!results || failed) throw failed?.[0] ?? new Error('the queue write was not run');
+  }
+
+  async takeQueued(id: string): Promise<SharedQueuedEntry[]> {
+    const key = this.key(`queue:${id}`);
+    const results = await this.redis.multi().lrange(key, 0, -1).del(key).exec();
+    const listed = results?.[0]?.[1];
+    if (!Array.isArray(listed)) return [];
+    const entries: SharedQueuedEntry[] = [];
+    for (const text of listed) {
+      const entry = typeof text === 'string' ? readSharedEntry(text) : null;
+      if (entry) entries.push(entry);
+      else this.options.logger.warn('queue_entry_skipped', { reason: 'unreadable entry', target: id });
+    }
+    return entries;
+  }
+
+  async returnQueued(id: string, entries: readonly SharedQueuedEntry[]): Promise<void> {
+    if (entries.length === 0) return;
+    // LPUSH puts each value at the head in turn: push the last first so the first ends up first.
+    await this.redis.lpush(this.key(`queue:${id}`), ...entries.map((entry) => JSON.stringify(entry)).reverse());
+  }
+
+  finishQueued(outcome: QueuedOutcome): void {
+    this.publish('control', { t: 'queued_outcome', ...outcome });
+  }
+
+  // ---- dedupe --------------------------------------------------------------------------------
+
+  async claimMsgId(senderId: string, msgId: string): Promise<DedupeClaim> {
+    const key = this.dedupeKey(senderId, msgId);
+    const deadline = Date.now() + CLAIM_WAIT_MS;
+    for (;;) {
+      const set = await this.redis.set(key, 'pending', 'PX', this.options.dedupeWindowMs, 'NX');
+      if (set === 'OK') return { kind: 'new' };
+      const value = await this.redis.get(key);
+      if (value !== null && value !== 'pending') return { kind: 'seen', outcome: value };
+      // Another node is routing this very msg_id now (or it just expired): wait for its ack.
+      if (Date.now() > deadline) throw new Error('another node is still routing this msg_id');
+      await delay(50);
+    }
+  }
+
+  settleMsgId(senderId: string, msgId: string, outcome: string): void {
+    this.redis.set(this.dedupeKey(senderId, msgId), outcome, 'KEEPTTL', 'XX').catch((error: Error) => {
+      this.options.logger.warn('cluster_dedupe_failed', { error: error.message });
+    });
+  }
+
+  releaseMsgId(senderId: string, msgId: string): void {
+    this.redis.del(this.dedupeKey(senderId, msgId)).catch(() => undefined);
+  }
+
+  private dedupeKey(senderId: string, msgId: string): string {
+    return this.key(`dedupe:${senderId}:${msgId}`);
+  }
+
+  // ---- stop ----------------------------------------------------------------------------------
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    if (this.heartbeat) clearInterval(this.heartbeat);
+    for (const request of [...this.pending.values()]) request.answer({ req: '' });
+    try {
+      if (this.redis.status === 'ready') {
+        await this.redis.eval(RELEASE_SCRIPT, 2, this.nodeKey(this.nodeId), this.key('nodes'), this.token, this.nodeId);
+      }
+    } catch (error) {
+      this.options.logger.warn('cluster_release_failed', { error: (error as Error).message });
+    }
+    this.closed = true;
+    await Promise.all([quit(this.redis), quit(this.sub)]);
+  }
+}
+
+async function quit(client: Redis): Promise<void> {
+  try {
+    if (client.status === 'ready') await client.quit();
+    else client.disconnect();
+  } catch {
+    client.disconnect();
+  }
+}
+
+function parseObject(text: string): Record<string, unknown> | null {
+  try {
+    const value: unknown = JSON.parse(text);
+    return isPlainObject(value) ? value : null;
+  } catch {
+    return null;
+  }
+}
+
+function readSharedEntry(text: string): SharedQueuedEntry | null {
+  const doc = parseObject(text);
+  if (doc === null) return null;
+  const { target_id, from_id, msg_id, record_id, frame, queued_at, expires_at, origin } = doc;
+  if (
+    typeof target_id !== 'string' ||
+    typeof from_id !== 'string' ||
+    typeof msg_id !== 'string' ||
+    typeof record_id !== 'string' ||
+    typeof frame !== 'string' ||
+    typeof queued_at !== 'number' ||
+    typeof expires_at !== 'number' ||
+    typeof origin !== 'string'
+  ) {
+    return null;
+  }
+  return { target_id, from_id, msg_id, record_id, frame, queued_at, expires_at, origin };
+}
+
+function delay(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms).unref());
+}

@@ -1,0 +1,327 @@
+// Cluster mode (docs/CLUSTER.md): two and three relays in this process on one real
+// redis-server, plus relays as child processes where a node must be killed or must fail to
+// start. Every node gets its own data dir; the test starts and stops its own Redis.
+
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import path from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import { freePort } from './child-relay';
+import { CHILD_AUTHKEY, eventually, startRelayProcess } from './fault-support';
+import { startRedis, type TestRedis } from './redis-harness';
+import { authBoss, authEmployee, http, makeTempDir, reconnect, startTestRelay, TEST_AUTHKEY, type TestRelay } from './support';
+
+const CLI = path.join(__dirname, '..', 'cli.js');
+
+let redis: TestRedis;
+let clusterSeq = 0;
+
+before(async () => {
+  redis = await startRedis();
+});
+
+after(async () => {
+  await redis.stop();
+});
+
+/** `count` nodes of a fresh cluster (its own key prefix) on the test's Redis. */
+async function startCluster(count: number): Promise<{ nodes: TestRelay[]; name: string; dispose(): Promise<void> }> {
+  const name = `t${process.pid}-${clusterSeq++}`;
+  const nodes: TestRelay[] = [];
+  for (let i = 0; i < count; i++) nodes.push(await startTestRelay({ redisUrl: redis.url, clusterName: name, nodeId: `node-${i}` }));
+  return {
+    nodes,
+    name,
+    async dispose() {
+      for (const node of nodes) await node.dispose();
+    },
+  };
+}
+
+/** Waits until Redis shows `id` online on `node` (presence is written just after auth_ok). */
+async function presenceIs(name: string, id: string, node: string | null): Promise<void> {
+  await eventually(`${id} is on ${String(node)}`, async () => (await redis.client.hget(`${name}:presence`, id)) === node);
+}
+
+describe('cluster: one relay across nodes', () => {
+  test('each node has its own id, in /health and on its handle', async () => {
+    const cluster = await startCluster(2);
+    try {
+      const [a, b] = cluster.nodes as [TestRelay, TestRelay];
+      assert.equal(a.relay.nodeId, 'node-0');
+      assert.equal(a.relay.clusterName, cluster.name);
+      assert.equal((await http(a.relay, 'GET', '/health')).body.node, 'node-0');
+      assert.equal((await http(b.relay, 'GET', '/health')).body.node, 'node-1');
+    } finally {
+      await cluster.dispose();
+    }
+  });
+
+  test('a message to an id on another node is delivered there, and the ack says so', async () => {
+    const cluster = await startCluster(2);
+    try {
+      const [a, b] = cluster.nodes as [TestRelay, TestRelay];
+      const employee = await authEmployee(a.relay, 'Far', ['research']);
+      const boss = await authBoss(b.relay);
+      await presenceIs(cluster.name, employee.id, 'node-0');
+      boss.socket.send({ type: 'message', to: employee.id, payload: { task: 1 }, msg_id: 'm-1' });
+      const got = await employee.socket.next('message');
+      assert.equal(got.from_id, boss.id);
+      assert.equal(got.to, employee.id);
+      assert.deepEqual(got.payload, { task: 1 });
+      const ack = await boss.socket.next('delivery_ack');
+      assert.deepEqual(ack.delivered, [employee.id]);
+      assert.deepEqual(ack.failed, []);
+      // And back, employee → boss, the other way across.
+      employee.socket.send({ type: 'message', to: [boss.id, 'employee-unknown'], payload: 'done' });
+      assert.equal((await boss.socket.next('message')).payload, 'done');
+      const back = await employee.socket.next('delivery_ack');
+      assert.deepEqual(back.delivered, [boss.id]);
+      assert.deepEqual(back.failed, [{ id: 'employee-unknown', reason: 'target_not_found' }]);
+      await Promise.all([boss.socket.close(), employee.socket.close()]);
+    } finally {
+      await cluster.dispose();
+    }
+  });
+
+  test('an identity registered on one node reconnects on another; its older socket closes with 4000', async () => {
+    const cluster = await startCluster(2);
+    try {
+      const [a, b] = cluster.nodes as [TestRelay, TestRelay];
+      const first = await authEmployee(a.relay, 'Mover', ['ops']);
+      const again = await reconnect(b.relay, first, 'employee');
+      assert.equal(again.ok.type, 'auth_ok');
+      assert.equal(again.ok.reconnected, true);
+      assert.equal((await first.socket.closed).code, 4000);
+      await presenceIs(cluster.name, first.id, 'node-1');
+      // The old node's disconnect did not take the new node's presence away.
+      const boss = await authBoss(a.relay);
+      boss.socket.send({ type: 'message', to: first.id, payload: 'here?' });
+      assert.equal((await again.socket.next('message')).payload, 'here?');
+      assert.deepEqual((await boss.socket.next('delivery_ack')).delivered, [first.id]);
+      await Promise.all([boss.socket.close(), again.socket.close()]);
+    } finally {
+      await cluster.dispose();
+    }
+  });
+
+  test('a ban on one node closes the employee on another with 4008; routes and reconnects are refused everywhere', async () => {
+    const cluster = await startCluster(2);
+    try {
+      const [a, b] = cluster.nodes as [TestRelay, TestRelay];
+      const employee = await authEmployee(a.relay, 'Rogue', ['ops']);
+      await presenceIs(cluster.name, employee.id, 'node-0');
+      const banned = await http(b.relay, 'POST', `/employees/${employee.id}/ban`, { authkey: TEST_AUTHKEY });
+      assert.equal(banned.status, 200);
+      assert.equal(banned.body.banned, true);
+      const system = await employee.socket.next('system');
+      assert.equal(system.event, 'banned');
+      assert.equal((await employee.socket.closed).code, 4008);
+      const boss = await authBoss(a.relay);
+      await eventually('node-0 knows the ban', async () => {
+        boss.socket.send({ type: 'message', to: employee.id, payload: 'x' });
+        const ack = await boss.socket.next('delivery_ack');
+        return JSON.stringify(ack.failed) === JSON.stringify([{ id: employee.id, reason: 'target_banned' }]);
+      });
+      const refused = await reconnect(b.relay, employee, 'employee');
+      assert.equal(refused.ok.code, 'banned');
+      const unbanned = await http(a.relay, 'DELETE', `/employees/${employee.id}/ban`, { authkey: TEST_AUTHKEY });
+      assert.equal(unbanned.body.banned, false);
+      const back = await reconnect(b.relay, employee, 'employee');
+      assert.equal(back.ok.type, 'auth_ok');
+      await Promise.all([boss.socket.close(), back.socket.close()]);
+    } finally {
+      await cluster.dispose();
+    }
+  });
+
+  test('a msg_id resent through another node is answered with the first ack, not routed again', async () => {
+    const cluster = await startCluster(2);
+    try {
+      const [a, b] = cluster.nodes as [TestRelay, TestRelay];
+      const employee = await authEmployee(a.relay, 'Once', ['ops']);
+      const boss = await authBoss(a.relay);
+      boss.socket.send({ type: 'message', to: employee.id, payload: 'one', msg_id: 'same-id' });
+      const first = await boss.socket.next('delivery_ack');
+      assert.deepEqual(first.delivered, [employee.id]);
+      await employee.socket.next('message');
+      const moved = await reconnect(b.relay, boss, 'boss', { authkey: TEST_AUTHKEY });
+      assert.equal(moved.ok.type, 'auth_ok');
+      moved.socket.send({ type: 'message', to: employee.id, payload: 'one', msg_id: 'same-id' });
+      const repeat = await moved.socket.next('delivery_ack');
+      assert.equal(repeat.duplicate, true);
+      assert.deepEqual(repeat.delivered, [employee.id]);
+      // Not delivered twice: the next message the employee gets is a new one.
+      moved.socket.send({ type: 'message', to: employee.id, payload: 'two', msg_id: 'other-id' });
+      assert.equal((await employee.socket.next('message')).payload, 'two');
+      await Promise.all([moved.socket.close(), employee.socket.close()]);
+    } finally {
+      await cluster.dispose();
+    }
+  });
+
+  test('a message queued on one node is delivered, in order, on the node the target comes back to', async () => {
+    const cluster = await startCluster(3);
+    try {
+      const [a, b, c] = cluster.nodes as [TestRelay, TestRelay, TestRelay];
+      const employee = await authEmployee(a.relay, 'Away', ['ops']);
+      await employee.socket.close();
+      await presenceIs(cluster.name, employee.id, null);
+      const boss = await authBoss(b.relay);
+      for (const n of [1, 2, 3]) {
+        boss.socket.send({ type: 'message', to: employee.id, payload: { n }, queue: true, msg_id: `q-${n}` });
+        const ack = await boss.socket.next('delivery_ack');
+        assert.deepEqual(ack.queued, [employee.id]);
+        assert.deepEqual(ack.delivered, []);
+      }
+      const back = await reconnect(c.relay, employee, 'employee');
+      assert.equal(back.ok.type, 'auth_ok');
+      for (const n of [1, 2, 3]) assert.deepEqual((await back.socket.next('message')).payload, { n });
+      for (const n of [1, 2, 3]) {
+        const update = await boss.socket.next((f) => f.type === 'delivery_update' && f.msg_id === `q-${n}`);
+        assert.equal(update.status, 'delivered');
+        assert.equal(update.id, employee.id);
+      }
+      assert.equal(await redis.client.llen(`${cluster.name}:queue:${employee.id}`), 0);
+      // The sender's node logged the final status.
+      await eventually('the log says delivered', async () => {
+        const rows = (await http(b.relay, 'GET', `/admin/communications?employee_id=${employee.id}`)).body.rows as { delivery: { status: string } }[];
+        return rows.length === 3 && rows.every((row) => row.delivery.status === 'delivered');
+      });
+      await Promise.all([boss.socket.close(), back.socket.close()]);
+    } finally {
+      await cluster.dispose();
+    }
+  });
+
+  test('broadcast and tag: routing reaches the targets on every node', async () => {
+    const cluster = await startCluster(3);
+    try {
+      const [a, b, c] = cluster.nodes as [TestRelay, TestRelay, TestRelay];
+      const onA = await authEmployee(a.relay, 'A', ['research']);
+      const onB = await authEmployee(b.relay, 'B', ['research']);
+      const onC = await authEmployee(c.relay, 'C', ['ops']);
+      const boss = await authBoss(a.relay);
+      await presenceIs(cluster.name, onB.id, 'node-1');
+      await presenceIs(cluster.name, onC.id, 'node-2');
+      await eventually('every node is seen by node-0', async () => {
+        boss.socket.send({ type: 'message', to: '*', payload: 'ping-all' });
+        const ack = await boss.socket.next('delivery_ack');
+        return (ack.delivered as string[]).length === 3;
+      });
+      for (const who of [onA, onB, onC]) {
+        const got = await who.socket.next((f) => f.type === 'message' && f.payload === 'ping-all');
+        assert.equal(got.to, who.id);
+      }
+      boss.socket.send({ type: 'message', to: 'tag:research', payload: 'research only' });
+      const ack = await boss.socket.next('delivery_ack');
+      assert.deepEqual([...(ack.delivered as string[])].sort(), [onA.id, onB.id].sort());
+      assert.equal((await onB.socket.next((f) => f.type === 'message' && f.payload === 'research only')).to, onB.id);
+      await Promise.all([boss.socket.close(), onA.socket.close(), onB.socket.close(), onC.socket.close()]);
+    } finally {
+      await cluster.dispose();
+    }
+  });
+
+  test('a second node with the same node id is refused with a clear message', async () => {
+    const cluster = await startCluster(1);
+    try {
+      await assert.rejects(
+        startTestRelay({ redisUrl: redis.url, clusterName: cluster.name, nodeId: 'node-0' }),
+        (error: Error) => /Node id "node-0" is in use by another running node/.test(error.message),
+      );
+    } finally {
+      await cluster.dispose();
+    }
+  });
+
+  test('two relays on one data dir: the second is refused', async () => {
+    const first = await startTestRelay();
+    try {
+      await assert.rejects(startTestRelay({}, first.dataDir), /is in use by another relay/);
+    } finally {
+      await first.dispose();
+    }
+  });
+});
+
+describe('cluster: faults', () => {
+  test('a killed node: its identities go offline within the bound, and a message to them is never acked as delivered', async () => {
+    const name = `t${process.pid}-${clusterSeq++}`;
+    const survivor = await startTestRelay({ redisUrl: redis.url, clusterName: name, nodeId: 'survivor', authkey: CHILD_AUTHKEY });
+    const dir = await makeTempDir();
+    const doomed = await startRelayProcess(dir, ['--redis', redis.url, '--cluster', name, '--node-id', 'doomed']);
+    try {
+      const employee = await authEmployee(doomed, 'Doomed', ['ops']);
+      await presenceIs(name, employee.id, 'doomed');
+      doomed.child.child.kill('SIGKILL');
+      await doomed.child.exited;
+      const boss = await authBoss(survivor.relay, CHILD_AUTHKEY);
+      // In flight to a dead node: failed, never delivered.
+      boss.socket.send({ type: 'message', to: employee.id, payload: 'anyone?' });
+      const ack = await boss.socket.next('delivery_ack', 10_000);
+      assert.deepEqual(ack.delivered, []);
+      assert.deepEqual(ack.failed, [{ id: employee.id, reason: 'target_offline' }]);
+      const killedAt = Date.now();
+      await presenceIs(name, employee.id, null);
+      assert.ok(Date.now() - killedAt < 15_000);
+      assert.equal(await redis.client.sismember(`${name}:nodes`, 'doomed'), 0);
+      // Its client reconnects to the surviving node with the same identity.
+      const back = await reconnect(survivor.relay, employee, 'employee');
+      assert.equal(back.ok.type, 'auth_ok');
+      await Promise.all([boss.socket.close(), back.socket.close()]);
+    } finally {
+      doomed.child.child.kill('SIGKILL');
+      await survivor.dispose();
+    }
+  });
+
+  test('Redis unreachable at start: one clear line and a non-zero exit, not a hang', async () => {
+    const deadPort = await freePort();
+    const dir = await makeTempDir();
+    const port = await freePort();
+    const child = spawn(process.execPath, [CLI, String(port), 'secret', dir, '--host', '127.0.0.1', '--redis', `redis://127.0.0.1:${deadPort}`], {
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    let stderr = '';
+    child.stderr.setEncoding('utf8').on('data', (chunk: string) => (stderr += chunk));
+    const code = await new Promise<number | null>((resolve) => child.once('exit', (exitCode) => resolve(exitCode)));
+    assert.notEqual(code, 0);
+    const lines = stderr.trim().split('\n');
+    assert.equal(lines.length, 1, stderr);
+    assert.match(lines[0]!, new RegExp(`Cannot reach Redis at redis://127\\.0\\.0\\.1:${deadPort}`));
+  });
+
+  test('Redis restarts with appendonly: nodes re-sync by themselves and route across again', async () => {
+    const durable = await startRedis({ appendonly: true });
+    const name = `restart-${process.pid}`;
+    const a = await startTestRelay({ redisUrl: durable.url, clusterName: name, nodeId: 'a' });
+    const b = await startTestRelay({ redisUrl: durable.url, clusterName: name, nodeId: 'b' });
+    try {
+      const employee = await authEmployee(a.relay, 'Steady', ['ops']);
+      const boss = await authBoss(b.relay);
+      await durableHas(durable, `${name}:presence`, employee.id, 'a');
+      await durable.kill();
+      // While Redis is away, what needs it answers with a retryable code.
+      boss.socket.send({ type: 'message', to: employee.id, payload: 'now?', msg_id: 'while-down' });
+      const refused = await boss.socket.next('error', 10_000);
+      assert.equal(refused.code, 'cluster_unavailable');
+      await durable.restart();
+      await eventually('the cluster routes again', async () => {
+        boss.socket.send({ type: 'message', to: employee.id, payload: 'again' });
+        const answer = await boss.socket.next((f) => f.type === 'delivery_ack' || f.type === 'error', 10_000);
+        return answer.type === 'delivery_ack' && (answer.delivered as string[]).includes(employee.id);
+      }, 20_000);
+      assert.equal((await employee.socket.next((f) => f.type === 'message' && f.payload === 'again')).payload, 'again');
+      await Promise.all([boss.socket.close(), employee.socket.close()]);
+    } finally {
+      await a.dispose();
+      await b.dispose();
+      await durable.stop();
+    }
+  });
+});
+
+async function durableHas(server: TestRedis, key: string, field: string, value: string): Promise<void> {
+  await eventually(`${key}[${field}] = ${value}`, async () => (await server.client.hget(key, field)) === value);
+}

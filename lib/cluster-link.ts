@@ -66,6 +66,8 @@ export interface ClusterLink {
   readonly available: boolean;
 
   // ---- cluster ----
+  /** The node holding `id`'s session as this node last heard (a mirror of the shared presence), if any. */
+  locate(id: string): string | undefined;
   /** This node now holds `id`'s session: record it and close any older one elsewhere (4000). */
   joined(id: string): void;
   /** This node no longer holds `id`'s session (only removes the presence that names this node). */

@@ -39,6 +39,8 @@ export interface RedisClusterOptions {
 
 type ControlMessage =
   | { t: 'replace'; node: string; id: string }
+  | { t: 'left'; node: string; id: string }
+  | { t: 'buried'; node: string }
   | { t: 'identity'; node: string; doc: Record<string, unknown> }
   | { t: 'ban'; node: string; id: string; banned: boolean; by: string }
   | { t: 'queued'; ids: string[] }
@@ -110,6 +112,8 @@ export class RedisCluster implements ClusterLink {
   private readonly prefix: string;
   private readonly pending = new Map<string, PendingRequest>();
   private requestSeq = 0;
+  /** Mirror of the shared presence (id → node), kept by the control channel; admin reads use it. */
+  private readonly presence = new Map<string, string>();
   /** Other nodes alive at the last check. */
   private liveNodes: string[] = [];
   private heartbeat: NodeJS.Timeout | null = null;
@@ -155,6 +159,7 @@ export class RedisCluster implements ClusterLink {
       const cluster = new RedisCluster(options, redis, sub, docs);
       await cluster.claimNodeId();
       await cluster.subscribe();
+      await cluster.loadPresence();
       cluster.start();
       return cluster;
     } catch (error) {
@@ -205,6 +210,16 @@ export class RedisCluster implements ClusterLink {
     await this.sub.subscribe(this.key(`inbox:${this.nodeId}`), this.key(`reply:${this.nodeId}`), this.key('control'));
   }
 
+  private async loadPresence(): Promise<void> {
+    const entries = await this.redis.hgetall(this.key('presence'));
+    this.presence.clear();
+    for (const [id, node] of Object.entries(entries)) this.presence.set(id, node);
+  }
+
+  locate(id: string): string | undefined {
+    return this.presence.get(id);
+  }
+
   private start(): void {
     this.heartbeat = setInterval(() => void this.tick(), HEARTBEAT_MS);
     this.heartbeat.unref();
@@ -242,6 +257,7 @@ export class RedisCluster implements ClusterLink {
         continue;
       }
       const removed = await this.redis.eval(BURY_SCRIPT, 3, this.key('presence'), this.key(`presence:${id}`), this.key('nodes'), id);
+      this.publish('control', { t: 'buried', node: id });
       this.options.logger.warn('cluster_node_dead', { node: id, presence_removed: Number(removed) });
     }
     this.liveNodes = live;
@@ -251,6 +267,7 @@ export class RedisCluster implements ClusterLink {
     if (this.closed) return;
     try {
       await this.redis.eval(HEARTBEAT_SCRIPT, 2, this.nodeKey(this.nodeId), this.key('nodes'), this.token, NODE_TTL_MS, this.nodeId);
+      await this.loadPresence();
       for (const id of this.handlers?.heldIds() ?? []) this.joined(id);
       this.options.logger.info('cluster_resynced', { node: this.nodeId });
     } catch (error) {
@@ -261,6 +278,7 @@ export class RedisCluster implements ClusterLink {
   // ---- presence ------------------------------------------------------------------------------
 
   joined(id: string): void {
+    this.presence.set(id, this.nodeId);
     this.redis
       .eval(JOIN_SCRIPT, 2, this.key('presence'), this.key(`presence:${this.nodeId}`), id, this.nodeId, this.key('presence:'))
       .then(() => this.publish('control', { t: 'replace', node: this.nodeId, id }))
@@ -268,8 +286,10 @@ export class RedisCluster implements ClusterLink {
   }
 
   left(id: string): void {
+    if (this.presence.get(id) === this.nodeId) this.presence.delete(id);
     this.redis
       .eval(LEAVE_SCRIPT, 2, this.key('presence'), this.key(`presence:${this.nodeId}`), id, this.nodeId)
+      .then(() => this.publish('control', { t: 'left', node: this.nodeId, id }))
       .catch((error: Error) => this.options.logger.warn('cluster_presence_failed', { id, error: error.message }));
   }
 
@@ -393,7 +413,15 @@ export class RedisCluster implements ClusterLink {
     const handlers = this.handlers!;
     switch (message.t) {
       case 'replace':
-        if (message.node !== this.nodeId && typeof message.id === 'string') handlers.replacedElsewhere(message.id);
+        if (typeof message.id !== 'string' || typeof message.node !== 'string') return;
+        this.presence.set(message.id, message.node);
+        if (message.node !== this.nodeId) handlers.replacedElsewhere(message.id);
+        return;
+      case 'left':
+        if (typeof message.id === 'string' && this.presence.get(message.id) === message.node) this.presence.delete(message.id);
+        return;
+      case 'buried':
+        for (const [id, node] of this.presence) if (node === message.node) this.presence.delete(id);
         return;
       case 'identity':
         if (message.node !== this.nodeId && isPlainObject(message.doc)) handlers.identityWritten(message.doc);

@@ -24,6 +24,7 @@ import {
   type DeliveryFailure,
   type FrameError,
   type ParsedTarget,
+  type ProtocolErrorCode,
   type Role,
 } from './protocol';
 import type { Session } from './session';
@@ -127,8 +128,9 @@ export class Router implements ClusterHandlers {
     return counts;
   }
 
+  /** Online on this node, or (cluster) on any node. */
   isOnline(id: string): boolean {
-    return this.online.has(id);
+    return this.online.has(id) || (this.clustered && this.deps.cluster.locate(id) !== undefined);
   }
 
   // ---- auth ----------------------------------------------------------------------------------
@@ -458,34 +460,29 @@ export class Router implements ClusterHandlers {
     // Only a client's own msg_id can come back; errors from here on name it so the client can
     // tell which send they answer.
     const clientGaveId = frame.msg_id === msgId;
-    const answering = clientGaveId ? { msg_id: msgId } : {};
-    const refuse = (code: Parameters<Session['sendError']>[0], message: string) => {
-      if (claimed) this.deps.cluster.releaseMsgId(sender.id, msgId);
-      session.sendError(code, message, answering);
-    };
     const target = checkTarget(frame.to);
     if (!target.ok) {
-      refuse(target.error.code, target.error.message);
+      this.refuseMessage(session, sender.id, msgId, clientGaveId, claimed, target.error.code, target.error.message);
       return;
     }
     if (target.value.kind === 'ids' && target.value.ids.length > options.maxTargets) {
-      refuse('too_many_targets', `A message may name at most ${options.maxTargets} targets; use "tag:<name>" or "*" for more.`);
+      this.refuseMessage(session, sender.id, msgId, clientGaveId, claimed, 'too_many_targets', `A message may name at most ${options.maxTargets} targets; use "tag:<name>" or "*" for more.`);
       return;
     }
     const queueTtlMs = this.queueTtl(frame);
     if (typeof queueTtlMs === 'string') {
-      refuse('invalid_frame', queueTtlMs);
+      this.refuseMessage(session, sender.id, msgId, clientGaveId, claimed, 'invalid_frame', queueTtlMs);
       return;
     }
     let payloadJson: string | undefined;
     try {
       payloadJson = frame.payload === undefined ? undefined : JSON.stringify(frame.payload);
     } catch {
-      refuse('invalid_json', 'The payload could not be re-encoded (it nests too deeply); send a flatter JSON value.');
+      this.refuseMessage(session, sender.id, msgId, clientGaveId, claimed, 'invalid_json', 'The payload could not be re-encoded (it nests too deeply); send a flatter JSON value.');
       return;
     }
     if (this.clustered && !this.deps.cluster.available && !this.allHeldHere(target.value)) {
-      refuse('cluster_unavailable', CLUSTER_UNAVAILABLE);
+      this.refuseMessage(session, sender.id, msgId, clientGaveId, claimed, 'cluster_unavailable', CLUSTER_UNAVAILABLE);
       return;
     }
     const now = Date.now();
@@ -513,9 +510,15 @@ export class Router implements ClusterHandlers {
       () => this.finishRoute(session, frame, arrival, context, payloadJson, clientGaveId, claimed),
       (error: Error) => {
         this.deps.logger.error('cluster_route_failed', { msg_id: msgId, error: error.message });
-        refuse('cluster_unavailable', CLUSTER_UNAVAILABLE);
+        this.refuseMessage(session, sender.id, msgId, clientGaveId, claimed, 'cluster_unavailable', CLUSTER_UNAVAILABLE);
       },
     );
+  }
+
+  /** An error for a message that is not routed; a cluster dedupe claim on it is given back. */
+  private refuseMessage(session: Session, senderId: string, msgId: string, clientGaveId: boolean, claimed: boolean, code: ProtocolErrorCode, message: string): void {
+    if (claimed) this.deps.cluster.releaseMsgId(senderId, msgId);
+    session.sendError(code, message, clientGaveId ? { msg_id: msgId } : {});
   }
 
   /** Whether every target of a message is a socket of this node (what a node without its cluster store can still route). */

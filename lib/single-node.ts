@@ -11,6 +11,9 @@ export class SingleNode implements ClusterLink {
   constructor(readonly nodeId: string) {}
 
   attach(): void {}
+  locate(): undefined {
+    return undefined;
+  }
   joined(): void {}
   left(): void {}
   fetchIdentity(): Promise<undefined> {

@@ -52,6 +52,15 @@ describe('cluster: one relay across nodes', () => {
       assert.equal(a.relay.clusterName, cluster.name);
       assert.equal((await http(a.relay, 'GET', '/health')).body.node, 'node-0');
       assert.equal((await http(b.relay, 'GET', '/health')).body.node, 'node-1');
+      // Who is online is answered for the whole cluster on every node.
+      const employee = await authEmployee(a.relay, 'Seen', ['ops']);
+      const onlineOn = async (node: TestRelay) => {
+        const list = (await http(node.relay, 'GET', '/employees')).body.employees as { id: string; online: boolean }[];
+        return list.find((e) => e.id === employee.id)?.online;
+      };
+      await eventually('node-1 shows the employee online', async () => (await onlineOn(b)) === true);
+      await employee.socket.close();
+      await eventually('node-1 shows the employee offline', async () => (await onlineOn(b)) === false);
     } finally {
       await cluster.dispose();
     }

@@ -322,7 +322,8 @@ export class RedisCluster implements ClusterLink {
 
   async deliverElsewhere(pieces: FramePieces, ids: readonly string[]): Promise<Record<string, RemoteOutcome>> {
     const outcomes: Record<string, RemoteOutcome> = {};
-    const holders = await this.redis.hmget(this.key('presence'), ...ids);
+    // Without the store nobody can be located: every target stays offline (failed or queued).
+    const holders = await this.redis.hmget(this.key('presence'), ...ids).catch(() => ids.map(() => null));
     const byNode = new Map<string, string[]>();
     ids.forEach((id, index) => {
       const node = holders[index];

@@ -600,10 +600,12 @@ export class Router implements ClusterHandlers {
     const known: string[] = [];
     const unknown: string[] = [];
     for (const id of context.elsewhere ?? []) (identities.get(id) ? known : unknown).push(id);
-    const fetched = await Promise.all(unknown.map((id) => cluster.fetchIdentity(id)));
+    // A lookup the store cannot answer now leaves its target offline: never a guess of "not found".
+    const fetched = await Promise.all(unknown.map((id) => cluster.fetchIdentity(id).catch(() => null)));
     unknown.forEach((id, index) => {
       const found = fetched[index];
-      if (!found) context.failed.push({ id, reason: 'target_not_found' });
+      if (found === null) this.notDelivered(context, id, 'target_offline');
+      else if (!found) context.failed.push({ id, reason: 'target_not_found' });
       else if (found.banned) context.failed.push({ id, reason: 'target_banned' });
       else known.push(id);
       if (found && !identities.get(id)) identities.apply(toDoc(found));

@@ -6,6 +6,7 @@ import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
+import { RelayClient } from '../client';
 import { freePort } from './child-relay';
 import { CHILD_AUTHKEY, eventually, startRelayProcess } from './fault-support';
 import { startRedis, type TestRedis } from './redis-harness';
@@ -309,13 +310,21 @@ describe('cluster: faults', () => {
     try {
       const employee = await authEmployee(a.relay, 'Steady', ['ops']);
       const boss = await authBoss(b.relay);
+      const client = new RelayClient({ url: b.relay.url, role: 'boss', authkey: TEST_AUTHKEY, heartbeatIntervalMs: 0 });
+      await client.connect();
       await durableHas(durable, `${name}:presence`, employee.id, 'a');
       await durable.kill();
       // While Redis is away, what needs it answers with a retryable code.
       boss.socket.send({ type: 'message', to: employee.id, payload: 'now?', msg_id: 'while-down' });
       const refused = await boss.socket.next('error', 10_000);
       assert.equal(refused.code, 'cluster_unavailable');
+      assert.equal(refused.msg_id, 'while-down');
+      // RelayClient takes that code as "retry": its send is acked once Redis is back.
+      const clientAck = client.send(employee.id, 'from the client');
       await durable.restart();
+      assert.deepEqual((await clientAck).delivered, [employee.id]);
+      assert.equal((await employee.socket.next((f) => f.type === 'message' && f.payload === 'from the client')).from_id, client.identity?.id);
+      await client.close();
       await eventually('the cluster routes again', async () => {
         boss.socket.send({ type: 'message', to: employee.id, payload: 'again' });
         const answer = await boss.socket.next((f) => f.type === 'delivery_ack' || f.type === 'error', 10_000);

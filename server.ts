@@ -143,7 +143,20 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
   await restoreDedupe(dedupe, stores.messageLog, stores.queue, options.dedupeWindowMs);
   const router = new Router({ options, ...stores, dedupe, cluster, bus, logger });
   const gateway = new WsGateway(options, router, bus, logger);
-  const eventStream = new EventStream({ bus });
+  // /api/events streams the whole cluster: this node's events and those other nodes share.
+  // Metrics and the log keep to this node's own bus.
+  let streamBus = bus;
+  if (cluster instanceof RedisCluster) {
+    const shared = cluster;
+    const clusterBus = new EventBus();
+    bus.subscribe((event) => {
+      clusterBus.publish(event);
+      shared.shareEvent(event);
+    });
+    shared.streamEvents((event) => clusterBus.publish(event), () => eventStream.clientCount > 0);
+    streamBus = clusterBus;
+  }
+  const eventStream = new EventStream({ bus: streamBus });
   const metrics = new RelayMetrics({
     bus,
     stats: () => ({

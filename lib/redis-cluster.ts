@@ -15,6 +15,7 @@ import type {
   SharedQueuedEntry,
 } from './cluster-link';
 import type { NewQueuedEntry } from './delivery-queue';
+import type { RelayEvent } from './events';
 import { fromDoc, IdentityStore, type Identity, type IdentityDoc } from './identity-store';
 import type { Logger } from './logger';
 import { isPlainObject } from './protocol';
@@ -117,6 +118,12 @@ export class RedisCluster implements ClusterLink {
   /** Other nodes alive at the last check. */
   private liveNodes: string[] = [];
   private heartbeat: NodeJS.Timeout | null = null;
+  /** Where other nodes' events go (this node's /api/events), and whether anyone reads it now. */
+  private eventSink: ((event: RelayEvent) => void) | null = null;
+  private eventsWanted: () => boolean = () => false;
+  private eventsSubscribed = false;
+  /** No node listened at the last publish: events are not published again before this time. */
+  private eventsMutedUntil = 0;
   private closed = false;
   private ticking = false;
 
@@ -236,6 +243,7 @@ export class RedisCluster implements ClusterLink {
       const held = await this.redis.eval(HEARTBEAT_SCRIPT, 2, this.nodeKey(this.nodeId), this.key('nodes'), this.token, NODE_TTL_MS, this.nodeId);
       if (held === 0) this.options.logger.error('node_id_taken', { node: this.nodeId, cluster: this.options.clusterName });
       await this.findDeadNodes();
+      await this.followEvents();
     } catch (error) {
       this.options.logger.warn('cluster_heartbeat_failed', { error: (error as Error).message });
     } finally {
@@ -387,6 +395,7 @@ export class RedisCluster implements ClusterLink {
       if (channel === this.key('control')) this.onControl(message as ControlMessage);
       else if (channel === this.key(`inbox:${this.nodeId}`)) this.onInbox(message as InboxMessage);
       else if (channel === this.key(`reply:${this.nodeId}`)) this.onReply(message as unknown as ReplyMessage);
+      else if (channel === this.key('events')) this.onEvent(message);
     } catch (error) {
       this.options.logger.error('cluster_message_failed', { channel, error: (error as Error).message });
     }
@@ -452,6 +461,45 @@ export class RedisCluster implements ClusterLink {
     this.redis.publish(this.key(channel), JSON.stringify(message)).catch((error: Error) => {
       this.options.logger.warn('cluster_publish_failed', { channel, error: error.message });
     });
+  }
+
+  // ---- events --------------------------------------------------------------------------------
+
+  /**
+   * Feeds other nodes' events to `sink` while `wanted()` (someone reads /api/events here): the
+   * node is subscribed to the events channel only then, checked every heartbeat.
+   */
+  streamEvents(sink: (event: RelayEvent) => void, wanted: () => boolean): void {
+    this.eventSink = sink;
+    this.eventsWanted = wanted;
+  }
+
+  /**
+   * Shares one of this node's events. When no node listens (PUBLISH reached nobody) publishing
+   * pauses for a heartbeat, so a cluster without /api/events readers pays one check per event.
+   */
+  shareEvent(event: RelayEvent): void {
+    if (this.closed || Date.now() < this.eventsMutedUntil || this.redis.status !== 'ready') return;
+    this.redis.publish(this.key('events'), JSON.stringify({ node: this.nodeId, event })).then(
+      (receivers) => {
+        if (receivers === 0) this.eventsMutedUntil = Date.now() + HEARTBEAT_MS;
+      },
+      () => undefined,
+    );
+  }
+
+  private async followEvents(): Promise<void> {
+    const wanted = this.eventSink !== null && this.eventsWanted();
+    if (wanted === this.eventsSubscribed) return;
+    this.eventsSubscribed = wanted;
+    if (wanted) await this.sub.subscribe(this.key('events'));
+    else await this.sub.unsubscribe(this.key('events'));
+  }
+
+  private onEvent(message: Record<string, unknown>): void {
+    if (message.node === this.nodeId || !this.eventsSubscribed) return;
+    const event = message.event;
+    if (isPlainObject(event) && typeof event.type === 'string') this.eventSink?.(event as unknown as RelayEvent);
   }
 
   // ---- store-and-forward ---------------------------------------------------------------------

@@ -4,6 +4,7 @@
 
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
+import httpModule from 'node:http';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { RelayClient } from '../client';
@@ -229,6 +230,39 @@ describe('cluster: one relay across nodes', () => {
       assert.equal((await onB.socket.next((f) => f.type === 'message' && f.payload === 'research only')).to, onB.id);
       await Promise.all([boss.socket.close(), onA.socket.close(), onB.socket.close(), onC.socket.close()]);
     } finally {
+      await cluster.dispose();
+    }
+  });
+
+  test('/api/events on one node streams the events of the other nodes too', async () => {
+    const cluster = await startCluster(2);
+    let request: httpModule.ClientRequest | null = null;
+    try {
+      const [a, b] = cluster.nodes as [TestRelay, TestRelay];
+      let text = '';
+      await new Promise<void>((resolve, reject) => {
+        request = httpModule.get(`${b.relay.httpUrl}/api/events`, (res) => {
+          res.setEncoding('utf8');
+          res.on('data', (chunk: string) => (text += chunk));
+          res.on('error', () => undefined);
+          resolve();
+        });
+        request.on('error', reject);
+      });
+      // Each try is a new employee on node-0: the first ones may come before node-1 listens.
+      const seen: string[] = [];
+      await eventually('node-1 streams a connect from node-0', async () => {
+        const employee = await authEmployee(a.relay, 'Evented', ['ops']);
+        seen.push(employee.id);
+        await employee.socket.close();
+        await new Promise((resolve) => setTimeout(resolve, 200));
+        return seen.some((id) => text.includes(`"id":"${id}"`));
+      }, 15_000);
+      const own = await authEmployee(b.relay, 'Local', ['ops']);
+      await eventually('its own events too', () => text.includes(`"id":"${own.id}"`));
+      await own.socket.close();
+    } finally {
+      (request as httpModule.ClientRequest | null)?.destroy();
       await cluster.dispose();
     }
   });

@@ -66,6 +66,7 @@ async function openClusterLink(options: ResolvedOptions, nodeId: string, logger:
     clusterName: options.clusterName,
     nodeId,
     dedupeWindowMs: options.dedupeWindowMs,
+    maxQueuedPerTarget: options.maxQueuedPerTarget,
     logger,
   });
   return { link: cluster, identities: cluster.identities };

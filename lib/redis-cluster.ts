@@ -35,6 +35,8 @@ export interface RedisClusterOptions {
   clusterName: string;
   nodeId: string;
   dedupeWindowMs: number;
+  /** Most queued copies kept for one target; the oldest past it expire. */
+  maxQueuedPerTarget: number;
   logger: Logger;
 }
 
@@ -101,6 +103,38 @@ const RELEASE_SCRIPT = `
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 redis.call('SREM', KEYS[2], ARGV[2])
 return 1`;
+
+// Appends a target's new queued copies, notes when its earliest copy expires, and pops the
+// oldest copies past the cap (returned, to be reported expired).
+const ENQUEUE_SCRIPT = `
+for i = 4, #ARGV do redis.call('RPUSH', KEYS[1], ARGV[i]) end
+local current = redis.call('ZSCORE', KEYS[2], ARGV[1])
+if not current or tonumber(ARGV[3]) < tonumber(current) then redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1]) end
+local excess = redis.call('LLEN', KEYS[1]) - tonumber(ARGV[2])
+if excess > 0 then return redis.call('LPOP', KEYS[1], excess) end
+return {}`;
+
+// Removes a target's expired copies (returned) and keeps the rest in order; the expiry index
+// then holds the earliest remaining expiry, or forgets the target.
+const EXPIRE_SCRIPT = `
+local entries = redis.call('LRANGE', KEYS[1], 0, -1)
+local expired, kept, earliest = {}, {}, nil
+for _, text in ipairs(entries) do
+  local ok, entry = pcall(cjson.decode, text)
+  local at = ok and type(entry) == 'table' and tonumber(entry.expires_at) or nil
+  if at and at <= tonumber(ARGV[2]) then
+    table.insert(expired, text)
+  else
+    table.insert(kept, text)
+    if at and (not earliest or at < earliest) then earliest = at end
+  end
+end
+if #expired > 0 then
+  redis.call('DEL', KEYS[1])
+  for _, text in ipairs(kept) do redis.call('RPUSH', KEYS[1], text) end
+end
+if earliest then redis.call('ZADD', KEYS[2], earliest, ARGV[1]) else redis.call('ZREM', KEYS[2], ARGV[1]) end
+return expired`;
 
 export class NodeIdTakenError extends ClusterStartError {}
 
@@ -244,6 +278,7 @@ export class RedisCluster implements ClusterLink {
       if (held === 0) this.options.logger.error('node_id_taken', { node: this.nodeId, cluster: this.options.clusterName });
       await this.findDeadNodes();
       await this.followEvents();
+      await this.expireQueued();
     } catch (error) {
       this.options.logger.warn('cluster_heartbeat_failed', { error: (error as Error).message });
     } finally {
@@ -505,23 +540,46 @@ export class RedisCluster implements ClusterLink {
   // ---- store-and-forward ---------------------------------------------------------------------
 
   async enqueue(entries: readonly NewQueuedEntry[]): Promise<void> {
-    const multi = this.redis.multi();
-    const targets = new Set<string>();
+    const byTarget = new Map<string, NewQueuedEntry[]>();
     for (const entry of entries) {
-      const shared: SharedQueuedEntry = { ...entry, origin: this.nodeId };
-      multi.rpush(this.key(`queue:${entry.target_id}`), JSON.stringify(shared));
-      targets.add(entry.target_id);
+      let list = byTarget.get(entry.target_id);
+      if (!list) byTarget.set(entry.target_id, (list = []));
+      list.push(entry);
+    }
+    const multi = this.redis.multi();
+    for (const [target, list] of byTarget) {
+      const earliest = Math.min(...list.map((entry) => entry.expires_at));
+      const texts = list.map((entry) => JSON.stringify({ ...entry, origin: this.nodeId } satisfies SharedQueuedEntry));
+      multi.eval(ENQUEUE_SCRIPT, 2, this.key(`queue:${target}`), this.key('queue-expiry'), target, this.options.maxQueuedPerTarget, earliest, ...texts);
     }
     // The target may be online on some node (it came back while this was decided): wake it.
-    multi.publish(this.key('control'), JSON.stringify({ t: 'queued', ids: [...targets] }));
+    multi.publish(this.key('control'), JSON.stringify({ t: 'queued', ids: [...byTarget.keys()] }));
     const results = await multi.exec();
     const failed = results?.find(([error]) => error !== null);
     if (!results || failed) throw failed?.[0] ?? new Error('the queue write was not run');
+    for (const [, dropped] of results.slice(0, byTarget.size)) this.reportExpired(dropped);
+  }
+
+  /** Expires copies past their TTL for targets that have not come back (any node may do it; each copy once). */
+  private async expireQueued(): Promise<void> {
+    const due = await this.redis.zrangebyscore(this.key('queue-expiry'), '-inf', Date.now(), 'LIMIT', 0, 100);
+    for (const target of due) {
+      const expired = await this.redis.eval(EXPIRE_SCRIPT, 2, this.key(`queue:${target}`), this.key('queue-expiry'), target, Date.now());
+      this.reportExpired(expired);
+    }
+  }
+
+  private reportExpired(texts: unknown): void {
+    if (!Array.isArray(texts)) return;
+    for (const text of texts) {
+      const entry = typeof text === 'string' ? readSharedEntry(text) : null;
+      if (entry) this.finishQueued({ ...outcomeFields(entry), status: 'expired' });
+    }
   }
 
   async takeQueued(id: string): Promise<SharedQueuedEntry[]> {
     const key = this.key(`queue:${id}`);
-    const results = await this.redis.multi().lrange(key, 0, -1).del(key).exec();
+    const results = await this.redis.multi().lrange(key, 0, -1).del(key).zrem(this.key('queue-expiry'), id).exec();
     const listed = results?.[0]?.[1];
     if (!Array.isArray(listed)) return [];
     const entries: SharedQueuedEntry[] = [];
@@ -536,7 +594,12 @@ export class RedisCluster implements ClusterLink {
   async returnQueued(id: string, entries: readonly SharedQueuedEntry[]): Promise<void> {
     if (entries.length === 0) return;
     // LPUSH puts each value at the head in turn: push the last first so the first ends up first.
-    await this.redis.lpush(this.key(`queue:${id}`), ...entries.map((entry) => JSON.stringify(entry)).reverse());
+    const earliest = Math.min(...entries.map((entry) => entry.expires_at));
+    await this.redis
+      .multi()
+      .lpush(this.key(`queue:${id}`), ...entries.map((entry) => JSON.stringify(entry)).reverse())
+      .zadd(this.key('queue-expiry'), 'LT', earliest, id)
+      .exec();
   }
 
   finishQueued(outcome: QueuedOutcome): void {
@@ -626,6 +689,10 @@ function readSharedEntry(text: string): SharedQueuedEntry | null {
     return null;
   }
   return { target_id, from_id, msg_id, record_id, frame, queued_at, expires_at, origin };
+}
+
+function outcomeFields(entry: SharedQueuedEntry): Omit<QueuedOutcome, 'status'> {
+  return { origin: entry.origin, record_id: entry.record_id, msg_id: entry.msg_id, from_id: entry.from_id, target_id: entry.target_id };
 }
 
 function delay(ms: number): Promise<void> {

@@ -8,6 +8,7 @@ import httpModule from 'node:http';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { RelayClient } from '../client';
+import type { RelayOptions } from '../server';
 import { freePort } from './child-relay';
 import { CHILD_AUTHKEY, eventually, startRelayProcess } from './fault-support';
 import { startRedis, type TestRedis } from './redis-harness';
@@ -27,10 +28,10 @@ after(async () => {
 });
 
 /** `count` nodes of a fresh cluster (its own key prefix) on the test's Redis. */
-async function startCluster(count: number): Promise<{ nodes: TestRelay[]; name: string; dispose(): Promise<void> }> {
+async function startCluster(count: number, overrides: Partial<RelayOptions> = {}): Promise<{ nodes: TestRelay[]; name: string; dispose(): Promise<void> }> {
   const name = `t${process.pid}-${clusterSeq++}`;
   const nodes: TestRelay[] = [];
-  for (let i = 0; i < count; i++) nodes.push(await startTestRelay({ redisUrl: redis.url, clusterName: name, nodeId: `node-${i}` }));
+  for (let i = 0; i < count; i++) nodes.push(await startTestRelay({ redisUrl: redis.url, clusterName: name, nodeId: `node-${i}`, ...overrides }));
   return {
     nodes,
     name,
@@ -199,6 +200,33 @@ describe('cluster: one relay across nodes', () => {
         const rows = (await http(b.relay, 'GET', `/admin/communications?employee_id=${employee.id}`)).body.rows as { delivery: { status: string } }[];
         return rows.length === 3 && rows.every((row) => row.delivery.status === 'delivered');
       });
+      await Promise.all([boss.socket.close(), back.socket.close()]);
+    } finally {
+      await cluster.dispose();
+    }
+  });
+
+  test('queued copies in the cluster store expire on time, and past --max-queued the oldest expire', async () => {
+    const cluster = await startCluster(2, { maxQueuedPerTarget: 2 });
+    try {
+      const [a, b] = cluster.nodes as [TestRelay, TestRelay];
+      const employee = await authEmployee(a.relay, 'Gone', ['ops']);
+      await employee.socket.close();
+      await presenceIs(cluster.name, employee.id, null);
+      const boss = await authBoss(b.relay);
+      boss.socket.send({ type: 'message', to: employee.id, payload: 'short', queue: true, ttl_ms: 300, msg_id: 'short' });
+      assert.deepEqual((await boss.socket.next('delivery_ack')).queued, [employee.id]);
+      const expired = await boss.socket.next((f) => f.type === 'delivery_update' && f.msg_id === 'short', 10_000);
+      assert.equal(expired.status, 'expired');
+      for (const n of [1, 2, 3]) {
+        boss.socket.send({ type: 'message', to: employee.id, payload: { n }, queue: true, msg_id: `cap-${n}` });
+        assert.deepEqual((await boss.socket.next('delivery_ack')).queued, [employee.id]);
+      }
+      const dropped = await boss.socket.next((f) => f.type === 'delivery_update' && f.msg_id === 'cap-1');
+      assert.equal(dropped.status, 'expired');
+      const back = await reconnect(a.relay, employee, 'employee');
+      assert.deepEqual((await back.socket.next('message')).payload, { n: 2 });
+      assert.deepEqual((await back.socket.next('message')).payload, { n: 3 });
       await Promise.all([boss.socket.close(), back.socket.close()]);
     } finally {
       await cluster.dispose();

@@ -69,7 +69,7 @@ export interface ClusterLink {
   /** The node holding `id`'s session as this node last heard (a mirror of the shared presence), if any. */
   locate(id: string): string | undefined;
   /** This node now holds `id`'s session: record it and close any older one elsewhere (4000). */
-  joined(id: string): void;
+  joined(id: string): Promise<void>;
   /** This node no longer holds `id`'s session (only removes the presence that names this node). */
   left(id: string): void;
   /** An identity this node's replica does not know, read from the shared store. */

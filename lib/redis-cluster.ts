@@ -243,6 +243,8 @@ export class RedisCluster implements ClusterLink {
       }
       await delay(250);
     }
+    // Presence this node id left behind when its previous process died: it holds no socket yet.
+    await this.redis.eval(BURY_SCRIPT, 3, this.key('presence'), this.key(`presence:${this.nodeId}`), this.key('nodes'), this.nodeId);
     await this.redis.sadd(this.key('nodes'), this.nodeId);
   }
 
@@ -311,7 +313,7 @@ export class RedisCluster implements ClusterLink {
     try {
       await this.redis.eval(HEARTBEAT_SCRIPT, 2, this.nodeKey(this.nodeId), this.key('nodes'), this.token, NODE_TTL_MS, this.nodeId);
       await this.loadPresence();
-      for (const id of this.handlers?.heldIds() ?? []) this.joined(id);
+      await Promise.all([...(this.handlers?.heldIds() ?? [])].map((id) => this.joined(id)));
       this.options.logger.info('cluster_resynced', { node: this.nodeId });
     } catch (error) {
       this.options.logger.warn('cluster_resync_failed', { error: (error as Error).message });
@@ -320,12 +322,15 @@ export class RedisCluster implements ClusterLink {
 
   // ---- presence ------------------------------------------------------------------------------
 
-  joined(id: string): void {
+  async joined(id: string): Promise<void> {
     this.presence.set(id, this.nodeId);
-    this.redis
-      .eval(JOIN_SCRIPT, 2, this.key('presence'), this.key(`presence:${this.nodeId}`), id, this.nodeId, this.key('presence:'))
-      .then(() => this.publish('control', { t: 'replace', node: this.nodeId, id }))
-      .catch((error: Error) => this.options.logger.warn('cluster_presence_failed', { id, error: error.message }));
+    try {
+      await this.redis.eval(JOIN_SCRIPT, 2, this.key('presence'), this.key(`presence:${this.nodeId}`), id, this.nodeId, this.key('presence:'));
+    } catch (error) {
+      this.options.logger.warn('cluster_presence_failed', { id, error: (error as Error).message });
+      throw error;
+    }
+    this.publish('control', { t: 'replace', node: this.nodeId, id });
   }
 
   left(id: string): void {

@@ -215,6 +215,23 @@ export class Router implements ClusterHandlers {
       online: true,
       address: session.address,
     });
+    if (!this.clustered) {
+      this.welcome(session, identity, key, reconnected, now);
+      return;
+    }
+    // A client told auth_ok must be reachable from every node: presence first.
+    this.deps.cluster.joined(identity.id).then(
+      () => {
+        if (session.isOpen && this.online.get(identity.id) === session) this.welcome(session, identity, key, reconnected, now);
+      },
+      () => {
+        session.sendError('cluster_unavailable', CLUSTER_UNAVAILABLE);
+        session.close(CLOSE_CODES.tryAgainLater, 'cluster_unavailable');
+      },
+    );
+  }
+
+  private welcome(session: Session, identity: Identity, key: string, reconnected: boolean, now: number): void {
     session.send({
       type: 'auth_ok',
       id: identity.id,
@@ -225,11 +242,8 @@ export class Router implements ClusterHandlers {
       reconnected,
       timestamp: now,
     });
-    this.deps.bus.publish({ type: 'connect', node: session.ref, reconnected, at: now });
-    if (this.clustered) {
-      this.deps.cluster.joined(identity.id);
-      this.drainShared(session);
-    }
+    this.deps.bus.publish({ type: 'connect', node: session.ref!, reconnected, at: now });
+    if (this.clustered) this.drainShared(session);
     this.deliverQueued(session);
   }
 

@@ -14,7 +14,9 @@ export class SingleNode implements ClusterLink {
   locate(): undefined {
     return undefined;
   }
-  joined(): void {}
+  joined(): Promise<void> {
+    return Promise.resolve();
+  }
   left(): void {}
   fetchIdentity(): Promise<undefined> {
     return Promise.resolve(undefined);

@@ -74,8 +74,9 @@ describe('cluster: one relay across nodes', () => {
     try {
       const [a, b] = cluster.nodes as [TestRelay, TestRelay];
       const employee = await authEmployee(a.relay, 'Far', ['research']);
+      // Presence is written before auth_ok: a client told auth_ok is reachable from every node.
+      assert.equal(await redis.client.hget(`${cluster.name}:presence`, employee.id), 'node-0');
       const boss = await authBoss(b.relay);
-      await presenceIs(cluster.name, employee.id, 'node-0');
       boss.socket.send({ type: 'message', to: employee.id, payload: { task: 1 }, msg_id: 'm-1' });
       const got = await employee.socket.next('message');
       assert.equal(got.from_id, boss.id);
@@ -345,6 +346,28 @@ describe('cluster: faults', () => {
     } finally {
       doomed.child.child.kill('SIGKILL');
       await survivor.dispose();
+    }
+  });
+
+  test('a node restarted after a kill under the same node id clears the presence its old process left', async () => {
+    const name = `t${process.pid}-${clusterSeq++}`;
+    const dir = await makeTempDir();
+    const args = ['--redis', redis.url, '--cluster', name, '--node-id', 'phoenix'];
+    const first = await startRelayProcess(dir, args);
+    let second: Awaited<ReturnType<typeof startRelayProcess>> | null = null;
+    try {
+      const employee = await authEmployee(first, 'Orphan', ['ops']);
+      await presenceIs(name, employee.id, 'phoenix');
+      first.child.child.kill('SIGKILL');
+      await first.child.exited;
+      // No other node is there to bury the dead one: the restarted node must not inherit it.
+      second = await startRelayProcess(dir, args);
+      assert.equal(await redis.client.hget(`${name}:presence`, employee.id), null);
+      const list = (await http(second, 'GET', '/employees')).body.employees as { id: string; online: boolean }[];
+      assert.equal(list.find((e) => e.id === employee.id)?.online, false);
+    } finally {
+      first.child.child.kill('SIGKILL');
+      second?.child.child.kill('SIGKILL');
     }
   });
 

@@ -392,10 +392,11 @@ describe('cluster: faults', () => {
     const name = `restart-${process.pid}`;
     const a = await startTestRelay({ redisUrl: durable.url, clusterName: name, nodeId: 'a' });
     const b = await startTestRelay({ redisUrl: durable.url, clusterName: name, nodeId: 'b' });
+    let client: RelayClient | null = null;
     try {
       const employee = await authEmployee(a.relay, 'Steady', ['ops']);
       const boss = await authBoss(b.relay);
-      const client = new RelayClient({ url: b.relay.url, role: 'boss', authkey: TEST_AUTHKEY, heartbeatIntervalMs: 0 });
+      client = new RelayClient({ url: b.relay.url, role: 'boss', authkey: TEST_AUTHKEY, heartbeatIntervalMs: 0 });
       await client.connect();
       await durableHas(durable, `${name}:presence`, employee.id, 'a');
       await durable.kill();
@@ -406,10 +407,10 @@ describe('cluster: faults', () => {
       assert.equal(refused.msg_id, 'while-down');
       // RelayClient takes that code as "retry": its send is acked once Redis is back.
       const clientAck = client.send(employee.id, 'from the client');
+      clientAck.catch(() => undefined); // awaited below, after the restart
       await durable.restart();
       assert.deepEqual((await clientAck).delivered, [employee.id]);
       assert.equal((await employee.socket.next((f) => f.type === 'message' && f.payload === 'from the client')).from_id, client.identity?.id);
-      await client.close();
       await eventually('the cluster routes again', async () => {
         boss.socket.send({ type: 'message', to: employee.id, payload: 'again' });
         const answer = await boss.socket.next((f) => f.type === 'delivery_ack' || f.type === 'error', 10_000);
@@ -418,6 +419,7 @@ describe('cluster: faults', () => {
       assert.equal((await employee.socket.next((f) => f.type === 'message' && f.payload === 'again')).payload, 'again');
       await Promise.all([boss.socket.close(), employee.socket.close()]);
     } finally {
+      await client?.close();
       await a.dispose();
       await b.dispose();
       await durable.stop();

@@ -6,6 +6,7 @@ import fs from 'node:fs/promises';
 import http from 'node:http';
 import path from 'node:path';
 import type { ClusterLink } from './lib/cluster-link';
+import { communicationsPage, readPage, readQuery, type CommunicationsPage } from './lib/communications';
 import { ConnectionLog } from './lib/connection-log';
 import { lockDataDir, type DataDirLock } from './lib/data-dir-lock';
 import { DedupeCache } from './lib/dedupe-cache';
@@ -14,7 +15,7 @@ import { serveDashboard } from './lib/dashboard-page';
 import { logRelayEvents } from './lib/event-log';
 import { EventStream } from './lib/event-stream';
 import { EventBus } from './lib/events';
-import { HttpApi, type HttpExtensions } from './lib/http-api';
+import { HttpApi, type HttpExtensions, type OtherNodes } from './lib/http-api';
 import { IdentityStore } from './lib/identity-store';
 import { createLogger, type Logger } from './lib/logger';
 import { MessageLog } from './lib/message-log';
@@ -158,6 +159,22 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
     streamBus = clusterBus;
   }
   const eventStream = new EventStream({ bus: streamBus });
+  let otherNodes: OtherNodes | undefined;
+  if (cluster instanceof RedisCluster) {
+    const shared = cluster;
+    shared.answerQueries(async (kind, query) => {
+      const checked = kind === 'communications' ? readQuery(query) : null;
+      if (checked === null) throw new Error(`unknown or malformed query "${kind.slice(0, 40)}"`);
+      return communicationsPage(stores.messageLog, stores.identities, checked);
+    });
+    otherNodes = {
+      communications: async (query) => {
+        const { results, missing } = await shared.askAll('communications', query);
+        const pages = results.map(readPage).filter((page): page is CommunicationsPage => page !== null);
+        return { pages, missing };
+      },
+    };
+  }
   const metrics = new RelayMetrics({
     bus,
     stats: () => ({
@@ -169,6 +186,8 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
       eventStreamClients: eventStream.clientCount,
     }),
   });
+  // Per node, told apart by a node label once there are several.
+  if (cluster.clustered) metrics.registry.setDefaultLabels({ node: cluster.nodeId });
   const extensions: HttpExtensions = {
     dashboard: serveDashboard,
     events: (req, res) => eventStream.handle(req, res),
@@ -184,6 +203,7 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
     version: packageVersion(),
     activeConnections: () => router.online.size,
     extensions,
+    ...(otherNodes !== undefined && { otherNodes }),
   });
 
   const server = http.createServer((req, res) => api.handle(req, res));

@@ -9,7 +9,8 @@ import type { MessageLog } from './message-log';
 import type { ResolvedOptions } from './options';
 import { isPlainObject } from './protocol';
 import { secretMatches, type Router } from './router';
-import { communicationRow, listNodes, nodeView, workforce } from './workforce';
+import { communicationsPage, mergePages, MAX_CLUSTER_WINDOW, type CommunicationsPage, type CommunicationsQuery } from './communications';
+import { listNodes, nodeView, workforce } from './workforce';
 
 export type RouteHandler = (req: IncomingMessage, res: ServerResponse) => void;
 
@@ -30,6 +31,13 @@ export interface HttpApiDeps {
   version: string;
   activeConnections: () => number;
   extensions: HttpExtensions;
+  /** Cluster: the other nodes' answers to reads that span the cluster. */
+  otherNodes?: OtherNodes;
+}
+
+export interface OtherNodes {
+  /** Every other live node's page; `missing` names the nodes that did not answer in time. */
+  communications(query: CommunicationsQuery): Promise<{ pages: CommunicationsPage[]; missing: string[] }>;
 }
 
 class HttpError extends Error {
@@ -223,17 +231,19 @@ export class HttpApi {
     };
     const limit = intParam(url, 'limit', 50, 1, 500)!;
     const offset = intParam(url, 'offset', 0, 0, Number.MAX_SAFE_INTEGER)!;
-    const { identities, messageLog } = this.deps;
-    const { total, edges } = await messageLog.query({
-      ...(filters.boss_id !== null && { bossId: filters.boss_id }),
-      ...(filters.employee_id !== null && { employeeId: filters.employee_id }),
-      ...(filters.tag !== null && { employeeIds: identities.withTag(filters.tag) }),
-      ...(filters.since !== null && { since: filters.since }),
-      ...(filters.until !== null && { until: filters.until }),
-      offset,
-      limit,
-    });
-    return { total, offset, limit, filters, rows: edges.map((edge) => communicationRow(edge, identities)), timestamp: Date.now() };
+    const { identities, messageLog, otherNodes } = this.deps;
+    if (otherNodes === undefined) {
+      const page = await communicationsPage(messageLog, identities, { filters, offset, limit });
+      return { total: page.total, offset, limit, filters, rows: page.rows, timestamp: Date.now() };
+    }
+    // A cluster: every node logs its own senders' messages; merge each node's newest rows.
+    if (offset + limit > MAX_CLUSTER_WINDOW) {
+      throw new HttpError(400, 'invalid_query', `In a cluster, offset + limit must stay at most ${MAX_CLUSTER_WINDOW}; narrow the query with since/until.`);
+    }
+    const window = { filters, offset: 0, limit: offset + limit };
+    const [own, others] = await Promise.all([communicationsPage(messageLog, identities, window), otherNodes.communications(window)]);
+    const page = mergePages([own, ...others.pages], offset, limit);
+    return { total: page.total, offset, limit, filters, rows: page.rows, nodes: { answered: others.pages.length + 1, missing: others.missing }, timestamp: Date.now() };
   }
 
   private async ban(req: IncomingMessage, res: ServerResponse, url: URL, method: string, id: string): Promise<void> {

@@ -51,12 +51,17 @@ type ControlMessage =
 
 type InboxMessage =
   | { t: 'deliver'; req: string; reply: string; head: string; tail: string; ids: string[] }
-  | { t: 'broadcast'; req: string; reply: string; head: string; tail: string; sender: string };
+  | { t: 'broadcast'; req: string; reply: string; head: string; tail: string; sender: string }
+  | { t: 'query'; req: string; reply: string; kind: string; query: unknown };
+
+/** Answers reads that span the cluster (e.g. /admin/communications) from this node's own data. */
+export type QueryHandler = (kind: string, query: unknown) => Promise<unknown>;
 
 interface ReplyMessage {
   req: string;
   outcomes?: Record<string, RemoteOutcome>;
   reached?: string[];
+  result?: unknown;
 }
 
 interface PendingRequest {
@@ -154,6 +159,7 @@ export class RedisCluster implements ClusterLink {
   private heartbeat: NodeJS.Timeout | null = null;
   /** Where other nodes' events go (this node's /api/events), and whether anyone reads it now. */
   private eventSink: ((event: RelayEvent) => void) | null = null;
+  private queryHandler: QueryHandler | null = null;
   private eventsWanted: () => boolean = () => false;
   private eventsSubscribed = false;
   /** No node listened at the last publish: events are not published again before this time. */
@@ -401,6 +407,23 @@ export class RedisCluster implements ClusterLink {
     return replies.flatMap((reply) => reply?.reached ?? []);
   }
 
+  answerQueries(handler: QueryHandler): void {
+    this.queryHandler = handler;
+  }
+
+  /** Asks every other live node; the results that came back in time and the nodes that did not answer. */
+  async askAll(kind: string, query: unknown): Promise<{ results: unknown[]; missing: string[] }> {
+    const nodes = [...this.liveNodes];
+    const replies = await Promise.all(nodes.map((node) => this.request(node, (req) => ({ t: 'query', req, reply: this.nodeId, kind, query }))));
+    const results: unknown[] = [];
+    const missing: string[] = [];
+    replies.forEach((reply, index) => {
+      if (reply !== null && reply.result !== undefined) results.push(reply.result);
+      else missing.push(nodes[index]!);
+    });
+    return { results, missing };
+  }
+
   /** Publishes on `node`'s inbox and waits for its answer; null when none came in time. */
   private async request(node: string, make: (req: string) => InboxMessage): Promise<ReplyMessage | null> {
     const req = `${this.nodeId}:${(this.requestSeq++).toString(36)}`;
@@ -443,7 +466,17 @@ export class RedisCluster implements ClusterLink {
 
   private onInbox(message: InboxMessage): void {
     const handlers = this.handlers!;
-    if (typeof message.req !== 'string' || typeof message.reply !== 'string' || typeof message.head !== 'string' || typeof message.tail !== 'string') return;
+    if (typeof message.req !== 'string' || typeof message.reply !== 'string') return;
+    if (message.t === 'query') {
+      const { req, reply: replyTo } = message;
+      const answer = this.queryHandler ? this.queryHandler(String(message.kind), message.query) : Promise.reject(new Error('no query handler'));
+      answer.then(
+        (result) => this.publish(`reply:${replyTo}`, { req, result }),
+        (error: Error) => this.options.logger.warn('cluster_query_failed', { kind: String(message.kind), error: error.message }),
+      );
+      return;
+    }
+    if (typeof message.head !== 'string' || typeof message.tail !== 'string') return;
     let reply: ReplyMessage;
     if (message.t === 'deliver' && Array.isArray(message.ids)) {
       reply = { req: message.req, outcomes: handlers.deliverHere(message, message.ids.filter((id): id is string => typeof id === 'string')) };

@@ -296,6 +296,42 @@ describe('cluster: one relay across nodes', () => {
     }
   });
 
+  test('/admin/communications on any node lists the messages logged on every node; /metrics has a node label', async () => {
+    const cluster = await startCluster(2);
+    try {
+      const [a, b] = cluster.nodes as [TestRelay, TestRelay];
+      const employee = await authEmployee(b.relay, 'Talker', ['research']);
+      const boss = await authBoss(a.relay);
+      boss.socket.send({ type: 'message', to: employee.id, payload: 'question', msg_id: 'c-1' });
+      const firstAck = await boss.socket.next('delivery_ack');
+      assert.deepEqual(firstAck.delivered, [employee.id]);
+      await employee.socket.next('message');
+      // Newest first needs two different milliseconds.
+      await eventually('the clock moved on', () => Date.now() > Number(firstAck.timestamp) + 1);
+      employee.socket.send({ type: 'message', to: boss.id, payload: 'answer', msg_id: 'c-2' });
+      assert.deepEqual((await employee.socket.next('delivery_ack')).delivered, [boss.id]);
+      await eventually('both nodes see each other', async () => {
+        const body = (await http(a.relay, 'GET', '/admin/communications')).body;
+        return (body.nodes as { answered: number }).answered === 2;
+      });
+      for (const node of [a, b]) {
+        const body = (await http(node.relay, 'GET', `/admin/communications?employee_id=${employee.id}`)).body;
+        assert.equal(body.total, 2);
+        const rows = body.rows as { msg_id: string; direction: string; delivery: { status: string } }[];
+        assert.deepEqual(rows.map((row) => row.msg_id), ['c-2', 'c-1']);
+        assert.deepEqual(rows.map((row) => row.direction), ['employee_to_boss', 'boss_to_employee']);
+        assert.ok(rows.every((row) => row.delivery.status === 'delivered'));
+        const paged = (await http(node.relay, 'GET', `/admin/communications?employee_id=${employee.id}&offset=1&limit=1`)).body;
+        assert.deepEqual((paged.rows as { msg_id: string }[]).map((row) => row.msg_id), ['c-1']);
+      }
+      const metrics = await fetch(`${b.relay.httpUrl}/metrics`).then((res) => res.text());
+      assert.match(metrics, /mimiclaw_connections\{[^}]*node="node-1"/);
+      await Promise.all([boss.socket.close(), employee.socket.close()]);
+    } finally {
+      await cluster.dispose();
+    }
+  });
+
   test('a second node with the same node id is refused with a clear message', async () => {
     const cluster = await startCluster(1);
     try {

@@ -156,9 +156,9 @@ export class HttpApi {
     if (banMatch) return this.ban(req, res, url, method, decodeURIComponent(banMatch[1]!));
 
     const reads: Record<string, () => unknown> = {
-      '/employees': () => ({ employees: listNodes(this.deps.identities, this.isOnline, 'employee') }),
-      '/connections': () => ({ connections: listNodes(this.deps.identities, this.isOnline) }),
-      '/admin/workforce': () => workforce(this.deps.identities, this.isOnline, textParam(url, 'tag'), Date.now()),
+      '/employees': () => ({ employees: listNodes(this.deps.identities, this.locate, 'employee') }),
+      '/connections': () => ({ connections: listNodes(this.deps.identities, this.locate) }),
+      '/admin/workforce': () => workforce(this.deps.identities, this.locate, textParam(url, 'tag'), Date.now()),
     };
     const read = reads[path];
     if (read) {
@@ -181,7 +181,7 @@ export class HttpApi {
     throw this.notFound(url.pathname);
   }
 
-  private readonly isOnline = (id: string): boolean => this.deps.router.isOnline(id);
+  private readonly locate = (id: string): string | null => this.deps.router.locate(id);
 
   private notFound(path: string): HttpError {
     return new HttpError(404, 'not_found', `No route ${path.slice(0, 80)}: see the README's admin API table (e.g. GET /api/health).`);

@@ -128,6 +128,12 @@ export class Router implements ClusterHandlers {
     return counts;
   }
 
+  /** The node holding `id`'s session: this one, (cluster) another, or null when offline. */
+  locate(id: string): string | null {
+    if (this.online.has(id)) return this.deps.cluster.nodeId;
+    return this.clustered ? (this.deps.cluster.locate(id) ?? null) : null;
+  }
+
   /** Online on this node, or (cluster) on any node. */
   isOnline(id: string): boolean {
     return this.online.has(id) || (this.clustered && this.deps.cluster.locate(id) !== undefined);

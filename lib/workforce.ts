@@ -33,16 +33,20 @@ export interface NodeView {
   created_at: number;
   last_seen: number;
   meta: Record<string, unknown> | null;
+  /** The relay node holding its socket (docs/CLUSTER.md); null when offline. */
+  node: string | null;
 }
 
 export type IsOnline = (id: string) => boolean;
+/** The relay node holding an identity's socket, or null. */
+export type Locate = (id: string) => string | null;
 
 export function nodeStatus(identity: Identity, online: boolean): NodeStatus {
   if (identity.banned) return 'banned';
   return online ? 'online' : 'offline';
 }
 
-export function nodeView(identity: Identity, online: boolean): NodeView {
+export function nodeView(identity: Identity, online: boolean, node: string | null = null): NodeView {
   return {
     id: identity.id,
     role: identity.role,
@@ -54,6 +58,7 @@ export function nodeView(identity: Identity, online: boolean): NodeView {
     created_at: identity.createdAt,
     last_seen: identity.lastSeen,
     meta: identity.meta,
+    node: online ? node : null,
   };
 }
 
@@ -104,11 +109,14 @@ function sortedIdentities(identities: IdentityStore, role?: Role): Identity[] {
   return list.sort((a, b) => (a.id < b.id ? -1 : a.id > b.id ? 1 : 0));
 }
 
-export function listNodes(identities: IdentityStore, isOnline: IsOnline, role?: Role): NodeView[] {
-  return sortedIdentities(identities, role).map((identity) => nodeView(identity, isOnline(identity.id)));
+export function listNodes(identities: IdentityStore, locate: Locate, role?: Role): NodeView[] {
+  return sortedIdentities(identities, role).map((identity) => {
+    const node = locate(identity.id);
+    return nodeView(identity, node !== null, node);
+  });
 }
 
-export function workforce(identities: IdentityStore, isOnline: IsOnline, tag: string | null, now: number) {
+export function workforce(identities: IdentityStore, locate: Locate, tag: string | null, now: number) {
   const bosses: (NodeView & { health: NodeHealth })[] = [];
   const employees: (NodeView & { health: NodeHealth })[] = [];
   const byTag: Record<string, { count: number; employee_ids: string[]; employees: (NodeView & { health: NodeHealth })[] }> = {};
@@ -117,9 +125,10 @@ export function workforce(identities: IdentityStore, isOnline: IsOnline, tag: st
   let banned = 0;
   let total = 0;
   for (const identity of sortedIdentities(identities)) {
-    const isUp = isOnline(identity.id);
     if (identity.role === 'employee' && tag !== null && !identity.tags.includes(tag)) continue;
-    const node = { ...nodeView(identity, isUp), health: nodeHealth(identity, isUp, now) };
+    const holder = locate(identity.id);
+    const isUp = holder !== null;
+    const node = { ...nodeView(identity, isUp, holder), health: nodeHealth(identity, isUp, now) };
     total++;
     health[node.health.overall]++;
     if (isUp) online++;

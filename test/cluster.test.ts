@@ -62,6 +62,11 @@ describe('cluster: one relay across nodes', () => {
         return list.find((e) => e.id === employee.id)?.online;
       };
       await eventually('node-1 shows the employee online', async () => (await onlineOn(b)) === true);
+      // And which node holds it, in /employees and /admin/workforce.
+      const listed = ((await http(b.relay, 'GET', '/employees')).body.employees as { id: string; node: string | null }[]).find((e) => e.id === employee.id);
+      assert.equal(listed?.node, 'node-0');
+      const workforce = (await http(b.relay, 'GET', '/admin/workforce')).body.employees as { id: string; node: string | null }[];
+      assert.equal(workforce.find((e) => e.id === employee.id)?.node, 'node-0');
       await employee.socket.close();
       await eventually('node-1 shows the employee offline', async () => (await onlineOn(b)) === false);
     } finally {

@@ -4,6 +4,7 @@
 
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
+import fs from 'node:fs/promises';
 import httpModule from 'node:http';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
@@ -387,6 +388,7 @@ describe('cluster: faults', () => {
     } finally {
       doomed.child.child.kill('SIGKILL');
       await survivor.dispose();
+      await fs.rm(dir, { recursive: true, force: true });
     }
   });
 
@@ -409,6 +411,39 @@ describe('cluster: faults', () => {
     } finally {
       first.child.child.kill('SIGKILL');
       second?.child.child.kill('SIGKILL');
+      await second?.child.exited;
+      await fs.rm(dir, { recursive: true, force: true });
+    }
+  });
+
+  test('nodes as separate processes: routing across them, and a SIGTERMed node hands its identities over at once', async () => {
+    const name = `t${process.pid}-${clusterSeq++}`;
+    const [dirA, dirB] = [await makeTempDir(), await makeTempDir()];
+    const a = await startRelayProcess(dirA, ['--redis', redis.url, '--cluster', name, '--node-id', 'proc-a']);
+    const b = await startRelayProcess(dirB, ['--redis', redis.url, '--cluster', name, '--node-id', 'proc-b']);
+    try {
+      const employee = await authEmployee(a, 'Proc', ['ops']);
+      const boss = await authBoss(b, CHILD_AUTHKEY);
+      boss.socket.send({ type: 'message', to: employee.id, payload: 'over there', msg_id: 'p-1' });
+      assert.equal((await employee.socket.next('message')).payload, 'over there');
+      assert.deepEqual((await boss.socket.next('delivery_ack')).delivered, [employee.id]);
+      a.child.child.kill('SIGTERM');
+      assert.equal((await employee.socket.closed).code, 1001);
+      assert.equal((await a.child.exited).code, 0);
+      // A clean stop removes its presence and its node key itself, without waiting for the bound.
+      assert.equal(await redis.client.hget(`${name}:presence`, employee.id), null);
+      assert.equal(await redis.client.exists(`${name}:node:proc-a`), 0);
+      boss.socket.send({ type: 'message', to: employee.id, payload: 'kept', queue: true, msg_id: 'p-2' });
+      assert.deepEqual((await boss.socket.next('delivery_ack')).queued, [employee.id]);
+      const back = await reconnect(b, employee, 'employee');
+      assert.equal(back.ok.type, 'auth_ok');
+      assert.equal((await back.socket.next('message')).payload, 'kept');
+      await Promise.all([boss.socket.close(), back.socket.close()]);
+    } finally {
+      a.child.child.kill('SIGKILL');
+      b.child.child.kill('SIGKILL');
+      await Promise.all([a.child.exited, b.child.exited]);
+      await Promise.all([dirA, dirB].map((dir) => fs.rm(dir, { recursive: true, force: true })));
     }
   });
 
@@ -426,6 +461,7 @@ describe('cluster: faults', () => {
     const lines = stderr.trim().split('\n');
     assert.equal(lines.length, 1, stderr);
     assert.match(lines[0]!, new RegExp(`Cannot reach Redis at redis://127\\.0\\.0\\.1:${deadPort}`));
+    await fs.rm(dir, { recursive: true, force: true });
   });
 
   test('Redis restarts with appendonly: nodes re-sync by themselves and route across again', async () => {

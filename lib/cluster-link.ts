@@ -53,6 +53,10 @@ export interface ClusterHandlers {
   queuedFor(id: string): void;
   /** Every identity whose session this node holds (re-announced after the store comes back). */
   heldIds(): Iterable<string>;
+  /** Liveness of the identities held here that were active since the last call: [id, lastSeen, lastHeartbeatAt]. */
+  recentlySeen(): [string, number, number | null][];
+  /** Liveness another node reported for identities it holds. */
+  seenElsewhere(seen: readonly [string, number, number | null][]): void;
   /** A queued copy sent by a sender of this node (or to a sender held here) was delivered or expired. */
   queuedOutcome(outcome: QueuedOutcome): void;
 }

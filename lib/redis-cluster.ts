@@ -27,6 +27,8 @@ export const NODE_TTL_MS = 5000;
 export const HEARTBEAT_MS = 1000;
 /** How long a node waits for another node's answer before counting its targets as not delivered. */
 export const REPLY_TIMEOUT_MS = 3000;
+/** How often a node tells the others when its identities were last active (well inside the 60 s heartbeat staleness). */
+export const SEEN_SHARE_MS = 10_000;
 /** How long a resend waits for another node still routing the same msg_id. */
 const CLAIM_WAIT_MS = 3000;
 
@@ -44,6 +46,7 @@ type ControlMessage =
   | { t: 'replace'; node: string; id: string }
   | { t: 'left'; node: string; id: string }
   | { t: 'buried'; node: string }
+  | { t: 'seen'; node: string; seen: unknown }
   | { t: 'identity'; node: string; doc: Record<string, unknown> }
   | { t: 'ban'; node: string; id: string; banned: boolean; by: string }
   | { t: 'queued'; ids: string[] }
@@ -166,6 +169,7 @@ export class RedisCluster implements ClusterLink {
   private eventsMutedUntil = 0;
   private closed = false;
   private ticking = false;
+  private seenSharedAt = 0;
 
   private constructor(
     private readonly options: RedisClusterOptions,
@@ -287,11 +291,21 @@ export class RedisCluster implements ClusterLink {
       await this.findDeadNodes();
       await this.followEvents();
       await this.expireQueued();
+      this.shareSeen();
     } catch (error) {
       this.options.logger.warn('cluster_heartbeat_failed', { error: (error as Error).message });
     } finally {
       this.ticking = false;
     }
+  }
+
+  /** Identities active here are seen as active on every node's /admin/workforce (heartbeat staleness). */
+  private shareSeen(): void {
+    const now = Date.now();
+    if (now - this.seenSharedAt < SEEN_SHARE_MS || this.handlers === null) return;
+    this.seenSharedAt = now;
+    const seen = this.handlers.recentlySeen();
+    if (seen.length > 0) this.publish('control', { t: 'seen', node: this.nodeId, seen });
   }
 
   private async findDeadNodes(): Promise<void> {
@@ -502,6 +516,16 @@ export class RedisCluster implements ClusterLink {
         return;
       case 'left':
         if (typeof message.id === 'string' && this.presence.get(message.id) === message.node) this.presence.delete(message.id);
+        return;
+      case 'seen':
+        if (message.node !== this.nodeId && Array.isArray(message.seen)) {
+          handlers.seenElsewhere(
+            message.seen.filter(
+              (entry): entry is [string, number, number | null] =>
+                Array.isArray(entry) && typeof entry[0] === 'string' && typeof entry[1] === 'number' && (entry[2] === null || typeof entry[2] === 'number'),
+            ),
+          );
+        }
         return;
       case 'buried':
         for (const [id, node] of this.presence) if (node === message.node) this.presence.delete(id);

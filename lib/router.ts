@@ -868,6 +868,28 @@ export class Router implements ClusterHandlers {
     return this.online.keys();
   }
 
+  private seenSharedAt = 0;
+
+  recentlySeen(): [string, number, number | null][] {
+    const since = this.seenSharedAt;
+    this.seenSharedAt = Date.now();
+    const seen: [string, number, number | null][] = [];
+    for (const session of this.online.values()) {
+      const identity = session.identity!;
+      if (identity.lastSeen > since) seen.push([identity.id, identity.lastSeen, identity.lastHeartbeatAt]);
+    }
+    return seen;
+  }
+
+  seenElsewhere(seen: readonly [string, number, number | null][]): void {
+    for (const [id, lastSeen, lastHeartbeatAt] of seen) {
+      const identity = this.deps.identities.get(id);
+      if (!identity || this.online.has(id)) continue;
+      if (lastSeen > identity.lastSeen) identity.lastSeen = lastSeen;
+      if (lastHeartbeatAt !== null && lastHeartbeatAt > (identity.lastHeartbeatAt ?? 0)) identity.lastHeartbeatAt = lastHeartbeatAt;
+    }
+  }
+
   replacedElsewhere(id: string): void {
     this.online.get(id)?.close(CLOSE_CODES.replaced, 'Replaced by a newer session of this identity');
   }

@@ -338,6 +338,27 @@ describe('cluster: one relay across nodes', () => {
     }
   });
 
+  test('an identity active on one node is seen as active on the others (heartbeat staleness is cluster-wide)', async () => {
+    const cluster = await startCluster(2);
+    try {
+      const [a, b] = cluster.nodes as [TestRelay, TestRelay];
+      const employee = await authEmployee(a.relay, 'Busy', ['ops']);
+      const lastSeenOn = async (node: TestRelay) =>
+        ((await http(node.relay, 'GET', '/employees')).body.employees as { id: string; last_seen: number }[]).find((e) => e.id === employee.id)?.last_seen ?? 0;
+      await eventually('node-1 knows the employee', async () => (await lastSeenOn(b)) > 0);
+      const connectedSeen = await lastSeenOn(b);
+      await eventually('the clock moved on', () => Date.now() > connectedSeen + 5);
+      employee.socket.send({ type: 'ping' });
+      await employee.socket.next('pong');
+      const pingedAt = await lastSeenOn(a);
+      assert.ok(pingedAt > connectedSeen);
+      await eventually('node-1 sees the ping', async () => (await lastSeenOn(b)) >= pingedAt, 20_000);
+      await employee.socket.close();
+    } finally {
+      await cluster.dispose();
+    }
+  });
+
   test('a second node with the same node id is refused with a clear message', async () => {
     const cluster = await startCluster(1);
     try {

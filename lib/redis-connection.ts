@@ -37,7 +37,8 @@ export async function connectRedis(url: string, role: string): Promise<Redis> {
   });
   // Errors are reported through the commands that fail and the node's availability; without a
   // listener ioredis would print each reconnect attempt.
-  client.on('error', () => undefined);
+  let lastError: Error | null = null;
+  client.on('error', (error: Error) => (lastError = error));
   let timer: NodeJS.Timeout | undefined;
   try {
     await Promise.race([
@@ -49,7 +50,7 @@ export async function connectRedis(url: string, role: string): Promise<Redis> {
   } catch (error) {
     client.disconnect();
     throw new ClusterStartError(
-      `Cannot reach Redis at ${printableUrl(url)} (${(error as Error).message}): start Redis there or fix --redis / MIMICLAW_REDIS_URL.`,
+      `Cannot reach Redis at ${printableUrl(url)} (${(lastError ?? (error as Error)).message}): start Redis there or fix --redis / MIMICLAW_REDIS_URL.`,
     );
   } finally {
     clearTimeout(timer);

@@ -2,13 +2,13 @@
 // builds its own stores, router and servers: there is no module-level state, so one process can
 // run several relays.
 
-import fs from 'node:fs/promises';
 import http from 'node:http';
 import path from 'node:path';
 import type { ClusterLink } from './lib/cluster-link';
 import { communicationsPage, readPage, readQuery, type CommunicationsPage } from './lib/communications';
 import { ConnectionLog } from './lib/connection-log';
 import { lockDataDir, type DataDirLock } from './lib/data-dir-lock';
+import { prepareDataDir } from './lib/data-dir';
 import { DedupeCache } from './lib/dedupe-cache';
 import { DeliveryQueue } from './lib/delivery-queue';
 import { serveDashboard } from './lib/dashboard-page';
@@ -25,10 +25,12 @@ import { resolveOptions, type RelayOptions, type ResolvedOptions } from './lib/o
 import { RedisCluster } from './lib/redis-cluster';
 import { Router } from './lib/router';
 import { SingleNode } from './lib/single-node';
+import { assertNotDirectory, dataDirError } from './lib/start-errors';
 import { packageVersion } from './lib/version';
 import { WsGateway } from './lib/ws-gateway';
 
 export type { RelayOptions } from './lib/options';
+export { DataDirError } from './lib/start-errors';
 export type { RelayEvent } from './lib/events';
 export * from './lib/protocol';
 
@@ -73,12 +75,16 @@ async function openClusterLink(options: ResolvedOptions, nodeId: string, logger:
   return { link: cluster, identities: cluster.identities };
 }
 
+/** The node's stores; in a cluster the identities are the cluster's (`sharedIdentities`). */
 async function openStores(options: ResolvedOptions, logger: Logger, sharedIdentities: IdentityStore | null): Promise<Stores> {
   const file = (name: string) => path.join(options.dataDir, name);
   const compaction = options.maintenanceIntervalMs;
-  const [identities, connectionLog, messageLog, queue] = await Promise.all([
-    sharedIdentities ?? IdentityStore.open(file('identities.db'), logger, compaction),
-    ConnectionLog.open(file('connections.db'), logger, compaction),
+  const fileMode = options.fileMode;
+  // NeDB never settles on a datafile that is a directory: its read error escapes the promise.
+  await Promise.all(['identities.db', 'connections.db', 'messages.db', 'queue.db'].map((name) => assertNotDirectory(file(name))));
+  const opened = await Promise.allSettled([
+    sharedIdentities ?? IdentityStore.open(file('identities.db'), logger, compaction, fileMode),
+    ConnectionLog.open(file('connections.db'), logger, compaction, fileMode),
     MessageLog.open({
       file: file('messages.db'),
       logger,
@@ -86,10 +92,17 @@ async function openStores(options: ResolvedOptions, logger: Logger, sharedIdenti
       retentionMs: options.retentionMs,
       maxMessages: options.maxMessages,
       maintenanceIntervalMs: options.maintenanceIntervalMs,
+      fileMode,
     }),
-    DeliveryQueue.open(file('queue.db'), logger, { compactionIntervalMs: compaction, fsync: options.fsync }),
+    DeliveryQueue.open(file('queue.db'), logger, { compactionIntervalMs: compaction, fsync: options.fsync, fileMode }),
   ]);
-  return { identities, connectionLog, messageLog, queue };
+  const [identities, connectionLog, messageLog, queue] = opened;
+  if (identities.status === 'fulfilled' && connectionLog.status === 'fulfilled' && messageLog.status === 'fulfilled' && queue.status === 'fulfilled') {
+    return { identities: identities.value, connectionLog: connectionLog.value, messageLog: messageLog.value, queue: queue.value };
+  }
+  // Close the stores that did open: their timers and handles would keep a failed process alive.
+  await Promise.allSettled(opened.map((store) => (store.status === 'fulfilled' ? store.value.close() : undefined)));
+  throw opened.find((store): store is PromiseRejectedResult => store.status === 'rejected')!.reason;
 }
 
 /**
@@ -121,16 +134,19 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
   const options = resolveOptions(relayOptions);
   const logger = relayOptions.logger ?? createLogger(options.logLevel);
   const startedAt = Date.now();
-  await fs.mkdir(options.dataDir, { recursive: true });
-  const lock = await lockDataDir(options.dataDir);
+  const asDataDirError = async (error: unknown): Promise<never> => {
+    throw await dataDirError(options.dataDir, error);
+  };
+  await prepareDataDir(options.dataDir, options.fileMode, logger).catch(asDataDirError);
+  const lock = await lockDataDir(options.dataDir).catch(asDataDirError);
   let cluster: ClusterLink;
   let stores: Stores;
   try {
-    const nodeId = await loadNodeId(options.dataDir, options.nodeId);
+    const nodeId = await loadNodeId(options.dataDir, options.nodeId).catch(asDataDirError);
     const opened = await openClusterLink(options, nodeId, logger);
     cluster = opened.link;
     try {
-      stores = await openStores(options, logger, opened.identities);
+      stores = await openStores(options, logger, opened.identities).catch(asDataDirError);
     } catch (error) {
       await cluster.close();
       throw error;
@@ -142,7 +158,10 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
   const bus = new EventBus();
   if (logger.isEnabled('info')) bus.subscribe(logRelayEvents(logger));
   const dedupe = new DedupeCache(options.dedupeWindowMs, DEDUPE_MAX_ENTRIES);
-  await restoreDedupe(dedupe, stores.messageLog, stores.queue, options.dedupeWindowMs);
+  await restoreDedupe(dedupe, stores.messageLog, stores.queue, options.dedupeWindowMs).catch(async (error: unknown) => {
+    await closeStores(stores, cluster, lock);
+    throw await dataDirError(options.dataDir, error);
+  });
   const router = new Router({ options, ...stores, dedupe, cluster, bus, logger });
   const gateway = new WsGateway(options, router, bus, logger);
   // /api/events streams the whole cluster: this node's events and those other nodes share.
@@ -207,6 +226,8 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
   });
 
   const server = http.createServer((req, res) => api.handle(req, res));
+  // Expect: 100-continue comes to the API too, so it can refuse a body too large before it is sent.
+  server.on('checkContinue', (req, res) => api.handle(req, res));
   server.on('upgrade', (req, socket, head) => gateway.handleUpgrade(req, socket, head));
   server.on('clientError', (_error, socket) => socket.destroy());
 
@@ -298,3 +319,17 @@ function waitFor(condition: () => boolean, timeoutMs: number): Promise<void> {
     check();
   });
 }
+
+/**
+ * True when this file is the program (`node dist/server.js 8787 my-secret`), not a module some
+ * other code imported. In a bundle (the standalone executables) every file shares the bundle's
+ * `module`, so the program's exports must also be this file's own.
+ */
+function isProgram(): boolean {
+  const main = require.main;
+  return main !== undefined && main === module && (main.exports as { startRelay?: unknown }).startRelay === startRelay;
+}
+
+// Run as a program, behave as the mimiclaw-ws command. cli.js imports this module, which is
+// complete by now; the path is computed so bundlers do not pull cli.ts in a second time.
+if (isProgram()) require(path.join(__dirname, 'cli.js'));

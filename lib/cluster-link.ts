@@ -84,8 +84,10 @@ export interface ClusterLink {
   deliverElsewhere(pieces: FramePieces, ids: readonly string[]): Promise<Record<string, RemoteOutcome>>;
   /** Broadcast on every other live node; the ids written to. */
   broadcastElsewhere(pieces: FramePieces, senderId: string): Promise<string[]>;
-  /** Stores queued copies in the shared store, in order, and wakes the targets' nodes. */
+  /** Stores queued copies in the shared store, in order (oldest past --max-queued expire). */
   enqueue(entries: readonly NewQueuedEntry[]): Promise<void>;
+  /** Tells the nodes holding these targets (if any) that queued copies wait for them. */
+  wake(ids: readonly string[]): void;
   /** Takes every queued copy for `id` out of the shared store, in send order. */
   takeQueued(id: string): Promise<SharedQueuedEntry[]>;
   /** Puts copies that could not be written back at the head of the target's queue. */

@@ -107,8 +107,8 @@ export class IdentityStore {
     return store;
   }
 
-  static async open(filename: string, logger: Logger, compactionIntervalMs: number): Promise<IdentityStore> {
-    const db = await openDatastore<Record<string, unknown>>(filename, logger, compactionIntervalMs);
+  static async open(filename: string, logger: Logger, compactionIntervalMs: number, fileMode?: number): Promise<IdentityStore> {
+    const db = await openDatastore<Record<string, unknown>>(filename, logger, compactionIntervalMs, fileMode);
     const persistence: IdentityPersistence = {
       write: async (doc) => {
         await db.updateAsync({ _id: doc._id }, doc, { upsert: true });

@@ -614,12 +614,14 @@ export class RedisCluster implements ClusterLink {
       const texts = list.map((entry) => JSON.stringify({ ...entry, origin: this.nodeId } satisfies SharedQueuedEntry));
       multi.eval(ENQUEUE_SCRIPT, 2, this.key(`queue:${target}`), this.key('queue-expiry'), target, this.options.maxQueuedPerTarget, earliest, ...texts);
     }
-    // The target may be online on some node (it came back while this was decided): wake it.
-    multi.publish(this.key('control'), JSON.stringify({ t: 'queued', ids: [...byTarget.keys()] }));
     const results = await multi.exec();
     const failed = results?.find(([error]) => error !== null);
     if (!results || failed) throw failed?.[0] ?? new Error('the queue write was not run');
     for (const [, dropped] of results.slice(0, byTarget.size)) this.reportExpired(dropped);
+  }
+
+  wake(ids: readonly string[]): void {
+    this.publish('control', { t: 'queued', ids: [...new Set(ids)] });
   }
 
   /** Expires copies past their TTL for targets that have not come back (any node may do it; each copy once). */

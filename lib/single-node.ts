@@ -33,6 +33,7 @@ export class SingleNode implements ClusterLink {
   enqueue(): Promise<void> {
     return Promise.reject(new Error('A single node keeps its queue in queue.db.'));
   }
+  wake(): void {}
   takeQueued(): Promise<[]> {
     return Promise.resolve([]);
   }

@@ -13,7 +13,8 @@ import type { RelayOptions } from '../server';
 import { freePort } from './child-relay';
 import { CHILD_AUTHKEY, eventually, startRelayProcess } from './fault-support';
 import { startRedis, type TestRedis } from './redis-harness';
-import { authBoss, authEmployee, http, makeTempDir, reconnect, startTestRelay, TEST_AUTHKEY, type TestRelay } from './support';
+import { startBalancer } from './tcp-balancer';
+import { authBoss, authEmployee, http, makeTempDir, reconnect, startTestRelay, TEST_AUTHKEY, type Authed, type TestRelay } from './support';
 
 const CLI = path.join(__dirname, '..', 'cli.js');
 
@@ -465,6 +466,60 @@ describe('cluster: faults', () => {
       b.child.child.kill('SIGKILL');
       await Promise.all([a.child.exited, b.child.exited]);
       await Promise.all([dirA, dirB].map((dir) => fs.rm(dir, { recursive: true, force: true })));
+    }
+  });
+
+  test('three processes behind a round-robin balancer are one relay; a killed node\'s client gets its queued messages once, in order, on another node', async () => {
+    const name = `t${process.pid}-${clusterSeq++}`;
+    const dirs = [await makeTempDir(), await makeTempDir(), await makeTempDir()];
+    const nodes = await Promise.all(dirs.map((dir, i) => startRelayProcess(dir, ['--redis', redis.url, '--cluster', name, '--node-id', `lb-${i}`])));
+    const balancer = await startBalancer(nodes.map((node) => ({ host: '127.0.0.1', port: node.child.port })));
+    try {
+      const employees: Authed[] = [];
+      for (const n of [0, 1, 2]) employees.push(await authEmployee(balancer, `W${n}`, ['pool']));
+      const boss = await authBoss(balancer, CHILD_AUTHKEY);
+      const holders = async () => {
+        const list = (await http(balancer, 'GET', '/employees')).body.employees as { id: string; node: string | null }[];
+        return employees.map((e) => list.find((entry) => entry.id === e.id)?.node ?? null);
+      };
+      // Round robin spread the employees over the three nodes.
+      assert.deepEqual([...(await holders())].sort(), ['lb-0', 'lb-1', 'lb-2']);
+      boss.socket.send({ type: 'message', to: employees.map((e) => e.id), payload: 'all of you', msg_id: 'lb-1' });
+      assert.deepEqual([...((await boss.socket.next('delivery_ack')).delivered as string[])].sort(), employees.map((e) => e.id).sort());
+      for (const e of employees) assert.equal((await e.socket.next('message')).payload, 'all of you');
+      boss.socket.send({ type: 'message', to: 'tag:pool', payload: 'by tag' });
+      assert.equal(((await boss.socket.next('delivery_ack')).delivered as string[]).length, 3);
+      for (const e of employees) assert.equal((await e.socket.next('message')).payload, 'by tag');
+
+      // Kill the node of an employee that is not on the boss's node.
+      const bossNode = ((await http(balancer, 'GET', '/connections')).body.connections as { id: string; node: string | null }[]).find((c) => c.id === boss.id)?.node;
+      const where = await holders();
+      const victim = where.findIndex((node) => node !== bossNode);
+      const doomed = nodes[Number(where[victim]!.slice(3))]!;
+      const employee = employees[victim]!;
+      doomed.child.child.kill('SIGKILL');
+      await doomed.child.exited;
+      await employee.socket.closed;
+      for (const n of [1, 2, 3]) {
+        boss.socket.send({ type: 'message', to: employee.id, payload: { n }, queue: true, msg_id: `kept-${n}` });
+        const ack = await boss.socket.next('delivery_ack', 10_000);
+        assert.deepEqual(ack.delivered, [], 'never delivered to a dead node');
+        assert.deepEqual(ack.queued, [employee.id]);
+      }
+      // It reconnects through the balancer, which skips the dead node.
+      const back = await reconnect(balancer, employee, 'employee');
+      assert.equal(back.ok.type, 'auth_ok');
+      for (const n of [1, 2, 3]) assert.deepEqual((await back.socket.next('message')).payload, { n });
+      for (const n of [1, 2, 3]) assert.equal((await boss.socket.next((f) => f.type === 'delivery_update' && f.msg_id === `kept-${n}`)).status, 'delivered');
+      // Once: the next message it gets is a new one.
+      boss.socket.send({ type: 'message', to: employee.id, payload: 'after' });
+      assert.equal((await back.socket.next('message')).payload, 'after');
+      await Promise.all([boss.socket.close(), back.socket.close(), ...employees.filter((e) => e !== employee).map((e) => e.socket.close())]);
+    } finally {
+      await balancer.close();
+      for (const node of nodes) node.child.child.kill('SIGKILL');
+      await Promise.all(nodes.map((node) => node.child.exited));
+      await Promise.all(dirs.map((dir) => fs.rm(dir, { recursive: true, force: true })));
     }
   });
 

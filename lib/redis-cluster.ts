@@ -388,21 +388,49 @@ export class RedisCluster implements ClusterLink {
 
   // ---- delivery across nodes -----------------------------------------------------------------
 
+  /**
+   * The holder of each target is taken from the presence mirror when it names one (no round
+   * trip on the message path); targets the mirror does not place are looked up in Redis. A
+   * target the mirror sent to the wrong node (it moved a moment ago) comes back "offline" and is
+   * looked up and asked once more, so a stale mirror never turns into a false failure.
+   */
   async deliverElsewhere(pieces: FramePieces, ids: readonly string[]): Promise<Record<string, RemoteOutcome>> {
     const outcomes: Record<string, RemoteOutcome> = {};
-    // Without the store nobody can be located: every target stays offline (failed or queued).
+    const byNode = new Map<string, string[]>();
+    const unplaced: string[] = [];
+    for (const id of ids) {
+      outcomes[id] = 'offline';
+      const node = this.presence.get(id);
+      if (node === undefined || node === this.nodeId) unplaced.push(id);
+      else addTo(byNode, node, id);
+    }
+    const asked = new Map<string, string>();
+    if (unplaced.length > 0) for (const [node, targets] of await this.locateInStore(unplaced)) for (const id of targets) addTo(byNode, node, id);
+    await this.askHolders(pieces, byNode, outcomes, asked);
+    const missed = ids.filter((id) => outcomes[id] === 'offline' && asked.has(id) && !unplaced.includes(id));
+    if (missed.length > 0) {
+      const again = new Map<string, string[]>();
+      for (const [node, targets] of await this.locateInStore(missed)) for (const id of targets) if (asked.get(id) !== node) addTo(again, node, id);
+      if (again.size > 0) await this.askHolders(pieces, again, outcomes, asked);
+    }
+    return outcomes;
+  }
+
+  /** Holders from Redis (HMGET presence); none when Redis cannot answer: those targets stay offline. */
+  private async locateInStore(ids: readonly string[]): Promise<Map<string, string[]>> {
     const holders = await this.redis.hmget(this.key('presence'), ...ids).catch(() => ids.map(() => null));
     const byNode = new Map<string, string[]>();
     ids.forEach((id, index) => {
       const node = holders[index];
-      outcomes[id] = 'offline';
-      if (node === null || node === undefined || node === this.nodeId) return;
-      let list = byNode.get(node);
-      if (!list) byNode.set(node, (list = []));
-      list.push(id);
+      if (node !== null && node !== undefined && node !== this.nodeId) addTo(byNode, node, id);
     });
+    return byNode;
+  }
+
+  private async askHolders(pieces: FramePieces, byNode: Map<string, string[]>, outcomes: Record<string, RemoteOutcome>, asked: Map<string, string>): Promise<void> {
     await Promise.all(
       [...byNode].map(async ([node, targets]) => {
+        for (const id of targets) asked.set(id, node);
         const reply = await this.request(node, (req) => ({ t: 'deliver', req, reply: this.nodeId, head: pieces.head, tail: pieces.tail, ids: targets }));
         // Only what the holder says it wrote counts as delivered; no answer leaves them offline.
         for (const id of targets) {
@@ -411,7 +439,6 @@ export class RedisCluster implements ClusterLink {
         }
       }),
     );
-    return outcomes;
   }
 
   async broadcastElsewhere(pieces: FramePieces, senderId: string): Promise<string[]> {
@@ -757,6 +784,12 @@ function readSharedEntry(text: string): SharedQueuedEntry | null {
 
 function outcomeFields(entry: SharedQueuedEntry): Omit<QueuedOutcome, 'status'> {
   return { origin: entry.origin, record_id: entry.record_id, msg_id: entry.msg_id, from_id: entry.from_id, target_id: entry.target_id };
+}
+
+function addTo(map: Map<string, string[]>, key: string, value: string): void {
+  const list = map.get(key);
+  if (list) list.push(value);
+  else map.set(key, [value]);
 }
 
 function delay(ms: number): Promise<void> {

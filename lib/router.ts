@@ -4,7 +4,7 @@
 
 import { createHash, randomUUID, timingSafeEqual } from 'node:crypto';
 import { presented, type GuessTarget } from './auth-throttle';
-import type { ClusterHandlers, ClusterLink, FramePieces, QueuedOutcome, RemoteOutcome, SharedQueuedEntry } from './cluster-link';
+import type { ClusterHandlers, ClusterLink, DedupeClaim, FramePieces, QueuedOutcome, RemoteOutcome, SharedQueuedEntry } from './cluster-link';
 import type { ConnectionLog } from './connection-log';
 import type { DedupeCache, Remembered } from './dedupe-cache';
 import { ackPrefix, finishAck, outcomeFields } from './delivery-ack';
@@ -464,13 +464,42 @@ export class Router implements ClusterHandlers {
   // ---- routing -------------------------------------------------------------------------------
 
   private route(session: Session, sender: Identity, frame: Record<string, unknown>, arrival: FrameArrival): void {
+    // Cluster: the dedupe claim is asked at once, so a sender's claims travel pipelined even
+    // though its messages are decided one after the other.
+    const claim = this.clustered ? this.claimEarly(sender, frame) : undefined;
     if (session.routing === null) {
-      const waiting = this.routeNow(session, sender, frame, arrival);
+      const waiting = this.routeNow(session, sender, frame, arrival, claim);
       if (waiting !== undefined) this.holdOrder(session, waiting);
       return;
     }
     // An earlier message of this sender waits on the cluster store: this one goes after it.
-    this.holdOrder(session, session.routing.then(() => (session.isOpen ? this.routeNow(session, sender, frame, arrival) : undefined)));
+    this.holdOrder(
+      session,
+      session.routing.then(() => {
+        if (session.isOpen) return this.routeNow(session, sender, frame, arrival, claim);
+        this.releaseUnused(sender.id, frame.msg_id, claim);
+        return undefined;
+      }),
+    );
+  }
+
+  /** Cluster: starts the dedupe claim of a msg_id this node has not seen, or nothing to claim. */
+  private claimEarly(sender: Identity, frame: Record<string, unknown>): Promise<DedupeClaim> | undefined {
+    const msgId = frame.msg_id;
+    const { dedupe, cluster } = this.deps;
+    if (!dedupe.enabled || typeof msgId !== 'string' || msgId === '' || msgId.length > MAX_MSG_ID_LENGTH) return undefined;
+    if (dedupe.find(sender.id, msgId) !== undefined) return undefined;
+    const claim = cluster.claimMsgId(sender.id, msgId);
+    claim.catch(() => undefined); // answered where it is awaited
+    return claim;
+  }
+
+  /** A claim made for a message that was then not routed: give it back. */
+  private releaseUnused(senderId: string, msgId: unknown, claim: Promise<DedupeClaim> | undefined): void {
+    if (claim === undefined || typeof msgId !== 'string') return;
+    claim.then((result) => {
+      if (result.kind === 'new') this.deps.cluster.releaseMsgId(senderId, msgId);
+    }, () => undefined);
   }
 
   /** Later messages of the session wait for `step` (cluster only: a single node never waits). */
@@ -482,7 +511,7 @@ export class Router implements ClusterHandlers {
   }
 
   /** Routes now, or returns a promise when the cluster's dedupe window must be asked first. */
-  private routeNow(session: Session, sender: Identity, frame: Record<string, unknown>, arrival: FrameArrival): Promise<void> | undefined {
+  private routeNow(session: Session, sender: Identity, frame: Record<string, unknown>, arrival: FrameArrival, claim: Promise<DedupeClaim> | undefined): Promise<void> | undefined {
     const { dedupe } = this.deps;
     let msgId: string;
     if (frame.msg_id === undefined || frame.msg_id === null || frame.msg_id === '') {
@@ -491,10 +520,11 @@ export class Router implements ClusterHandlers {
       msgId = frame.msg_id;
       const prior = dedupe.find(sender.id, msgId);
       if (prior !== undefined) {
+        this.releaseUnused(sender.id, msgId, claim);
         this.answerDuplicate(session, sender, frame, arrival, msgId, prior);
         return undefined;
       }
-      if (this.clustered && dedupe.enabled) return this.routeAfterClaim(session, sender, frame, arrival, msgId);
+      if (this.clustered && dedupe.enabled) return this.routeAfterClaim(session, sender, frame, arrival, msgId, claim ?? this.deps.cluster.claimMsgId(sender.id, msgId));
     } else {
       session.sendError('invalid_msg_id', `Field "msg_id" must be a string of at most ${MAX_MSG_ID_LENGTH} characters.`);
       return undefined;
@@ -504,8 +534,8 @@ export class Router implements ClusterHandlers {
   }
 
   /** Cluster: a msg_id this node has not seen may have been routed by another node. */
-  private routeAfterClaim(session: Session, sender: Identity, frame: Record<string, unknown>, arrival: FrameArrival, msgId: string): Promise<void> {
-    return this.deps.cluster.claimMsgId(sender.id, msgId).then(
+  private routeAfterClaim(session: Session, sender: Identity, frame: Record<string, unknown>, arrival: FrameArrival, msgId: string, pending: Promise<DedupeClaim>): Promise<void> {
+    return pending.then(
       (claim) => {
         if (!session.isOpen) {
           if (claim.kind === 'new') this.deps.cluster.releaseMsgId(sender.id, msgId);

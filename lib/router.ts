@@ -936,7 +936,8 @@ export class Router implements ClusterHandlers {
     const { identities, cluster } = this.deps;
     let identity = identities.get(id);
     if (!identity && this.clustered) {
-      const found = await cluster.fetchIdentity(id);
+      const found = await cluster.fetchIdentity(id).catch(() => null);
+      if (found === null) return { ok: false, status: 503, code: 'cluster_unavailable', message: CLUSTER_UNAVAILABLE };
       if (found) identity = identities.apply(toDoc(found)) ?? undefined;
     }
     if (!identity) {

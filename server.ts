@@ -223,6 +223,7 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
     activeConnections: () => router.online.size,
     extensions,
     ...(otherNodes !== undefined && { otherNodes }),
+    ...(cluster.clustered && { cluster: () => ({ name: options.clusterName, store: cluster.available ? ('up' as const) : ('down' as const) }) }),
   });
 
   const server = http.createServer((req, res) => api.handle(req, res));

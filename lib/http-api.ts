@@ -31,6 +31,8 @@ export interface HttpApiDeps {
   version: string;
   activeConnections: () => number;
   extensions: HttpExtensions;
+  /** Cluster: its name and whether this node reaches the cluster store now (in /health). */
+  cluster?: () => { name: string; store: 'up' | 'down' };
   /** Cluster: the other nodes' answers to reads that span the cluster. */
   otherNodes?: OtherNodes;
 }
@@ -262,6 +264,7 @@ export class HttpApi {
       uptime_ms: Date.now() - this.deps.startedAt,
       active_connections: this.deps.activeConnections(),
       online: counts,
+      ...(this.deps.cluster !== undefined && { cluster: this.deps.cluster() }),
     };
   }
 

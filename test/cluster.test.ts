@@ -55,7 +55,9 @@ describe('cluster: one relay across nodes', () => {
       const [a, b] = cluster.nodes as [TestRelay, TestRelay];
       assert.equal(a.relay.nodeId, 'node-0');
       assert.equal(a.relay.clusterName, cluster.name);
-      assert.equal((await http(a.relay, 'GET', '/health')).body.node, 'node-0');
+      const health = (await http(a.relay, 'GET', '/health')).body;
+      assert.equal(health.node, 'node-0');
+      assert.deepEqual(health.cluster, { name: cluster.name, store: 'up' });
       assert.equal((await http(b.relay, 'GET', '/health')).body.node, 'node-1');
       // Who is online is answered for the whole cluster on every node.
       const employee = await authEmployee(a.relay, 'Seen', ['ops']);
@@ -557,6 +559,7 @@ describe('cluster: faults', () => {
       boss.socket.send({ type: 'message', to: employee.id, payload: 'now?', msg_id: 'while-down' });
       const refused = await boss.socket.next('error', 10_000);
       assert.equal(refused.code, 'cluster_unavailable');
+      assert.deepEqual((await http(b.relay, 'GET', '/health')).body.cluster, { name, store: 'down' });
       assert.equal(refused.msg_id, 'while-down');
       // RelayClient takes that code as "retry": its send is acked once Redis is back.
       const clientAck = client.send(employee.id, 'from the client');

@@ -20,7 +20,9 @@ import { fromDoc, IdentityStore, type Identity, type IdentityDoc } from './ident
 import type { Logger } from './logger';
 import { isPlainObject } from './protocol';
 import { ClusterStartError, connectRedis } from './redis-connection';
-import { BURY_SCRIPT, ENQUEUE_SCRIPT, EXPIRE_SCRIPT, HEARTBEAT_SCRIPT, JOIN_SCRIPT, LEAVE_SCRIPT, RELEASE_SCRIPT } from './redis-scripts';
+import { SharedDedupe } from './redis-dedupe';
+import { SharedQueue } from './redis-queue';
+import { BURY_SCRIPT, HEARTBEAT_SCRIPT, JOIN_SCRIPT, LEAVE_SCRIPT, RELEASE_SCRIPT } from './redis-scripts';
 
 /** A node's liveness key lives this long unless refreshed. */
 export const NODE_TTL_MS = 5000;
@@ -30,8 +32,6 @@ export const HEARTBEAT_MS = 1000;
 export const REPLY_TIMEOUT_MS = 3000;
 /** How often a node tells the others when its identities were last active (well inside the 60 s heartbeat staleness). */
 export const SEEN_SHARE_MS = 10_000;
-/** How long a resend waits for another node still routing the same msg_id. */
-const CLAIM_WAIT_MS = 3000;
 
 export interface RedisClusterOptions {
   url: string;
@@ -82,6 +82,8 @@ export class RedisCluster implements ClusterLink {
   private readonly token = randomUUID();
   private readonly prefix: string;
   private readonly pending = new Map<string, PendingRequest>();
+  private readonly queue: SharedQueue;
+  private readonly dedupe: SharedDedupe;
   private requestSeq = 0;
   /** Mirror of the shared presence (id → node), kept by the control channel; admin reads use it. */
   private readonly presence = new Map<string, string>();
@@ -106,6 +108,8 @@ export class RedisCluster implements ClusterLink {
     docs: Record<string, unknown>[],
   ) {
     this.prefix = `${options.clusterName}:`;
+    this.queue = new SharedQueue(redis, this.prefix, options.nodeId, options.maxQueuedPerTarget, options.logger, (outcome) => this.finishQueued(outcome));
+    this.dedupe = new SharedDedupe(redis, this.prefix, options.dedupeWindowMs, options.logger);
     this.identities = IdentityStore.fromDocs(
       docs,
       { write: (doc) => this.writeIdentity(doc), close: () => Promise.resolve() },
@@ -218,7 +222,7 @@ export class RedisCluster implements ClusterLink {
       if (held === 0) this.options.logger.error('node_id_taken', { node: this.nodeId, cluster: this.options.clusterName });
       await this.findDeadNodes();
       await this.followEvents();
-      await this.expireQueued();
+      await this.queue.expireDue();
       this.shareSeen();
     } catch (error) {
       this.options.logger.warn('cluster_heartbeat_failed', { error: (error as Error).message });
@@ -554,105 +558,38 @@ export class RedisCluster implements ClusterLink {
     if (isPlainObject(event) && typeof event.type === 'string') this.eventSink?.(event as unknown as RelayEvent);
   }
 
-  // ---- store-and-forward ---------------------------------------------------------------------
+  // ---- store-and-forward (lib/redis-queue.ts) and dedupe (lib/redis-dedupe.ts) ---------------
 
-  async enqueue(entries: readonly NewQueuedEntry[]): Promise<void> {
-    const byTarget = new Map<string, NewQueuedEntry[]>();
-    for (const entry of entries) {
-      let list = byTarget.get(entry.target_id);
-      if (!list) byTarget.set(entry.target_id, (list = []));
-      list.push(entry);
-    }
-    const multi = this.redis.multi();
-    for (const [target, list] of byTarget) {
-      const earliest = Math.min(...list.map((entry) => entry.expires_at));
-      const texts = list.map((entry) => JSON.stringify({ ...entry, origin: this.nodeId } satisfies SharedQueuedEntry));
-      multi.eval(ENQUEUE_SCRIPT, 2, this.key(`queue:${target}`), this.key('queue-expiry'), target, this.options.maxQueuedPerTarget, earliest, ...texts);
-    }
-    const results = await multi.exec();
-    const failed = results?.find(([error]) => error !== null);
-    if (!results || failed) throw failed?.[0] ?? new Error('the queue write was not run');
-    for (const [, dropped] of results.slice(0, byTarget.size)) this.reportExpired(dropped);
+  enqueue(entries: readonly NewQueuedEntry[]): Promise<void> {
+    return this.queue.enqueue(entries);
   }
 
   wake(ids: readonly string[]): void {
     this.publish('control', { t: 'queued', ids: [...new Set(ids)] });
   }
 
-  /** Expires copies past their TTL for targets that have not come back (any node may do it; each copy once). */
-  private async expireQueued(): Promise<void> {
-    const due = await this.redis.zrangebyscore(this.key('queue-expiry'), '-inf', Date.now(), 'LIMIT', 0, 100);
-    for (const target of due) {
-      const expired = await this.redis.eval(EXPIRE_SCRIPT, 2, this.key(`queue:${target}`), this.key('queue-expiry'), target, Date.now());
-      this.reportExpired(expired);
-    }
+  takeQueued(id: string): Promise<SharedQueuedEntry[]> {
+    return this.queue.take(id);
   }
 
-  private reportExpired(texts: unknown): void {
-    if (!Array.isArray(texts)) return;
-    for (const text of texts) {
-      const entry = typeof text === 'string' ? readSharedEntry(text) : null;
-      if (entry) this.finishQueued({ ...queuedOutcomeBase(entry), status: 'expired' });
-    }
-  }
-
-  async takeQueued(id: string): Promise<SharedQueuedEntry[]> {
-    const key = this.key(`queue:${id}`);
-    const results = await this.redis.multi().lrange(key, 0, -1).del(key).zrem(this.key('queue-expiry'), id).exec();
-    const listed = results?.[0]?.[1];
-    if (!Array.isArray(listed)) return [];
-    const entries: SharedQueuedEntry[] = [];
-    for (const text of listed) {
-      const entry = typeof text === 'string' ? readSharedEntry(text) : null;
-      if (entry) entries.push(entry);
-      else this.options.logger.warn('queue_entry_skipped', { reason: 'unreadable entry', target: id });
-    }
-    return entries;
-  }
-
-  async returnQueued(id: string, entries: readonly SharedQueuedEntry[]): Promise<void> {
-    if (entries.length === 0) return;
-    // LPUSH puts each value at the head in turn: push the last first so the first ends up first.
-    const earliest = Math.min(...entries.map((entry) => entry.expires_at));
-    await this.redis
-      .multi()
-      .lpush(this.key(`queue:${id}`), ...entries.map((entry) => JSON.stringify(entry)).reverse())
-      .zadd(this.key('queue-expiry'), 'LT', earliest, id)
-      .exec();
+  returnQueued(id: string, entries: readonly SharedQueuedEntry[]): Promise<void> {
+    return this.queue.giveBack(id, entries);
   }
 
   finishQueued(outcome: QueuedOutcome): void {
     this.publish('control', { t: 'queued_outcome', ...outcome });
   }
 
-  // ---- dedupe --------------------------------------------------------------------------------
-
-  async claimMsgId(senderId: string, msgId: string): Promise<DedupeClaim> {
-    const key = this.dedupeKey(senderId, msgId);
-    const deadline = Date.now() + CLAIM_WAIT_MS;
-    for (;;) {
-      const set = await this.redis.set(key, 'pending', 'PX', this.options.dedupeWindowMs, 'NX');
-      if (set === 'OK') return { kind: 'new' };
-      const value = await this.redis.get(key);
-      if (value !== null && value !== 'pending') return { kind: 'seen', outcome: value };
-      // Another node is routing this very msg_id now (or it just expired): wait for its ack.
-      if (Date.now() > deadline) throw new Error('another node is still routing this msg_id');
-      await delay(50);
-    }
+  claimMsgId(senderId: string, msgId: string): Promise<DedupeClaim> {
+    return this.dedupe.claim(senderId, msgId);
   }
 
   settleMsgId(senderId: string, msgId: string, outcome: string): void {
-    this.redis.set(this.dedupeKey(senderId, msgId), outcome, 'KEEPTTL', 'XX').catch((error: Error) => {
-      this.options.logger.warn('cluster_dedupe_failed', { error: error.message });
-    });
+    this.dedupe.settle(senderId, msgId, outcome);
   }
 
   releaseMsgId(senderId: string, msgId: string): void {
-    this.redis.del(this.dedupeKey(senderId, msgId)).catch(() => undefined);
-  }
-
-  private dedupeKey(senderId: string, msgId: string): string {
-    return this.key(`dedupe:${senderId}:${msgId}`);
+    this.dedupe.release(senderId, msgId);
   }
 
   // ---- stop ----------------------------------------------------------------------------------
@@ -689,29 +626,6 @@ function parseObject(text: string): Record<string, unknown> | null {
   } catch {
     return null;
   }
-}
-
-function readSharedEntry(text: string): SharedQueuedEntry | null {
-  const doc = parseObject(text);
-  if (doc === null) return null;
-  const { target_id, from_id, msg_id, record_id, frame, queued_at, expires_at, origin } = doc;
-  if (
-    typeof target_id !== 'string' ||
-    typeof from_id !== 'string' ||
-    typeof msg_id !== 'string' ||
-    typeof record_id !== 'string' ||
-    typeof frame !== 'string' ||
-    typeof queued_at !== 'number' ||
-    typeof expires_at !== 'number' ||
-    typeof origin !== 'string'
-  ) {
-    return null;
-  }
-  return { target_id, from_id, msg_id, record_id, frame, queued_at, expires_at, origin };
-}
-
-function queuedOutcomeBase(entry: SharedQueuedEntry): Omit<QueuedOutcome, 'status'> {
-  return { origin: entry.origin, record_id: entry.record_id, msg_id: entry.msg_id, from_id: entry.from_id, target_id: entry.target_id };
 }
 
 function addTo(map: Map<string, string[]>, key: string, value: string): void {

@@ -138,11 +138,11 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
     throw await dataDirError(options.dataDir, error);
   };
   await prepareDataDir(options.dataDir, options.fileMode, logger).catch(asDataDirError);
-  const lock = await lockDataDir(options.dataDir).catch(asDataDirError);
+  const lock = await lockDataDir(options.dataDir, options.fileMode).catch(asDataDirError);
   let cluster: ClusterLink;
   let stores: Stores;
   try {
-    const nodeId = await loadNodeId(options.dataDir, options.nodeId).catch(asDataDirError);
+    const nodeId = await loadNodeId(options.dataDir, options.nodeId, options.fileMode).catch(asDataDirError);
     const opened = await openClusterLink(options, nodeId, logger);
     cluster = opened.link;
     try {

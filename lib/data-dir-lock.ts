@@ -29,12 +29,12 @@ export interface DataDirLock {
 /** Relays of one process share nothing either: each lock is held by one startRelay. */
 const heldHere = new Set<string>();
 
-export async function lockDataDir(dataDir: string): Promise<DataDirLock> {
+export async function lockDataDir(dataDir: string, fileMode: number): Promise<DataDirLock> {
   const file = path.join(dataDir, 'relay.lock');
   if (heldHere.has(file)) throw new DataDirLockedError(dataDir, process.pid);
   for (let attempt = 0; attempt < 2; attempt++) {
     try {
-      await fs.writeFile(file, `${process.pid}\n`, { flag: 'wx' });
+      await fs.writeFile(file, `${process.pid}\n`, { flag: 'wx', mode: fileMode });
       heldHere.add(file);
       return {
         release: async () => {

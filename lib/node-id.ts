@@ -7,7 +7,7 @@ import path from 'node:path';
 
 const NODE_ID_PATTERN = /^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/;
 
-export async function loadNodeId(dataDir: string, given: string | undefined): Promise<string> {
+export async function loadNodeId(dataDir: string, given: string | undefined, fileMode: number): Promise<string> {
   if (given !== undefined) return given;
   const file = path.join(dataDir, 'node-id');
   try {
@@ -17,6 +17,6 @@ export async function loadNodeId(dataDir: string, given: string | undefined): Pr
     if ((error as NodeJS.ErrnoException).code !== 'ENOENT') throw error;
   }
   const made = `node-${randomBytes(4).toString('hex')}`;
-  await fs.writeFile(file, `${made}\n`);
+  await fs.writeFile(file, `${made}\n`, { mode: fileMode });
   return made;
 }

@@ -273,7 +273,7 @@ export class Router implements ClusterHandlers {
       reconnected,
       timestamp: now,
     });
-    this.deps.bus.publish({ type: 'connect', node: session.ref!, reconnected, at: now });
+    this.deps.bus.publish({ type: 'connect', node: session.ref!, reconnected, relay_node: this.nodeId, at: now });
     if (this.clustered) this.drainShared(session);
     this.deliverQueued(session);
   }
@@ -417,6 +417,9 @@ export class Router implements ClusterHandlers {
       online: false,
       code,
     });
+    // Replaced by a session on another node: the identity is still online there (as on one
+    // node, where a replaced session is no disconnect).
+    if (code === CLOSE_CODES.replaced && this.clustered) return;
     this.deps.bus.publish({ type: 'disconnect', node: nodeRef(identity), code, at: now });
   }
 

@@ -111,11 +111,18 @@ describe('cluster: one relay across nodes', () => {
     try {
       const [a, b] = cluster.nodes as [TestRelay, TestRelay];
       const first = await authEmployee(a.relay, 'Mover', ['ops']);
+      const disconnects: number[] = [];
+      a.relay.events.subscribe((event) => {
+        if (event.type === 'disconnect' && event.node.id === first.id) disconnects.push(event.code);
+      });
       const again = await reconnect(b.relay, first, 'employee');
       assert.equal(again.ok.type, 'auth_ok');
       assert.equal(again.ok.reconnected, true);
       assert.equal((await first.socket.closed).code, 4000);
       await presenceIs(cluster.name, first.id, 'node-1');
+      // Still online (on node-1): node-0 does not announce a disconnect for the replaced socket.
+      await eventually('node-0 let the replaced socket go', async () => (await http(a.relay, 'GET', '/health')).body.active_connections === 0);
+      assert.deepEqual(disconnects, []);
       // The old node's disconnect did not take the new node's presence away.
       const boss = await authBoss(a.relay);
       boss.socket.send({ type: 'message', to: first.id, payload: 'here?' });
@@ -296,6 +303,7 @@ describe('cluster: one relay across nodes', () => {
         await new Promise((resolve) => setTimeout(resolve, 200));
         return seen.some((id) => text.includes(`"id":"${id}"`));
       }, 15_000);
+      assert.ok(text.includes('"relay_node":"node-0"'), 'a connect event names the node holding the socket');
       const own = await authEmployee(b.relay, 'Local', ['ops']);
       await eventually('its own events too', () => text.includes(`"id":"${own.id}"`));
       await own.socket.close();

@@ -9,6 +9,7 @@ import httpModule from 'node:http';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { RelayClient } from '../client';
+import { parseCommandLine } from '../lib/cli-args';
 import type { RelayOptions } from '../server';
 import { freePort } from './child-relay';
 import { CHILD_AUTHKEY, eventually, startRelayProcess } from './fault-support';
@@ -47,6 +48,21 @@ async function startCluster(count: number, overrides: Partial<RelayOptions> = {}
 async function presenceIs(name: string, id: string, node: string | null): Promise<void> {
   await eventually(`${id} is on ${String(node)}`, async () => (await redis.client.hget(`${name}:presence`, id)) === node);
 }
+
+describe('cluster: command line', () => {
+  test('--redis, --cluster, --node-id and MIMICLAW_REDIS_URL are checked and named in errors', () => {
+    const run = (argv: string[], env: NodeJS.ProcessEnv = {}) => parseCommandLine([...argv, '--authkey', 'k'], env);
+    const parsed = run(['--redis', 'redis://127.0.0.1:6390', '--cluster', 'blue', '--node-id', 'n-1']);
+    assert.equal(parsed.kind, 'run');
+    if (parsed.kind === 'run') assert.deepEqual([parsed.options.redisUrl, parsed.options.clusterName, parsed.options.nodeId], ['redis://127.0.0.1:6390', 'blue', 'n-1']);
+    const fromEnv = run([], { MIMICLAW_REDIS_URL: 'rediss://cache.internal:6380' });
+    assert.equal(fromEnv.kind === 'run' ? fromEnv.options.redisUrl : null, 'rediss://cache.internal:6380');
+    assert.throws(() => run(['--redis', 'localhost']), /--redis must be a redis:\/\/ or rediss:\/\/ URL/);
+    assert.throws(() => run(['--cluster', 'two words']), /--cluster must be 1 to 63 letters/);
+    assert.throws(() => run(['--node-id', 'a/b']), /--node-id must be 1 to 63 letters/);
+    assert.throws(() => run([], { MIMICLAW_REDIS_URL: 'http://x' }), /MIMICLAW_REDIS_URL must be a redis:\/\/ or rediss:\/\/ URL/);
+  });
+});
 
 describe('cluster: one relay across nodes', () => {
   test('each node has its own id, in /health and on its handle', async () => {

@@ -115,6 +115,8 @@ export class Router implements ClusterHandlers {
   private readonly clustered: boolean;
   /** Sessions whose queued backlog is being written, waiting for a removal batch or for socket room. */
   private readonly draining = new Set<Session>();
+  /** Cluster: sessions draining their shared queue; true when another drain was asked meanwhile. */
+  private readonly drainingShared = new Map<Session, boolean>();
 
   constructor(private readonly deps: RouterDeps) {
     this.clustered = deps.cluster.clustered;
@@ -1066,31 +1068,57 @@ export class Router implements ClusterHandlers {
     this.online.get(from_id)?.send({ type: 'delivery_update', msg_id, id: target_id, status, timestamp: now });
   }
 
-  /** Cluster: writes the queued copies waiting in the cluster store for this session's identity. */
+  /**
+   * Cluster: writes the queued copies waiting in the cluster store for this session's identity,
+   * in order, while its socket holds under half of --max-buffered (as the local drain does). A
+   * copy counts as delivered once the socket has handed it to the kernel; the first copy that
+   * was not (the socket closed) and every later one go back to the head of the queue for the
+   * next auth. One drain per session at a time, so a wake during a drain cannot reorder.
+   */
   private drainShared(session: Session): void {
     const id = session.identity!.id;
-    const { cluster, logger } = this.deps;
-    cluster.takeQueued(id).then(
-      (entries) => {
-        if (entries.length === 0) return;
-        const now = Date.now();
-        const rest: SharedQueuedEntry[] = [];
-        for (const entry of entries) {
-          if (entry.expires_at <= now) {
-            cluster.finishQueued(queuedOutcomeOf(entry, 'expired'));
-          } else if (rest.length > 0 || !session.isOpen || this.online.get(id) !== session) {
-            rest.push(entry);
-          } else {
-            session.sendText(entry.frame);
-            cluster.finishQueued(queuedOutcomeOf(entry, 'delivered'));
-          }
+    if (this.drainingShared.has(session)) {
+      this.drainingShared.set(session, true);
+      return;
+    }
+    this.drainingShared.set(session, false);
+    const { cluster, logger, options } = this.deps;
+    const room = options.maxBufferedBytes / 2;
+    const holds = () => session.isOpen && this.online.get(id) === session;
+    let moreLater = false;
+    const drain = async () => {
+      const entries = await cluster.takeQueued(id);
+      if (entries.length === 0) return;
+      const now = Date.now();
+      const written: SharedQueuedEntry[] = [];
+      const writes: Promise<boolean>[] = [];
+      const rest: SharedQueuedEntry[] = [];
+      for (const entry of entries) {
+        if (entry.expires_at <= now) cluster.finishQueued(queuedOutcomeOf(entry, 'expired'));
+        else if (rest.length > 0 || !holds() || session.ws.bufferedAmount > room) rest.push(entry);
+        else {
+          written.push(entry);
+          writes.push(new Promise((resolve) => session.sendQueued(entry.frame, (error) => resolve(!error))));
         }
-        if (rest.length > 0) {
-          cluster.returnQueued(id, rest).catch((error: Error) => logger.error('queue_return_failed', { id, entries: rest.length, error: error.message }));
-        }
-      },
-      (error: Error) => logger.warn('queue_take_failed', { id, error: error.message }),
-    );
+      }
+      const results = await Promise.all(writes);
+      // Socket writes complete in order: everything from the first unwritten copy on goes back.
+      const firstLost = results.indexOf(false);
+      const delivered = firstLost < 0 ? written : written.slice(0, firstLost);
+      for (const entry of delivered) cluster.finishQueued(queuedOutcomeOf(entry, 'delivered'));
+      const back = firstLost < 0 ? rest : [...written.slice(firstLost), ...rest];
+      if (back.length > 0) await cluster.returnQueued(id, back);
+      moreLater = firstLost < 0 && rest.length > 0;
+    };
+    drain()
+      .catch((error: Error) => logger.warn('queue_drain_failed', { id, error: error.message }))
+      .finally(() => {
+        const again = this.drainingShared.get(session) === true;
+        this.drainingShared.delete(session);
+        if (!holds()) return;
+        if (moreLater) session.whenWritable(room, () => this.drainShared(session));
+        else if (again) this.drainShared(session);
+      });
   }
 }
 

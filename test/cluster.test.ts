@@ -239,6 +239,30 @@ describe('cluster: one relay across nodes', () => {
     }
   });
 
+  test('a backlog bigger than the socket may hold drains in order, in pieces, each copy once', async () => {
+    const cluster = await startCluster(2, { maxBufferedBytes: 4096 });
+    try {
+      const [a, b] = cluster.nodes as [TestRelay, TestRelay];
+      const employee = await authEmployee(a.relay, 'Backlog', ['ops']);
+      await employee.socket.close();
+      await presenceIs(cluster.name, employee.id, null);
+      const boss = await authBoss(b.relay);
+      const count = 200;
+      const filler = 'x'.repeat(200);
+      for (let n = 0; n < count; n++) boss.socket.send({ type: 'message', to: employee.id, payload: { n, filler }, queue: true, msg_id: `b-${n}` });
+      for (let n = 0; n < count; n++) assert.deepEqual((await boss.socket.next('delivery_ack')).queued, [employee.id]);
+      const back = await reconnect(b.relay, employee, 'employee');
+      assert.equal(back.ok.type, 'auth_ok');
+      for (let n = 0; n < count; n++) assert.equal(((await back.socket.next('message')).payload as { n: number }).n, n);
+      await eventually('the shared queue is empty', async () => (await redis.client.llen(`${cluster.name}:queue:${employee.id}`)) === 0);
+      boss.socket.send({ type: 'message', to: employee.id, payload: { n: 'last' } });
+      assert.deepEqual(((await back.socket.next('message')).payload as { n: string }).n, 'last');
+      await Promise.all([boss.socket.close(), back.socket.close()]);
+    } finally {
+      await cluster.dispose();
+    }
+  });
+
   test('queued copies in the cluster store expire on time, and past --max-queued the oldest expire', async () => {
     const cluster = await startCluster(2, { maxQueuedPerTarget: 2 });
     try {

@@ -7,12 +7,12 @@ import { spawn } from 'node:child_process';
 import fs from 'node:fs/promises';
 import httpModule from 'node:http';
 import path from 'node:path';
-import { after, before, describe, test } from 'node:test';
+import { after, afterEach, before, describe, test } from 'node:test';
 import { RelayClient } from '../client';
 import { parseCommandLine } from '../lib/cli-args';
 import type { RelayOptions } from '../server';
 import { freePort } from './child-relay';
-import { CHILD_AUTHKEY, eventually, startRelayProcess } from './fault-support';
+import { CHILD_AUTHKEY, eventually, startRelayProcess, type RelayProcess } from './fault-support';
 import { startRedis, type TestRedis } from './redis-harness';
 import { startBalancer } from './tcp-balancer';
 import { authBoss, authEmployee, http, makeTempDir, reconnect, startTestRelay, TEST_AUTHKEY, type Authed, type TestRelay } from './support';
@@ -30,11 +30,35 @@ after(async () => {
   await redis.stop();
 });
 
+/** What a test started outside its own cleanup (a start that threw half-way): ended after each test, so a failing test still lets the run end. */
+const leftovers: { children: RelayProcess[]; relays: TestRelay[]; redises: TestRedis[] } = { children: [], relays: [], redises: [] };
+
+afterEach(async () => {
+  for (const child of leftovers.children.splice(0)) {
+    child.child.child.kill('SIGKILL');
+    await child.child.exited.catch(() => undefined);
+  }
+  for (const relay of leftovers.relays.splice(0)) await relay.dispose().catch(() => undefined);
+  for (const server of leftovers.redises.splice(0)) await server.stop().catch(() => undefined);
+});
+
+async function startChild(dir: string, args: string[]): Promise<RelayProcess> {
+  const started = await startRelayProcess(dir, args);
+  leftovers.children.push(started);
+  return started;
+}
+
+async function startTracked(options: Partial<RelayOptions>): Promise<TestRelay> {
+  const started = await startTestRelay(options);
+  leftovers.relays.push(started);
+  return started;
+}
+
 /** `count` nodes of a fresh cluster (its own key prefix) on the test's Redis. */
 async function startCluster(count: number, overrides: Partial<RelayOptions> = {}): Promise<{ nodes: TestRelay[]; name: string; dispose(): Promise<void> }> {
   const name = `t${process.pid}-${clusterSeq++}`;
   const nodes: TestRelay[] = [];
-  for (let i = 0; i < count; i++) nodes.push(await startTestRelay({ redisUrl: redis.url, clusterName: name, nodeId: `node-${i}`, ...overrides }));
+  for (let i = 0; i < count; i++) nodes.push(await startTracked({ redisUrl: redis.url, clusterName: name, nodeId: `node-${i}`, ...overrides }));
   return {
     nodes,
     name,
@@ -413,10 +437,8 @@ describe('cluster: one relay across nodes', () => {
   test('a second node with the same node id is refused with a clear message', async () => {
     const cluster = await startCluster(1);
     try {
-      await assert.rejects(
-        startTestRelay({ redisUrl: redis.url, clusterName: cluster.name, nodeId: 'node-0' }),
-        (error: Error) => /Node id "node-0" is in use by another running node/.test(error.message),
-      );
+      const refused = await startRefused({ redisUrl: redis.url, clusterName: cluster.name, nodeId: 'node-0' });
+      assert.match(refused.message, /Node id "node-0" is in use by another running node/);
     } finally {
       await cluster.dispose();
     }
@@ -425,7 +447,8 @@ describe('cluster: one relay across nodes', () => {
   test('two relays on one data dir: the second is refused', async () => {
     const first = await startTestRelay();
     try {
-      await assert.rejects(startTestRelay({}, first.dataDir), /is in use by another relay/);
+      const refused = await startRefused({}, first.dataDir);
+      assert.match(refused.message, /is in use by another relay/);
     } finally {
       await first.dispose();
     }
@@ -435,9 +458,9 @@ describe('cluster: one relay across nodes', () => {
 describe('cluster: faults', () => {
   test('a killed node: its identities go offline within the bound, and a message to them is never acked as delivered', async () => {
     const name = `t${process.pid}-${clusterSeq++}`;
-    const survivor = await startTestRelay({ redisUrl: redis.url, clusterName: name, nodeId: 'survivor', authkey: CHILD_AUTHKEY });
+    const survivor = await startTracked({ redisUrl: redis.url, clusterName: name, nodeId: 'survivor', authkey: CHILD_AUTHKEY });
     const dir = await makeTempDir();
-    const doomed = await startRelayProcess(dir, ['--redis', redis.url, '--cluster', name, '--node-id', 'doomed']);
+    const doomed = await startChild(dir, ['--redis', redis.url, '--cluster', name, '--node-id', 'doomed']);
     try {
       const employee = await authEmployee(doomed, 'Doomed', ['ops']);
       await presenceIs(name, employee.id, 'doomed');
@@ -468,7 +491,7 @@ describe('cluster: faults', () => {
     const name = `t${process.pid}-${clusterSeq++}`;
     const dir = await makeTempDir();
     const args = ['--redis', redis.url, '--cluster', name, '--node-id', 'phoenix'];
-    const first = await startRelayProcess(dir, args);
+    const first = await startChild(dir, args);
     let second: Awaited<ReturnType<typeof startRelayProcess>> | null = null;
     try {
       const employee = await authEmployee(first, 'Orphan', ['ops']);
@@ -476,7 +499,7 @@ describe('cluster: faults', () => {
       first.child.child.kill('SIGKILL');
       await first.child.exited;
       // No other node is there to bury the dead one: the restarted node must not inherit it.
-      second = await startRelayProcess(dir, args);
+      second = await startChild(dir, args);
       assert.equal(await redis.client.hget(`${name}:presence`, employee.id), null);
       const list = (await http(second, 'GET', '/employees')).body.employees as { id: string; online: boolean }[];
       assert.equal(list.find((e) => e.id === employee.id)?.online, false);
@@ -491,8 +514,8 @@ describe('cluster: faults', () => {
   test('nodes as separate processes: routing across them, and a SIGTERMed node hands its identities over at once', async () => {
     const name = `t${process.pid}-${clusterSeq++}`;
     const [dirA, dirB] = [await makeTempDir(), await makeTempDir()];
-    const a = await startRelayProcess(dirA, ['--redis', redis.url, '--cluster', name, '--node-id', 'proc-a']);
-    const b = await startRelayProcess(dirB, ['--redis', redis.url, '--cluster', name, '--node-id', 'proc-b']);
+    const a = await startChild(dirA, ['--redis', redis.url, '--cluster', name, '--node-id', 'proc-a']);
+    const b = await startChild(dirB, ['--redis', redis.url, '--cluster', name, '--node-id', 'proc-b']);
     try {
       const employee = await authEmployee(a, 'Proc', ['ops']);
       const boss = await authBoss(b, CHILD_AUTHKEY);
@@ -522,7 +545,7 @@ describe('cluster: faults', () => {
   test('three processes behind a round-robin balancer are one relay; a killed node\'s client gets its queued messages once, in order, on another node', async () => {
     const name = `t${process.pid}-${clusterSeq++}`;
     const dirs = [await makeTempDir(), await makeTempDir(), await makeTempDir()];
-    const nodes = await Promise.all(dirs.map((dir, i) => startRelayProcess(dir, ['--redis', redis.url, '--cluster', name, '--node-id', `lb-${i}`])));
+    const nodes = await Promise.all(dirs.map((dir, i) => startChild(dir, ['--redis', redis.url, '--cluster', name, '--node-id', `lb-${i}`])));
     const balancer = await startBalancer(nodes.map((node) => ({ host: '127.0.0.1', port: node.child.port })));
     try {
       const employees: Authed[] = [];
@@ -592,9 +615,10 @@ describe('cluster: faults', () => {
 
   test('Redis restarts with appendonly: nodes re-sync by themselves and route across again', async () => {
     const durable = await startRedis({ appendonly: true });
+    leftovers.redises.push(durable);
     const name = `restart-${process.pid}`;
-    const a = await startTestRelay({ redisUrl: durable.url, clusterName: name, nodeId: 'a' });
-    const b = await startTestRelay({ redisUrl: durable.url, clusterName: name, nodeId: 'b' });
+    const a = await startTracked({ redisUrl: durable.url, clusterName: name, nodeId: 'a' });
+    const b = await startTracked({ redisUrl: durable.url, clusterName: name, nodeId: 'b' });
     let client: RelayClient | null = null;
     try {
       const employee = await authEmployee(a.relay, 'Steady', ['ops']);
@@ -630,6 +654,17 @@ describe('cluster: faults', () => {
     }
   });
 });
+
+/** A start that must be refused; a relay that starts anyway is closed (so a failing test ends) and fails the test. */
+async function startRefused(options: Partial<RelayOptions>, dataDir?: string): Promise<Error> {
+  const outcome = await startTestRelay(options, dataDir).then(
+    (started) => started,
+    (error: Error) => error,
+  );
+  if (outcome instanceof Error) return outcome;
+  await outcome.dispose();
+  return assert.fail('the relay started; it should have been refused');
+}
 
 async function durableHas(server: TestRedis, key: string, field: string, value: string): Promise<void> {
   await eventually(`${key}[${field}] = ${value}`, async () => (await server.client.hget(key, field)) === value);

@@ -3,6 +3,7 @@
 // it. Errors are {"error":code,"code":code,"message":sentence}.
 
 import type { IncomingMessage, ServerResponse } from 'node:http';
+import { verifyDataDir, type AuditReport } from './audit-chain';
 import type { IdentityStore } from './identity-store';
 import type { Logger } from './logger';
 import type { MessageLog } from './message-log';
@@ -185,6 +186,11 @@ export class HttpApi {
       this.requireReadAccess(req, url);
       return sendJson(res, 200, read());
     }
+    if (path === '/admin/audit/verify') {
+      this.allow(method, ['GET']);
+      this.requireReadAccess(req, url);
+      return sendJson(res, 200, await this.verifyAudit());
+    }
     if (path === '/admin/communications') {
       this.allow(method, ['GET', 'HEAD']);
       this.requireReadAccess(req, url);
@@ -201,6 +207,17 @@ export class HttpApi {
   }
 
   private readonly isOnline = (id: string): boolean => this.deps.router.isOnline(id);
+
+  /** One verification at a time: it reads every record, so callers meanwhile share its answer. */
+  private verifying: Promise<AuditReport> | null = null;
+
+  private verifyAudit(): Promise<AuditReport> {
+    this.verifying ??= this.deps.messageLog
+      .flush()
+      .then(() => verifyDataDir(this.deps.options.dataDir))
+      .finally(() => (this.verifying = null));
+    return this.verifying;
+  }
 
   private notFound(path: string): HttpError {
     return new HttpError(404, 'not_found', `No route ${path.slice(0, 80)}: see the README's admin API table (e.g. GET /api/health).`);

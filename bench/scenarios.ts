@@ -10,6 +10,7 @@ import { cpuMs, peakRssKb, rssKb, sampleRss, sleep, withTimeout } from './proc';
 import { healthAnswers, startServer, type ServerKind, type ServerProcess } from './servers';
 import { median } from './stats';
 import { runFanout, runLatency, runThroughput } from './workloads';
+import { runAdmin } from './admin-workload';
 
 export interface BenchConfig {
   rounds: number;
@@ -25,6 +26,8 @@ export interface BenchConfig {
   restartMessages: number;
   /** Records in the messages.db `mimiclaw-ws verify` checks. */
   verifyMessages: number;
+  adminEmployees: number;
+  adminRequests: number;
   relayArgs: string[];
   /** Extra node flags for the server process, e.g. --cpu-prof. */
   serverNodeArgs: string[];
@@ -35,7 +38,7 @@ export interface BenchConfig {
 
 export type Metrics = Record<string, number>;
 
-export type ScenarioName = 'throughput' | 'latency' | 'fanout' | 'idle' | 'restart' | 'verify';
+export type ScenarioName = 'throughput' | 'latency' | 'fanout' | 'idle' | 'restart' | 'verify' | 'admin';
 
 export interface Scenario {
   name: ScenarioName;
@@ -229,6 +232,19 @@ async function verify(_kind: ServerKind, config: BenchConfig): Promise<Metrics> 
   }
 }
 
+async function admin(kind: ServerKind, config: BenchConfig): Promise<Metrics> {
+  return withServer(kind, config, async (server) => {
+    const result = await runAdmin(server.url, config.adminEmployees, config.adminRequests, config.runTimeoutMs, () => cpuMs(server.pid));
+    return {
+      adminRequestP50Ms: result.requestP50Ms,
+      adminRequestP99Ms: result.requestP99Ms,
+      adminServerCpuMs: result.serverCpuMsPerRequest,
+      adminBodyKb: result.bodyKb,
+      adminPingP99Ms: result.pingP99Ms,
+    };
+  });
+}
+
 export const SCENARIOS: Scenario[] = [
   { name: 'throughput', kinds: ['relay', 'ceiling'], run: throughput },
   { name: 'latency', kinds: ['relay', 'ceiling'], run: latency },
@@ -236,4 +252,5 @@ export const SCENARIOS: Scenario[] = [
   { name: 'idle', kinds: ['relay', 'ceiling'], run: idle },
   { name: 'restart', kinds: ['relay'], run: restart },
   { name: 'verify', kinds: ['relay'], run: verify },
+  { name: 'admin', kinds: ['relay'], run: admin },
 ];

@@ -10,7 +10,7 @@ import type { MessageLog } from './message-log';
 import type { ResolvedOptions } from './options';
 import { isPlainObject } from './protocol';
 import { secretMatches, type Router } from './router';
-import { communicationRow, listNodes, nodeView, workforce } from './workforce';
+import { communicationRow, heartbeatStaleMs, listNodes, nodeView, workforceJson, type Liveness } from './workforce';
 
 export type RouteHandler = (req: IncomingMessage, res: ServerResponse) => void;
 
@@ -46,10 +46,14 @@ class HttpError extends Error {
 
 const MAX_BODY_BYTES = 64 * 1024;
 
+/** Compact JSON: a workforce of thousands is megabytes more when indented (pipe into jq to read). */
 export function sendJson(res: ServerResponse, status: number, body: unknown): void {
-  const text = JSON.stringify(body, null, 2);
-  res.writeHead(status, { 'content-type': 'application/json; charset=utf-8', 'content-length': Buffer.byteLength(text), 'cache-control': 'no-store' });
-  res.end(text);
+  sendJsonBody(res, status, Buffer.from(JSON.stringify(body), 'utf8'));
+}
+
+function sendJsonBody(res: ServerResponse, status: number, body: Buffer): void {
+  res.writeHead(status, { 'content-type': 'application/json; charset=utf-8', 'content-length': body.length, 'cache-control': 'no-store' });
+  res.end(body);
 }
 
 function sendError(res: ServerResponse, error: HttpError): void {
@@ -139,8 +143,18 @@ function textParam(url: URL, name: string): string | null {
   return raw === null || raw.trim() === '' ? null : raw.trim();
 }
 
+/** The page is served at these paths too, so a bookmark or a habit from other tools finds it. */
+const DASHBOARD_PATHS = new Set(['/', '/admin', '/admin/', '/index.html']);
+
 export class HttpApi {
-  constructor(private readonly deps: HttpApiDeps) {}
+  private readonly liveness: Liveness;
+
+  constructor(private readonly deps: HttpApiDeps) {
+    this.liveness = {
+      lastActivity: (id) => deps.router.online.get(id)?.lastActivityAt,
+      heartbeatStaleMs: heartbeatStaleMs(deps.options.pingIntervalMs),
+    };
+  }
 
   handle(req: IncomingMessage, res: ServerResponse): void {
     const refused = refuseEarly(req, res);
@@ -162,7 +176,7 @@ export class HttpApi {
     const path = url.pathname === '/api' ? '/' : url.pathname.startsWith('/api/') ? url.pathname.slice(4) : url.pathname;
     const { extensions } = this.deps;
 
-    if (path === '/' || path === '/admin') {
+    if (DASHBOARD_PATHS.has(path)) {
       if (url.pathname.startsWith('/api')) throw this.notFound(url.pathname);
       this.allow(method, ['GET', 'HEAD']);
       if (!extensions.dashboard) throw this.notFound(url.pathname);
@@ -176,9 +190,8 @@ export class HttpApi {
     if (banMatch) return this.ban(req, res, url, method, decodeURIComponent(banMatch[1]!));
 
     const reads: Record<string, () => unknown> = {
-      '/employees': () => ({ employees: listNodes(this.deps.identities, this.isOnline, 'employee') }),
-      '/connections': () => ({ connections: listNodes(this.deps.identities, this.isOnline) }),
-      '/admin/workforce': () => workforce(this.deps.identities, this.isOnline, textParam(url, 'tag'), Date.now()),
+      '/employees': () => ({ employees: listNodes(this.deps.identities, this.liveness, 'employee') }),
+      '/connections': () => ({ connections: listNodes(this.deps.identities, this.liveness) }),
     };
     const read = reads[path];
     if (read) {
@@ -190,6 +203,11 @@ export class HttpApi {
       this.allow(method, ['GET']);
       this.requireReadAccess(req, url);
       return sendJson(res, 200, await this.verifyAudit());
+    }
+    if (path === '/admin/workforce') {
+      this.allow(method, ['GET', 'HEAD']);
+      this.requireReadAccess(req, url);
+      return sendJsonBody(res, 200, workforceJson(this.deps.identities, this.liveness, textParam(url, 'tag'), Date.now()));
     }
     if (path === '/admin/communications') {
       this.allow(method, ['GET', 'HEAD']);
@@ -205,8 +223,6 @@ export class HttpApi {
     }
     throw this.notFound(url.pathname);
   }
-
-  private readonly isOnline = (id: string): boolean => this.deps.router.isOnline(id);
 
   /** One verification at a time: it reads every record, so callers meanwhile share its answer. */
   private verifying: Promise<AuditReport> | null = null;

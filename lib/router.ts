@@ -7,7 +7,7 @@ import { presented, type GuessTarget } from './auth-throttle';
 import type { ConnectionLog } from './connection-log';
 import type { DedupeCache, Remembered } from './dedupe-cache';
 import { ackPrefix, finishAck, outcomeFields } from './delivery-ack';
-import type { DeliveryQueue, NewQueuedEntry, QueuedEntry } from './delivery-queue';
+import type { DeliveryQueue, HeldEntries, NewQueuedEntry, QueuedEntry } from './delivery-queue';
 import type { EventBus, NodeRef } from './events';
 import type { Identity, IdentityStore } from './identity-store';
 import type { Logger } from './logger';
@@ -28,6 +28,12 @@ import {
 } from './protocol';
 import type { Session } from './session';
 import { splitText, type SplitText } from './ws-frame';
+
+/**
+ * Most queued entries a drain writes to one target before that batch's removal is on disk: a
+ * crash mid-drain delivers at most this many of its entries again after the restart.
+ */
+export const DRAIN_BATCH_ENTRIES = 256;
 
 const MAX_META_BYTES = 16 * 1024;
 const MAX_MSG_ID_LENGTH = 256;
@@ -92,6 +98,8 @@ export class Router {
   /** Authenticated sessions by identity id. */
   readonly online = new Map<string, Session>();
   private readonly pausedForLog = new Set<Session>();
+  /** Sessions whose queued backlog is being written, waiting for a removal batch or for socket room. */
+  private readonly draining = new Set<Session>();
 
   constructor(private readonly deps: RouterDeps) {
     deps.messageLog.onDrain(() => {
@@ -295,6 +303,7 @@ export class Router {
   disconnect(session: Session, code: number): void {
     const identity = session.identity;
     this.pausedForLog.delete(session);
+    this.draining.delete(session);
     if (!identity || this.online.get(identity.id) !== session) return;
     this.online.delete(identity.id);
     const now = Date.now();
@@ -438,15 +447,19 @@ export class Router {
     } else {
       const recordId = this.deps.messageLog.lastRecordId;
       for (const entry of context.toQueue) entry.record_id = recordId;
-      const stored = this.storeQueued(context.toQueue).then(() => slot);
+      const held = this.deps.queue.enqueue(context.toQueue);
+      const stored = this.storeQueued(held).then(() => slot);
       if (clientGaveId) dedupe.remember(sender.id, msgId, receivedAt, stored);
-      stored.then(
-        () => session.sendText(finishAck(prefix, false)),
-        (error: Error) => {
-          this.deps.logger.error('queue_store_failed', { msg_id: msgId, error: error.message });
-          session.sendError('store_failed', 'The relay could not store this message for offline targets (see its log); send it again.', { msg_id: msgId });
-        },
-      );
+      stored
+        .then(
+          () => session.sendText(finishAck(prefix, false)),
+          (error: Error) => {
+            this.deps.logger.error('queue_store_failed', { msg_id: msgId, error: error.message });
+            session.sendError('store_failed', 'The relay could not store this message for offline targets (see its log); send it again.', { msg_id: msgId });
+          },
+        )
+        // Only now may a drain write the entries: the sender hears the ack before any delivery_update.
+        .then(() => this.releaseQueued(held.entries));
     }
     this.deps.bus.publish({
       type: 'message',
@@ -525,12 +538,17 @@ export class Router {
     // A socket that is closing (peer leaving, relay shutting down) drops what is written to it:
     // treat its target as offline, so the message is queued or failed instead of lost as delivered.
     const open = session !== undefined && session.isOpen;
-    if (open && session.ws.bufferedAmount <= this.deps.options.maxBufferedBytes) {
-      session.sendSplit((context.split ??= splitText(context.head, context.tail)), targetId);
-      context.delivered.push(targetId);
-      return;
+    // A message that may be queued goes behind the target's backlog while that drains, so
+    // queued messages arrive in send order; one that may not is written at once as before.
+    const behindBacklog = open && context.queueTtlMs > 0 && this.deps.queue.pendingFor(targetId).length > 0;
+    if (open && !behindBacklog) {
+      if (session.ws.bufferedAmount <= this.deps.options.maxBufferedBytes) {
+        session.sendSplit((context.split ??= splitText(context.head, context.tail)), targetId);
+        context.delivered.push(targetId);
+        return;
+      }
+      if (session.slowSince === null) session.slowSince = context.now;
     }
-    if (open && session.slowSince === null) session.slowSince = context.now;
     if (context.queueTtlMs > 0) {
       context.queued.push(targetId);
       context.toQueue.push({
@@ -550,51 +568,91 @@ export class Router {
 
   // ---- store-and-forward ---------------------------------------------------------------------
 
-  private async storeQueued(entries: NewQueuedEntry[]): Promise<void> {
+  private async storeQueued(held: HeldEntries): Promise<void> {
     const { queue, messageLog, options } = this.deps;
-    await Promise.all([queue.enqueue(entries), messageLog.flush()]);
-    const targets = new Set(entries.map((entry) => entry.target_id));
+    await Promise.all([held.stored, messageLog.flush()]);
+    const targets = new Set(held.entries.map((entry) => entry.target_id));
     for (const targetId of targets) {
       const dropped = queue.overflow(targetId, options.maxQueuedPerTarget);
-      if (dropped.length > 0) this.finishQueued(dropped, 'expired');
-      // The target may have come back while the entry was being written.
-      const session = this.online.get(targetId);
+      if (dropped.length > 0) void this.finishQueued(dropped, 'expired');
+    }
+  }
+
+  /** Hands stored entries to their targets' drains; a target that is online gets them now. */
+  private releaseQueued(entries: readonly QueuedEntry[]): void {
+    this.deps.queue.release(entries);
+    let last: string | undefined;
+    for (const entry of entries) {
+      if (entry.target_id === last) continue;
+      last = entry.target_id;
+      const session = this.online.get(entry.target_id);
       if (session?.isOpen) this.deliverQueued(session);
     }
   }
 
-  /** Writes a reconnected target's queued messages in send order, as far as its buffer allows. */
+  /**
+   * Writes a target's queued messages in send order, in batches of at most DRAIN_BATCH_ENTRIES
+   * while its socket holds under half of --max-buffered (the other half stays free for live
+   * messages to it). A batch counts as delivered once the socket has handed it to the kernel;
+   * the next one waits until this one's removal is on disk and the socket has room again (its
+   * 'drain'). So the drain resumes on its own past the buffer bound, a crash delivers at most
+   * one batch twice, and a frame still in the relay's buffer when the connection drops stays
+   * queued for the next auth.
+   */
   deliverQueued(session: Session): void {
+    if (this.draining.has(session)) return;
     const identity = session.identity;
-    if (!identity) return;
-    const pending = this.deps.queue.pendingFor(identity.id);
-    if (pending.length === 0) return;
+    if (!identity || !session.isOpen || this.online.get(identity.id) !== session) return;
+    const { queue, options } = this.deps;
+    const room = options.maxBufferedBytes / 2;
+    const resume = () => {
+      if (this.draining.delete(session)) this.deliverQueued(session);
+    };
     const sent: QueuedEntry[] = [];
-    for (const entry of pending) {
-      if (!session.isOpen || session.ws.bufferedAmount > this.deps.options.maxBufferedBytes) break;
-      session.sendText(entry.frame);
+    const flushed: QueuedEntry[] = [];
+    let settled = 0;
+    let writing = true;
+    const finish = () => {
+      void this.finishQueued(flushed, 'delivered').then(() => session.whenWritable(room, resume));
+    };
+    let full = false;
+    for (const entry of queue.pendingFor(identity.id)) {
+      // An entry whose sender has no ack yet is handed on by releaseQueued, which calls back here.
+      if (sent.length === DRAIN_BATCH_ENTRIES || !queue.isReleased(entry)) break;
+      if (session.ws.bufferedAmount > room) {
+        full = true;
+        break;
+      }
       sent.push(entry);
+      session.sendQueued(entry.frame, (error) => {
+        // Socket writes complete in order, so `flushed` stays in send order.
+        if (!error) flushed.push(entry);
+        if (++settled === sent.length && !writing) finish();
+      });
     }
-    this.finishQueued(sent, 'delivered');
-    if (sent.length < pending.length && session.isOpen) {
-      setTimeout(() => this.deliverQueued(session), 20).unref();
-    }
+    writing = false;
+    if (sent.length === 0 && !full) return;
+    this.draining.add(session);
+    if (sent.length === 0) session.whenWritable(room, resume);
+    else if (settled === sent.length) finish();
   }
 
-  private finishQueued(entries: readonly QueuedEntry[], status: 'delivered' | 'expired'): void {
-    if (entries.length === 0) return;
+  /** Settles entries still queued and tells their senders; resolves once their removal is on disk. */
+  private finishQueued(entries: readonly QueuedEntry[], status: 'delivered' | 'expired'): Promise<void> {
+    if (entries.length === 0) return Promise.resolve();
     const { queue, messageLog, bus } = this.deps;
-    queue.remove(entries);
+    const { removed, written } = queue.remove(entries);
     const now = Date.now();
-    for (const entry of entries) {
+    for (const entry of removed) {
       messageLog.updateTarget(entry.record_id, entry.target_id, status);
       this.online.get(entry.from_id)?.send({ type: 'delivery_update', msg_id: entry.msg_id, id: entry.target_id, status, timestamp: now });
       bus.publish({ type: 'delivery_update', msg_id: entry.msg_id, from_id: entry.from_id, id: entry.target_id, status, at: now });
     }
+    return written;
   }
 
   expireQueued(now: number): void {
-    this.finishQueued(this.deps.queue.expired(now), 'expired');
+    void this.finishQueued(this.deps.queue.expired(now), 'expired');
   }
 
   // ---- bans ----------------------------------------------------------------------------------

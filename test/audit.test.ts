@@ -274,3 +274,30 @@ test('verify: bad arguments exit 2 with the usage, a dir without stores exits 1'
     await fs.rm(dir, { recursive: true, force: true });
   }
 });
+
+test('verify: a last line cut off by a crash is passed over, and the chain goes on intact after the restart', async () => {
+  const dataDir = await makeTempDir();
+  try {
+    const file = path.join(dataDir, 'messages.db');
+    const base = { from_id: 'boss-1', from_role: 'boss' as const, delivered: ['employee-1'], failed: [], queued: [] };
+    const first = await MessageLog.open({ file, logger: silent });
+    for (let i = 0; i < 3; i++) first.append({ ...base, msg_id: `m${i}`, timestamp: Date.now(), payload_json: '{"i":1}' });
+    await first.close();
+    // What a crash mid-write leaves: the start of a line, no newline.
+    await fs.appendFile(file, '{"_id":"torn","msg_id":"m3","timest');
+    const torn = await verifyDataDir(dataDir);
+    assert.equal(torn.intact, true, JSON.stringify(torn.first_broken));
+    assert.equal(fileReport(torn, 'messages.db').torn_last_line, true);
+    assert.equal(fileReport(torn, 'messages.db').checked, 3);
+
+    const second = await MessageLog.open({ file, logger: silent });
+    second.append({ ...base, msg_id: 'm4', timestamp: Date.now(), payload_json: '{"i":2}' });
+    await second.close();
+    const after = await verifyDataDir(dataDir);
+    assert.equal(after.intact, true, JSON.stringify(after.first_broken));
+    assert.equal(fileReport(after, 'messages.db').checked, 4);
+    assert.equal(fileReport(after, 'messages.db').torn_last_line, false);
+  } finally {
+    await fs.rm(dataDir, { recursive: true, force: true });
+  }
+});

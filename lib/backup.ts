@@ -90,7 +90,12 @@ export async function backupDataDir(dataDir: string, out: string, relayVersion: 
   const order = backupOrder(names);
   if (order.length === 0) throw new BackupError(`No relay data in ${dataDir} (no *.db files): give the relay's --data-dir.`);
   const temp = `${out}.partial-${process.pid}`;
-  const handle = await fs.open(temp, 'w', 0o600);
+  let handle: fs.FileHandle;
+  try {
+    handle = await fs.open(temp, 'w', 0o600);
+  } catch (error) {
+    throw new BackupError(`Cannot write the backup next to ${out}: ${(error as Error).message}. Give --out a path in a dir you can write.`);
+  }
   const files: BackupResult['files'] = [];
   try {
     await writeAll(handle, `${JSON.stringify({ format: BACKUP_FORMAT, version: 1, created_at: Date.now(), relay_version: relayVersion, data_dir: path.resolve(dataDir) })}\n`);

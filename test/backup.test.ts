@@ -152,6 +152,9 @@ test('restore refuses a damaged or cut-short bundle and leaves the dir as it was
     const noOut = await runCli(['backup', '--data-dir', relay.dataDir]);
     assert.equal(noOut.code, 2);
     assert.match(noOut.stderr, /missing --out FILE/);
+    const nowhere = await runCli(['backup', '--data-dir', relay.dataDir, '--out', path.join(bundleDir, 'missing', 'b.backup')]);
+    assert.equal(nowhere.code, 1);
+    assert.match(nowhere.stderr, /Cannot write the backup next to .*missing/);
   } finally {
     await relay.dispose();
     await fs.rm(bundleDir, { recursive: true, force: true });

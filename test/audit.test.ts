@@ -119,6 +119,20 @@ test('verify: one payload byte changed in messages.db names that file, line and 
       { file: report.first_broken?.file, line: report.first_broken?.line, record: report.first_broken?.record_id },
       { file: 'messages.db', line: index + 1, record: recordId },
     );
+    // The running relay reports the same link, and goes on appending meanwhile.
+    const relay = await startTestRelay({}, dataDir);
+    try {
+      const answer = await http(relay.relay, 'GET', '/api/admin/audit/verify');
+      assert.equal(answer.status, 200);
+      const live = answer.body as unknown as AuditReport;
+      assert.equal(live.intact, false);
+      assert.deepEqual(
+        { file: live.first_broken?.file, line: live.first_broken?.line, record: live.first_broken?.record_id },
+        { file: 'messages.db', line: index + 1, record: recordId },
+      );
+    } finally {
+      await relay.relay.close();
+    }
   } finally {
     await fs.rm(dataDir, { recursive: true, force: true });
   }

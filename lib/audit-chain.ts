@@ -30,8 +30,6 @@ export const LINK_SUFFIX_LENGTH = SUFFIX_HEAD.length + 64 + 2;
 const HEX64 = /^[0-9a-f]{64}$/;
 const NEWLINE = 0x0a;
 
-export const CHAINED_FILES = ['messages.db', 'connections.db'] as const;
-
 /** JSON with object keys sorted (recursively), no spaces, undefined fields left out. */
 export function canonicalJson(value: unknown): string {
   if (value === null || typeof value !== 'object') return JSON.stringify(value) ?? 'null';

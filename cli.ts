@@ -4,6 +4,7 @@
 // what to do, and a non-zero exit at once. `node dist/server.js …` runs this same command.
 
 import { helpText, parseCommandLine, UsageError } from './lib/cli-args';
+import { runBackup, runRestore, runVerify } from './lib/cli-admin-tools';
 import { runConnect, runSend } from './lib/cli-client';
 import { runHealth } from './lib/health-check';
 import { OptionsError } from './lib/options';
@@ -43,7 +44,7 @@ async function runRelay(argv: string[]): Promise<number> {
     if (error instanceof DataDirError) throw new StartFailure(error.message);
     throw listenFailure(error, options.port ?? 8787, options.host) ?? error;
   }
-  process.stdout.write(`mimiclaw-ws ${packageVersion()} ready: ${relay.url} ${relay.httpUrl} (data: ${relay.dataDir})\n`);
+  process.stdout.write(`mimiclaw-ws ${packageVersion()} ready: ${relay.url} ${relay.httpUrl} (data: ${relay.dataDir}, node: ${relay.nodeId}${relay.clusterName === null ? '' : `, cluster: ${relay.clusterName}`})\n`);
   await new Promise<void>((resolve) => {
     let stopping = false;
     const stop = () => {
@@ -60,10 +61,13 @@ async function runRelay(argv: string[]): Promise<number> {
 }
 
 async function main(argv: string[]): Promise<number> {
-  // Subcommands (connect, send, health) are dispatched here; a plain number stays the port.
+  // Subcommands (connect, send, health, verify, backup, restore) are dispatched here; a plain number stays the port.
   if (argv[0] === 'connect') return runConnect(argv.slice(1));
   if (argv[0] === 'send') return runSend(argv.slice(1));
   if (argv[0] === 'health') return runHealth(argv.slice(1));
+  if (argv[0] === 'verify') return runVerify(argv.slice(1));
+  if (argv[0] === 'backup') return runBackup(argv.slice(1));
+  if (argv[0] === 'restore') return runRestore(argv.slice(1));
   return runRelay(argv);
 }
 

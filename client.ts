@@ -138,7 +138,9 @@ interface PendingSend {
 }
 
 /** Auth rejections that no retry can fix. server_full and auth_throttled are worth retrying. */
-const RETRYABLE_AUTH_CODES: ReadonlySet<string> = new Set(['server_full', 'auth_throttled']);
+const RETRYABLE_AUTH_CODES: ReadonlySet<string> = new Set(['server_full', 'auth_throttled', 'cluster_unavailable']);
+/** Errors after auth that mean "not now": every unacknowledged send is written again after a pause. */
+const RETRY_SEND_CODES: ReadonlySet<string> = new Set(['rate_limited', 'cluster_unavailable']);
 /** Errors the relay gives in answer to a message frame. */
 const MESSAGE_ERROR_CODES: ReadonlySet<string> = new Set([
   'invalid_to',
@@ -534,7 +536,7 @@ export class RelayClient {
       this.onAuthRejected(frame);
       return;
     }
-    if (frame.code === 'rate_limited') {
+    if (RETRY_SEND_CODES.has(frame.code)) {
       this.pauseForRateLimit(frame.retry_after_ms ?? 1000);
       return;
     }

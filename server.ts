@@ -5,7 +5,10 @@
 import http from 'node:http';
 import https from 'node:https';
 import path from 'node:path';
+import type { ClusterLink } from './lib/cluster-link';
+import { communicationsPage, readPage, readQuery, type CommunicationsPage } from './lib/communications';
 import { ConnectionLog } from './lib/connection-log';
+import { lockDataDir, type DataDirLock } from './lib/data-dir-lock';
 import { prepareDataDir } from './lib/data-dir';
 import { DedupeCache } from './lib/dedupe-cache';
 import { DeliveryQueue } from './lib/delivery-queue';
@@ -13,14 +16,17 @@ import { serveDashboard } from './lib/dashboard-page';
 import { logRelayEvents } from './lib/event-log';
 import { EventStream } from './lib/event-stream';
 import { EventBus } from './lib/events';
-import { HttpApi, type HttpExtensions } from './lib/http-api';
+import { HttpApi, type HttpExtensions, type OtherNodes } from './lib/http-api';
 import { IdentityStore } from './lib/identity-store';
 import { createLogger, type Logger } from './lib/logger';
 import { MessageLog } from './lib/message-log';
 import { RelayMetrics } from './lib/metrics';
+import { loadNodeId } from './lib/node-id';
 import { resolveOptions, type RelayOptions, type ResolvedOptions } from './lib/options';
+import { RedisCluster } from './lib/redis-cluster';
 import { Router } from './lib/router';
 import { loadKeyFiles, reloadKeyFiles, type KeyReloadResult } from './lib/secret-files';
+import { SingleNode } from './lib/single-node';
 import { assertNotDirectory, dataDirError } from './lib/start-errors';
 import { CertificateReloader, type CertificateReloadResult } from './lib/tls';
 import { packageVersion } from './lib/version';
@@ -38,6 +44,10 @@ export interface RelayHandle {
   httpUrl: string;
   port: number;
   dataDir: string;
+  /** This node's stable id (docs/CLUSTER.md). */
+  nodeId: string;
+  /** The cluster this node joined, or null without --redis. */
+  clusterName: string | null;
   events: EventBus;
   /**
    * What SIGHUP does: reads the key files and the TLS files again. New keys apply to auths from
@@ -65,15 +75,29 @@ interface Stores {
   queue: DeliveryQueue;
 }
 
-async function openStores(options: ResolvedOptions, logger: Logger): Promise<Stores> {
-  await prepareDataDir(options.dataDir, options.fileMode, logger);
+/** The other nodes, or nothing elsewhere on a single node; the only place that knows which. */
+async function openClusterLink(options: ResolvedOptions, nodeId: string, logger: Logger): Promise<{ link: ClusterLink; identities: IdentityStore | null }> {
+  if (options.redisUrl === undefined) return { link: new SingleNode(nodeId), identities: null };
+  const cluster = await RedisCluster.connect({
+    url: options.redisUrl,
+    clusterName: options.clusterName,
+    nodeId,
+    dedupeWindowMs: options.dedupeWindowMs,
+    maxQueuedPerTarget: options.maxQueuedPerTarget,
+    logger,
+  });
+  return { link: cluster, identities: cluster.identities };
+}
+
+/** The node's stores; in a cluster the identities are the cluster's (`sharedIdentities`). */
+async function openStores(options: ResolvedOptions, logger: Logger, sharedIdentities: IdentityStore | null): Promise<Stores> {
   const file = (name: string) => path.join(options.dataDir, name);
   const compaction = options.maintenanceIntervalMs;
   const fileMode = options.fileMode;
   // NeDB never settles on a datafile that is a directory: its read error escapes the promise.
   await Promise.all(['identities.db', 'connections.db', 'messages.db', 'queue.db'].map((name) => assertNotDirectory(file(name))));
   const opened = await Promise.allSettled([
-    IdentityStore.open(file('identities.db'), logger, compaction, fileMode),
+    sharedIdentities ?? IdentityStore.open(file('identities.db'), logger, compaction, fileMode),
     ConnectionLog.open(file('connections.db'), logger, compaction, fileMode),
     MessageLog.open({
       file: file('messages.db'),
@@ -126,19 +150,66 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
   const startedAt = Date.now();
   await loadKeyFiles(options, logger);
   const tlsPair = options.tls ? await CertificateReloader.load(options.tls, logger) : null;
-  const stores = await openStores(options, logger).catch(async (error: unknown) => {
+  const asDataDirError = async (error: unknown): Promise<never> => {
     throw await dataDirError(options.dataDir, error);
-  });
+  };
+  await prepareDataDir(options.dataDir, options.fileMode, logger).catch(asDataDirError);
+  const lock = await lockDataDir(options.dataDir, options.fileMode).catch(asDataDirError);
+  let cluster: ClusterLink;
+  let stores: Stores;
+  try {
+    const nodeId = await loadNodeId(options.dataDir, options.nodeId, options.fileMode).catch(asDataDirError);
+    const opened = await openClusterLink(options, nodeId, logger);
+    cluster = opened.link;
+    try {
+      stores = await openStores(options, logger, opened.identities).catch(asDataDirError);
+    } catch (error) {
+      await cluster.close();
+      throw error;
+    }
+  } catch (error) {
+    await lock.release();
+    throw error;
+  }
   const bus = new EventBus();
   if (logger.isEnabled('info')) bus.subscribe(logRelayEvents(logger));
   const dedupe = new DedupeCache(options.dedupeWindowMs, DEDUPE_MAX_ENTRIES);
   await restoreDedupe(dedupe, stores.messageLog, stores.queue, options.dedupeWindowMs).catch(async (error: unknown) => {
-    await closeStores(stores);
+    await closeStores(stores, cluster, lock);
     throw await dataDirError(options.dataDir, error);
   });
-  const router = new Router({ options, ...stores, dedupe, bus, logger });
+  const router = new Router({ options, ...stores, dedupe, cluster, bus, logger });
   const gateway = new WsGateway(options, router, bus, logger);
-  const eventStream = new EventStream({ bus });
+  // /api/events streams the whole cluster: this node's events and those other nodes share.
+  // Metrics and the log keep to this node's own bus.
+  let streamBus = bus;
+  if (cluster instanceof RedisCluster) {
+    const shared = cluster;
+    const clusterBus = new EventBus();
+    bus.subscribe((event) => {
+      clusterBus.publish(event);
+      shared.shareEvent(event);
+    });
+    shared.streamEvents((event) => clusterBus.publish(event), () => eventStream.clientCount > 0);
+    streamBus = clusterBus;
+  }
+  const eventStream = new EventStream({ bus: streamBus });
+  let otherNodes: OtherNodes | undefined;
+  if (cluster instanceof RedisCluster) {
+    const shared = cluster;
+    shared.answerQueries(async (kind, query) => {
+      const checked = kind === 'communications' ? readQuery(query) : null;
+      if (checked === null) throw new Error(`unknown or malformed query "${kind.slice(0, 40)}"`);
+      return communicationsPage(stores.messageLog, stores.identities, checked);
+    });
+    otherNodes = {
+      communications: async (query) => {
+        const { results, missing } = await shared.askAll('communications', query);
+        const pages = results.map(readPage).filter((page): page is CommunicationsPage => page !== null);
+        return { pages, missing };
+      },
+    };
+  }
   const metrics = new RelayMetrics({
     bus,
     stats: () => ({
@@ -150,6 +221,8 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
       eventStreamClients: eventStream.clientCount,
     }),
   });
+  // Per node, told apart by a node label once there are several.
+  if (cluster.clustered) metrics.registry.setDefaultLabels({ node: cluster.nodeId });
   const extensions: HttpExtensions = {
     dashboard: serveDashboard,
     events: (req, res) => eventStream.handle(req, res),
@@ -165,6 +238,8 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
     version: packageVersion(),
     activeConnections: () => router.online.size,
     extensions,
+    ...(otherNodes !== undefined && { otherNodes }),
+    ...(cluster.clustered && { cluster: () => ({ name: options.clusterName, store: cluster.available ? ('up' as const) : ('down' as const) }) }),
   });
 
   const onRequest: http.RequestListener = (req, res) => api.handle(req, res);
@@ -198,7 +273,7 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
   } catch (error) {
     stopTimers();
     gateway.closeAll();
-    await closeStores(stores);
+    await closeStores(stores, cluster, lock);
     metrics.close();
     throw error;
   }
@@ -208,7 +283,16 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
   const reachableHost = options.host === '0.0.0.0' || options.host === '::' ? '127.0.0.1' : options.host;
   const hostForUrl = reachableHost.includes(':') ? `[${reachableHost}]` : reachableHost;
   const httpUrl = `${tlsPair ? 'https' : 'http'}://${hostForUrl}:${port}`;
-  logger.info('relay_listening', { host: options.host, port, ws_path: options.wsPath, data_dir: options.dataDir, tls: tlsPair !== null, cert_valid_to: tlsPair?.credentials.validTo });
+  logger.info('relay_listening', {
+    host: options.host,
+    port,
+    ws_path: options.wsPath,
+    data_dir: options.dataDir,
+    node: cluster.nodeId,
+    cluster: cluster.clustered ? options.clusterName : null,
+    tls: tlsPair !== null,
+    cert_valid_to: tlsPair?.credentials.validTo,
+  });
 
   let closing: Promise<void> | null = null;
   const close = () =>
@@ -221,7 +305,7 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
       await waitFor(() => gateway.openSessions === 0, CLOSE_HANDSHAKE_GRACE_MS + 500);
       clearTimeout(grace);
       server.closeAllConnections();
-      await closeStores(stores);
+      await closeStores(stores, cluster, lock);
       metrics.close();
       logger.info('relay_closed', {});
     })());
@@ -231,14 +315,26 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
     logger.info('relay_reloaded', { keys_changed: keys.changed, keys_error: keys.error !== null, certificate });
     return { keys, certificate };
   };
-  const url = `${tlsPair ? 'wss' : 'ws'}://${hostForUrl}:${port}${options.wsPath}`;
-  return { url, httpUrl, port, dataDir: options.dataDir, events: bus, reload, close };
+  return {
+    url: `${tlsPair ? 'wss' : 'ws'}://${hostForUrl}:${port}${options.wsPath}`,
+    httpUrl,
+    port,
+    dataDir: options.dataDir,
+    nodeId: cluster.nodeId,
+    clusterName: cluster.clustered ? options.clusterName : null,
+    events: bus,
+    reload,
+    close,
+  };
 }
 
-async function closeStores(stores: Stores): Promise<void> {
-  // Identities last: disconnects during shutdown update them.
+async function closeStores(stores: Stores, cluster: ClusterLink, lock: DataDirLock): Promise<void> {
+  // Identities last: disconnects during shutdown update them; the cluster link after them (its
+  // identities are written through it), the lock at the very end.
   await Promise.all([stores.messageLog.close(), stores.connectionLog.close(), stores.queue.close()]);
   await stores.identities.close();
+  await cluster.close();
+  await lock.release();
 }
 
 function waitFor(condition: () => boolean, timeoutMs: number): Promise<void> {

@@ -2,7 +2,7 @@
 // says what to fix. Kept apart from cli.ts so it is tested without spawning processes.
 
 import { isLogLevel, LOG_LEVELS } from './logger';
-import { defaultDataDir, normaliseOrigin, OptionsError, parseDuration, resolveOptions, type RelayOptions } from './options';
+import { checkRedisUrl, defaultDataDir, normaliseOrigin, OptionsError, parseDuration, resolveOptions, type RelayOptions } from './options';
 
 export class UsageError extends Error {}
 
@@ -40,6 +40,9 @@ const FLAGS: Record<string, { kind: Kind; option: keyof RelayOptions; help: stri
   fsync: { kind: 'boolean', option: 'fsync', help: 'fsync the logs after each write batch (default off)' },
   'employee-key': { kind: 'string', option: 'employeeKey', help: 'key employees must send as "employee_key" to register (else env MIMICLAW_EMPLOYEE_KEY; default none)' },
   'public-reads': { kind: 'boolean', option: 'publicReads', help: 'let non-loopback clients read without the authkey (default off)' },
+  redis: { kind: 'string', option: 'redisUrl', help: 'join a cluster whose store is this Redis, e.g. redis://127.0.0.1:6379 (else env MIMICLAW_REDIS_URL; default none: one node)' },
+  cluster: { kind: 'string', option: 'clusterName', help: 'cluster name prefixing every Redis key and channel (default mimiclaw)' },
+  'node-id': { kind: 'string', option: 'nodeId', help: 'this node\'s id (default: kept in <data-dir>/node-id)' },
   'authkey-file': { kind: 'string', option: 'authkeyFile', help: 'read the authkey from this file, at start and on SIGHUP (else env MIMICLAW_AUTHKEY_FILE)' },
   'employee-key-file': { kind: 'string', option: 'employeeKeyFile', help: 'read the employee key from this file, at start and on SIGHUP (else env MIMICLAW_EMPLOYEE_KEY_FILE)' },
   'tls-cert': { kind: 'string', option: 'tlsCertFile', help: 'PEM certificate chain: serve wss:// and https:// (needs --tls-key)' },
@@ -204,6 +207,10 @@ export function parseCommandLine(argv: string[], env: NodeJS.ProcessEnv = proces
   }
   keyFromEnv(options, env, 'authkey', 'authkeyFile', 'MIMICLAW_AUTHKEY');
   keyFromEnv(options, env, 'employeeKey', 'employeeKeyFile', 'MIMICLAW_EMPLOYEE_KEY');
+  if (options.redisUrl === undefined && env.MIMICLAW_REDIS_URL) {
+    if (checkRedisUrlText(env.MIMICLAW_REDIS_URL)) options.redisUrl = env.MIMICLAW_REDIS_URL;
+    else throw new UsageError(`MIMICLAW_REDIS_URL must be a redis:// or rediss:// URL such as redis://127.0.0.1:6379; got "${env.MIMICLAW_REDIS_URL.slice(0, 80)}".`);
+  }
   options.dataDir ??= defaultDataDir(env);
   if ((typeof options.authkey !== 'string' || options.authkey === '') && options.authkeyFile === undefined) {
     throw new UsageError('No authkey: pass it as the second argument (mimiclaw-ws 8787 <authkey>), with --authkey <key> or --authkey-file <path>, or in env MIMICLAW_AUTHKEY or MIMICLAW_AUTHKEY_FILE.');
@@ -242,6 +249,15 @@ function keyFromEnv(options: Record<string, unknown>, env: NodeJS.ProcessEnv, ke
   if (file !== undefined) options[fileKey] = file;
 }
 
+function checkRedisUrlText(text: string): boolean {
+  try {
+    checkRedisUrl(text);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
 export function helpText(version: string): string {
   const width = Math.max(...Object.keys(FLAGS).map((name) => name.length)) + 10;
   const lines = Object.entries(FLAGS).map(([name, spec]) => {
@@ -256,6 +272,9 @@ export function helpText(version: string): string {
     '  mimiclaw-ws connect <ws-url> [options]     (mimiclaw-ws connect --help)',
     '  mimiclaw-ws send <ws-url> [options]        (mimiclaw-ws send --help)',
     '  mimiclaw-ws health [--url <http-url>]      (mimiclaw-ws health --help)',
+    '  mimiclaw-ws verify [--data-dir DIR]        check the audit trail (mimiclaw-ws verify --help)',
+    '  mimiclaw-ws backup --out FILE              copy the data dir, also while the relay runs',
+    '  mimiclaw-ws restore --in FILE [--force]    put a backup back (the relay stopped)',
     '',
     'Options:',
     ...lines,

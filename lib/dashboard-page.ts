@@ -138,7 +138,11 @@ async function api(method, path, body) {
 }
 
 // ---- employees and bosses: keyed rows patched in place ----
-function statusCell(node) { return el('span', { class: 'status-' + node.status, text: node.status }); }
+function statusCell(node) {
+  const status = el('span', { class: 'status-' + node.status, text: node.status });
+  // Which relay node holds the socket (several nodes form one relay: docs/CLUSTER.md).
+  return node.node && node.status === 'online' ? el('span', null, [status, el('div', { class: 'reasons', text: 'on ' + node.node })]) : status;
+}
 function healthCell(node) {
   const h = node.health || { overall: 'unknown', reasons: [] };
   return el('span', null, [el('span', { class: 'health-' + h.overall, text: h.overall }),
@@ -146,7 +150,7 @@ function healthCell(node) {
 }
 function signature(node) {
   const h = node.health || {};
-  return [node.name, node.tags.join(','), node.status, h.overall, (h.reasons || []).join(','), node.last_seen].join('|');
+  return [node.name, node.tags.join(','), node.status, node.node || '', h.overall, (h.reasons || []).join(','), node.last_seen].join('|');
 }
 function buildRow(node) {
   const tr = el('tr', { 'data-id': node.id });
@@ -287,13 +291,14 @@ function healthOf(node) {
   return health;
 }
 // Applies an event to a node's row: ref is the event's node, report a self report's validity.
-function patchNode(id, status, at, ref, report) {
+function patchNode(id, status, at, ref, report, holder) {
   const known = state.nodes.get(id);
   if (!known && !ref) return;
   const node = Object.assign({ created_at: at || Date.now(), meta: null, health: null }, known, ref ? { name: ref.name, tags: ref.tags, role: ref.role, id: ref.id } : null);
   node.status = status;
   node.online = status === 'online';
   node.banned = status === 'banned';
+  if (holder !== undefined) node.node = holder;
   if (at) node.last_seen = at;
   if (report !== undefined) {
     node.health = Object.assign({}, node.health);
@@ -309,7 +314,7 @@ function onRelayEvent(type, ev) {
     const known = state.nodes.get(ev.node.id);
     // A ban closes the socket: its disconnect must not turn the row back to offline.
     const status = type === 'connect' ? 'online' : type === 'ban' ? 'banned' : type === 'disconnect' && known && known.status === 'banned' ? 'banned' : 'offline';
-    patchNode(ev.node.id, status, ev.at, ev.node);
+    patchNode(ev.node.id, status, ev.at, ev.node, undefined, type === 'connect' ? ev.relay_node || null : type === 'disconnect' ? null : undefined);
     const what = type === 'connect' ? (ev.reconnected ? 'reconnected' : 'connected') : type === 'disconnect' ? 'disconnected (code ' + ev.code + ')' : (type === 'ban' ? 'banned' : 'unbanned') + ' by ' + ev.by;
     feedItem(type, nameOf(ev.node) + ' (' + ev.node.role + ') ' + what, { at: ev.at });
   } else if (type === 'health') {

@@ -12,7 +12,8 @@ export interface NodeRef {
 }
 
 export type RelayEvent =
-  | { type: 'connect'; node: NodeRef; reconnected: boolean; at: number }
+  /** `relay_node`: the relay node that holds the new socket (docs/CLUSTER.md). */
+  | { type: 'connect'; node: NodeRef; reconnected: boolean; relay_node?: string; at: number }
   | { type: 'disconnect'; node: NodeRef; code: number; at: number }
   | { type: 'auth_fail'; code: string; role: string | null; at: number }
   | {

@@ -66,6 +66,14 @@ export interface RelayOptions {
   /** How often pruning and compaction run, ms. Default 10 minutes. */
   maintenanceIntervalMs?: number;
 
+  // ---- part D (docs/CLUSTER.md) ----
+  /** redis:// or rediss:// URL of the cluster store: joins this node to a cluster. Default none: a single node. */
+  redisUrl?: string;
+  /** Prefix of every cluster key and channel, so several clusters can share one Redis. Default "mimiclaw". */
+  clusterName?: string;
+  /** This node's id; default the one kept in <data-dir>/node-id (made on first start). */
+  nodeId?: string;
+
   // ---- running in production (see README "Running in production") ----
   /** Read the authkey from this file, at start and on reload(), instead of passing `authkey`. */
   authkeyFile?: string;
@@ -81,15 +89,20 @@ export interface RelayOptions {
   allowedOrigins?: string[];
 }
 
-type OptionalSettings = 'logger' | 'employeeKey' | 'authkeyFile' | 'employeeKeyFile' | 'tlsCertFile' | 'tlsKeyFile';
+type OptionalSettings = 'logger' | 'employeeKey' | 'redisUrl' | 'nodeId' | 'authkeyFile' | 'employeeKeyFile' | 'tlsCertFile' | 'tlsKeyFile';
 
 export type ResolvedOptions = Required<Omit<RelayOptions, OptionalSettings>> & {
   employeeKey: string | undefined;
+  redisUrl: string | undefined;
+  nodeId: string | undefined;
   authkeyFile: string | undefined;
   employeeKeyFile: string | undefined;
   /** Both TLS files, or null for plain ws:// and http://. */
   tls: { certFile: string; keyFile: string } | null;
 };
+
+const NAME_PATTERN = /^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/;
+const NAME_RULE = '1 to 63 letters, digits, ".", "_" or "-", starting with a letter or digit';
 
 const MINUTE = 60_000;
 const DAY = 24 * 60 * MINUTE;
@@ -120,6 +133,7 @@ export const DEFAULTS = {
   fsync: false,
   publicReads: false,
   maintenanceIntervalMs: 10 * MINUTE,
+  clusterName: 'mimiclaw',
   tlsReloadIntervalMs: MINUTE,
 } as const;
 
@@ -250,6 +264,9 @@ export function resolveOptions(options: RelayOptions): ResolvedOptions {
     employeeKey: options.employeeKey === '' ? undefined : options.employeeKey,
     publicReads: options.publicReads ?? DEFAULTS.publicReads,
     maintenanceIntervalMs: ms('maintenanceIntervalMs', options.maintenanceIntervalMs, DEFAULTS.maintenanceIntervalMs, 1000, MAX_TIMER_MS),
+    redisUrl: checkRedisUrl(options.redisUrl),
+    clusterName: checkName('clusterName', options.clusterName ?? DEFAULTS.clusterName),
+    nodeId: options.nodeId === undefined ? undefined : checkName('nodeId', options.nodeId),
     authkeyFile: authkeyFile && path.resolve(authkeyFile),
     employeeKeyFile: employeeKeyFile && path.resolve(employeeKeyFile),
     tls: tlsOption(options),
@@ -257,6 +274,25 @@ export function resolveOptions(options: RelayOptions): ResolvedOptions {
     allowedOrigins: allowedOriginsOption(options.allowedOrigins),
   };
   return resolved;
+}
+
+export function checkName(option: 'clusterName' | 'nodeId', value: string): string {
+  if (!NAME_PATTERN.test(value)) throw new OptionsError(`${option} must be ${NAME_RULE}, got "${value.slice(0, 80)}".`, option);
+  return value;
+}
+
+export function checkRedisUrl(value: string | undefined): string | undefined {
+  if (value === undefined || value === '') return undefined;
+  let url: URL | null = null;
+  try {
+    url = new URL(value);
+  } catch {
+    url = null;
+  }
+  if (url === null || (url.protocol !== 'redis:' && url.protocol !== 'rediss:') || url.hostname === '') {
+    throw new OptionsError(`redisUrl must be a redis:// or rediss:// URL such as redis://127.0.0.1:6379, got "${value.slice(0, 80)}".`, 'redisUrl');
+  }
+  return value;
 }
 
 const DURATION_UNITS: Record<string, number> = { ms: 1, s: 1000, m: MINUTE, h: 60 * MINUTE, d: DAY };

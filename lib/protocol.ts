@@ -30,6 +30,8 @@ export const PROTOCOL_ERROR_CODES = [
   'auth_throttled',
   'invalid_employee_key',
   'store_failed',
+  // Part D: the cluster store cannot be reached; retry shortly.
+  'cluster_unavailable',
 ] as const;
 export type ProtocolErrorCode = (typeof PROTOCOL_ERROR_CODES)[number];
 
@@ -37,6 +39,8 @@ export const CLOSE_CODES = {
   shuttingDown: 1001,
   /** Sent by ws itself: a frame far over the size limit, or text that is not UTF-8. */
   messageTooBig: 1009,
+  /** Cluster: the node cannot reach its cluster store right now; reconnect shortly. */
+  tryAgainLater: 1013,
   invalidText: 1007,
   replaced: 4000,
   authTimeout: 4001,

@@ -4,12 +4,13 @@
 
 import { createHash, randomUUID, timingSafeEqual } from 'node:crypto';
 import { presented, type GuessTarget } from './auth-throttle';
+import type { ClusterHandlers, ClusterLink, DedupeClaim, FramePieces, QueuedOutcome, RemoteOutcome, SharedQueuedEntry } from './cluster-link';
 import type { ConnectionLog } from './connection-log';
 import type { DedupeCache, Remembered } from './dedupe-cache';
 import { ackPrefix, finishAck, outcomeFields } from './delivery-ack';
 import type { DeliveryQueue, HeldEntries, NewQueuedEntry, QueuedEntry } from './delivery-queue';
 import type { EventBus, NodeRef } from './events';
-import type { Identity, IdentityStore } from './identity-store';
+import { toDoc, type Identity, type IdentityStore } from './identity-store';
 import type { Logger } from './logger';
 import type { MessageLog } from './message-log';
 import type { ResolvedOptions } from './options';
@@ -24,6 +25,7 @@ import {
   type DeliveryFailure,
   type FrameError,
   type ParsedTarget,
+  type ProtocolErrorCode,
   type Role,
 } from './protocol';
 import type { Session } from './session';
@@ -45,9 +47,16 @@ export interface RouterDeps {
   messageLog: MessageLog;
   queue: DeliveryQueue;
   dedupe: DedupeCache;
+  /** Other nodes: SingleNode when there are none. */
+  cluster: ClusterLink;
   bus: EventBus;
   logger: Logger;
 }
+
+/** Called once an auth is decided: accepted (the session has its identity) or not. */
+export type AuthSettled = (accepted: boolean, wrong: GuessTarget | null) => void;
+
+const CLUSTER_UNAVAILABLE = 'The cluster store (Redis) cannot be reached from this node right now; retry in a few seconds.';
 
 /** When and how big a frame arrived. */
 export interface FrameArrival {
@@ -60,7 +69,7 @@ export interface FrameArrival {
 
 export type BanResult =
   | { ok: true; identity: Identity; online: boolean }
-  | { ok: false; status: 404 | 409; code: string; message: string };
+  | { ok: false; status: 404 | 409 | 503; code: string; message: string };
 
 export function nodeRef(identity: Identity): NodeRef {
   return { id: identity.id, role: identity.role, name: identity.name, tags: identity.tags };
@@ -92,20 +101,34 @@ interface RouteContext {
   failed: DeliveryFailure[];
   queued: string[];
   toQueue: NewQueuedEntry[];
+  /** Cluster: targets this node does not hold (or does not know), to ask the other nodes about. */
+  elsewhere: string[] | null;
+  /** Cluster: a broadcast, to repeat on every other node. */
+  broadcast: boolean;
 }
 
-export class Router {
+export class Router implements ClusterHandlers {
   /** Authenticated sessions by identity id. */
   readonly online = new Map<string, Session>();
   private readonly pausedForLog = new Set<Session>();
+  /** Read once: on a single node every cluster step is skipped by this one test. */
+  private readonly clustered: boolean;
   /** Sessions whose queued backlog is being written, waiting for a removal batch or for socket room. */
   private readonly draining = new Set<Session>();
+  /** Cluster: sessions draining their shared queue; true when another drain was asked meanwhile. */
+  private readonly drainingShared = new Map<Session, boolean>();
 
   constructor(private readonly deps: RouterDeps) {
+    this.clustered = deps.cluster.clustered;
     deps.messageLog.onDrain(() => {
       for (const session of this.pausedForLog) session.ws.resume();
       this.pausedForLog.clear();
     });
+    deps.cluster.attach(this);
+  }
+
+  get nodeId(): string {
+    return this.deps.cluster.nodeId;
   }
 
   get options(): ResolvedOptions {
@@ -118,35 +141,92 @@ export class Router {
     return counts;
   }
 
+  /** The node holding `id`'s session: this one, (cluster) another, or null when offline. */
+  locate(id: string): string | null {
+    if (this.online.has(id)) return this.deps.cluster.nodeId;
+    return this.clustered ? (this.deps.cluster.locate(id) ?? null) : null;
+  }
+
+  /** When the identity's open socket last carried a frame or a pong; undefined while offline (on every node, in a cluster). */
+  lastActivity(id: string): number | undefined {
+    const session = this.online.get(id);
+    if (session) return session.lastActivityAt;
+    if (!this.clustered || this.deps.cluster.locate(id) === undefined) return undefined;
+    // Held by another node: its last activity as shared every few seconds.
+    return this.deps.identities.get(id)?.lastSeen;
+  }
+
+  /** Online on this node, or (cluster) on any node. */
   isOnline(id: string): boolean {
-    return this.online.has(id);
+    return this.online.has(id) || (this.clustered && this.deps.cluster.locate(id) !== undefined);
   }
 
   // ---- auth ----------------------------------------------------------------------------------
 
   /**
-   * Authenticates the session or rejects the auth (error frame, close 4003). Returns the secret
-   * a rejected auth got wrong, for the gateway's throttle; null when it succeeded or failed for
-   * any other reason (a missing secret, a malformed or invalid frame).
+   * Authenticates the session or rejects the auth (error frame, close 4003), then tells
+   * `settled`: accepted, or rejected with the secret it got wrong (for the gateway's throttle;
+   * null when it failed for any other reason). In a cluster the answer may come later.
    */
-  authenticate(session: Session, frame: Record<string, unknown>): GuessTarget | null {
+  authenticate(session: Session, frame: Record<string, unknown>, settled: AuthSettled): void {
+    if (this.clustered && !this.deps.cluster.available) {
+      this.rejectAuth(session, frame, { code: 'cluster_unavailable', message: CLUSTER_UNAVAILABLE });
+      settled(false, null);
+      return;
+    }
     const outcome = this.decideAuth(frame);
     if ('code' in outcome) {
+      const unknownId = outcome.code === 'identity_not_found' && isPlainObject(frame.identity) ? frame.identity.id : undefined;
+      if (this.clustered && typeof unknownId === 'string') {
+        // Registered on another node a moment ago, and not yet in this node's replica.
+        this.authAfterFetch(session, frame, unknownId, settled);
+        return;
+      }
       this.rejectAuth(session, frame, outcome);
-      return outcome.wrong ?? null;
+      settled(false, outcome.wrong ?? null);
+      return;
     }
     const { identity, key, reconnected } = outcome;
     session.identity = identity;
+    settled(true, null);
     if (reconnected) {
       this.goOnline(session, identity, key, true);
-      return null;
+      return;
     }
-    // A new identity is on disk before its key is handed out, so a crash cannot forget an
-    // identity its client was already told about.
-    void this.deps.identities.flush().then(() => {
-      if (session.isOpen) this.goOnline(session, identity, key, false);
-    });
-    return null;
+    // A new identity is on disk (or in the cluster store) before its key is handed out, so a
+    // crash cannot forget an identity its client was already told about.
+    this.deps.identities.flush().then(
+      () => {
+        if (session.isOpen) this.goOnline(session, identity, key, false);
+      },
+      () => {
+        session.sendError('cluster_unavailable', CLUSTER_UNAVAILABLE);
+        session.close(CLOSE_CODES.tryAgainLater, 'cluster_unavailable');
+      },
+    );
+  }
+
+  private authAfterFetch(session: Session, frame: Record<string, unknown>, id: string, settled: AuthSettled): void {
+    this.deps.cluster.fetchIdentity(id).then(
+      (found) => {
+        if (!session.isOpen) return;
+        if (found && !this.deps.identities.get(id)) this.deps.identities.apply(toDoc(found));
+        const outcome = this.decideAuth(frame);
+        if ('code' in outcome) {
+          this.rejectAuth(session, frame, outcome);
+          settled(false, outcome.wrong ?? null);
+          return;
+        }
+        session.identity = outcome.identity;
+        settled(true, null);
+        this.goOnline(session, outcome.identity, outcome.key, outcome.reconnected);
+      },
+      () => {
+        if (!session.isOpen) return;
+        this.rejectAuth(session, frame, { code: 'cluster_unavailable', message: CLUSTER_UNAVAILABLE });
+        settled(false, null);
+      },
+    );
   }
 
   private goOnline(session: Session, identity: Identity, key: string, reconnected: boolean): void {
@@ -168,6 +248,23 @@ export class Router {
       online: true,
       address: session.address,
     });
+    if (!this.clustered) {
+      this.welcome(session, identity, key, reconnected, now);
+      return;
+    }
+    // A client told auth_ok must be reachable from every node: presence first.
+    this.deps.cluster.joined(identity.id).then(
+      () => {
+        if (session.isOpen && this.online.get(identity.id) === session) this.welcome(session, identity, key, reconnected, now);
+      },
+      () => {
+        session.sendError('cluster_unavailable', CLUSTER_UNAVAILABLE);
+        session.close(CLOSE_CODES.tryAgainLater, 'cluster_unavailable');
+      },
+    );
+  }
+
+  private welcome(session: Session, identity: Identity, key: string, reconnected: boolean, now: number): void {
     session.send({
       type: 'auth_ok',
       id: identity.id,
@@ -178,7 +275,8 @@ export class Router {
       reconnected,
       timestamp: now,
     });
-    this.deps.bus.publish({ type: 'connect', node: session.ref, reconnected, at: now });
+    this.deps.bus.publish({ type: 'connect', node: session.ref!, reconnected, relay_node: this.nodeId, at: now });
+    if (this.clustered) this.drainShared(session);
     this.deliverQueued(session);
   }
 
@@ -297,7 +395,9 @@ export class Router {
     });
     this.deps.bus.publish({ type: 'auth_fail', code: error.code, role, at: now });
     session.sendError(error.code, error.message);
-    session.close(error.code === 'server_full' ? CLOSE_CODES.serverFull : CLOSE_CODES.authRejected, error.code);
+    const closeCode =
+      error.code === 'server_full' ? CLOSE_CODES.serverFull : error.code === 'cluster_unavailable' ? CLOSE_CODES.tryAgainLater : CLOSE_CODES.authRejected;
+    session.close(closeCode, error.code);
   }
 
   disconnect(session: Session, code: number): void {
@@ -306,6 +406,7 @@ export class Router {
     this.draining.delete(session);
     if (!identity || this.online.get(identity.id) !== session) return;
     this.online.delete(identity.id);
+    if (this.clustered) this.deps.cluster.left(identity.id);
     const now = Date.now();
     identity.lastSeen = now;
     identity.lastDisconnectedAt = now;
@@ -318,6 +419,9 @@ export class Router {
       online: false,
       code,
     });
+    // Replaced by a session on another node: the identity is still online there (as on one
+    // node, where a replaced session is no disconnect).
+    if (code === CLOSE_CODES.replaced && this.clustered) return;
     this.deps.bus.publish({ type: 'disconnect', node: nodeRef(identity), code, at: now });
   }
 
@@ -365,8 +469,55 @@ export class Router {
   // ---- routing -------------------------------------------------------------------------------
 
   private route(session: Session, sender: Identity, frame: Record<string, unknown>, arrival: FrameArrival): void {
-    const { receivedAt } = arrival;
-    const { options, dedupe } = this.deps;
+    // Cluster: the dedupe claim is asked at once, so a sender's claims travel pipelined even
+    // though its messages are decided one after the other.
+    const claim = this.clustered ? this.claimEarly(sender, frame) : undefined;
+    if (session.routing === null) {
+      const waiting = this.routeNow(session, sender, frame, arrival, claim);
+      if (waiting !== undefined) this.holdOrder(session, waiting);
+      return;
+    }
+    // An earlier message of this sender waits on the cluster store: this one goes after it.
+    this.holdOrder(
+      session,
+      session.routing.then(() => {
+        if (session.isOpen) return this.routeNow(session, sender, frame, arrival, claim);
+        this.releaseUnused(sender.id, frame.msg_id, claim);
+        return undefined;
+      }),
+    );
+  }
+
+  /** Cluster: starts the dedupe claim of a msg_id this node has not seen, or nothing to claim. */
+  private claimEarly(sender: Identity, frame: Record<string, unknown>): Promise<DedupeClaim> | undefined {
+    const msgId = frame.msg_id;
+    const { dedupe, cluster } = this.deps;
+    if (!dedupe.enabled || typeof msgId !== 'string' || msgId === '' || msgId.length > MAX_MSG_ID_LENGTH) return undefined;
+    if (dedupe.find(sender.id, msgId) !== undefined) return undefined;
+    const claim = cluster.claimMsgId(sender.id, msgId);
+    claim.catch(() => undefined); // answered where it is awaited
+    return claim;
+  }
+
+  /** A claim made for a message that was then not routed: give it back. */
+  private releaseUnused(senderId: string, msgId: unknown, claim: Promise<DedupeClaim> | undefined): void {
+    if (claim === undefined || typeof msgId !== 'string') return;
+    claim.then((result) => {
+      if (result.kind === 'new') this.deps.cluster.releaseMsgId(senderId, msgId);
+    }, () => undefined);
+  }
+
+  /** Later messages of the session wait for `step` (cluster only: a single node never waits). */
+  private holdOrder(session: Session, step: Promise<void>): void {
+    const settled: Promise<void> = step.catch(() => undefined).then(() => {
+      if (session.routing === settled) session.routing = null;
+    });
+    session.routing = settled;
+  }
+
+  /** Routes now, or returns a promise when the cluster's dedupe window must be asked first. */
+  private routeNow(session: Session, sender: Identity, frame: Record<string, unknown>, arrival: FrameArrival, claim: Promise<DedupeClaim> | undefined): Promise<void> | undefined {
+    const { dedupe } = this.deps;
     let msgId: string;
     if (frame.msg_id === undefined || frame.msg_id === null || frame.msg_id === '') {
       msgId = randomUUID();
@@ -374,36 +525,62 @@ export class Router {
       msgId = frame.msg_id;
       const prior = dedupe.find(sender.id, msgId);
       if (prior !== undefined) {
+        this.releaseUnused(sender.id, msgId, claim);
         this.answerDuplicate(session, sender, frame, arrival, msgId, prior);
-        return;
+        return undefined;
       }
+      if (this.clustered && dedupe.enabled) return this.routeAfterClaim(session, sender, frame, arrival, msgId, claim ?? this.deps.cluster.claimMsgId(sender.id, msgId));
     } else {
       session.sendError('invalid_msg_id', `Field "msg_id" must be a string of at most ${MAX_MSG_ID_LENGTH} characters.`);
-      return;
+      return undefined;
     }
+    this.routeChecked(session, sender, frame, arrival, msgId, false);
+    return undefined;
+  }
+
+  /** Cluster: a msg_id this node has not seen may have been routed by another node. */
+  private routeAfterClaim(session: Session, sender: Identity, frame: Record<string, unknown>, arrival: FrameArrival, msgId: string, pending: Promise<DedupeClaim>): Promise<void> {
+    return pending.then(
+      (claim) => {
+        if (!session.isOpen) {
+          if (claim.kind === 'new') this.deps.cluster.releaseMsgId(sender.id, msgId);
+          return;
+        }
+        if (claim.kind === 'seen') session.sendText(finishAck(ackPrefix(msgId, claim.outcome), true));
+        else this.routeChecked(session, sender, frame, arrival, msgId, true);
+      },
+      () => session.sendError('cluster_unavailable', CLUSTER_UNAVAILABLE, { msg_id: msgId }),
+    );
+  }
+
+  private routeChecked(session: Session, sender: Identity, frame: Record<string, unknown>, arrival: FrameArrival, msgId: string, claimed: boolean): void {
+    const { options } = this.deps;
     // Only a client's own msg_id can come back; errors from here on name it so the client can
     // tell which send they answer.
     const clientGaveId = frame.msg_id === msgId;
-    const answering = clientGaveId ? { msg_id: msgId } : {};
     const target = checkTarget(frame.to);
     if (!target.ok) {
-      session.sendError(target.error.code, target.error.message, answering);
+      this.refuseMessage(session, sender.id, msgId, clientGaveId, claimed, target.error.code, target.error.message);
       return;
     }
     if (target.value.kind === 'ids' && target.value.ids.length > options.maxTargets) {
-      session.sendError('too_many_targets', `A message may name at most ${options.maxTargets} targets; use "tag:<name>" or "*" for more.`, answering);
+      this.refuseMessage(session, sender.id, msgId, clientGaveId, claimed, 'too_many_targets', `A message may name at most ${options.maxTargets} targets; use "tag:<name>" or "*" for more.`);
       return;
     }
     const queueTtlMs = this.queueTtl(frame);
     if (typeof queueTtlMs === 'string') {
-      session.sendError('invalid_frame', queueTtlMs, answering);
+      this.refuseMessage(session, sender.id, msgId, clientGaveId, claimed, 'invalid_frame', queueTtlMs);
       return;
     }
     let payloadJson: string | undefined;
     try {
       payloadJson = frame.payload === undefined ? undefined : JSON.stringify(frame.payload);
     } catch {
-      session.sendError('invalid_json', 'The payload could not be re-encoded (it nests too deeply); send a flatter JSON value.', answering);
+      this.refuseMessage(session, sender.id, msgId, clientGaveId, claimed, 'invalid_json', 'The payload could not be re-encoded (it nests too deeply); send a flatter JSON value.');
+      return;
+    }
+    if (this.clustered && !this.deps.cluster.available && !this.allHeldHere(target.value)) {
+      this.refuseMessage(session, sender.id, msgId, clientGaveId, claimed, 'cluster_unavailable', CLUSTER_UNAVAILABLE);
       return;
     }
     const now = Date.now();
@@ -419,8 +596,47 @@ export class Router {
       failed: [],
       queued: [],
       toQueue: [],
+      elsewhere: null,
+      broadcast: false,
     };
     this.deliverAll(context, target.value);
+    if (context.elsewhere === null && !context.broadcast) {
+      this.finishRoute(session, frame, arrival, context, payloadJson, clientGaveId, claimed);
+      return;
+    }
+    this.deliverElsewhere(context).then(
+      () => this.finishRoute(session, frame, arrival, context, payloadJson, clientGaveId, claimed),
+      (error: Error) => {
+        this.deps.logger.error('cluster_route_failed', { msg_id: msgId, error: error.message });
+        this.refuseMessage(session, sender.id, msgId, clientGaveId, claimed, 'cluster_unavailable', CLUSTER_UNAVAILABLE);
+      },
+    );
+  }
+
+  /** An error for a message that is not routed; a cluster dedupe claim on it is given back. */
+  private refuseMessage(session: Session, senderId: string, msgId: string, clientGaveId: boolean, claimed: boolean, code: ProtocolErrorCode, message: string): void {
+    if (claimed) this.deps.cluster.releaseMsgId(senderId, msgId);
+    session.sendError(code, message, clientGaveId ? { msg_id: msgId } : {});
+  }
+
+  /** Whether every target of a message is a socket of this node (what a node without its cluster store can still route). */
+  private allHeldHere(target: ParsedTarget): boolean {
+    return target.kind === 'ids' && target.ids.every((id) => this.online.has(id));
+  }
+
+  /** Logs the routed message, then acks it (once its queued copies are stored). */
+  private finishRoute(
+    session: Session,
+    frame: Record<string, unknown>,
+    arrival: FrameArrival,
+    context: RouteContext,
+    payloadJson: string | undefined,
+    clientGaveId: boolean,
+    claimed: boolean,
+  ): void {
+    const { dedupe } = this.deps;
+    const { sender, msgId, now } = context;
+    const { receivedAt } = arrival;
     const outcomeText = outcomeFields(context);
     const slot = this.deps.messageLog.append(
       {
@@ -444,6 +660,25 @@ export class Router {
     if (context.toQueue.length === 0) {
       session.sendText(finishAck(prefix, false));
       if (clientGaveId) dedupe.remember(sender.id, msgId, receivedAt, slot);
+      if (claimed) this.deps.cluster.settleMsgId(sender.id, msgId, outcomeText);
+    } else if (this.clustered) {
+      const recordId = this.deps.messageLog.lastRecordId;
+      for (const entry of context.toQueue) entry.record_id = recordId;
+      const stored = this.storeShared(context.toQueue).then(() => slot);
+      if (clientGaveId) dedupe.remember(sender.id, msgId, receivedAt, stored);
+      stored.then(
+        () => {
+          session.sendText(finishAck(prefix, false));
+          if (claimed) this.deps.cluster.settleMsgId(sender.id, msgId, outcomeText);
+          // Only now wake the targets' nodes: the sender hears the ack before any delivery_update.
+          this.deps.cluster.wake(context.toQueue.map((entry) => entry.target_id));
+        },
+        (error: Error) => {
+          this.deps.logger.error('queue_store_failed', { msg_id: msgId, error: error.message });
+          if (claimed) this.deps.cluster.releaseMsgId(sender.id, msgId);
+          session.sendError('store_failed', 'The relay could not store this message for offline targets (see its log); send it again.', { msg_id: msgId });
+        },
+      );
     } else {
       const recordId = this.deps.messageLog.lastRecordId;
       for (const entry of context.toQueue) entry.record_id = recordId;
@@ -475,6 +710,36 @@ export class Router {
     });
   }
 
+  /** Cluster: the targets this node does not hold, asked of the nodes that do. */
+  private async deliverElsewhere(context: RouteContext): Promise<void> {
+    const { cluster, identities } = this.deps;
+    const known: string[] = [];
+    const unknown: string[] = [];
+    for (const id of context.elsewhere ?? []) (identities.get(id) ? known : unknown).push(id);
+    // A lookup the store cannot answer now leaves its target offline: never a guess of "not found".
+    const fetched = await Promise.all(unknown.map((id) => cluster.fetchIdentity(id).catch(() => null)));
+    unknown.forEach((id, index) => {
+      const found = fetched[index];
+      if (found === null) this.notDelivered(context, id, 'target_offline');
+      else if (!found) context.failed.push({ id, reason: 'target_not_found' });
+      else if (found.banned) context.failed.push({ id, reason: 'target_banned' });
+      else known.push(id);
+      if (found && !identities.get(id)) identities.apply(toDoc(found));
+    });
+    const pieces: FramePieces = { head: context.head, tail: context.tail };
+    const [outcomes, reached] = await Promise.all([
+      known.length > 0 ? cluster.deliverElsewhere(pieces, known) : ({} as Record<string, RemoteOutcome>),
+      context.broadcast ? cluster.broadcastElsewhere(pieces, context.sender.id) : [],
+    ]);
+    for (const id of known) {
+      const outcome = outcomes[id] ?? 'offline';
+      if (outcome === 'delivered') context.delivered.push(id);
+      else if (outcome === 'banned') context.failed.push({ id, reason: 'target_banned' });
+      else this.notDelivered(context, id, outcome === 'slow' ? 'target_slow' : 'target_offline');
+    }
+    for (const id of reached) context.delivered.push(id);
+  }
+
   /** Answers a repeated msg_id with the first ack, rebuilt from its log record. */
   private answerDuplicate(session: Session, sender: Identity, frame: Record<string, unknown>, arrival: FrameArrival, msgId: string, prior: Remembered): void {
     const { dedupe, messageLog, logger } = this.deps;
@@ -487,7 +752,7 @@ export class Router {
         }
         // The first record was pruned already: nothing to repeat, so this is a new message.
         dedupe.forget(sender.id, msgId);
-        if (session.isOpen) this.route(session, sender, frame, arrival);
+        if (session.isOpen) this.routeChecked(session, sender, frame, arrival, msgId, false);
       })
       .catch((error: Error) => logger.error('duplicate_ack_failed', { msg_id: msgId, error: error.message }));
   }
@@ -513,6 +778,7 @@ export class Router {
         const identity = session.identity!;
         if (identity.id !== senderId) this.deliverTo(context, identity.id, identity, session);
       }
+      context.broadcast = this.clustered;
     } else if (target.kind === 'tag') {
       for (const id of this.deps.identities.withTag(target.tag)) if (id !== senderId) this.deliverOne(context, id);
     } else {
@@ -523,7 +789,8 @@ export class Router {
   private deliverOne(context: RouteContext, targetId: string): void {
     const identity = this.deps.identities.get(targetId);
     if (!identity) {
-      context.failed.push({ id: targetId, reason: 'target_not_found' });
+      if (this.clustered) (context.elsewhere ??= []).push(targetId);
+      else context.failed.push({ id: targetId, reason: 'target_not_found' });
       return;
     }
     this.deliverTo(context, targetId, identity, this.online.get(targetId));
@@ -533,6 +800,10 @@ export class Router {
   private deliverTo(context: RouteContext, targetId: string, identity: Identity, session: Session | undefined): void {
     if (identity.banned) {
       context.failed.push({ id: targetId, reason: 'target_banned' });
+      return;
+    }
+    if (session === undefined && this.clustered) {
+      (context.elsewhere ??= []).push(targetId);
       return;
     }
     // A socket that is closing (peer leaving, relay shutting down) drops what is written to it:
@@ -549,6 +820,11 @@ export class Router {
       }
       if (session.slowSince === null) session.slowSince = context.now;
     }
+    this.notDelivered(context, targetId, open ? 'target_slow' : 'target_offline');
+  }
+
+  /** A target not written to: queued when queueing applies, else failed with `reason`. */
+  private notDelivered(context: RouteContext, targetId: string, reason: 'target_slow' | 'target_offline'): void {
     if (context.queueTtlMs > 0) {
       context.queued.push(targetId);
       context.toQueue.push({
@@ -562,11 +838,15 @@ export class Router {
       });
       return;
     }
-    const reason = open ? 'target_slow' : 'target_offline';
     context.failed.push({ id: targetId, reason });
   }
 
   // ---- store-and-forward ---------------------------------------------------------------------
+
+  /** Cluster: queued copies go to the cluster store, for whichever node the target reaches. */
+  private async storeShared(entries: NewQueuedEntry[]): Promise<void> {
+    await Promise.all([this.deps.cluster.enqueue(entries), this.deps.messageLog.flush()]);
+  }
 
   private async storeQueued(held: HeldEntries): Promise<void> {
     const { queue, messageLog, options } = this.deps;
@@ -657,26 +937,191 @@ export class Router {
 
   // ---- bans ----------------------------------------------------------------------------------
 
-  setBan(id: string, banned: boolean, by: string): BanResult {
-    const identity = this.deps.identities.get(id);
+  async setBan(id: string, banned: boolean, by: string): Promise<BanResult> {
+    const { identities, cluster } = this.deps;
+    let identity = identities.get(id);
+    if (!identity && this.clustered) {
+      const found = await cluster.fetchIdentity(id).catch(() => null);
+      if (found === null) return { ok: false, status: 503, code: 'cluster_unavailable', message: CLUSTER_UNAVAILABLE };
+      if (found) identity = identities.apply(toDoc(found)) ?? undefined;
+    }
     if (!identity) {
       return { ok: false, status: 404, code: 'not_found', message: `No employee has id "${id}"; list them with GET /employees.` };
     }
     if (identity.role !== 'employee') {
       return { ok: false, status: 409, code: 'not_an_employee', message: `"${id}" is a boss; only employees can be banned.` };
     }
+    if (this.clustered) {
+      // In the cluster store first (another node may hold the socket; its replica learns from the announcement).
+      try {
+        await cluster.setBanned(identity, banned, by);
+      } catch {
+        return { ok: false, status: 503, code: 'cluster_unavailable', message: CLUSTER_UNAVAILABLE };
+      }
+    }
     const now = Date.now();
     const session = this.online.get(id);
     if (identity.banned !== banned) {
       identity.banned = banned;
-      this.deps.identities.save(identity);
+      if (!this.clustered) identities.save(identity);
       this.deps.connectionLog.record({ identityId: id, role: 'employee', event: banned ? 'ban' : 'unban', timestamp: now, online: session !== undefined, reason: by });
       this.deps.bus.publish({ type: banned ? 'ban' : 'unban', node: nodeRef(identity), by, at: now });
     }
-    if (banned && session) {
-      session.send({ type: 'system', event: 'banned', by, timestamp: now });
-      session.close(CLOSE_CODES.banned, 'Banned by an admin');
-    }
+    if (banned && session) this.closeBanned(session, by);
     return { ok: true, identity, online: banned ? false : session !== undefined };
   }
+
+  private closeBanned(session: Session, by: string): void {
+    session.send({ type: 'system', event: 'banned', by, timestamp: Date.now() });
+    session.close(CLOSE_CODES.banned, 'Banned by an admin');
+  }
+
+  // ---- what other nodes ask of this one (ClusterHandlers) -------------------------------------
+
+  deliverHere(pieces: FramePieces, ids: readonly string[]): Record<string, RemoteOutcome> {
+    const outcomes: Record<string, RemoteOutcome> = {};
+    let split: SplitText | null = null;
+    for (const id of ids) {
+      const session = this.online.get(id);
+      if (session === undefined || !session.isOpen) outcomes[id] = 'offline';
+      else if (session.identity!.banned) outcomes[id] = 'banned';
+      else if (session.ws.bufferedAmount > this.deps.options.maxBufferedBytes) outcomes[id] = 'slow';
+      else {
+        session.sendSplit((split ??= splitText(pieces.head, pieces.tail)), id);
+        outcomes[id] = 'delivered';
+      }
+    }
+    return outcomes;
+  }
+
+  broadcastHere(pieces: FramePieces, senderId: string): string[] {
+    const reached: string[] = [];
+    let split: SplitText | null = null;
+    for (const [id, session] of this.online) {
+      if (id === senderId || !session.isOpen || session.identity!.banned) continue;
+      if (session.ws.bufferedAmount > this.deps.options.maxBufferedBytes) continue;
+      session.sendSplit((split ??= splitText(pieces.head, pieces.tail)), id);
+      reached.push(id);
+    }
+    return reached;
+  }
+
+  heldIds(): Iterable<string> {
+    return this.online.keys();
+  }
+
+  private seenSharedAt = 0;
+
+  recentlySeen(): [string, number, number | null][] {
+    const since = this.seenSharedAt;
+    this.seenSharedAt = Date.now();
+    const seen: [string, number, number | null][] = [];
+    for (const session of this.online.values()) {
+      const identity = session.identity!;
+      const lastSeen = Math.max(identity.lastSeen, session.lastActivityAt);
+      if (lastSeen > since) seen.push([identity.id, lastSeen, identity.lastHeartbeatAt]);
+    }
+    return seen;
+  }
+
+  seenElsewhere(seen: readonly [string, number, number | null][]): void {
+    for (const [id, lastSeen, lastHeartbeatAt] of seen) {
+      const identity = this.deps.identities.get(id);
+      if (!identity || this.online.has(id)) continue;
+      if (lastSeen > identity.lastSeen) identity.lastSeen = lastSeen;
+      if (lastHeartbeatAt !== null && lastHeartbeatAt > (identity.lastHeartbeatAt ?? 0)) identity.lastHeartbeatAt = lastHeartbeatAt;
+    }
+  }
+
+  replacedElsewhere(id: string): void {
+    this.online.get(id)?.close(CLOSE_CODES.replaced, 'Replaced by a newer session of this identity');
+  }
+
+  identityWritten(doc: Record<string, unknown>): void {
+    const id = typeof doc._id === 'string' ? doc._id : null;
+    if (id === null) return;
+    // A ban travels on its own announcement: keep what this replica knows.
+    const banned = this.deps.identities.get(id)?.banned ?? false;
+    const identity = this.deps.identities.apply(doc);
+    if (identity) identity.banned = banned;
+  }
+
+  banChanged(id: string, banned: boolean, by: string): void {
+    const identity = this.deps.identities.get(id);
+    if (identity) identity.banned = banned;
+    const session = this.online.get(id);
+    if (banned && session) this.closeBanned(session, by);
+  }
+
+  queuedFor(id: string): void {
+    const session = this.online.get(id);
+    if (session?.isOpen) this.drainShared(session);
+  }
+
+  queuedOutcome(outcome: QueuedOutcome): void {
+    const now = Date.now();
+    const { msg_id, from_id, target_id, status } = outcome;
+    if (outcome.origin === this.nodeId) {
+      this.deps.messageLog.updateTarget(outcome.record_id, target_id, status);
+      this.deps.bus.publish({ type: 'delivery_update', msg_id, from_id, id: target_id, status, at: now });
+    }
+    this.online.get(from_id)?.send({ type: 'delivery_update', msg_id, id: target_id, status, timestamp: now });
+  }
+
+  /**
+   * Cluster: writes the queued copies waiting in the cluster store for this session's identity,
+   * in order, while its socket holds under half of --max-buffered (as the local drain does). A
+   * copy counts as delivered once the socket has handed it to the kernel; the first copy that
+   * was not (the socket closed) and every later one go back to the head of the queue for the
+   * next auth. One drain per session at a time, so a wake during a drain cannot reorder.
+   */
+  private drainShared(session: Session): void {
+    const id = session.identity!.id;
+    if (this.drainingShared.has(session)) {
+      this.drainingShared.set(session, true);
+      return;
+    }
+    this.drainingShared.set(session, false);
+    const { cluster, logger, options } = this.deps;
+    const room = options.maxBufferedBytes / 2;
+    const holds = () => session.isOpen && this.online.get(id) === session;
+    let moreLater = false;
+    const drain = async () => {
+      const entries = await cluster.takeQueued(id);
+      if (entries.length === 0) return;
+      const now = Date.now();
+      const written: SharedQueuedEntry[] = [];
+      const writes: Promise<boolean>[] = [];
+      const rest: SharedQueuedEntry[] = [];
+      for (const entry of entries) {
+        if (entry.expires_at <= now) cluster.finishQueued(queuedOutcomeOf(entry, 'expired'));
+        else if (rest.length > 0 || !holds() || session.ws.bufferedAmount > room) rest.push(entry);
+        else {
+          written.push(entry);
+          writes.push(new Promise((resolve) => session.sendQueued(entry.frame, (error) => resolve(!error))));
+        }
+      }
+      const results = await Promise.all(writes);
+      // Socket writes complete in order: everything from the first unwritten copy on goes back.
+      const firstLost = results.indexOf(false);
+      const delivered = firstLost < 0 ? written : written.slice(0, firstLost);
+      for (const entry of delivered) cluster.finishQueued(queuedOutcomeOf(entry, 'delivered'));
+      const back = firstLost < 0 ? rest : [...written.slice(firstLost), ...rest];
+      if (back.length > 0) await cluster.returnQueued(id, back);
+      moreLater = firstLost < 0 && rest.length > 0;
+    };
+    drain()
+      .catch((error: Error) => logger.warn('queue_drain_failed', { id, error: error.message }))
+      .finally(() => {
+        const again = this.drainingShared.get(session) === true;
+        this.drainingShared.delete(session);
+        if (!holds()) return;
+        if (moreLater) session.whenWritable(room, () => this.drainShared(session));
+        else if (again) this.drainShared(session);
+      });
+  }
+}
+
+function queuedOutcomeOf(entry: SharedQueuedEntry, status: 'delivered' | 'expired'): QueuedOutcome {
+  return { origin: entry.origin, record_id: entry.record_id, msg_id: entry.msg_id, from_id: entry.from_id, target_id: entry.target_id, status };
 }

@@ -22,6 +22,8 @@ export function heartbeatStaleMs(pingIntervalMs: number): number {
 export interface Liveness {
   /** When the node's open socket last carried a frame or a pong; undefined while it is offline. */
   lastActivity(id: string): number | undefined;
+  /** The relay node holding the identity's socket (docs/CLUSTER.md); null while it is offline. */
+  node(id: string): string | null;
   heartbeatStaleMs: number;
 }
 
@@ -49,6 +51,8 @@ export interface NodeView {
   created_at: number;
   last_seen: number;
   meta: Record<string, unknown> | null;
+  /** The relay node holding its socket; null while offline. */
+  node: string | null;
 }
 
 export function nodeStatus(identity: Identity, online: boolean): NodeStatus {
@@ -61,7 +65,7 @@ function lastSeen(identity: Identity, lastActivityAt: number | null | undefined)
   return lastActivityAt != null && lastActivityAt > identity.lastSeen ? lastActivityAt : identity.lastSeen;
 }
 
-export function nodeView(identity: Identity, online: boolean, lastActivityAt: number | null = null): NodeView {
+export function nodeView(identity: Identity, online: boolean, lastActivityAt: number | null = null, node: string | null = null): NodeView {
   return {
     id: identity.id,
     role: identity.role,
@@ -73,6 +77,7 @@ export function nodeView(identity: Identity, online: boolean, lastActivityAt: nu
     created_at: identity.createdAt,
     last_seen: lastSeen(identity, lastActivityAt),
     meta: identity.meta,
+    node: online ? node : null,
   };
 }
 
@@ -137,7 +142,7 @@ function registrationOrder(identities: IdentityStore, role?: Role): Identity[] {
 export function listNodes(identities: IdentityStore, liveness: Liveness, role?: Role): NodeView[] {
   return registrationOrder(identities, role).map((identity) => {
     const activity = liveness.lastActivity(identity.id);
-    return nodeView(identity, activity !== undefined, activity);
+    return nodeView(identity, activity !== undefined, activity, liveness.node(identity.id));
   });
 }
 
@@ -174,7 +179,7 @@ export function workforceJson(identities: IdentityStore, liveness: Liveness, tag
     if (identity.role === 'employee' && tag !== null && !identity.tags.includes(tag)) continue;
     const activity = liveness.lastActivity(identity.id);
     const isUp = activity !== undefined;
-    const view = nodeView(identity, isUp, activity);
+    const view = nodeView(identity, isUp, activity, isUp ? liveness.node(identity.id) : null);
     const nodeHealthView = nodeHealth(identity, isUp, now, liveness.heartbeatStaleMs, activity);
     const text = Buffer.from(JSON.stringify({ ...view, health: nodeHealthView }));
     health[nodeHealthView.overall]++;

@@ -346,7 +346,7 @@ describe('examples/Dockerfile (checked without a Docker engine)', () => {
     const probe = execForm(healthcheck.slice(healthcheck.indexOf('CMD ') + 4)).slice(1).map((word) => word.replace(`:${exposed}`, `:${port}`));
     try {
       await relay.waitForHealth();
-      assert.ok(relay.stdout.includes(`(data: ${dataDir})`), relay.stdout);
+      assert.ok(relay.stdout.includes(`(data: ${dataDir},`), relay.stdout);
       const socket = await connect({ url: relay.wsUrl, httpUrl: relay.httpUrl });
       socket.send({ type: 'auth', role: 'boss', authkey: 'docker-key' });
       assert.equal((await socket.next((f) => f.type === 'auth_ok' || f.type === 'error')).type, 'auth_ok');

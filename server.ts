@@ -8,6 +8,7 @@ import path from 'node:path';
 import { ConnectionLog } from './lib/connection-log';
 import { DedupeCache } from './lib/dedupe-cache';
 import { DeliveryQueue } from './lib/delivery-queue';
+import { Dispatcher } from './lib/dispatch';
 import { serveDashboard } from './lib/dashboard-page';
 import { logRelayEvents } from './lib/event-log';
 import { EventStream } from './lib/event-stream';
@@ -19,6 +20,7 @@ import { MessageLog } from './lib/message-log';
 import { RelayMetrics } from './lib/metrics';
 import { resolveOptions, type RelayOptions, type ResolvedOptions } from './lib/options';
 import { Router } from './lib/router';
+import { NedbTaskStore } from './lib/task-store';
 import { packageVersion } from './lib/version';
 import { WsGateway } from './lib/ws-gateway';
 
@@ -47,13 +49,14 @@ interface Stores {
   connectionLog: ConnectionLog;
   messageLog: MessageLog;
   queue: DeliveryQueue;
+  tasks: NedbTaskStore;
 }
 
 async function openStores(options: ResolvedOptions, logger: Logger): Promise<Stores> {
   await fs.mkdir(options.dataDir, { recursive: true });
   const file = (name: string) => path.join(options.dataDir, name);
   const compaction = options.maintenanceIntervalMs;
-  const [identities, connectionLog, messageLog, queue] = await Promise.all([
+  const [identities, connectionLog, messageLog, queue, tasks] = await Promise.all([
     IdentityStore.open(file('identities.db'), logger, compaction),
     ConnectionLog.open(file('connections.db'), logger, compaction),
     MessageLog.open({
@@ -65,20 +68,23 @@ async function openStores(options: ResolvedOptions, logger: Logger): Promise<Sto
       maintenanceIntervalMs: options.maintenanceIntervalMs,
     }),
     DeliveryQueue.open(file('queue.db'), logger, { compactionIntervalMs: compaction, fsync: options.fsync }),
+    NedbTaskStore.open(file('tasks.db'), logger, { compactionIntervalMs: compaction, fsync: options.fsync }),
   ]);
-  return { identities, connectionLog, messageLog, queue };
+  return { identities, connectionLog, messageLog, queue, tasks };
 }
 
 /**
  * Rebuilds the dedupe window from the log, so a resend after a restart is still a duplicate.
  * A record whose queued copy never reached queue.db (a crash between the two writes) is left
  * out: its ack was never sent, so the resend must be routed again rather than answered.
+ * A task for `any:<tag>` (listed as queued under that name) is written before its record, so
+ * its record is always kept.
  */
 async function restoreDedupe(dedupe: DedupeCache, messageLog: MessageLog, queue: DeliveryQueue, windowMs: number): Promise<void> {
   if (!dedupe.enabled) return;
   const stillQueued = queue.recordIds();
   for (const { slot, record } of await messageLog.recordsSince(Date.now() - windowMs, DEDUPE_MAX_ENTRIES)) {
-    const lostQueueWrite = record.targets.some((t) => t.status === 'queued') && !stillQueued.has(record._id);
+    const lostQueueWrite = record.targets.some((t) => t.status === 'queued' && !t.id.startsWith('any:')) && !stillQueued.has(record._id);
     if (!lostQueueWrite) dedupe.remember(record.from_id, record.msg_id, record.timestamp, slot);
   }
 }
@@ -103,7 +109,14 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
   if (logger.isEnabled('info')) bus.subscribe(logRelayEvents(logger));
   const dedupe = new DedupeCache(options.dedupeWindowMs, DEDUPE_MAX_ENTRIES);
   await restoreDedupe(dedupe, stores.messageLog, stores.queue, options.dedupeWindowMs);
-  const router = new Router({ options, ...stores, dedupe, bus, logger });
+  // The dispatcher writes through the router's sessions; the router hands it any: targets.
+  const link = {
+    write: (id: string, text: string) => router.writeTo(id, text),
+    settleRecord: (recordId: string, target: string, status: 'delivered' | 'expired') => stores.messageLog.updateTarget(recordId, target, status),
+  };
+  const dispatcher = new Dispatcher({ store: stores.tasks, bus, logger, link, maxAttempts: options.maxAttempts, maxQueueTtlMs: options.maxQueueTtlMs });
+  dispatcher.restore(Date.now());
+  const router: Router = new Router({ options, ...stores, dedupe, dispatcher, bus, logger });
   const gateway = new WsGateway(options, router, bus, logger);
   const eventStream = new EventStream({ bus });
   const metrics = new RelayMetrics({
@@ -141,6 +154,7 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
   const expiry = setInterval(() => {
     const now = Date.now();
     router.expireQueued(now);
+    dispatcher.expire(now);
     dedupe.expire(now);
   }, 1000);
   expiry.unref();
@@ -155,6 +169,7 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
     clearInterval(expiry);
     clearInterval(maintenance);
     eventStream.close();
+    dispatcher.close();
   };
 
   try {
@@ -193,7 +208,7 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
 
 async function closeStores(stores: Stores): Promise<void> {
   // Identities last: disconnects during shutdown update them.
-  await Promise.all([stores.messageLog.close(), stores.connectionLog.close(), stores.queue.close()]);
+  await Promise.all([stores.messageLog.close(), stores.connectionLog.close(), stores.queue.close(), stores.tasks.close()]);
   await stores.identities.close();
 }
 

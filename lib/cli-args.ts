@@ -39,6 +39,8 @@ const FLAGS: Record<string, { kind: Kind; option: keyof RelayOptions; help: stri
   fsync: { kind: 'boolean', option: 'fsync', help: 'fsync the logs after each write batch (default off)' },
   'employee-key': { kind: 'string', option: 'employeeKey', help: 'key employees must send as "employee_key" to register (else env MIMICLAW_EMPLOYEE_KEY; default none)' },
   'public-reads': { kind: 'boolean', option: 'publicReads', help: 'let non-loopback clients read without the authkey (default off)' },
+  'task-timeout': { kind: 'duration', option: 'taskTimeoutMs', help: 'lease of a task sent to any:<tag> without task_timeout_ms (default 10m)' },
+  'max-attempts': { kind: 'count', option: 'maxAttempts', help: 'assignments a dispatched task gets before it fails (default 3)' },
 };
 
 const BYTE_UNITS: Record<string, number> = { '': 1, b: 1, kb: 1000, kib: 1024, mb: 1e6, mib: 1024 ** 2, gb: 1e9, gib: 1024 ** 3 };

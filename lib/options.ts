@@ -61,6 +61,12 @@ export interface RelayOptions {
   publicReads?: boolean;
   /** How often pruning and compaction run, ms. Default 10 minutes. */
   maintenanceIntervalMs?: number;
+
+  // ---- part C (see README "Dispatch") ----
+  /** Lease of a task sent to `any:<tag>` when the message gives no task_timeout_ms, ms. Default 10 minutes. */
+  taskTimeoutMs?: number;
+  /** Assignments a dispatched task gets before it fails. Default 3. */
+  maxAttempts?: number;
 }
 
 export type ResolvedOptions = Required<Omit<RelayOptions, 'logger' | 'employeeKey'>> & {
@@ -94,6 +100,8 @@ export const DEFAULTS = {
   fsync: false,
   publicReads: false,
   maintenanceIntervalMs: 10 * MINUTE,
+  taskTimeoutMs: 10 * MINUTE,
+  maxAttempts: 3,
 } as const;
 
 export function defaultDataDir(env: NodeJS.ProcessEnv = process.env): string {
@@ -153,6 +161,8 @@ export function resolveOptions(options: RelayOptions): ResolvedOptions {
     employeeKey: options.employeeKey === '' ? undefined : options.employeeKey,
     publicReads: options.publicReads ?? DEFAULTS.publicReads,
     maintenanceIntervalMs: ms('maintenanceIntervalMs', options.maintenanceIntervalMs, DEFAULTS.maintenanceIntervalMs, 1000),
+    taskTimeoutMs: wholeNumber('taskTimeoutMs', options.taskTimeoutMs ?? DEFAULTS.taskTimeoutMs, 1, 2 ** 31 - 1),
+    maxAttempts: wholeNumber('maxAttempts', options.maxAttempts ?? DEFAULTS.maxAttempts, 1, 1000),
   };
   return resolved;
 }

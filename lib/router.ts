@@ -7,6 +7,7 @@ import type { ConnectionLog } from './connection-log';
 import type { DedupeCache, Remembered } from './dedupe-cache';
 import { ackPrefix, finishAck, outcomeFields } from './delivery-ack';
 import type { DeliveryQueue, NewQueuedEntry, QueuedEntry } from './delivery-queue';
+import type { Dispatcher, SubmitResult } from './dispatch';
 import type { EventBus, NodeRef } from './events';
 import type { Identity, IdentityStore } from './identity-store';
 import type { Logger } from './logger';
@@ -14,7 +15,12 @@ import type { MessageLog } from './message-log';
 import type { ResolvedOptions } from './options';
 import {
   CLOSE_CODES,
+  checkCapacity,
   checkEmployeeProfile,
+  checkInReplyTo,
+  checkPriority,
+  checkStatusFrame,
+  checkTaskTimeout,
   checkIdentity,
   checkRole,
   checkTarget,
@@ -38,6 +44,7 @@ export interface RouterDeps {
   messageLog: MessageLog;
   queue: DeliveryQueue;
   dedupe: DedupeCache;
+  dispatcher: Dispatcher;
   bus: EventBus;
   logger: Logger;
 }
@@ -69,6 +76,14 @@ function digest(text: string): Buffer {
   return createHash('sha256').update(text).digest();
 }
 
+
+/** A message to `any:<tag>` as routing has read it. */
+interface TaskMessage {
+  msgId: string;
+  clientGaveId: boolean;
+  payloadJson: string | undefined;
+  now: number;
+}
 
 interface RouteContext {
   sender: Identity;
@@ -114,25 +129,27 @@ export class Router {
   // ---- auth ----------------------------------------------------------------------------------
 
   authenticate(session: Session, frame: Record<string, unknown>): void {
-    const outcome = this.decideAuth(frame);
+    const capacity = checkCapacity(frame.capacity);
+    const outcome = capacity.ok ? this.decideAuth(frame) : capacity.error;
     if ('code' in outcome) {
       this.rejectAuth(session, frame, outcome);
       return;
     }
     const { identity, key, reconnected } = outcome;
+    const declared = capacity.ok ? capacity.value : undefined;
     session.identity = identity;
     if (reconnected) {
-      this.goOnline(session, identity, key, true);
+      this.goOnline(session, identity, key, true, declared);
       return;
     }
     // A new identity is on disk before its key is handed out, so a crash cannot forget an
     // identity its client was already told about.
     void this.deps.identities.flush().then(() => {
-      if (session.isOpen) this.goOnline(session, identity, key, false);
+      if (session.isOpen) this.goOnline(session, identity, key, false, declared);
     });
   }
 
-  private goOnline(session: Session, identity: Identity, key: string, reconnected: boolean): void {
+  private goOnline(session: Session, identity: Identity, key: string, reconnected: boolean, capacity: number | undefined): void {
     const now = Date.now();
     const previous = this.online.get(identity.id);
     session.ref = nodeRef(identity);
@@ -163,6 +180,7 @@ export class Router {
     });
     this.deps.bus.publish({ type: 'connect', node: session.ref, reconnected, at: now });
     this.deliverQueued(session);
+    this.deps.dispatcher.online(identity, capacity);
   }
 
   private decideAuth(
@@ -271,6 +289,7 @@ export class Router {
     this.pausedForLog.delete(session);
     if (!identity || this.online.get(identity.id) !== session) return;
     this.online.delete(identity.id);
+    this.deps.dispatcher.offline(identity.id);
     const now = Date.now();
     identity.lastSeen = now;
     identity.lastDisconnectedAt = now;
@@ -303,13 +322,19 @@ export class Router {
       case 'message':
         this.route(session, identity, frame, arrival);
         return;
+      case 'status':
+        this.status(session, identity, frame);
+        return;
+      case 'task_done':
+        this.taskDone(session, identity, frame);
+        return;
       case 'auth':
         session.sendError('unsupported_type', 'This connection is already authenticated; auth is only accepted as the first frame.');
         return;
       default:
         session.sendError(
           'unsupported_type',
-          `Frame type "${frame.type.slice(0, 40)}" is not supported: use ping, health_report or message.`,
+          `Frame type "${frame.type.slice(0, 40)}" is not supported: use ping, health_report, message, status or task_done.`,
         );
     }
   }
@@ -325,6 +350,55 @@ export class Router {
     this.deps.identities.save(identity);
     session.send({ type: 'health_report_ack', id: identity.id, valid: frame.valid, timestamp: now });
     this.deps.bus.publish({ type: 'health', node: nodeRef(identity), valid: frame.valid, at: now });
+  }
+
+  // ---- dispatch frames (part C) ----------------------------------------------------------------
+
+  private status(session: Session, identity: Identity, frame: Record<string, unknown>): void {
+    if (identity.role !== 'employee') {
+      session.sendError('invalid_status', 'Only employees send status: a boss is never dispatched tasks.');
+      return;
+    }
+    const checked = checkStatusFrame(frame);
+    if (!checked.ok) {
+      session.sendError(checked.error.code, checked.error.message);
+      return;
+    }
+    const view = this.deps.dispatcher.setStatus(identity, checked.value.status, checked.value.capacity);
+    session.send({
+      type: 'status_ack',
+      id: identity.id,
+      status: view.status === 'offline' ? 'idle' : view.status,
+      capacity: view.capacity,
+      in_progress: view.in_progress,
+      timestamp: Date.now(),
+    });
+  }
+
+  private taskDone(session: Session, identity: Identity, frame: Record<string, unknown>): void {
+    if (typeof frame.msg_id !== 'string' || frame.msg_id === '' || frame.msg_id.length > MAX_MSG_ID_LENGTH) {
+      session.sendError('invalid_msg_id', `task_done needs "msg_id": the msg_id of the task, a string of at most ${MAX_MSG_ID_LENGTH} characters.`);
+      return;
+    }
+    if (frame.failed !== undefined && typeof frame.failed !== 'boolean') {
+      session.sendError('invalid_frame', 'Field "failed" of task_done must be true or false.', { msg_id: frame.msg_id });
+      return;
+    }
+    if (!this.deps.dispatcher.taskDone(identity.id, frame.msg_id, frame.failed === true)) {
+      session.sendError(
+        'task_not_found',
+        'No task with this msg_id is in progress with you: it was answered already, or its lease ended and it went to someone else.',
+        { msg_id: frame.msg_id },
+      );
+    }
+  }
+
+  /** Writes a frame to an identity's open session; false when it has none. */
+  writeTo(id: string, text: string): boolean {
+    const session = this.online.get(id);
+    if (!session || !session.isOpen) return false;
+    session.sendText(text);
+    return true;
   }
 
   // ---- routing -------------------------------------------------------------------------------
@@ -364,6 +438,15 @@ export class Router {
       session.sendError('invalid_frame', queueTtlMs, answering);
       return;
     }
+    const priority = checkPriority(frame.priority);
+    const inReplyTo = checkInReplyTo(frame.in_reply_to, MAX_MSG_ID_LENGTH);
+    const taskTimeout = checkTaskTimeout(frame.task_timeout_ms);
+    for (const checked of [priority, inReplyTo, taskTimeout]) {
+      if (!checked.ok) {
+        session.sendError(checked.error.code, checked.error.message, answering);
+        return;
+      }
+    }
     let payloadJson: string | undefined;
     try {
       payloadJson = frame.payload === undefined ? undefined : JSON.stringify(frame.payload);
@@ -372,11 +455,31 @@ export class Router {
       return;
     }
     const now = Date.now();
+    // Part C fields ride along only when given, so part A/B frames stay exactly as they were.
+    const replyField = inReplyTo.ok && inReplyTo.value !== undefined ? `"in_reply_to":${JSON.stringify(inReplyTo.value)},` : '';
+    const priorityField = priority.ok && priority.value !== 'normal' ? `"priority":"${priority.value}",` : '';
+    const rest = `${replyField}${priorityField}${payloadJson === undefined ? '' : `"payload":${payloadJson},`}"timestamp":${now}}`;
+    const head = `{"type":"message","msg_id":${JSON.stringify(msgId)},"from_id":"${sender.id}","from_role":"${sender.role}","to":"`;
+    if (target.value.kind === 'any') {
+      const dispatch = this.deps.dispatcher.submit({
+        sender,
+        msgId,
+        tag: target.value.tag,
+        priority: priority.ok ? priority.value : 'normal',
+        head,
+        rest: `,${rest}`,
+        timeoutMs: (taskTimeout.ok ? taskTimeout.value : undefined) ?? options.taskTimeoutMs,
+        queueTtlMs,
+        now,
+      });
+      this.routeTask(session, sender, frame, arrival, { msgId, clientGaveId, payloadJson, now }, dispatch);
+      return;
+    }
     const context: RouteContext = {
       sender,
       msgId,
-      head: `{"type":"message","msg_id":${JSON.stringify(msgId)},"from_id":"${sender.id}","from_role":"${sender.role}","to":"`,
-      tail: `",${payloadJson === undefined ? '' : `"payload":${payloadJson},`}"timestamp":${now}}`,
+      head,
+      tail: `",${rest}`,
       split: null,
       queueTtlMs,
       now,
@@ -386,6 +489,9 @@ export class Router {
       toQueue: [],
     };
     this.deliverAll(context, target.value);
+    if (inReplyTo.ok && inReplyTo.value !== undefined && sender.role === 'employee' && target.value.kind === 'ids') {
+      this.deps.dispatcher.replied(sender.id, inReplyTo.value, target.value.ids);
+    }
     const outcomeText = outcomeFields(context);
     const slot = this.deps.messageLog.append(
       {
@@ -436,6 +542,61 @@ export class Router {
     });
   }
 
+  /**
+   * The rest of a message to `any:<tag>` (part C). A task is on disk before its messages.db record
+   * and its ack: a record found after a crash always has its task, so a resend answered as a
+   * duplicate never loses work. The task goes out to its employee after the ack.
+   */
+  private routeTask(session: Session, sender: Identity, frame: Record<string, unknown>, arrival: FrameArrival, message: TaskMessage, dispatch: SubmitResult): void {
+    const { messageLog, dedupe, logger } = this.deps;
+    const { msgId, now } = message;
+    const log = (): number => {
+      const slot = messageLog.append(
+        { msg_id: msgId, timestamp: now, from_id: sender.id, from_role: sender.role, delivered: dispatch.delivered, failed: dispatch.failed, queued: dispatch.queued, payload_json: message.payloadJson ?? 'null' },
+        outcomeText,
+      );
+      if (!messageLog.belowHighWaterMark && !this.pausedForLog.has(session)) {
+        session.ws.pause();
+        this.pausedForLog.add(session);
+      }
+      return slot;
+    };
+    const outcomeText = outcomeFields(dispatch);
+    const ack = ackPrefix(msgId, outcomeText);
+    const task = dispatch.task;
+    if (task === null) {
+      const slot = log();
+      session.sendText(finishAck(ack, false));
+      if (message.clientGaveId) dedupe.remember(sender.id, msgId, arrival.receivedAt, slot);
+    } else {
+      const logged = task.stored.then(() => {
+        const slot = log();
+        session.sendText(finishAck(ack, false));
+        task.activate(dispatch.queued.length > 0 ? messageLog.lastRecordId : null);
+        return slot;
+      });
+      if (message.clientGaveId) dedupe.remember(sender.id, msgId, arrival.receivedAt, logged);
+      logged.catch((error: Error) => {
+        task.abandon();
+        if (message.clientGaveId) dedupe.forget(sender.id, msgId);
+        logger.error('task_store_failed', { msg_id: msgId, error: error.message });
+        session.sendError('store_failed', 'The relay could not store this task (see its log); send it again.', { msg_id: msgId });
+      });
+    }
+    this.deps.bus.publish({
+      type: 'message',
+      msg_id: msgId,
+      from: session.ref ?? nodeRef(sender),
+      to: frame.to as string,
+      delivered: dispatch.delivered,
+      failed: dispatch.failed,
+      queued: dispatch.queued,
+      bytes: arrival.bytes,
+      route_ms: performance.now() - arrival.startedAt,
+      at: now,
+    });
+  }
+
   /** Answers a repeated msg_id with the first ack, rebuilt from its log record. */
   private answerDuplicate(session: Session, sender: Identity, frame: Record<string, unknown>, arrival: FrameArrival, msgId: string, prior: Remembered): void {
     const { dedupe, messageLog, logger } = this.deps;
@@ -476,7 +637,7 @@ export class Router {
       }
     } else if (target.kind === 'tag') {
       for (const id of this.deps.identities.withTag(target.tag)) if (id !== senderId) this.deliverOne(context, id);
-    } else {
+    } else if (target.kind === 'ids') {
       for (const id of target.ids) this.deliverOne(context, id);
     }
   }

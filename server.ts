@@ -124,6 +124,7 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
     stats: () => ({
       connections: { ...router.countOnline(), unauthenticated: gateway.unauthenticatedCount },
       queueDepth: stores.queue.depth,
+      dispatch: dispatcher.counts(),
       stores: { identities: stores.identities.size, connectionEvents: stores.connectionLog.size, messages: stores.messageLog.stats().records },
       bytesIn: gateway.bytesIn,
       bytesOut: gateway.bytesOut,
@@ -138,6 +139,7 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
   const api = new HttpApi({
     options,
     router,
+    dispatcher,
     identities: stores.identities,
     messageLog: stores.messageLog,
     logger,

@@ -3,6 +3,7 @@
 // it. Errors are {"error":code,"code":code,"message":sentence}.
 
 import type { IncomingMessage, ServerResponse } from 'node:http';
+import type { Dispatcher } from './dispatch';
 import type { IdentityStore } from './identity-store';
 import type { Logger } from './logger';
 import type { MessageLog } from './message-log';
@@ -23,6 +24,7 @@ export interface HttpExtensions {
 export interface HttpApiDeps {
   options: ResolvedOptions;
   router: Router;
+  dispatcher: Dispatcher;
   identities: IdentityStore;
   messageLog: MessageLog;
   logger: Logger;
@@ -150,7 +152,8 @@ export class HttpApi {
     const reads: Record<string, () => unknown> = {
       '/employees': () => ({ employees: listNodes(this.deps.identities, this.isOnline, 'employee') }),
       '/connections': () => ({ connections: listNodes(this.deps.identities, this.isOnline) }),
-      '/admin/workforce': () => workforce(this.deps.identities, this.isOnline, textParam(url, 'tag'), Date.now()),
+      '/admin/workforce': () => workforce(this.deps.identities, this.isOnline, textParam(url, 'tag'), Date.now(), (id) => this.deps.dispatcher.workerOf(id)),
+      '/admin/tasks': () => this.tasks(url),
     };
     const read = reads[path];
     if (read) {
@@ -210,6 +213,15 @@ export class HttpApi {
       active_connections: this.deps.activeConnections(),
       online: counts,
     };
+  }
+
+  /** Part C: dispatched tasks waiting or in progress, with counts per tag. */
+  private tasks(url: URL) {
+    const limit = intParam(url, 'limit', 1000, 1, 100_000)!;
+    const tag = textParam(url, 'tag');
+    const now = Date.now();
+    const { total, tasks } = this.deps.dispatcher.list(now, limit, tag);
+    return { tags: this.deps.dispatcher.counts(), total, limit, tasks, timestamp: now };
   }
 
   private async communications(url: URL) {

@@ -37,6 +37,14 @@ export interface NodeView {
 
 export type IsOnline = (id: string) => boolean;
 
+/** Part C: an employee's availability for dispatch, as /admin/workforce shows it. */
+export interface DispatchView {
+  status: 'idle' | 'working' | 'dnd' | 'offline';
+  capacity: number;
+  in_progress: number;
+}
+export type DispatchOf = (id: string) => DispatchView | null;
+
 export function nodeStatus(identity: Identity, online: boolean): NodeStatus {
   if (identity.banned) return 'banned';
   return online ? 'online' : 'offline';
@@ -108,10 +116,12 @@ export function listNodes(identities: IdentityStore, isOnline: IsOnline, role?: 
   return sortedIdentities(identities, role).map((identity) => nodeView(identity, isOnline(identity.id)));
 }
 
-export function workforce(identities: IdentityStore, isOnline: IsOnline, tag: string | null, now: number) {
-  const bosses: (NodeView & { health: NodeHealth })[] = [];
-  const employees: (NodeView & { health: NodeHealth })[] = [];
-  const byTag: Record<string, { count: number; employee_ids: string[]; employees: (NodeView & { health: NodeHealth })[] }> = {};
+type WorkforceNode = NodeView & { health: NodeHealth; dispatch?: DispatchView };
+
+export function workforce(identities: IdentityStore, isOnline: IsOnline, tag: string | null, now: number, dispatchOf: DispatchOf = () => null) {
+  const bosses: WorkforceNode[] = [];
+  const employees: WorkforceNode[] = [];
+  const byTag: Record<string, { count: number; employee_ids: string[]; employees: WorkforceNode[] }> = {};
   const health = { healthy: 0, degraded: 0, unhealthy: 0 };
   let online = 0;
   let banned = 0;
@@ -119,7 +129,7 @@ export function workforce(identities: IdentityStore, isOnline: IsOnline, tag: st
   for (const identity of sortedIdentities(identities)) {
     const isUp = isOnline(identity.id);
     if (identity.role === 'employee' && tag !== null && !identity.tags.includes(tag)) continue;
-    const node = { ...nodeView(identity, isUp), health: nodeHealth(identity, isUp, now) };
+    const node: WorkforceNode = { ...nodeView(identity, isUp), health: nodeHealth(identity, isUp, now) };
     total++;
     health[node.health.overall]++;
     if (isUp) online++;
@@ -128,6 +138,7 @@ export function workforce(identities: IdentityStore, isOnline: IsOnline, tag: st
       bosses.push(node);
       continue;
     }
+    node.dispatch = dispatchOf(identity.id) ?? { status: isUp ? 'idle' : 'offline', capacity: 1, in_progress: 0 };
     employees.push(node);
     for (const t of identity.tags) {
       const group = (byTag[t] ??= { count: 0, employee_ids: [], employees: [] });

@@ -201,3 +201,92 @@ test('waiting and in-progress tasks survive a restart; in-progress ones are disp
     await current.dispose();
   }
 });
+
+/** Reads /api/events until every wanted event type has been seen; returns the events' data. */
+async function sseUntil(httpUrl: string, wanted: string[], start: () => Promise<void>): Promise<Record<string, Record<string, unknown>[]>> {
+  const controller = new AbortController();
+  const response = await fetch(`${httpUrl}/api/events`, { signal: controller.signal });
+  const reader = response.body!.getReader();
+  const seen: Record<string, Record<string, unknown>[]> = {};
+  let text = '';
+  await start();
+  const decoder = new TextDecoder();
+  const deadline = setTimeout(() => controller.abort(), 10_000);
+  try {
+    while (!wanted.every((type) => seen[type])) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      text += decoder.decode(value, { stream: true });
+      let end: number;
+      while ((end = text.indexOf('\n\n')) >= 0) {
+        const block = text.slice(0, end);
+        text = text.slice(end + 2);
+        const type = /^event: (.+)$/m.exec(block)?.[1];
+        const data = /^data: (.+)$/m.exec(block)?.[1];
+        if (type && data) (seen[type] ??= []).push(JSON.parse(data) as Record<string, unknown>);
+      }
+    }
+  } finally {
+    clearTimeout(deadline);
+    controller.abort();
+  }
+  return seen;
+}
+
+test('admin views: /api/admin/tasks, the workforce dispatch field, task events on /api/events and dispatch metrics', async () => {
+  await withRelay(
+    async ({ relay }) => {
+      const boss = await authBoss(relay);
+      const a = await authEmployee(relay, 'A', ['desk'], { capacity: 2 });
+      await setStatus(a, { status: 'working' });
+      const events = await sseUntil(relay.httpUrl, ['task_assigned', 'task_done', 'task_retried', 'task_failed'], async () => {
+        boss.socket.send({ type: 'message', to: 'any:desk', payload: 1, msg_id: 'h', priority: 'high', task_timeout_ms: 60_000 });
+        assert.deepEqual((await boss.socket.next('delivery_ack')).delivered, [a.id]);
+        await a.socket.next('message');
+        boss.socket.send({ type: 'message', to: 'any:desk', payload: 2, msg_id: 'w', queue: true });
+        assert.deepEqual((await boss.socket.next('delivery_ack')).queued, ['any:desk']);
+
+        const { body: tasks } = await http(relay, 'GET', '/api/admin/tasks');
+        assert.deepEqual(tasks.tags, { desk: { waiting: 1, in_progress: 1 } });
+        const list = tasks.tasks as Record<string, unknown>[];
+        assert.deepEqual(
+          list.map((t) => [t.msg_id, t.status, t.employee_id, t.attempt, t.priority, t.target, t.from_id]),
+          [
+            ['h', 'in_progress', a.id, 1, 'high', 'any:desk', boss.id],
+            ['w', 'waiting', null, 0, 'normal', 'any:desk', boss.id],
+          ],
+        );
+        assert.ok(list.every((t) => typeof t.age_ms === 'number' && t.age_ms >= 0));
+        const { body: force } = await http(relay, 'GET', '/api/admin/workforce');
+        const node = (force.employees as Record<string, unknown>[]).find((e) => e.id === a.id)!;
+        assert.deepEqual(node.dispatch, { status: 'working', capacity: 2, in_progress: 1 });
+        const metrics = await (await fetch(`${relay.httpUrl}/metrics`)).text();
+        assert.match(metrics, /^mimiclaw_dispatch_queue_depth\{tag="desk"\} 1$/m);
+        assert.match(metrics, /^mimiclaw_dispatch_in_progress\{tag="desk"\} 1$/m);
+        assert.match(metrics, /^mimiclaw_dispatch_wait_seconds_count\{tag="desk"\} 1$/m);
+
+        a.socket.send({ type: 'message', to: boss.id, in_reply_to: 'h', payload: 'ok' });
+        await boss.socket.next(update('h', 'done'));
+        await setStatus(a, { status: 'idle' });
+        const w = await a.socket.next('message');
+        assert.equal(w.msg_id, 'w');
+        a.socket.send({ type: 'task_done', msg_id: 'w', failed: true });
+        assert.equal((await a.socket.next('message')).attempt, 2);
+        a.socket.send({ type: 'task_done', msg_id: 'w', failed: true });
+        await boss.socket.next(update('w', 'failed'));
+      });
+      assert.deepEqual(
+        events.task_assigned!.map((e) => [e.msg_id, e.employee_id, e.attempt, e.target]),
+        [
+          ['h', a.id, 1, 'any:desk'],
+          ['w', a.id, 1, 'any:desk'],
+          ['w', a.id, 2, 'any:desk'],
+        ],
+      );
+      assert.deepEqual(events.task_done!.map((e) => e.msg_id), ['h']);
+      assert.deepEqual(events.task_retried!.map((e) => [e.msg_id, e.reason, e.attempt, e.employee_id]), [['w', 'failed', 1, a.id]]);
+      assert.deepEqual(events.task_failed!.map((e) => [e.msg_id, e.reason, e.attempt]), [['w', 'max_attempts', 2]]);
+    },
+    { maxAttempts: 2 },
+  );
+});

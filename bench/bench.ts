@@ -2,7 +2,7 @@
 // medians of several rounds. Not a pass/fail test: it prints a table and optionally writes JSON.
 //
 //   node dist/bench/bench.js [--quick] [--rounds N] [--json FILE] [--only relay|ceiling]
-//     [--scenarios throughput,latency,fanout,idle,restart] [--relay-args "--flag value"]
+//     [--scenarios throughput,latency,fanout,idle,restart,dispatch] [--relay-args "--flag value"]
 //     [--profile DIR] [--max-minutes M]
 
 import fs from 'node:fs';
@@ -26,6 +26,9 @@ const FULL: Omit<BenchConfig, 'relayArgs' | 'serverNodeArgs' | 'heapSnapshotAfte
   idleConnections: 10_000,
   idleClientProcesses: 2,
   restartMessages: 1_000_000,
+  dispatchTasks: 20_000,
+  dispatchEmployees: 20,
+  dispatchCapacity: 5,
   runTimeoutMs: 120_000,
 };
 
@@ -40,6 +43,7 @@ const QUICK: typeof FULL = {
   fanoutWarmup: 1,
   idleConnections: 1000,
   restartMessages: 100_000,
+  dispatchTasks: 3000,
   runTimeoutMs: 60_000,
 };
 
@@ -114,6 +118,7 @@ function describeConfig(config: BenchConfig): string {
     `fan-out N=${config.fanoutEmployees} employees x ${config.fanoutBroadcasts} broadcasts`,
     `idle N=${config.idleConnections.toLocaleString('en-US')} employees`,
     `restart N=${config.restartMessages.toLocaleString('en-US')} messages`,
+    `dispatch ${config.dispatchTasks.toLocaleString('en-US')} tasks with replies, ${config.dispatchEmployees} employees x capacity ${config.dispatchCapacity}`,
   ].join('; ');
 }
 

@@ -9,7 +9,7 @@ import { countMessagesDb, writeMessagesDb } from './message-db';
 import { cpuMs, peakRssKb, rssKb, sampleRss, sleep, withTimeout } from './proc';
 import { healthAnswers, startServer, type ServerKind, type ServerProcess } from './servers';
 import { median } from './stats';
-import { runFanout, runLatency, runThroughput } from './workloads';
+import { runFanout, runLatency, runTasks, runThroughput } from './workloads';
 
 export interface BenchConfig {
   rounds: number;
@@ -23,6 +23,10 @@ export interface BenchConfig {
   idleConnections: number;
   idleClientProcesses: number;
   restartMessages: number;
+  /** Dispatch: tasks per run, employees, and their capacity (in flight: employees x capacity). */
+  dispatchTasks: number;
+  dispatchEmployees: number;
+  dispatchCapacity: number;
   relayArgs: string[];
   /** Extra node flags for the server process, e.g. --cpu-prof. */
   serverNodeArgs: string[];
@@ -33,7 +37,7 @@ export interface BenchConfig {
 
 export type Metrics = Record<string, number>;
 
-export type ScenarioName = 'throughput' | 'latency' | 'fanout' | 'idle' | 'restart';
+export type ScenarioName = 'throughput' | 'latency' | 'fanout' | 'idle' | 'restart' | 'dispatch';
 
 export interface Scenario {
   name: ScenarioName;
@@ -200,10 +204,29 @@ async function restart(kind: ServerKind, config: BenchConfig): Promise<Metrics> 
   }
 }
 
+/**
+ * Part C: tasks with replies through any:<tag> against the same tasks sent to employee ids in
+ * turn, on one relay in one run (the ceiling has no dispatch), after a warm-up of each.
+ */
+async function dispatch(kind: ServerKind, config: BenchConfig): Promise<Metrics> {
+  return withServer(kind, config, async (server) => {
+    const inFlight = config.dispatchEmployees * config.dispatchCapacity;
+    const shape = [inFlight, config.dispatchEmployees, config.dispatchCapacity, config.runTimeoutMs] as const;
+    // A short warm-up of each, so neither is measured while V8 still compiles its path.
+    const warmup = Math.min(2000, config.dispatchTasks);
+    await runTasks(server.url, 'direct', warmup, ...shape);
+    await runTasks(server.url, 'any', warmup, ...shape);
+    const direct = await runTasks(server.url, 'direct', config.dispatchTasks, ...shape);
+    const any = await runTasks(server.url, 'any', config.dispatchTasks, ...shape);
+    return { directTasksPerSec: direct.tasksPerSec, dispatchTasksPerSec: any.tasksPerSec };
+  });
+}
+
 export const SCENARIOS: Scenario[] = [
   { name: 'throughput', kinds: ['relay', 'ceiling'], run: throughput },
   { name: 'latency', kinds: ['relay', 'ceiling'], run: latency },
   { name: 'fanout', kinds: ['relay', 'ceiling'], run: fanout },
   { name: 'idle', kinds: ['relay', 'ceiling'], run: idle },
   { name: 'restart', kinds: ['relay'], run: restart },
+  { name: 'dispatch', kinds: ['relay'], run: dispatch },
 ];

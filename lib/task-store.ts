@@ -2,13 +2,12 @@
 // here from before its ack until it is answered, failed or expired, so waiting and in-progress
 // tasks survive a restart or a crash. Each task is one document written once; each assignment
 // adds a small marker document, so a task's attempts are known after a restart without ever
-// rewriting the task. Writes are batched per tick (one NeDB append), like queue.db.
+// rewriting the task. Writes are batched per tick, one append each.
 //
 // The dispatcher sees only the TaskStore interface, so the same scheduler can later keep its
 // state somewhere shared by several nodes.
 
 import fs from 'node:fs/promises';
-import type Datastore from '@seald-io/nedb';
 import type { Logger } from './logger';
 import { openDatastore } from './nedb-file';
 import type { Priority, Role } from './protocol';
@@ -57,12 +56,14 @@ export interface TaskStore {
 }
 
 interface PendingInsert {
-  docs: Record<string, unknown>[];
+  lines: string;
   resolve: () => void;
   reject: (error: Error) => void;
 }
 
 const ASSIGNMENT = '@';
+/** Rewrite the file once it holds this many lines more than the live documents. */
+const COMPACT_AFTER_DEAD_LINES = 20_000;
 
 function readTask(doc: Record<string, unknown>): StoredTask | null {
   const text = (key: string) => (typeof doc[key] === 'string' ? (doc[key] as string) : null);
@@ -76,51 +77,66 @@ function readTask(doc: Record<string, unknown>): StoredTask | null {
   return { _id: id, seq, msg_id: msgId, from_id: fromId, from_role: fromRole, tag, priority, head, rest, timeout_ms: timeoutMs, created_at: createdAt, expires_at: expiresAt };
 }
 
+/**
+ * tasks.db in NeDB's datafile format (one JSON document per line, a later
+ * `{"$$deleted":true,"_id"}` line removing one), loaded with NeDB at start (so a damaged line is
+ * skipped like in every other store) and then appended to through one open file handle: a tick's
+ * new tasks, assignments and removals are one write. The file is rewritten with only the live
+ * documents at start and whenever dead lines pile up.
+ */
 export class NedbTaskStore implements TaskStore {
   private readonly loaded: LoadedTask[];
   private seq: number;
   private count: number;
+  /** Live documents as written, for rewriting the file. */
+  private readonly live = new Map<string, string>();
+  private deadLines = 0;
   private inserts: PendingInsert[] = [];
-  private looseInserts: Record<string, unknown>[] = [];
-  private removals: string[] = [];
+  private loose = '';
   private scheduled = false;
   private writing: Promise<void> = Promise.resolve();
+  private handle: fs.FileHandle | null = null;
 
   private constructor(
-    private readonly db: Datastore<Record<string, unknown>>,
+    docs: Record<string, unknown>[],
     private readonly filename: string,
     private readonly logger: Logger,
     private readonly fsync: boolean,
   ) {
     const tasks = new Map<string, LoadedTask>();
-    const attempts = new Map<string, number>();
-    for (const doc of db.getAllData()) {
+    const attempts = new Map<string, { attempt: number; employee: string }>();
+    for (const doc of docs) {
       const id = typeof doc._id === 'string' ? doc._id : '';
       const at = id.indexOf(ASSIGNMENT);
       if (at > 0) {
         const taskId = id.slice(0, at);
         const attempt = typeof doc.attempt === 'number' ? doc.attempt : 0;
-        attempts.set(taskId, Math.max(attempts.get(taskId) ?? 0, attempt));
+        if (attempt > (attempts.get(taskId)?.attempt ?? 0)) attempts.set(taskId, { attempt, employee: String(doc.employee_id) });
         continue;
       }
       const task = readTask(doc);
       if (task) tasks.set(task._id, { task, attempts: 0 });
       else logger.warn('task_skipped', { reason: 'unreadable document' });
     }
-    for (const [taskId, attempt] of attempts) {
+    for (const [taskId, { attempt, employee }] of attempts) {
       const entry = tasks.get(taskId);
-      if (entry) entry.attempts = attempt;
-      // A marker whose task is gone was left by a removal cut short; drop it with the next batch.
-      else this.removals.push(`${taskId}${ASSIGNMENT}${attempt}`);
+      if (!entry) continue; // a marker whose task is gone: dropped by the rewrite at open
+      entry.attempts = attempt;
+      // Only the latest marker matters after a restart; markers 1..n are removed with the task.
+      this.live.set(`${taskId}${ASSIGNMENT}${attempt}`, assignmentLine(taskId, employee, attempt));
     }
     this.loaded = [...tasks.values()].sort((a, b) => a.task.seq - b.task.seq);
+    for (const { task } of this.loaded) this.live.set(task._id, JSON.stringify(task) + '\n');
     this.seq = this.loaded.length > 0 ? this.loaded[this.loaded.length - 1]!.task.seq + 1 : 1;
     this.count = this.loaded.length;
   }
 
   static async open(filename: string, logger: Logger, options: { compactionIntervalMs: number; fsync: boolean }): Promise<NedbTaskStore> {
     const db = await openDatastore<Record<string, unknown>>(filename, logger, options.compactionIntervalMs);
-    return new NedbTaskStore(db, filename, logger, options.fsync);
+    db.stopAutocompaction();
+    const store = new NedbTaskStore(db.getAllData(), filename, logger, options.fsync);
+    await store.rewrite();
+    return store;
   }
 
   get size(): number {
@@ -137,23 +153,37 @@ export class NedbTaskStore implements TaskStore {
 
   add(task: StoredTask, firstAssignee: string | null): Promise<void> {
     this.count++;
-    const docs: Record<string, unknown>[] = [{ ...task }];
-    if (firstAssignee !== null) docs.push(assignmentDoc(task._id, firstAssignee, 1));
+    let lines = JSON.stringify(task) + '\n';
+    this.live.set(task._id, lines);
+    if (firstAssignee !== null) {
+      const marker = assignmentLine(task._id, firstAssignee, 1);
+      this.live.set(`${task._id}${ASSIGNMENT}1`, marker);
+      lines += marker;
+    }
     return new Promise((resolve, reject) => {
-      this.inserts.push({ docs, resolve, reject });
+      this.inserts.push({ lines, resolve, reject });
       this.schedule();
     });
   }
 
   assigned(taskId: string, employeeId: string, attempt: number): void {
-    this.looseInserts.push(assignmentDoc(taskId, employeeId, attempt));
+    const marker = assignmentLine(taskId, employeeId, attempt);
+    this.live.set(`${taskId}${ASSIGNMENT}${attempt}`, marker);
+    this.loose += marker;
     this.schedule();
   }
 
   remove(taskId: string, attempts: number): void {
     this.count--;
-    this.removals.push(taskId);
-    for (let attempt = 1; attempt <= attempts; attempt++) this.removals.push(`${taskId}${ASSIGNMENT}${attempt}`);
+    this.loose += deletedLine(taskId);
+    this.live.delete(taskId);
+    this.deadLines += 2;
+    for (let attempt = 1; attempt <= attempts; attempt++) {
+      const id = `${taskId}${ASSIGNMENT}${attempt}`;
+      if (!this.live.delete(id)) continue;
+      this.loose += deletedLine(id);
+      this.deadLines += 2;
+    }
     this.schedule();
   }
 
@@ -164,7 +194,8 @@ export class NedbTaskStore implements TaskStore {
 
   async close(): Promise<void> {
     await this.flush();
-    this.db.stopAutocompaction();
+    await this.handle?.close();
+    this.handle = null;
   }
 
   private schedule(): void {
@@ -178,40 +209,44 @@ export class NedbTaskStore implements TaskStore {
 
   private async writeBatch(): Promise<void> {
     const inserts = this.inserts;
-    const loose = this.looseInserts;
-    const removals = this.removals;
+    // New tasks first, then assignments and removals, which may name them.
+    const text = inserts.map((insert) => insert.lines).join('') + this.loose;
     this.inserts = [];
-    this.looseInserts = [];
-    this.removals = [];
-    if (inserts.length > 0 || loose.length > 0) {
-      try {
-        await this.db.insertAsync([...inserts.flatMap((insert) => insert.docs), ...loose]);
-        if (this.fsync) await this.syncFile();
-        for (const insert of inserts) insert.resolve();
-      } catch (error) {
-        this.logger.error('task_write_failed', { tasks: inserts.length, error: (error as Error).message });
-        for (const insert of inserts) insert.reject(error as Error);
-      }
+    this.loose = '';
+    if (text === '') return;
+    try {
+      this.handle ??= await fs.open(this.filename, 'a');
+      await this.handle.write(text);
+      if (this.fsync) await this.handle.sync();
+      for (const insert of inserts) insert.resolve();
+    } catch (error) {
+      this.logger.error('task_write_failed', { tasks: inserts.length, error: (error as Error).message });
+      for (const insert of inserts) insert.reject(error as Error);
     }
-    if (removals.length > 0) {
-      try {
-        await this.db.removeAsync({ _id: { $in: removals } }, { multi: true });
-      } catch (error) {
-        this.logger.error('task_remove_failed', { documents: removals.length, error: (error as Error).message });
-      }
+    if (this.deadLines > COMPACT_AFTER_DEAD_LINES && this.deadLines > this.live.size) {
+      await this.rewrite().catch((error: Error) => this.logger.error('task_compaction_failed', { error: error.message }));
     }
   }
 
-  private async syncFile(): Promise<void> {
-    const handle = await fs.open(this.filename, 'r+');
-    try {
-      await handle.sync();
-    } finally {
-      await handle.close();
+  /** Replaces the file with the live documents (written aside, then renamed over it). */
+  private async rewrite(): Promise<void> {
+    await this.handle?.close();
+    this.handle = null;
+    const temp = `${this.filename}~`;
+    await fs.writeFile(temp, [...this.live.values()].join(''));
+    if (this.fsync) {
+      const handle = await fs.open(temp, 'r+');
+      await handle.sync().finally(() => handle.close());
     }
+    await fs.rename(temp, this.filename);
+    this.deadLines = 0;
   }
 }
 
-function assignmentDoc(taskId: string, employeeId: string, attempt: number): Record<string, unknown> {
-  return { _id: `${taskId}${ASSIGNMENT}${attempt}`, employee_id: employeeId, attempt };
+function assignmentLine(taskId: string, employeeId: string, attempt: number): string {
+  return `{"_id":${JSON.stringify(`${taskId}${ASSIGNMENT}${attempt}`)},"employee_id":${JSON.stringify(employeeId)},"attempt":${attempt}}\n`;
+}
+
+function deletedLine(id: string): string {
+  return `{"$$deleted":true,"_id":${JSON.stringify(id)}}\n`;
 }

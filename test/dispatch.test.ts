@@ -46,11 +46,17 @@ test('any:<tag> goes to one employee, the reply comes back with in_reply_to, and
     const assigned = await boss.socket.next(update('t1', 'assigned'));
     assert.equal(assigned.id, first.id);
 
+    // The same msg_id again is a duplicate: the first ack, and no second task.
+    boss.socket.send({ type: 'message', to: 'any:research', payload: { task: 1 }, msg_id: 't1' });
+    const repeat = await boss.socket.next('delivery_ack');
+    assert.deepEqual([repeat.duplicate, repeat.delivered], [true, [chosen]]);
+
     // The second task goes to the employee with fewer tasks in progress.
     boss.socket.send({ type: 'message', to: 'any:research', payload: { task: 2 }, msg_id: 't2' });
     assert.deepEqual((await boss.socket.next('delivery_ack')).delivered, [second.id]);
     assert.equal((await second.socket.next('message')).msg_id, 't2');
 
+    assert.equal(first.socket.frames.filter((f) => f.type === 'message').length, 0, 'the duplicate was not handed out again');
     first.socket.send({ type: 'message', to: boss.id, in_reply_to: 't1', payload: { answer: 42 } });
     const reply = await boss.socket.next((f) => f.type === 'message' && f.in_reply_to === 't1');
     assert.deepEqual(reply.payload, { answer: 42 });

@@ -6,6 +6,7 @@
 
 import { randomUUID } from 'node:crypto';
 import WebSocket from 'ws';
+import { DedupeCache } from './lib/dedupe-cache';
 import { IdentityFileError, readIdentityFile, writeIdentityFile, type StoredIdentity } from './lib/identity-file';
 import {
   checkTarget,
@@ -56,6 +57,13 @@ export interface RelayClientOptions {
   maxReconnectDelayMs?: number;
   /** Most sends waiting for their ack; send() rejects with code pending_full beyond it. Default 1000. */
   maxPendingSends?: number;
+  /**
+   * A message with the same from_id and msg_id as one passed on within this window is dropped
+   * (the relay may route a message twice after a crash). 0 = pass every copy on. Default 600000.
+   */
+  inboundDedupeWindowMs?: number;
+  /** Most (from_id, msg_id) pairs remembered for that; the oldest are forgotten first. Default 10000. */
+  inboundDedupeMaxEntries?: number;
   /** How often to send {"type":"ping"}; a connection silent for two intervals is dropped and redialled. 0 = off. Default 20000. */
   heartbeatIntervalMs?: number;
   /** Reject a send with code ack_timeout when no ack came this long after send(). Default 0: wait (across reconnects). */
@@ -164,11 +172,23 @@ const CLOSE_WAIT_MS = 2000;
 
 export class RelayClient {
   private readonly options: Required<
-    Pick<RelayClientOptions, 'minReconnectDelayMs' | 'maxReconnectDelayMs' | 'maxPendingSends' | 'heartbeatIntervalMs' | 'ackTimeoutMs' | 'authTimeoutMs'>
+    Pick<
+      RelayClientOptions,
+      | 'minReconnectDelayMs'
+      | 'maxReconnectDelayMs'
+      | 'maxPendingSends'
+      | 'heartbeatIntervalMs'
+      | 'ackTimeoutMs'
+      | 'authTimeoutMs'
+      | 'inboundDedupeWindowMs'
+      | 'inboundDedupeMaxEntries'
+    >
   > &
     RelayClientOptions;
   private readonly listeners = new Map<keyof RelayClientEvents, Set<(value: never) => void>>();
   private readonly pending = new Map<string, PendingSend>();
+  /** (from_id, msg_id) of the messages passed on lately, kept across reconnects. */
+  private readonly inboundSeen: DedupeCache;
   private ws: WebSocket | null = null;
   private state: ClientStatus = 'closed';
   private started = false;
@@ -200,8 +220,11 @@ export class RelayClient {
       heartbeatIntervalMs: 20_000,
       ackTimeoutMs: 0,
       authTimeoutMs: 10_000,
+      inboundDedupeWindowMs: 600_000,
+      inboundDedupeMaxEntries: 10_000,
       ...options,
     };
+    this.inboundSeen = new DedupeCache(this.options.inboundDedupeWindowMs, this.options.inboundDedupeMaxEntries);
     if (options.identity) this.credentials = { ...options.identity, role: options.role };
   }
 
@@ -549,6 +572,7 @@ export class RelayClient {
     }
     const frame = decoded.value as unknown as ServerFrame;
     this.emit('frame', frame);
+    if (frame.type === 'message' && this.isRepeat(frame)) return;
     switch (frame.type) {
       case 'auth_ok':
         void this.onAuthOk(frame);
@@ -579,6 +603,20 @@ export class RelayClient {
       default:
         return;
     }
+  }
+
+  /**
+   * True for a message already passed on within the window: the relay delivers at least once,
+   * and after a crash it may route a message again that it had already delivered.
+   */
+  private isRepeat(frame: ForwardedMessageFrame): boolean {
+    const seen = this.inboundSeen;
+    if (!seen.enabled || typeof frame.from_id !== 'string' || typeof frame.msg_id !== 'string') return false;
+    const now = Date.now();
+    seen.expire(now);
+    if (seen.find(frame.from_id, frame.msg_id) !== undefined) return true;
+    seen.remember(frame.from_id, frame.msg_id, now, 0);
+    return false;
   }
 
   private async onAuthOk(frame: AuthOkFrame): Promise<void> {

@@ -2,10 +2,10 @@
 // builds its own stores, router and servers: there is no module-level state, so one process can
 // run several relays.
 
-import fs from 'node:fs/promises';
 import http from 'node:http';
 import path from 'node:path';
 import { ConnectionLog } from './lib/connection-log';
+import { prepareDataDir } from './lib/data-dir';
 import { DedupeCache } from './lib/dedupe-cache';
 import { DeliveryQueue } from './lib/delivery-queue';
 import { Dispatcher } from './lib/dispatch';
@@ -20,11 +20,13 @@ import { MessageLog } from './lib/message-log';
 import { RelayMetrics } from './lib/metrics';
 import { resolveOptions, type RelayOptions, type ResolvedOptions } from './lib/options';
 import { Router } from './lib/router';
+import { assertNotDirectory, dataDirError } from './lib/start-errors';
 import { NedbTaskStore } from './lib/task-store';
 import { packageVersion } from './lib/version';
 import { WsGateway } from './lib/ws-gateway';
 
 export type { RelayOptions } from './lib/options';
+export { DataDirError } from './lib/start-errors';
 export type { RelayEvent } from './lib/events';
 export * from './lib/protocol';
 
@@ -53,12 +55,15 @@ interface Stores {
 }
 
 async function openStores(options: ResolvedOptions, logger: Logger): Promise<Stores> {
-  await fs.mkdir(options.dataDir, { recursive: true });
+  await prepareDataDir(options.dataDir, options.fileMode, logger);
   const file = (name: string) => path.join(options.dataDir, name);
   const compaction = options.maintenanceIntervalMs;
-  const [identities, connectionLog, messageLog, queue, tasks] = await Promise.all([
-    IdentityStore.open(file('identities.db'), logger, compaction),
-    ConnectionLog.open(file('connections.db'), logger, compaction),
+  const fileMode = options.fileMode;
+  // NeDB never settles on a datafile that is a directory: its read error escapes the promise.
+  await Promise.all(['identities.db', 'connections.db', 'messages.db', 'queue.db', 'tasks.db'].map((name) => assertNotDirectory(file(name))));
+  const opened = await Promise.allSettled([
+    IdentityStore.open(file('identities.db'), logger, compaction, fileMode),
+    ConnectionLog.open(file('connections.db'), logger, compaction, fileMode),
     MessageLog.open({
       file: file('messages.db'),
       logger,
@@ -66,11 +71,24 @@ async function openStores(options: ResolvedOptions, logger: Logger): Promise<Sto
       retentionMs: options.retentionMs,
       maxMessages: options.maxMessages,
       maintenanceIntervalMs: options.maintenanceIntervalMs,
+      fileMode,
     }),
-    DeliveryQueue.open(file('queue.db'), logger, { compactionIntervalMs: compaction, fsync: options.fsync }),
-    NedbTaskStore.open(file('tasks.db'), logger, { compactionIntervalMs: compaction, fsync: options.fsync }),
+    DeliveryQueue.open(file('queue.db'), logger, { compactionIntervalMs: compaction, fsync: options.fsync, fileMode }),
+    NedbTaskStore.open(file('tasks.db'), logger, { compactionIntervalMs: compaction, fsync: options.fsync, fileMode }),
   ]);
-  return { identities, connectionLog, messageLog, queue, tasks };
+  const [identities, connectionLog, messageLog, queue, tasks] = opened;
+  if (
+    identities.status === 'fulfilled' &&
+    connectionLog.status === 'fulfilled' &&
+    messageLog.status === 'fulfilled' &&
+    queue.status === 'fulfilled' &&
+    tasks.status === 'fulfilled'
+  ) {
+    return { identities: identities.value, connectionLog: connectionLog.value, messageLog: messageLog.value, queue: queue.value, tasks: tasks.value };
+  }
+  // Close the stores that did open: their timers and handles would keep a failed process alive.
+  await Promise.allSettled(opened.map((store) => (store.status === 'fulfilled' ? store.value.close() : undefined)));
+  throw opened.find((store): store is PromiseRejectedResult => store.status === 'rejected')!.reason;
 }
 
 /**
@@ -104,11 +122,16 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
   const options = resolveOptions(relayOptions);
   const logger = relayOptions.logger ?? createLogger(options.logLevel);
   const startedAt = Date.now();
-  const stores = await openStores(options, logger);
+  const stores = await openStores(options, logger).catch(async (error: unknown) => {
+    throw await dataDirError(options.dataDir, error);
+  });
   const bus = new EventBus();
   if (logger.isEnabled('info')) bus.subscribe(logRelayEvents(logger));
   const dedupe = new DedupeCache(options.dedupeWindowMs, DEDUPE_MAX_ENTRIES);
-  await restoreDedupe(dedupe, stores.messageLog, stores.queue, options.dedupeWindowMs);
+  await restoreDedupe(dedupe, stores.messageLog, stores.queue, options.dedupeWindowMs).catch(async (error: unknown) => {
+    await closeStores(stores);
+    throw await dataDirError(options.dataDir, error);
+  });
   // The dispatcher writes through the router's sessions; the router hands it any: targets.
   const link = {
     write: (id: string, text: string) => router.writeTo(id, text),
@@ -150,6 +173,8 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
   });
 
   const server = http.createServer((req, res) => api.handle(req, res));
+  // Expect: 100-continue comes to the API too, so it can refuse a body too large before it is sent.
+  server.on('checkContinue', (req, res) => api.handle(req, res));
   server.on('upgrade', (req, socket, head) => gateway.handleUpgrade(req, socket, head));
   server.on('clientError', (_error, socket) => socket.destroy());
 
@@ -224,3 +249,17 @@ function waitFor(condition: () => boolean, timeoutMs: number): Promise<void> {
     check();
   });
 }
+
+/**
+ * True when this file is the program (`node dist/server.js 8787 my-secret`), not a module some
+ * other code imported. In a bundle (the standalone executables) every file shares the bundle's
+ * `module`, so the program's exports must also be this file's own.
+ */
+function isProgram(): boolean {
+  const main = require.main;
+  return main !== undefined && main === module && (main.exports as { startRelay?: unknown }).startRelay === startRelay;
+}
+
+// Run as a program, behave as the mimiclaw-ws command. cli.js imports this module, which is
+// complete by now; the path is computed so bundlers do not pull cli.ts in a second time.
+if (isProgram()) require(path.join(__dirname, 'cli.js'));

@@ -47,6 +47,11 @@ const ROWS: RowSpec[] = [
   { label: 'restart time to ready, N logged messages (s)', scenario: 'restart', metric: 'restartReadyS', decimals: 2, combine: 'max', target: { kind: 'relayBelow', value: 5 } },
   { label: 'restart RSS at ready (MB)', scenario: 'restart', metric: 'restartRssMb', decimals: 0, combine: 'max' },
   { label: 'restart RSS 2 s after ready (MB)', scenario: 'restart', metric: 'restartRssAfter2sMb', decimals: 0, combine: 'max' },
+  { label: 'GET /api/admin/workforce, N employees, p50 (ms)', scenario: 'admin', metric: 'adminRequestP50Ms', decimals: 2 },
+  { label: 'GET /api/admin/workforce, N employees, p99 (ms)', scenario: 'admin', metric: 'adminRequestP99Ms', decimals: 2, target: { kind: 'relayBelow', value: 20 } },
+  { label: 'GET /api/admin/workforce server CPU per request (ms)', scenario: 'admin', metric: 'adminServerCpuMs', decimals: 2 },
+  { label: 'GET /api/admin/workforce body (KB)', scenario: 'admin', metric: 'adminBodyKb', decimals: 0 },
+  { label: 'ping round trip during those requests, p99 (ms)', scenario: 'admin', metric: 'adminPingP99Ms', decimals: 2 },
   {
     label: 'dispatch any:<tag> with replies vs direct (tasks/s)',
     scenario: 'dispatch',

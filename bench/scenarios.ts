@@ -10,6 +10,7 @@ import { cpuMs, peakRssKb, rssKb, sampleRss, sleep, withTimeout } from './proc';
 import { healthAnswers, startServer, type ServerKind, type ServerProcess } from './servers';
 import { median } from './stats';
 import { runFanout, runLatency, runTasks, runThroughput } from './workloads';
+import { runAdmin } from './admin-workload';
 
 export interface BenchConfig {
   rounds: number;
@@ -27,6 +28,8 @@ export interface BenchConfig {
   dispatchTasks: number;
   dispatchEmployees: number;
   dispatchCapacity: number;
+  adminEmployees: number;
+  adminRequests: number;
   relayArgs: string[];
   /** Extra node flags for the server process, e.g. --cpu-prof. */
   serverNodeArgs: string[];
@@ -37,7 +40,7 @@ export interface BenchConfig {
 
 export type Metrics = Record<string, number>;
 
-export type ScenarioName = 'throughput' | 'latency' | 'fanout' | 'idle' | 'restart' | 'dispatch';
+export type ScenarioName = 'throughput' | 'latency' | 'fanout' | 'idle' | 'restart' | 'admin' | 'dispatch';
 
 export interface Scenario {
   name: ScenarioName;
@@ -222,11 +225,25 @@ async function dispatch(kind: ServerKind, config: BenchConfig): Promise<Metrics>
   });
 }
 
+async function admin(kind: ServerKind, config: BenchConfig): Promise<Metrics> {
+  return withServer(kind, config, async (server) => {
+    const result = await runAdmin(server.url, config.adminEmployees, config.adminRequests, config.runTimeoutMs, () => cpuMs(server.pid));
+    return {
+      adminRequestP50Ms: result.requestP50Ms,
+      adminRequestP99Ms: result.requestP99Ms,
+      adminServerCpuMs: result.serverCpuMsPerRequest,
+      adminBodyKb: result.bodyKb,
+      adminPingP99Ms: result.pingP99Ms,
+    };
+  });
+}
+
 export const SCENARIOS: Scenario[] = [
   { name: 'throughput', kinds: ['relay', 'ceiling'], run: throughput },
   { name: 'latency', kinds: ['relay', 'ceiling'], run: latency },
   { name: 'fanout', kinds: ['relay', 'ceiling'], run: fanout },
   { name: 'idle', kinds: ['relay', 'ceiling'], run: idle },
   { name: 'restart', kinds: ['relay'], run: restart },
+  { name: 'admin', kinds: ['relay'], run: admin },
   { name: 'dispatch', kinds: ['relay'], run: dispatch },
 ];

@@ -23,8 +23,10 @@ An employee ends a task with {"type":"task_done","msg_id":"…","failed":false} 
 with "in_reply_to") and declares itself with {"type":"status","status":"idle"|"working"|"dnd",
 "capacity":2}. A bad line gets a JSON error line on stderr
 and the rest go on; status changes and errors are JSON lines on stderr too.
-At end of input it waits for the acks of what it sent, then exits 0; sends still without an
-ack after --drain-timeout are reported on stderr and it exits 1. SIGINT/SIGTERM exit 0 at once.
+A boss ends at end of input: it waits for the acks of what it sent, then exits 0; sends still
+without an ack after --drain-timeout are reported on stderr and it exits 1. An employee stays
+connected after end of input (or with no input at all, as a service) until SIGINT/SIGTERM.
+SIGINT/SIGTERM exit 0 at once.
 Exit 1 when the relay refuses the auth for good (wrong authkey, banned, unknown identity…),
 2 on bad arguments.
 
@@ -34,7 +36,7 @@ Exit 1 when the relay refuses the auth for good (wrong authkey, banned, unknown 
   --employee-key K        registration key of a relay started with --employee-key
   --identity-file F       keep the identity in F (JSON, mode 0600) and reuse it next time
   --capacity N            an employee's tasks at once for any:<tag> dispatch (default 1)
-  --keep-open             do not exit at end of input; only on SIGINT/SIGTERM
+  --keep-open             a boss too stays connected after end of input, until SIGINT/SIGTERM
   --drain-timeout 10s     longest wait for acks at end of input
 `;
 
@@ -245,7 +247,9 @@ function parseConnect(argv: string[]): ConnectCommand | 'help' {
     if (!capacity.ok || capacity.value === undefined) throw new ArgsError('--capacity must be a whole number of tasks, 1 or more');
     client.capacity = capacity.value;
   }
-  return { client, keepOpen: Boolean(args['keep-open']), drainTimeoutMs: duration(args, 'drain-timeout', 10_000) };
+  // An employee is a worker: it waits for work whether or not it has anything to say.
+  const keepOpen = Boolean(args['keep-open']) || client.role === 'employee';
+  return { client, keepOpen, drainTimeoutMs: duration(args, 'drain-timeout', 10_000) };
 }
 
 /** Sends a connect session keeps in hand before it stops reading stdin. */

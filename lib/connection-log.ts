@@ -36,8 +36,8 @@ export class ConnectionLog {
     private readonly logger: Logger,
   ) {}
 
-  static async open(filename: string, logger: Logger, compactionIntervalMs: number): Promise<ConnectionLog> {
-    const db = await openDatastore<Record<string, unknown>>(filename, logger, compactionIntervalMs);
+  static async open(filename: string, logger: Logger, compactionIntervalMs: number, fileMode?: number): Promise<ConnectionLog> {
+    const db = await openDatastore<Record<string, unknown>>(filename, logger, compactionIntervalMs, fileMode);
     await db.ensureIndexAsync({ fieldName: 'identityId' });
     await db.ensureIndexAsync({ fieldName: 'timestamp' });
     return new ConnectionLog(db, logger);

@@ -1,8 +1,9 @@
 // The dashboard at GET / and /admin: one self-contained page (inline CSS and script, no CDN,
 // no front-end build), so it ships inside the package and the standalone binaries. It reads
-// the admin API and follows GET /api/events; it never polls. Rows are keyed by id and patched
-// in place, so a workforce of thousands stays responsive. All data is inserted as text, never
-// as HTML.
+// the workforce once, then follows GET /api/events; it never polls. Rows are keyed by id and
+// patched in place from the events (status, health, the summary), so a workforce of thousands
+// stays responsive and connects do not make the page re-fetch it. All data is inserted as
+// text, never as HTML.
 
 import { createHash } from 'node:crypto';
 import type { IncomingMessage, ServerResponse } from 'node:http';
@@ -27,6 +28,7 @@ section h2 { font-size:15px; margin:0 0 8px; }
 .toolbar { display:flex; flex-wrap:wrap; gap:10px; align-items:end; margin-bottom:8px; }
 label { display:flex; flex-direction:column; gap:2px; font-size:12px; color:var(--muted); }
 input, select, button { font:inherit; color:var(--fg); background:var(--bg); border:1px solid var(--line); border-radius:5px; padding:4px 8px; }
+select { max-width:14em; text-overflow:ellipsis; }
 button { cursor:pointer; background:var(--chip); }
 button:hover { border-color:var(--accent); }
 button.danger { color:var(--bad); }
@@ -34,9 +36,11 @@ button.danger { color:var(--bad); }
 .scroll { max-height:460px; overflow:auto; }
 table { border-collapse:collapse; width:100%; }
 th, td { text-align:left; padding:5px 8px; border-bottom:1px solid var(--line); vertical-align:top; }
+td { overflow-wrap:anywhere; }
 th { position:sticky; top:0; background:var(--panel); font-weight:600; font-size:12px; color:var(--muted); z-index:1; }
 td.mono, .mono { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size:12px; }
-.chip { display:inline-block; background:var(--chip); border-radius:10px; padding:0 7px; margin:1px 3px 1px 0; font-size:12px; }
+.chip { display:inline-block; background:var(--chip); border-radius:10px; padding:0 7px; margin:1px 3px 1px 0; font-size:12px;
+  max-width:14em; overflow:hidden; text-overflow:ellipsis; white-space:nowrap; vertical-align:bottom; }
 .status-online, .health-healthy { color:var(--ok); font-weight:600; }
 .status-offline, .health-degraded { color:var(--warn); font-weight:600; }
 .status-banned, .health-unhealthy { color:var(--bad); font-weight:600; }
@@ -65,7 +69,9 @@ const SCRIPT = String.raw`
 const KEY_STORAGE = 'mimiclaw-admin-key';
 const FEED_MAX = 300;
 const $ = (id) => document.getElementById(id);
-const state = { nodes: new Map(), rows: new Map(), tags: new Set(), commsOffset: 0, keyWaiter: null, lastEventId: '', retryMs: 1000 };
+// eventAt: per node, the time of the last event applied to it, so an older workforce snapshot
+// arriving later does not undo it.
+const state = { nodes: new Map(), rows: new Map(), tags: new Set(), eventAt: new Map(), commsOffset: 0, keyWaiter: null, lastEventId: '', retryMs: 1000 };
 
 function el(tag, props, children) {
   const node = document.createElement(tag);
@@ -110,6 +116,11 @@ function askKey(reason) {
 function updateKeyButton() { $('key-button').textContent = getKey() ? 'Forget admin key' : 'Set admin key'; }
 
 async function api(method, path, body) {
+  // Writes always need the key, even from loopback: ask before sending, not after a 401.
+  if (method !== 'GET' && !getKey()) {
+    const key = await askKey('Banning and unbanning need the relay authkey.');
+    if (!key) throw new Error('No admin key given.');
+  }
   for (let attempt = 0; attempt < 2; attempt++) {
     const headers = {};
     if (getKey()) headers['x-auth-key'] = getKey();
@@ -160,8 +171,8 @@ function fillRow(tr, node) {
   tr.dataset.status = node.status;
   tr.dataset.tags = '\u0000' + node.tags.join('\u0000') + '\u0000';
   tr.dataset.name = (node.name || '').toLowerCase();
-  const cells = [el('td', { text: node.name || shortId(node.id) })];
-  if (node.role === 'employee') cells.push(el('td', null, node.tags.map((t) => el('span', { class: 'chip', text: t }))));
+  const cells = [el('td', { text: node.name || shortId(node.id), title: node.name || node.id })];
+  if (node.role === 'employee') cells.push(el('td', null, node.tags.map((t) => el('span', { class: 'chip', text: t, title: t }))));
   cells.push(el('td', null, [statusCell(node)]));
   if (node.role === 'employee') cells.push(el('td', null, [workCell(node)]));
   cells.push(el('td', null, [healthCell(node)]),
@@ -195,7 +206,7 @@ function addTag(tag) {
   const sorted = Array.from(state.tags).sort();
   for (const id of ['tag-filter', 'comms-tag']) {
     const select = $(id);
-    const option = el('option', { value: tag, text: tag });
+    const option = el('option', { value: tag, text: tag, title: tag });
     const next = sorted[sorted.indexOf(tag) + 1];
     const before = next === undefined ? null : select.querySelector('option[value="' + CSS.escape(next) + '"]');
     select.insertBefore(option, before);
@@ -215,17 +226,26 @@ function applyFilters() {
   for (const tr of $('employees-body').children) { applyFilter(tr); if (!tr.hidden) shown++; }
   $('employees-shown').textContent = shown + ' shown';
 }
-function renderSummary(s) {
-  const parts = [['Employees', s.employee_count], ['Bosses', s.boss_count], ['Online', s.online_count], ['Offline', s.offline_count],
-    ['Banned', s.banned_count], ['Healthy', s.health.healthy], ['Degraded', s.health.degraded], ['Unhealthy', s.health.unhealthy]];
+// Counted from the rows the page holds, which events keep current (as the relay's summary).
+function renderSummary() {
+  const c = { employee: 0, boss: 0, online: 0, banned: 0, healthy: 0, degraded: 0, unhealthy: 0 };
+  for (const node of state.nodes.values()) {
+    c[node.role]++;
+    if (node.status === 'online') c.online++;
+    if (node.status === 'banned') c.banned++;
+    if (node.health && node.health.overall in c) c[node.health.overall]++;
+  }
+  const parts = [['Employees', c.employee], ['Bosses', c.boss], ['Online', c.online], ['Offline', state.nodes.size - c.online],
+    ['Banned', c.banned], ['Healthy', c.healthy], ['Degraded', c.degraded], ['Unhealthy', c.unhealthy]];
   $('summary').replaceChildren(...parts.map(([k, v]) => el('span', null, [k + ' ', el('b', { text: String(v) })])));
 }
 async function loadWorkforce() {
   try {
     const data = await api('GET', '/api/admin/workforce');
-    for (const node of data.bosses) upsertNode(node);
-    for (const node of data.employees) upsertNode(node);
-    renderSummary(data.summary);
+    for (const node of data.bosses.concat(data.employees)) {
+      if ((state.eventAt.get(node.id) || 0) <= data.timestamp) upsertNode(node);
+    }
+    renderSummary();
     applyFilters();
     notice('');
   } catch (error) { notice('Could not load the workforce: ' + error.message); }
@@ -269,28 +289,56 @@ function messageText(ev) {
   parts.push(ev.bytes + ' B');
   return parts.join(' ');
 }
-function patchStatus(id, status, at) {
-  const node = state.nodes.get(id);
-  if (!node) return false;
-  const health = node.health ? Object.assign({}, node.health) : { overall: 'unknown', reasons: [] };
-  const others = (health.reasons || []).filter((r) => r !== 'offline' && r !== 'banned');
-  if (status === 'online') { health.reasons = others; health.overall = others.length ? 'degraded' : 'healthy'; }
-  else { health.reasons = [status === 'banned' ? 'banned' : 'offline'].concat(others); health.overall = 'unhealthy'; }
-  upsertNode(Object.assign({}, node, { status: status, online: status === 'online', last_seen: at || node.last_seen, health: health }));
-  return true;
+// The relay's health rules (README "Admin API") applied to what the events tell: any event
+// from a node is a fresh heartbeat; only employees are judged by their self reports.
+function healthOf(node) {
+  const health = Object.assign({}, node.health || {});
+  const report = Object.assign({ valid: null, stale: false }, health.self_report);
+  let reasons = [];
+  if (node.status === 'banned') reasons = ['banned'];
+  else if (node.status !== 'online') reasons = ['offline'];
+  else if (node.role === 'employee') {
+    if (report.valid === null) reasons = ['self_report_missing'];
+    else if (!report.valid) reasons = ['self_report_invalid'];
+    else if (report.stale) reasons = ['self_report_stale'];
+  }
+  health.reasons = reasons;
+  health.overall = node.status !== 'online' ? 'unhealthy' : reasons.length ? 'degraded' : 'healthy';
+  health.status = node.status;
+  health.online = node.status === 'online';
+  health.self_report = report;
+  return health;
+}
+// Applies an event to a node's row: ref is the event's node, report a self report's validity.
+function patchNode(id, status, at, ref, report) {
+  const known = state.nodes.get(id);
+  if (!known && !ref) return;
+  const node = Object.assign({ created_at: at || Date.now(), meta: null, health: null }, known, ref ? { name: ref.name, tags: ref.tags, role: ref.role, id: ref.id } : null);
+  node.status = status;
+  node.online = status === 'online';
+  node.banned = status === 'banned';
+  if (at) node.last_seen = at;
+  if (report !== undefined) {
+    node.health = Object.assign({}, node.health);
+    node.health.self_report = Object.assign({}, node.health.self_report, { valid: report, stale: false, last_report_at: at });
+  }
+  node.health = healthOf(node);
+  if (at) state.eventAt.set(id, at);
+  upsertNode(node);
+  later('summary', renderSummary, 100);
 }
 function onRelayEvent(type, ev) {
   if (type === 'connect' || type === 'disconnect' || type === 'ban' || type === 'unban') {
     const known = state.nodes.get(ev.node.id);
     // A ban closes the socket: its disconnect must not turn the row back to offline.
     const status = type === 'connect' ? 'online' : type === 'ban' ? 'banned' : type === 'disconnect' && known && known.status === 'banned' ? 'banned' : 'offline';
-    if (!patchStatus(ev.node.id, status, ev.at)) upsertNode(Object.assign({}, ev.node, { status: status, online: status === 'online', last_seen: ev.at, health: null }));
+    patchNode(ev.node.id, status, ev.at, ev.node);
     const what = type === 'connect' ? (ev.reconnected ? 'reconnected' : 'connected') : type === 'disconnect' ? 'disconnected (code ' + ev.code + ')' : (type === 'ban' ? 'banned' : 'unbanned') + ' by ' + ev.by;
     feedItem(type, nameOf(ev.node) + ' (' + ev.node.role + ') ' + what, { at: ev.at });
-    later('workforce', loadWorkforce, 1500);
   } else if (type === 'health') {
+    const known = state.nodes.get(ev.node.id);
+    patchNode(ev.node.id, known ? known.status : 'online', ev.at, ev.node, ev.valid);
     feedItem('health', nameOf(ev.node) + ' reported ' + (ev.valid ? 'valid' : 'invalid') + ' health', { at: ev.at });
-    later('workforce', loadWorkforce, 1500);
   } else if (type === 'message') {
     const button = el('button', { type: 'button', text: 'Payload', 'aria-label': 'Show payload of message ' + ev.msg_id, onclick: () => showPayload(ev) });
     feedItem('message', messageText(ev), { at: ev.at, button: button });
@@ -366,9 +414,8 @@ async function onEmployeeClick(event) {
   button.disabled = true;
   try {
     const result = await api(ban ? 'POST' : 'DELETE', '/api/employees/' + encodeURIComponent(id) + '/ban', ban ? { banned: true } : undefined);
-    patchStatus(id, result.banned ? 'banned' : result.online ? 'online' : 'offline');
+    patchNode(id, result.banned ? 'banned' : result.online ? 'online' : 'offline');
     $('announce').textContent = (result.name || id) + (result.banned ? ' banned' : ' unbanned');
-    later('workforce', loadWorkforce, 500);
   } catch (error) { notice((ban ? 'Ban' : 'Unban') + ' failed: ' + error.message); }
   finally { button.disabled = false; }
 }

@@ -1,7 +1,9 @@
 // queue.db: store-and-forward. A message for an offline known target is kept here until the
 // target's next auth or its TTL. Entries are on disk before the sender's ack says "queued"
 // (inserted in one NeDB append per tick, fsynced with --fsync), held in memory per target in
-// send order, and removed in batches once delivered or expired.
+// send order, and removed in batches once delivered or expired: each removal batch is one
+// NeDB append, and remove() says when its batch is on disk, so a drain can bound how much a
+// crash delivers twice.
 
 import fs from 'node:fs/promises';
 import type Datastore from '@seald-io/nedb';
@@ -24,6 +26,12 @@ export interface QueuedEntry {
 }
 
 export type NewQueuedEntry = Omit<QueuedEntry, '_id' | 'seq'>;
+
+/** Entries just held in memory and the promise of their reaching queue.db. */
+export interface HeldEntries {
+  entries: readonly QueuedEntry[];
+  stored: Promise<void>;
+}
 
 interface PendingInsert {
   docs: QueuedEntry[];
@@ -48,6 +56,9 @@ export class DeliveryQueue {
   private count = 0;
   private inserts: PendingInsert[] = [];
   private removals: string[] = [];
+  private removalWaiters: (() => void)[] = [];
+  /** Entries whose sender has not been answered yet: a drain stops at them, so no delivery_update precedes the ack. */
+  private readonly unreleased = new Set<QueuedEntry>();
   private scheduled = false;
   private writing: Promise<void> = Promise.resolve();
 
@@ -58,8 +69,8 @@ export class DeliveryQueue {
     private readonly fsync: boolean,
   ) {}
 
-  static async open(filename: string, logger: Logger, options: { compactionIntervalMs: number; fsync: boolean }): Promise<DeliveryQueue> {
-    const db = await openDatastore<Record<string, unknown>>(filename, logger, options.compactionIntervalMs);
+  static async open(filename: string, logger: Logger, options: { compactionIntervalMs: number; fsync: boolean; fileMode?: number }): Promise<DeliveryQueue> {
+    const db = await openDatastore<Record<string, unknown>>(filename, logger, options.compactionIntervalMs, options.fileMode);
     const queue = new DeliveryQueue(db, filename, logger, options.fsync);
     const entries: QueuedEntry[] = [];
     for (const doc of db.getAllData()) {
@@ -88,14 +99,30 @@ export class DeliveryQueue {
     return this.byTarget.get(targetId) ?? [];
   }
 
-  /** Holds the entries and resolves once they are on disk. */
-  enqueue(newEntries: NewQueuedEntry[]): Promise<void> {
+  /**
+   * Holds the entries behind their targets' earlier ones; `stored` resolves once they are on
+   * disk. They are not handed out for delivery until release().
+   */
+  enqueue(newEntries: NewQueuedEntry[]): HeldEntries {
     const docs = newEntries.map((entry) => ({ ...entry, _id: `q${this.nextSeq.toString(36)}-${entry.queued_at.toString(36)}`, seq: this.nextSeq++ }));
-    for (const doc of docs) this.hold(doc);
-    return new Promise((resolve, reject) => {
+    for (const doc of docs) {
+      this.hold(doc);
+      this.unreleased.add(doc);
+    }
+    const stored = new Promise<void>((resolve, reject) => {
       this.inserts.push({ docs, resolve, reject });
       this.schedule();
     });
+    return { entries: docs, stored };
+  }
+
+  /** The senders of these entries have their answer: a drain may write them now. */
+  release(entries: readonly QueuedEntry[]): void {
+    for (const entry of entries) this.unreleased.delete(entry);
+  }
+
+  isReleased(entry: QueuedEntry): boolean {
+    return this.unreleased.size === 0 || !this.unreleased.has(entry);
   }
 
   /** Entries a target has had for longest past `max`; the caller expires them. */
@@ -105,19 +132,42 @@ export class DeliveryQueue {
     return list.slice(0, list.length - max);
   }
 
-  /** Forgets delivered or expired entries, in memory now and on disk in the next batch. */
-  remove(entries: readonly QueuedEntry[]): void {
+  /**
+   * Forgets delivered or expired entries, in memory now and on disk in the next batch. Returns
+   * those it still held (an entry may have expired meanwhile), and `written`, which resolves
+   * once that batch is written (or has failed, which is logged: the entries come back at the
+   * next start and are delivered again).
+   */
+  remove(entries: readonly QueuedEntry[]): { removed: QueuedEntry[]; written: Promise<void> } {
+    const removed: QueuedEntry[] = [];
+    const gone = new Map<string, Set<QueuedEntry>>();
     for (const entry of entries) {
-      const list = this.byTarget.get(entry.target_id);
-      if (!list) continue;
-      const index = list.indexOf(entry);
-      if (index < 0) continue;
-      list.splice(index, 1);
-      if (list.length === 0) this.byTarget.delete(entry.target_id);
-      this.count--;
-      this.removals.push(entry._id);
+      let set = gone.get(entry.target_id);
+      if (!set) gone.set(entry.target_id, (set = new Set()));
+      set.add(entry);
     }
+    // One pass per target, in place: a drain removes hundreds of entries at a time from lists
+    // of thousands, where a splice per entry would cost a copy of the list each.
+    for (const [targetId, set] of gone) {
+      const list = this.byTarget.get(targetId);
+      if (!list) continue;
+      let kept = 0;
+      for (const entry of list) {
+        if (set.has(entry)) {
+          removed.push(entry);
+          this.count--;
+          this.removals.push(entry._id);
+          this.unreleased.delete(entry);
+        } else {
+          list[kept++] = entry;
+        }
+      }
+      list.length = kept;
+      if (kept === 0) this.byTarget.delete(targetId);
+    }
+    const written = new Promise<void>((resolve) => this.removalWaiters.push(resolve));
     this.schedule();
+    return { removed, written };
   }
 
   expired(now: number): QueuedEntry[] {
@@ -157,8 +207,10 @@ export class DeliveryQueue {
   private async writeBatch(): Promise<void> {
     const inserts = this.inserts;
     const removals = this.removals;
+    const removalWaiters = this.removalWaiters;
     this.inserts = [];
     this.removals = [];
+    this.removalWaiters = [];
     if (inserts.length > 0) {
       try {
         await this.db.insertAsync(inserts.flatMap((insert) => insert.docs.map((doc) => ({ ...doc }))));
@@ -176,6 +228,7 @@ export class DeliveryQueue {
         this.logger.error('queue_remove_failed', { entries: removals.length, error: (error as Error).message });
       }
     }
+    for (const resolve of removalWaiters) resolve();
   }
 
   private async syncFile(): Promise<void> {

@@ -37,8 +37,8 @@ export const STREAMED_EVENT_TYPES: readonly RelayEventType[] = [
 /** Sent first on a resumed stream when events it asked for are no longer in the ring. */
 export interface MissedEventsNotice {
   type: 'missed';
-  /** The Last-Event-ID the client sent. */
-  last_event_id: number;
+  /** The Last-Event-ID the client sent; null when it was not an event id (e.g. "abc", "-5"). */
+  last_event_id: number | null;
   /** The oldest id still held; events between last_event_id and it were lost (null: ring empty). */
   oldest_available_id: number | null;
   /** How many events were lost, when known (null when the relay restarted since). */
@@ -63,16 +63,20 @@ function frameText(id: number | null, type: string, data: unknown): string {
   return `${id === null ? '' : `id: ${id}\n`}event: ${type}\ndata: ${JSON.stringify(data)}\n\n`;
 }
 
-/** Parses a Last-Event-ID value; null when absent or not a non-negative integer. */
 function entryText(entry: RingEntry): string {
   return (entry.text ??= frameText(entry.id, entry.event.type, entry.event));
 }
 
-export function parseLastEventId(raw: string | string[] | null | undefined): number | null {
-  const value = Array.isArray(raw) ? raw[0] : raw;
-  if (value === undefined || value === null || !/^\d{1,16}$/.test(value.trim())) return null;
-  const id = Number(value.trim());
-  return Number.isSafeInteger(id) ? id : null;
+/**
+ * Parses a Last-Event-ID value: null when absent or empty (a fresh stream), 'invalid' when it is
+ * not a non-negative whole number the relay could have sent.
+ */
+export function parseLastEventId(raw: string | string[] | null | undefined): number | 'invalid' | null {
+  const value = (Array.isArray(raw) ? raw[0] : raw)?.trim();
+  if (value === undefined || value === '') return null;
+  if (!/^\d{1,16}$/.test(value)) return 'invalid';
+  const id = Number(value);
+  return Number.isSafeInteger(id) ? id : 'invalid';
 }
 
 export class EventStream {
@@ -179,8 +183,14 @@ export class EventStream {
     res.write(text);
   }
 
-  private replay(res: ServerResponse, lastEventId: number): void {
+  private replay(res: ServerResponse, lastEventId: number | 'invalid'): void {
     const oldest = this.ringCount > 0 ? this.ring[this.ringStart]!.id : null;
+    if (lastEventId === 'invalid') {
+      // Nothing can be resumed from it: say so, as for an id too old, rather than stay silent.
+      this.notifyMissed(res, { last_event_id: null, oldest_available_id: oldest, missed: null }, 'The Last-Event-ID sent is not an event id, so what was missed is unknown; reload the lists to resynchronise.');
+      this.sendRing(res, 0);
+      return;
+    }
     if (lastEventId < this.firstId || lastEventId > this.lastId) {
       // The client saw an earlier run of the relay (or another relay): send all this run holds.
       this.notifyMissed(res, { last_event_id: lastEventId, oldest_available_id: oldest, missed: null }, 'The relay restarted since your last event; events before this point were not kept.');

@@ -10,7 +10,7 @@ import type { MessageLog } from './message-log';
 import type { ResolvedOptions } from './options';
 import { isPlainObject } from './protocol';
 import { secretMatches, type Router } from './router';
-import { communicationRow, listNodes, nodeView, workforce } from './workforce';
+import { communicationRow, heartbeatStaleMs, listNodes, nodeView, workforceJson, type Liveness } from './workforce';
 
 export type RouteHandler = (req: IncomingMessage, res: ServerResponse) => void;
 
@@ -47,10 +47,14 @@ class HttpError extends Error {
 
 const MAX_BODY_BYTES = 64 * 1024;
 
+/** Compact JSON: a workforce of thousands is megabytes more when indented (pipe into jq to read). */
 export function sendJson(res: ServerResponse, status: number, body: unknown): void {
-  const text = JSON.stringify(body, null, 2);
-  res.writeHead(status, { 'content-type': 'application/json; charset=utf-8', 'content-length': Buffer.byteLength(text), 'cache-control': 'no-store' });
-  res.end(text);
+  sendJsonBody(res, status, Buffer.from(JSON.stringify(body), 'utf8'));
+}
+
+function sendJsonBody(res: ServerResponse, status: number, body: Buffer): void {
+  res.writeHead(status, { 'content-type': 'application/json; charset=utf-8', 'content-length': body.length, 'cache-control': 'no-store' });
+  res.end(body);
 }
 
 function sendError(res: ServerResponse, error: HttpError): void {
@@ -74,19 +78,44 @@ function givenKey(req: IncomingMessage, url: URL): string | undefined {
   return fromHeader ?? url.searchParams.get('authkey') ?? undefined;
 }
 
+function bodyTooLarge(): HttpError {
+  // The connection is closed after the answer: the rest of the body is not worth reading.
+  return new HttpError(413, 'body_too_large', `Request body is over ${MAX_BODY_BYTES} bytes: admin requests take a small JSON body such as {"banned":true}.`, {
+    connection: 'close',
+  });
+}
+
+/**
+ * A request that declares a body over the limit, refused before any of it is read. Otherwise a
+ * client waiting on Expect: 100-continue (curl does, for bodies over 1 KiB) is told to go on.
+ */
+function refuseEarly(req: IncomingMessage, res: ServerResponse): HttpError | null {
+  const declared = Number(req.headers['content-length'] ?? 0);
+  if (declared > MAX_BODY_BYTES) return bodyTooLarge();
+  if (/^100-continue$/i.test(req.headers.expect ?? '')) res.writeContinue();
+  return null;
+}
+
+/**
+ * The JSON body, at most MAX_BODY_BYTES. Past the limit it stops reading and rejects with a
+ * 413 that closes the connection; the socket is not destroyed here, so the answer reaches the
+ * client before the close.
+ */
 function readBody(req: IncomingMessage): Promise<unknown> {
   return new Promise((resolve, reject) => {
     const chunks: Buffer[] = [];
     let size = 0;
-    req.on('data', (chunk: Buffer) => {
+    const onData = (chunk: Buffer) => {
       size += chunk.length;
       if (size > MAX_BODY_BYTES) {
-        reject(new HttpError(413, 'body_too_large', `Request body is over ${MAX_BODY_BYTES} bytes.`));
-        req.destroy();
+        req.off('data', onData);
+        req.pause();
+        reject(bodyTooLarge());
         return;
       }
       chunks.push(chunk);
-    });
+    };
+    req.on('data', onData);
     req.on('end', () => {
       const text = Buffer.concat(chunks).toString('utf8').trim();
       if (text === '') return resolve(undefined);
@@ -115,10 +144,22 @@ function textParam(url: URL, name: string): string | null {
   return raw === null || raw.trim() === '' ? null : raw.trim();
 }
 
+/** The page is served at these paths too, so a bookmark or a habit from other tools finds it. */
+const DASHBOARD_PATHS = new Set(['/', '/admin', '/admin/', '/index.html']);
+
 export class HttpApi {
-  constructor(private readonly deps: HttpApiDeps) {}
+  private readonly liveness: Liveness;
+
+  constructor(private readonly deps: HttpApiDeps) {
+    this.liveness = {
+      lastActivity: (id) => deps.router.online.get(id)?.lastActivityAt,
+      heartbeatStaleMs: heartbeatStaleMs(deps.options.pingIntervalMs),
+    };
+  }
 
   handle(req: IncomingMessage, res: ServerResponse): void {
+    const refused = refuseEarly(req, res);
+    if (refused) return sendError(res, refused);
     this.dispatch(req, res).catch((error: unknown) => {
       if (error instanceof HttpError) {
         sendError(res, error);
@@ -136,7 +177,7 @@ export class HttpApi {
     const path = url.pathname === '/api' ? '/' : url.pathname.startsWith('/api/') ? url.pathname.slice(4) : url.pathname;
     const { extensions } = this.deps;
 
-    if (path === '/' || path === '/admin') {
+    if (DASHBOARD_PATHS.has(path)) {
       if (url.pathname.startsWith('/api')) throw this.notFound(url.pathname);
       this.allow(method, ['GET', 'HEAD']);
       if (!extensions.dashboard) throw this.notFound(url.pathname);
@@ -150,9 +191,8 @@ export class HttpApi {
     if (banMatch) return this.ban(req, res, url, method, decodeURIComponent(banMatch[1]!));
 
     const reads: Record<string, () => unknown> = {
-      '/employees': () => ({ employees: listNodes(this.deps.identities, this.isOnline, 'employee') }),
-      '/connections': () => ({ connections: listNodes(this.deps.identities, this.isOnline) }),
-      '/admin/workforce': () => workforce(this.deps.identities, this.isOnline, textParam(url, 'tag'), Date.now(), (id) => this.deps.dispatcher.workerOf(id)),
+      '/employees': () => ({ employees: listNodes(this.deps.identities, this.liveness, 'employee') }),
+      '/connections': () => ({ connections: listNodes(this.deps.identities, this.liveness) }),
       '/admin/tasks': () => this.tasks(url),
     };
     const read = reads[path];
@@ -160,6 +200,11 @@ export class HttpApi {
       this.allow(method, ['GET', 'HEAD']);
       this.requireReadAccess(req, url);
       return sendJson(res, 200, read());
+    }
+    if (path === '/admin/workforce') {
+      this.allow(method, ['GET', 'HEAD']);
+      this.requireReadAccess(req, url);
+      return sendJsonBody(res, 200, workforceJson(this.deps.identities, this.liveness, textParam(url, 'tag'), Date.now(), (id) => this.deps.dispatcher.workerOf(id)));
     }
     if (path === '/admin/communications') {
       this.allow(method, ['GET', 'HEAD']);
@@ -175,8 +220,6 @@ export class HttpApi {
     }
     throw this.notFound(url.pathname);
   }
-
-  private readonly isOnline = (id: string): boolean => this.deps.router.isOnline(id);
 
   private notFound(path: string): HttpError {
     return new HttpError(404, 'not_found', `No route ${path.slice(0, 80)}: see the README's admin API table (e.g. GET /api/health).`);

@@ -89,8 +89,8 @@ export class IdentityStore {
     private readonly logger: Logger,
   ) {}
 
-  static async open(filename: string, logger: Logger, compactionIntervalMs: number): Promise<IdentityStore> {
-    const db = await openDatastore<Record<string, unknown>>(filename, logger, compactionIntervalMs);
+  static async open(filename: string, logger: Logger, compactionIntervalMs: number, fileMode?: number): Promise<IdentityStore> {
+    const db = await openDatastore<Record<string, unknown>>(filename, logger, compactionIntervalMs, fileMode);
     const store = new IdentityStore(db, logger);
     let migrated = 0;
     for (const doc of db.getAllData()) {

@@ -12,6 +12,7 @@ import { randomBytes } from 'node:crypto';
 import { createReadStream, createWriteStream } from 'node:fs';
 import fs from 'node:fs/promises';
 import path from 'node:path';
+import { applyFileMode, DEFAULT_FILE_MODE, dirModeFor } from './data-dir';
 import { outcomeFields, type AckBody, type RoutingOutcome } from './delivery-ack';
 import type { Logger } from './logger';
 import { MessageIndex, roleFromId, type EdgeFilter } from './message-index';
@@ -72,6 +73,8 @@ export interface MessageLogOptions {
   maxMessages?: number;
   /** How often pruning/compaction runs, ms. */
   maintenanceIntervalMs?: number;
+  /** Permission bits of the file, its rewrites and copies. Default 0o600. */
+  fileMode?: number;
 }
 
 export interface MessageLogStats {
@@ -90,6 +93,12 @@ const DEFAULT_HIGH_WATER_MARK = 8 * 1024 * 1024;
 const LINGER_BYTES = 64 * 1024;
 const LINGER_MS = 2;
 const NEWLINE = 0x0a;
+/**
+ * What a damaged line is overwritten with once the file has been copied aside (padded with
+ * spaces to the line's length, so no offset moves): an empty document, which the relay and
+ * NeDB both pass over.
+ */
+const SET_ASIDE = '{}';
 
 interface ParsedLine {
   record: MessageRecord | null;
@@ -230,10 +239,10 @@ export function firstAck(record: MessageRecord): AckBody {
 
 const hasQueued = (record: MessageRecord) => record.targets.some((t) => t.status === 'queued');
 
-function copyRange(from: string, to: string, start: number, end: number, flags: 'w' | 'a'): Promise<void> {
+function copyRange(from: string, to: string, start: number, end: number, flags: 'w' | 'a', mode: number): Promise<void> {
   if (end <= start && flags === 'a') return Promise.resolve();
   return new Promise<void>((resolve, reject) => {
-    const sink = createWriteStream(to, { flags });
+    const sink = createWriteStream(to, { flags, mode });
     sink.on('error', reject);
     sink.on('finish', () => resolve());
     if (end <= start) {
@@ -271,6 +280,9 @@ export class MessageLog {
   private aboveHighWaterMark = false;
   private readonly drainListeners: (() => void)[] = [];
   private skippedLines = 0;
+  /** Byte ranges of the lines skipped at load (newline excluded), to set aside once copied. */
+  private damaged: { offset: number; length: number }[] = [];
+  private loadedLines = 0;
   private lastId = '';
   private maintenanceTimer: NodeJS.Timeout | null = null;
   private maintaining: Promise<void> | null = null;
@@ -280,16 +292,21 @@ export class MessageLog {
   private closing = false;
   private closed = false;
   private readonly highWaterMark: number;
+  private readonly fileMode: number;
 
   private constructor(private readonly options: MessageLogOptions) {
     this.highWaterMark = options.highWaterMark ?? DEFAULT_HIGH_WATER_MARK;
+    this.fileMode = options.fileMode ?? DEFAULT_FILE_MODE;
   }
 
   static async open(options: MessageLogOptions): Promise<MessageLog> {
     const log = new MessageLog(options);
-    await fs.mkdir(path.dirname(options.file), { recursive: true });
+    await fs.mkdir(path.dirname(options.file), { recursive: true, mode: dirModeFor(log.fileMode) });
     await log.load();
-    log.handle = await fs.open(options.file, 'a');
+    // Also tightens a file an older relay wrote 0644.
+    await applyFileMode(options.file, log.fileMode, options.logger);
+    if (log.damaged.length > 0) await log.setDamageAside();
+    log.handle = await fs.open(options.file, 'a', log.fileMode);
     await log.maintain();
     const every = options.maintenanceIntervalMs ?? 600_000;
     log.maintenanceTimer = setInterval(() => void log.maintain(), every);
@@ -302,7 +319,7 @@ export class MessageLog {
     try {
       size = (await fs.stat(this.options.file)).size;
     } catch {
-      await fs.writeFile(this.options.file, '');
+      await fs.writeFile(this.options.file, '', { mode: this.fileMode });
       return;
     }
     let offset = 0;
@@ -324,21 +341,51 @@ export class MessageLog {
       // A last line without its newline was cut off mid-write: skip it, and start the next
       // append on a fresh line so the damage stays on its own line.
       lineNumber++;
-      this.skip(lineNumber, 'truncated last line');
+      this.skip(lineNumber, 'truncated last line', offset, carry.length);
       offset += carry.length;
       this.needsNewline = true;
     }
     this.fileBytes = Math.max(offset, size);
     this.endOffset = this.fileBytes;
+    this.loadedLines = lineNumber;
+  }
+
+  /**
+   * Like the NeDB-held stores: keeps a copy of the damaged file as NAME.corrupt-<time>, then
+   * overwrites the damaged lines in place, so the next start neither skips nor copies them
+   * again. When the copy cannot be made the file is left as it is (the lines stay skipped).
+   */
+  private async setDamageAside(): Promise<void> {
+    const { file, logger } = this.options;
+    const backup = `${file}.corrupt-${Date.now()}`;
+    try {
+      await fs.copyFile(file, backup);
+      await applyFileMode(backup, this.fileMode, logger);
+      const handle = await fs.open(file, 'r+');
+      try {
+        for (const { offset, length } of this.damaged) {
+          const filler = Buffer.alloc(length, ' ');
+          if (length >= SET_ASIDE.length) filler.write(SET_ASIDE);
+          await handle.write(filler, 0, length, offset);
+        }
+      } finally {
+        await handle.close();
+      }
+      logger.warn('store_lines_skipped', { file, skipped_lines: this.skippedLines, total_lines: this.loadedLines, backup });
+    } catch (error) {
+      logger.error('message_log_backup_failed', { file, backup, skipped_lines: this.skippedLines, error: (error as Error).message });
+    }
+    this.damaged = [];
   }
 
   private loadLine(text: string, offset: number, length: number, lineNumber: number): void {
-    if (text.trim() === '') return;
+    const trimmed = text.trim();
+    if (trimmed === '' || trimmed === SET_ASIDE) return;
     let parsed = parseLine(text, false);
-    if (parsed === null) return this.skip(lineNumber, 'unreadable line');
+    if (parsed === null) return this.skip(lineNumber, 'unreadable line', offset, length - 1);
     // Records waiting on a queued target are kept whole: their next version rewrites the payload.
     if (parsed.record !== null && hasQueued(parsed.record)) parsed = parseLine(text);
-    if (parsed === null) return this.skip(lineNumber, 'unreadable line');
+    if (parsed === null) return this.skip(lineNumber, 'unreadable line', offset, length - 1);
     if (parsed.deletedId !== null) {
       this.open.delete(parsed.deletedId);
       return;
@@ -356,8 +403,9 @@ export class MessageLog {
     if (hasQueued(record)) this.open.set(record._id, { slot, record });
   }
 
-  private skip(lineNumber: number, reason: string): void {
+  private skip(lineNumber: number, reason: string, offset: number, length: number): void {
     this.skippedLines++;
+    this.damaged.push({ offset, length });
     this.options.logger.warn('message_log_line_skipped', { file: this.options.file, line: lineNumber, reason });
   }
 
@@ -577,10 +625,12 @@ export class MessageLog {
     const temp = `${this.options.file}.prune-${process.pid}`;
     try {
       const copiedTo = this.fileBytes;
-      await copyRange(this.options.file, temp, cut, copiedTo, 'w');
+      await copyRange(this.options.file, temp, cut, copiedTo, 'w', this.fileMode);
+      // A temp file left by a crash keeps its old mode when opened again.
+      await applyFileMode(temp, this.fileMode, this.options.logger);
       this.holdWrites = true;
       if (this.writing) await this.writing;
-      await copyRange(this.options.file, temp, copiedTo, this.fileBytes, 'a');
+      await copyRange(this.options.file, temp, copiedTo, this.fileBytes, 'a', this.fileMode);
       await this.handle?.close();
       this.handle = null;
       await fs.rename(temp, this.options.file);
@@ -594,7 +644,7 @@ export class MessageLog {
       this.options.logger.error('message_log_prune_failed', { error: (error as Error).message });
       await fs.rm(temp, { force: true });
     } finally {
-      this.handle ??= await fs.open(this.options.file, 'a');
+      this.handle ??= await fs.open(this.options.file, 'a', this.fileMode);
       this.holdWrites = false;
     }
   }

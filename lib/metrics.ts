@@ -6,6 +6,7 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
 import type { EventBus, RelayEvent } from './events';
+import type { FailureReason } from './protocol';
 
 /** What the relay reports at each scrape. */
 export interface RelayStatsSnapshot {
@@ -29,6 +30,18 @@ export interface RelayMetricsOptions {
   /** Metric name prefix. Default "mimiclaw_". */
   prefix?: string;
 }
+
+/**
+ * Label values known in advance. Each series is exported as 0 from the start: a series that
+ * appears only with its first increment hides that increment from increase() and rate().
+ */
+const ROLES = ['boss', 'employee'] as const;
+const AUTH_FAILURE_CODES = [
+  'invalid_role', 'invalid_authkey', 'invalid_identity', 'identity_not_found', 'invalid_identity_key', 'role_mismatch',
+  'banned', 'invalid_name', 'invalid_tags', 'invalid_health_report', 'invalid_frame', 'invalid_employee_key', 'server_full',
+] as const;
+const FRAME_ERROR_CODES = ['invalid_json', 'invalid_frame', 'auth_required', 'payload_too_large'] as const;
+const FAILURE_REASONS: readonly FailureReason[] = ['target_not_found', 'target_banned', 'target_offline', 'target_slow'];
 
 /** Routing is in-process work: buckets from 50 µs to 1 s. */
 const ROUTE_SECONDS_BUCKETS = [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1];
@@ -169,6 +182,17 @@ export class RelayMetrics {
       buckets: [0.001, 0.01, 0.1, 1, 10, 60, 600, 3600],
       registers: [register],
     });
+    for (const role of ROLES) {
+      for (const reconnected of ['false', 'true']) this.authSuccesses.inc({ role, reconnected }, 0);
+      this.disconnects.inc({ role }, 0);
+      this.routed.inc({ from_role: role }, 0);
+    }
+    for (const code of AUTH_FAILURE_CODES) this.authFailures.inc({ code }, 0);
+    for (const code of FRAME_ERROR_CODES) this.frameErrors.inc({ code }, 0);
+    for (const reason of FAILURE_REASONS) this.failed.inc({ reason }, 0);
+    for (const status of ['delivered', 'expired']) this.deliveryUpdates.inc({ status }, 0);
+    for (const action of ['ban', 'unban']) this.bans.inc({ action }, 0);
+    for (const valid of ['true', 'false']) this.healthReports.inc({ valid }, 0);
 
     this.unsubscribe = options.bus.subscribe((event) => this.onEvent(event));
   }

@@ -16,6 +16,8 @@ export interface RelayOptions {
   authkey: string;
   /** Default ~/.mimiclaw-relay or MIMICLAW_RELAY_HOME. */
   dataDir?: string;
+  /** Permission bits of the data files (e.g. 0o640); a dir the relay creates gets them plus search bits. Default 0o600. */
+  fileMode?: number;
   /** Close sockets that have not authenticated after this many ms. Default 15000. */
   authTimeoutMs?: number;
   /** Default info. Ignored when `logger` is given. */
@@ -41,8 +43,10 @@ export interface RelayOptions {
   maxConnections?: number;
   /** Most sockets waiting to authenticate. Default 1000. */
   maxUnauthenticated?: number;
-  /** Failed auths allowed per address per minute before further attempts are refused; 0 = no limit. Default 20. */
+  /** Wrong secrets allowed per address and per secret guessed at (authkey, employee key, one identity's key) per minute before auths presenting it are refused; 0 = no limit. Default 20. */
   maxAuthFailures?: number;
+  /** Apply the maxAuthFailures throttle to loopback clients too. Default false. */
+  throttleLoopback?: boolean;
   /** WebSocket ping interval, ms; a peer silent for two intervals is terminated. Default 30000. */
   pingIntervalMs?: number;
   /** Per-socket unsent bytes past which messages to it fail with target_slow. Default 4 MiB. */
@@ -80,6 +84,7 @@ export const DEFAULTS = {
   port: 8787,
   host: '0.0.0.0',
   wsPath: '/ws',
+  fileMode: 0o600,
   authTimeoutMs: 15_000,
   logLevel: 'info' as LogLevel,
   queueTtlMs: 0,
@@ -92,6 +97,7 @@ export const DEFAULTS = {
   maxConnections: 20_000,
   maxUnauthenticated: 1000,
   maxAuthFailures: 20,
+  throttleLoopback: false,
   pingIntervalMs: 30_000,
   maxBufferedBytes: 4 * 1024 * 1024,
   slowPeerTimeoutMs: 30_000,
@@ -110,17 +116,39 @@ export function defaultDataDir(env: NodeJS.ProcessEnv = process.env): string {
 }
 
 export class OptionsError extends Error {
-  constructor(message: string) {
+  constructor(
+    message: string,
+    /** The option at fault, and the range it must be in, so the command can name its own flag. */
+    readonly option?: keyof RelayOptions,
+    readonly range?: { min: number; max: number },
+  ) {
     super(message);
     this.name = 'OptionsError';
   }
 }
 
-function wholeNumber(name: string, value: number, min: number, max = Number.MAX_SAFE_INTEGER): number {
+/** Timers cannot wait longer (Node fires a longer one after 1 ms). */
+export const MAX_TIMER_MS = 2 ** 31 - 1;
+/** A frame is read whole and decoded as one string; V8's strings stop at about 512 MiB. */
+export const MAX_PAYLOAD_BYTES = 64 * 1024 * 1024;
+
+function wholeNumber(name: keyof RelayOptions, value: number, min: number, max = Number.MAX_SAFE_INTEGER): number {
   if (!Number.isInteger(value) || value < min || value > max) {
-    throw new OptionsError(`${name} must be a whole number from ${min} to ${max}, got ${String(value)}.`);
+    throw new OptionsError(`${name} must be a whole number from ${min} to ${max}, got ${String(value)}.`, name, { min, max });
   }
   return value;
+}
+
+/** Permission bits the relay can live with: it must read and write its own files. */
+function fileModeOption(value: number | undefined): number {
+  const mode = value ?? DEFAULTS.fileMode;
+  if (!Number.isInteger(mode) || mode < 0 || mode > 0o777) {
+    throw new OptionsError(`fileMode must be permission bits such as 0o600 or 0o640 (--file-mode 640), got ${String(value)}.`, 'fileMode');
+  }
+  if ((mode & 0o600) !== 0o600) {
+    throw new OptionsError(`fileMode must give the owner read and write (the relay rewrites its files), e.g. 0o600 or 0o640; got 0o${mode.toString(8)}.`, 'fileMode');
+  }
+  return mode;
 }
 
 /** Fills defaults and rejects impossible values with a message that names the option. */
@@ -130,38 +158,40 @@ export function resolveOptions(options: RelayOptions): ResolvedOptions {
   }
   const wsPath = options.wsPath ?? DEFAULTS.wsPath;
   if (!wsPath.startsWith('/') || /[?#\s]/.test(wsPath)) {
-    throw new OptionsError(`wsPath must be a path starting with "/", got "${wsPath}".`);
+    throw new OptionsError(`wsPath must be a path starting with "/", got "${wsPath}".`, 'wsPath');
   }
-  const ms = (name: string, value: number | undefined, fallback: number, min = 0) =>
-    wholeNumber(name, value ?? fallback, min);
+  const ms = (name: keyof RelayOptions, value: number | undefined, fallback: number, min = 0, max?: number) =>
+    wholeNumber(name, value ?? fallback, min, max);
   const resolved: ResolvedOptions = {
     port: wholeNumber('port', options.port ?? DEFAULTS.port, 0, 65535),
     host: options.host ?? DEFAULTS.host,
     wsPath,
     authkey: options.authkey,
     dataDir: path.resolve(options.dataDir ?? defaultDataDir()),
-    authTimeoutMs: ms('authTimeoutMs', options.authTimeoutMs, DEFAULTS.authTimeoutMs, 1),
+    fileMode: fileModeOption(options.fileMode),
+    authTimeoutMs: ms('authTimeoutMs', options.authTimeoutMs, DEFAULTS.authTimeoutMs, 1, MAX_TIMER_MS),
     logLevel: options.logLevel ?? DEFAULTS.logLevel,
     queueTtlMs: ms('queueTtlMs', options.queueTtlMs, DEFAULTS.queueTtlMs),
     maxQueueTtlMs: ms('maxQueueTtlMs', options.maxQueueTtlMs, DEFAULTS.maxQueueTtlMs, 1),
     maxQueuedPerTarget: ms('maxQueuedPerTarget', options.maxQueuedPerTarget, DEFAULTS.maxQueuedPerTarget, 1),
     dedupeWindowMs: ms('dedupeWindowMs', options.dedupeWindowMs, DEFAULTS.dedupeWindowMs),
-    maxPayloadBytes: ms('maxPayloadBytes', options.maxPayloadBytes, DEFAULTS.maxPayloadBytes, 1024),
+    maxPayloadBytes: ms('maxPayloadBytes', options.maxPayloadBytes, DEFAULTS.maxPayloadBytes, 1024, MAX_PAYLOAD_BYTES),
     rateLimit: ms('rateLimit', options.rateLimit, DEFAULTS.rateLimit),
     maxTargets: ms('maxTargets', options.maxTargets, DEFAULTS.maxTargets, 1),
     maxConnections: ms('maxConnections', options.maxConnections, DEFAULTS.maxConnections, 1),
     maxUnauthenticated: ms('maxUnauthenticated', options.maxUnauthenticated, DEFAULTS.maxUnauthenticated, 1),
     maxAuthFailures: ms('maxAuthFailures', options.maxAuthFailures, DEFAULTS.maxAuthFailures),
-    pingIntervalMs: ms('pingIntervalMs', options.pingIntervalMs, DEFAULTS.pingIntervalMs, 0),
+    throttleLoopback: options.throttleLoopback ?? DEFAULTS.throttleLoopback,
+    pingIntervalMs: ms('pingIntervalMs', options.pingIntervalMs, DEFAULTS.pingIntervalMs, 0, MAX_TIMER_MS),
     maxBufferedBytes: ms('maxBufferedBytes', options.maxBufferedBytes, DEFAULTS.maxBufferedBytes, 1024),
-    slowPeerTimeoutMs: ms('slowPeerTimeoutMs', options.slowPeerTimeoutMs, DEFAULTS.slowPeerTimeoutMs, 1),
+    slowPeerTimeoutMs: ms('slowPeerTimeoutMs', options.slowPeerTimeoutMs, DEFAULTS.slowPeerTimeoutMs, 1, MAX_TIMER_MS),
     retentionMs: ms('retentionMs', options.retentionMs, DEFAULTS.retentionMs),
     maxMessages: ms('maxMessages', options.maxMessages, DEFAULTS.maxMessages),
     fsync: options.fsync ?? DEFAULTS.fsync,
     employeeKey: options.employeeKey === '' ? undefined : options.employeeKey,
     publicReads: options.publicReads ?? DEFAULTS.publicReads,
-    maintenanceIntervalMs: ms('maintenanceIntervalMs', options.maintenanceIntervalMs, DEFAULTS.maintenanceIntervalMs, 1000),
-    taskTimeoutMs: wholeNumber('taskTimeoutMs', options.taskTimeoutMs ?? DEFAULTS.taskTimeoutMs, 1, 2 ** 31 - 1),
+    maintenanceIntervalMs: ms('maintenanceIntervalMs', options.maintenanceIntervalMs, DEFAULTS.maintenanceIntervalMs, 1000, MAX_TIMER_MS),
+    taskTimeoutMs: ms('taskTimeoutMs', options.taskTimeoutMs, DEFAULTS.taskTimeoutMs, 1, MAX_TIMER_MS),
     maxAttempts: wholeNumber('maxAttempts', options.maxAttempts ?? DEFAULTS.maxAttempts, 1, 1000),
   };
   return resolved;

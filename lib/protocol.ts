@@ -272,8 +272,74 @@ export function isPlainObject(value: unknown): value is Record<string, unknown> 
   return typeof value === 'object' && value !== null && !Array.isArray(value);
 }
 
-/** A frame is text holding one JSON object with a string `type`. */
+/**
+ * Deepest nesting of objects and arrays a frame may have; the frame object itself is level 1,
+ * so a message payload may nest 127 levels. Deeper frames are refused before JSON.parse: parsing
+ * (and later re-encoding) deep nesting costs milliseconds per frame, enough for a few hundred
+ * such frames to stall every other connection.
+ */
+export const MAX_FRAME_DEPTH = 128;
+
+const QUOTE = 0x22;
+const BACKSLASH = 0x5c;
+
+/**
+ * Whether JSON text nests objects and arrays deeper than `limit`, in one pass over the text:
+ * brackets inside strings do not count and escaped quotes do not end a string. For text that is
+ * not valid JSON the answer covers the valid prefix, which is all JSON.parse reads of it.
+ */
+export function nestsDeeperThan(text: string, limit: number): boolean {
+  if (text.length <= limit) return false;
+  let depth = 0;
+  for (let i = 0; i < text.length; i++) {
+    const c = text.charCodeAt(i);
+    if (c === 0x5b || c === 0x7b) {
+      // [ or {
+      if (++depth > limit) return true;
+    } else if (c === 0x5d || c === 0x7d) {
+      // ] or }
+      depth--;
+    } else if (c === QUOTE) {
+      i = stringEnd(text, i);
+      if (i < 0) return false;
+    }
+  }
+  return false;
+}
+
+/** Index of the quote that closes the string opened at `open`, or -1 when the text ends first. */
+function stringEnd(text: string, open: number): number {
+  const length = text.length;
+  // Short strings (keys, ids) are cheapest to walk character by character.
+  const shortEnd = Math.min(length, open + 33);
+  let i = open + 1;
+  for (; i < shortEnd; i++) {
+    const c = text.charCodeAt(i);
+    if (c === QUOTE) return i;
+    if (c === BACKSLASH) i++;
+  }
+  if (i >= length) return -1;
+  // A long one: the next quote ends it unless a backslash stands right before it, so a long
+  // payload string costs one native search; only then is the rest walked escape by escape.
+  const quote = text.indexOf('"', i);
+  if (quote < 0) return -1;
+  if (text.charCodeAt(quote - 1) !== BACKSLASH) return quote;
+  for (; i < length; i++) {
+    const c = text.charCodeAt(i);
+    if (c === QUOTE) return i;
+    if (c === BACKSLASH) i++;
+  }
+  return -1;
+}
+
+/** A frame is text holding one JSON object with a string `type`, nested at most MAX_FRAME_DEPTH deep. */
 export function decodeFrame(text: string): Checked<Record<string, unknown> & { type: string }> {
+  if (nestsDeeperThan(text, MAX_FRAME_DEPTH)) {
+    return fail(
+      'invalid_json',
+      `Frame nests objects or arrays more than ${MAX_FRAME_DEPTH} levels deep: send a flatter JSON value (the connection stays open).`,
+    );
+  }
   let parsed: unknown;
   try {
     parsed = JSON.parse(text);

@@ -3,10 +3,11 @@
 // (ws-gateway.ts) hands it validated-JSON frames; everything here trusts lib/protocol's types.
 
 import { createHash, randomUUID, timingSafeEqual } from 'node:crypto';
+import { presented, type GuessTarget } from './auth-throttle';
 import type { ConnectionLog } from './connection-log';
 import type { DedupeCache, Remembered } from './dedupe-cache';
 import { ackPrefix, finishAck, outcomeFields } from './delivery-ack';
-import type { DeliveryQueue, NewQueuedEntry, QueuedEntry } from './delivery-queue';
+import type { DeliveryQueue, HeldEntries, NewQueuedEntry, QueuedEntry } from './delivery-queue';
 import type { Dispatcher, SubmitResult } from './dispatch';
 import type { EventBus, NodeRef } from './events';
 import type { Identity, IdentityStore } from './identity-store';
@@ -33,6 +34,12 @@ import {
 } from './protocol';
 import type { Session } from './session';
 import { splitText, type SplitText } from './ws-frame';
+
+/**
+ * Most queued entries a drain writes to one target before that batch's removal is on disk: a
+ * crash mid-drain delivers at most this many of its entries again after the restart.
+ */
+export const DRAIN_BATCH_ENTRIES = 256;
 
 const MAX_META_BYTES = 16 * 1024;
 const MAX_MSG_ID_LENGTH = 256;
@@ -76,6 +83,8 @@ function digest(text: string): Buffer {
   return createHash('sha256').update(text).digest();
 }
 
+/** A rejected auth; `wrong` names the secret it got wrong, when that is why it was rejected. */
+type AuthRejection = FrameError & { wrong?: GuessTarget };
 
 /** A message to `any:<tag>` as routing has read it. */
 interface TaskMessage {
@@ -104,6 +113,8 @@ export class Router {
   /** Authenticated sessions by identity id. */
   readonly online = new Map<string, Session>();
   private readonly pausedForLog = new Set<Session>();
+  /** Sessions whose queued backlog is being written, waiting for a removal batch or for socket room. */
+  private readonly draining = new Set<Session>();
 
   constructor(private readonly deps: RouterDeps) {
     deps.messageLog.onDrain(() => {
@@ -128,25 +139,31 @@ export class Router {
 
   // ---- auth ----------------------------------------------------------------------------------
 
-  authenticate(session: Session, frame: Record<string, unknown>): void {
+  /**
+   * Authenticates the session or rejects the auth (error frame, close 4003). Returns the secret
+   * a rejected auth got wrong, for the gateway's throttle; null when it succeeded or failed for
+   * any other reason (a missing secret, a malformed or invalid frame).
+   */
+  authenticate(session: Session, frame: Record<string, unknown>): GuessTarget | null {
     const capacity = checkCapacity(frame.capacity);
-    const outcome = capacity.ok ? this.decideAuth(frame) : capacity.error;
+    const outcome: AuthRejection | { identity: Identity; key: string; reconnected: boolean } = capacity.ok ? this.decideAuth(frame) : capacity.error;
     if ('code' in outcome) {
       this.rejectAuth(session, frame, outcome);
-      return;
+      return outcome.wrong ?? null;
     }
     const { identity, key, reconnected } = outcome;
     const declared = capacity.ok ? capacity.value : undefined;
     session.identity = identity;
     if (reconnected) {
       this.goOnline(session, identity, key, true, declared);
-      return;
+      return null;
     }
     // A new identity is on disk before its key is handed out, so a crash cannot forget an
     // identity its client was already told about.
     void this.deps.identities.flush().then(() => {
       if (session.isOpen) this.goOnline(session, identity, key, false, declared);
     });
+    return null;
   }
 
   private goOnline(session: Session, identity: Identity, key: string, reconnected: boolean, capacity: number | undefined): void {
@@ -185,15 +202,25 @@ export class Router {
 
   private decideAuth(
     frame: Record<string, unknown>,
-  ): { identity: Identity; key: string; reconnected: boolean } | FrameError {
+  ): { identity: Identity; key: string; reconnected: boolean } | AuthRejection {
     const { options, identities } = this.deps;
     const role = checkRole(frame);
     if (!role.ok) return role.error;
+    if (role.value === 'boss' && !presented(frame.authkey)) {
+      return {
+        code: 'invalid_authkey',
+        message: 'The authkey is missing: a boss must send the relay\'s authkey as "authkey", also when it reconnects with its identity.',
+      };
+    }
     if (role.value === 'boss' && !secretMatches(frame.authkey, options.authkey)) {
-      return { code: 'invalid_authkey', message: 'The authkey is not right: a boss must send the relay\'s authkey.' };
+      return { code: 'invalid_authkey', message: 'The authkey is not right: a boss must send the relay\'s authkey.', wrong: 'authkey' };
     }
     if (role.value === 'employee' && frame.authkey !== undefined && !secretMatches(frame.authkey, options.authkey)) {
-      return { code: 'invalid_authkey', message: 'The authkey is not right: send the relay\'s authkey or leave it out.' };
+      return {
+        code: 'invalid_authkey',
+        message: 'The authkey is not right: send the relay\'s authkey or leave it out.',
+        ...(presented(frame.authkey) && { wrong: 'authkey' as const }),
+      };
     }
     const checkedMeta = this.checkMeta(frame.meta);
     if (!checkedMeta.ok) return checkedMeta.error;
@@ -210,7 +237,11 @@ export class Router {
       return { code: 'identity_not_found', message: 'No identity has this id: register again without "identity".' };
     }
     if (!identities.keyMatches(identity, credentials.value.key)) {
-      return { code: 'invalid_identity_key', message: 'The identity key does not match: send the key given in auth_ok.' };
+      return {
+        code: 'invalid_identity_key',
+        message: 'The identity key does not match: send the key given in auth_ok.',
+        wrong: `identity:${identity.id}`,
+      };
     }
     if (identity.role !== role.value) {
       return { code: 'role_mismatch', message: `This identity is a ${identity.role}; authenticate with "role":"${identity.role}".` };
@@ -232,7 +263,7 @@ export class Router {
     role: Role,
     frame: Record<string, unknown>,
     meta: Record<string, unknown> | null,
-  ): { identity: Identity; key: string; reconnected: boolean } | FrameError {
+  ): { identity: Identity; key: string; reconnected: boolean } | AuthRejection {
     const { options, identities } = this.deps;
     if (role === 'boss') {
       const created = identities.create('boss', null, meta);
@@ -240,8 +271,11 @@ export class Router {
     }
     const profile = checkEmployeeProfile(frame);
     if (!profile.ok) return profile.error;
-    if (options.employeeKey !== undefined && !secretMatches(frame.employee_key, options.employeeKey)) {
+    if (options.employeeKey !== undefined && !presented(frame.employee_key)) {
       return { code: 'invalid_employee_key', message: 'This relay needs an employee registration key: send it as "employee_key".' };
+    }
+    if (options.employeeKey !== undefined && !secretMatches(frame.employee_key, options.employeeKey)) {
+      return { code: 'invalid_employee_key', message: 'The employee key is not right: send the relay\'s employee registration key as "employee_key".', wrong: 'employee_key' };
     }
     const created = identities.create('employee', profile.value, meta);
     return { ...created, reconnected: false };
@@ -287,6 +321,7 @@ export class Router {
   disconnect(session: Session, code: number): void {
     const identity = session.identity;
     this.pausedForLog.delete(session);
+    this.draining.delete(session);
     if (!identity || this.online.get(identity.id) !== session) return;
     this.online.delete(identity.id);
     this.deps.dispatcher.offline(identity.id);
@@ -518,15 +553,19 @@ export class Router {
     } else {
       const recordId = this.deps.messageLog.lastRecordId;
       for (const entry of context.toQueue) entry.record_id = recordId;
-      const stored = this.storeQueued(context.toQueue).then(() => slot);
+      const held = this.deps.queue.enqueue(context.toQueue);
+      const stored = this.storeQueued(held).then(() => slot);
       if (clientGaveId) dedupe.remember(sender.id, msgId, receivedAt, stored);
-      stored.then(
-        () => session.sendText(finishAck(prefix, false)),
-        (error: Error) => {
-          this.deps.logger.error('queue_store_failed', { msg_id: msgId, error: error.message });
-          session.sendError('store_failed', 'The relay could not store this message for offline targets (see its log); send it again.', { msg_id: msgId });
-        },
-      );
+      stored
+        .then(
+          () => session.sendText(finishAck(prefix, false)),
+          (error: Error) => {
+            this.deps.logger.error('queue_store_failed', { msg_id: msgId, error: error.message });
+            session.sendError('store_failed', 'The relay could not store this message for offline targets (see its log); send it again.', { msg_id: msgId });
+          },
+        )
+        // Only now may a drain write the entries: the sender hears the ack before any delivery_update.
+        .then(() => this.releaseQueued(held.entries));
     }
     this.deps.bus.publish({
       type: 'message',
@@ -660,12 +699,17 @@ export class Router {
     // A socket that is closing (peer leaving, relay shutting down) drops what is written to it:
     // treat its target as offline, so the message is queued or failed instead of lost as delivered.
     const open = session !== undefined && session.isOpen;
-    if (open && session.ws.bufferedAmount <= this.deps.options.maxBufferedBytes) {
-      session.sendSplit((context.split ??= splitText(context.head, context.tail)), targetId);
-      context.delivered.push(targetId);
-      return;
+    // A message that may be queued goes behind the target's backlog while that drains, so
+    // queued messages arrive in send order; one that may not is written at once as before.
+    const behindBacklog = open && context.queueTtlMs > 0 && this.deps.queue.pendingFor(targetId).length > 0;
+    if (open && !behindBacklog) {
+      if (session.ws.bufferedAmount <= this.deps.options.maxBufferedBytes) {
+        session.sendSplit((context.split ??= splitText(context.head, context.tail)), targetId);
+        context.delivered.push(targetId);
+        return;
+      }
+      if (session.slowSince === null) session.slowSince = context.now;
     }
-    if (open && session.slowSince === null) session.slowSince = context.now;
     if (context.queueTtlMs > 0) {
       context.queued.push(targetId);
       context.toQueue.push({
@@ -685,51 +729,91 @@ export class Router {
 
   // ---- store-and-forward ---------------------------------------------------------------------
 
-  private async storeQueued(entries: NewQueuedEntry[]): Promise<void> {
+  private async storeQueued(held: HeldEntries): Promise<void> {
     const { queue, messageLog, options } = this.deps;
-    await Promise.all([queue.enqueue(entries), messageLog.flush()]);
-    const targets = new Set(entries.map((entry) => entry.target_id));
+    await Promise.all([held.stored, messageLog.flush()]);
+    const targets = new Set(held.entries.map((entry) => entry.target_id));
     for (const targetId of targets) {
       const dropped = queue.overflow(targetId, options.maxQueuedPerTarget);
-      if (dropped.length > 0) this.finishQueued(dropped, 'expired');
-      // The target may have come back while the entry was being written.
-      const session = this.online.get(targetId);
+      if (dropped.length > 0) void this.finishQueued(dropped, 'expired');
+    }
+  }
+
+  /** Hands stored entries to their targets' drains; a target that is online gets them now. */
+  private releaseQueued(entries: readonly QueuedEntry[]): void {
+    this.deps.queue.release(entries);
+    let last: string | undefined;
+    for (const entry of entries) {
+      if (entry.target_id === last) continue;
+      last = entry.target_id;
+      const session = this.online.get(entry.target_id);
       if (session?.isOpen) this.deliverQueued(session);
     }
   }
 
-  /** Writes a reconnected target's queued messages in send order, as far as its buffer allows. */
+  /**
+   * Writes a target's queued messages in send order, in batches of at most DRAIN_BATCH_ENTRIES
+   * while its socket holds under half of --max-buffered (the other half stays free for live
+   * messages to it). A batch counts as delivered once the socket has handed it to the kernel;
+   * the next one waits until this one's removal is on disk and the socket has room again (its
+   * 'drain'). So the drain resumes on its own past the buffer bound, a crash delivers at most
+   * one batch twice, and a frame still in the relay's buffer when the connection drops stays
+   * queued for the next auth.
+   */
   deliverQueued(session: Session): void {
+    if (this.draining.has(session)) return;
     const identity = session.identity;
-    if (!identity) return;
-    const pending = this.deps.queue.pendingFor(identity.id);
-    if (pending.length === 0) return;
+    if (!identity || !session.isOpen || this.online.get(identity.id) !== session) return;
+    const { queue, options } = this.deps;
+    const room = options.maxBufferedBytes / 2;
+    const resume = () => {
+      if (this.draining.delete(session)) this.deliverQueued(session);
+    };
     const sent: QueuedEntry[] = [];
-    for (const entry of pending) {
-      if (!session.isOpen || session.ws.bufferedAmount > this.deps.options.maxBufferedBytes) break;
-      session.sendText(entry.frame);
+    const flushed: QueuedEntry[] = [];
+    let settled = 0;
+    let writing = true;
+    const finish = () => {
+      void this.finishQueued(flushed, 'delivered').then(() => session.whenWritable(room, resume));
+    };
+    let full = false;
+    for (const entry of queue.pendingFor(identity.id)) {
+      // An entry whose sender has no ack yet is handed on by releaseQueued, which calls back here.
+      if (sent.length === DRAIN_BATCH_ENTRIES || !queue.isReleased(entry)) break;
+      if (session.ws.bufferedAmount > room) {
+        full = true;
+        break;
+      }
       sent.push(entry);
+      session.sendQueued(entry.frame, (error) => {
+        // Socket writes complete in order, so `flushed` stays in send order.
+        if (!error) flushed.push(entry);
+        if (++settled === sent.length && !writing) finish();
+      });
     }
-    this.finishQueued(sent, 'delivered');
-    if (sent.length < pending.length && session.isOpen) {
-      setTimeout(() => this.deliverQueued(session), 20).unref();
-    }
+    writing = false;
+    if (sent.length === 0 && !full) return;
+    this.draining.add(session);
+    if (sent.length === 0) session.whenWritable(room, resume);
+    else if (settled === sent.length) finish();
   }
 
-  private finishQueued(entries: readonly QueuedEntry[], status: 'delivered' | 'expired'): void {
-    if (entries.length === 0) return;
+  /** Settles entries still queued and tells their senders; resolves once their removal is on disk. */
+  private finishQueued(entries: readonly QueuedEntry[], status: 'delivered' | 'expired'): Promise<void> {
+    if (entries.length === 0) return Promise.resolve();
     const { queue, messageLog, bus } = this.deps;
-    queue.remove(entries);
+    const { removed, written } = queue.remove(entries);
     const now = Date.now();
-    for (const entry of entries) {
+    for (const entry of removed) {
       messageLog.updateTarget(entry.record_id, entry.target_id, status);
       this.online.get(entry.from_id)?.send({ type: 'delivery_update', msg_id: entry.msg_id, id: entry.target_id, status, timestamp: now });
       bus.publish({ type: 'delivery_update', msg_id: entry.msg_id, from_id: entry.from_id, id: entry.target_id, status, at: now });
     }
+    return written;
   }
 
   expireQueued(now: number): void {
-    this.finishQueued(this.deps.queue.expired(now), 'expired');
+    void this.finishQueued(this.deps.queue.expired(now), 'expired');
   }
 
   // ---- bans ----------------------------------------------------------------------------------

@@ -52,6 +52,23 @@ export class Session {
     this.writeFrame(encodeTextFrame(text));
   }
 
+  /**
+   * A queued message: `done` is called once the socket has handed the frame to the kernel, or
+   * with an error if it never will (the socket closed first).
+   */
+  sendQueued(text: string, done: (error?: Error | null) => void): void {
+    if (this.ws.readyState !== WebSocket.OPEN) {
+      process.nextTick(done, new Error('the socket is not open'));
+      return;
+    }
+    if (this.socket === undefined) {
+      this.bytesSent += Buffer.byteLength(text);
+      this.ws.send(text, done);
+      return;
+    }
+    this.writeFrame(encodeTextFrame(text), done);
+  }
+
   /** A forwarded message: its head and tail encoded once for every target, the target id between. */
   sendSplit(split: SplitText, middle: string): void {
     if (this.ws.readyState !== WebSocket.OPEN) return;
@@ -67,10 +84,26 @@ export class Session {
    * or sends blobs, so the sender never holds frames back that this one could overtake, and
    * ws's bufferedAmount still counts these bytes (it reads the socket's buffer).
    */
-  private writeFrame(frame: Buffer): void {
+  private writeFrame(frame: Buffer, done?: (error?: Error | null) => void): void {
     this.bytesSent += frame.length;
     this.batch.hold(this);
-    this.socket!.write(frame);
+    this.socket!.write(frame, done);
+  }
+
+  /**
+   * Calls `resume` once at most `limit` bytes wait to be sent: at once, at the socket's 'drain'
+   * when a write has filled it, else after a short wait (a limit below the socket's own
+   * high-water mark never makes a write report it full). It may never be called once the
+   * socket closes, so the caller forgets its wait on close.
+   */
+  whenWritable(limit: number, resume: () => void): void {
+    if (this.ws.bufferedAmount <= limit) {
+      setImmediate(resume);
+    } else if (this.socket?.writableNeedDrain) {
+      this.socket.once('drain', resume);
+    } else {
+      setTimeout(resume, 10).unref();
+    }
   }
 
   send(frame: ServerFrame): void {

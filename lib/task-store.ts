@@ -9,6 +9,7 @@
 
 import fs from 'node:fs/promises';
 import type { Logger } from './logger';
+import { DEFAULT_FILE_MODE } from './data-dir';
 import { openDatastore } from './nedb-file';
 import type { Priority, Role } from './protocol';
 
@@ -102,6 +103,7 @@ export class NedbTaskStore implements TaskStore {
     private readonly filename: string,
     private readonly logger: Logger,
     private readonly fsync: boolean,
+    private readonly fileMode: number,
   ) {
     const tasks = new Map<string, LoadedTask>();
     const attempts = new Map<string, { attempt: number; employee: string }>();
@@ -131,10 +133,11 @@ export class NedbTaskStore implements TaskStore {
     this.count = this.loaded.length;
   }
 
-  static async open(filename: string, logger: Logger, options: { compactionIntervalMs: number; fsync: boolean }): Promise<NedbTaskStore> {
-    const db = await openDatastore<Record<string, unknown>>(filename, logger, options.compactionIntervalMs);
+  static async open(filename: string, logger: Logger, options: { compactionIntervalMs: number; fsync: boolean; fileMode?: number }): Promise<NedbTaskStore> {
+    const fileMode = options.fileMode ?? DEFAULT_FILE_MODE;
+    const db = await openDatastore<Record<string, unknown>>(filename, logger, options.compactionIntervalMs, fileMode);
     db.stopAutocompaction();
-    const store = new NedbTaskStore(db.getAllData(), filename, logger, options.fsync);
+    const store = new NedbTaskStore(db.getAllData(), filename, logger, options.fsync, fileMode);
     await store.rewrite();
     return store;
   }
@@ -215,7 +218,7 @@ export class NedbTaskStore implements TaskStore {
     this.loose = '';
     if (text === '') return;
     try {
-      this.handle ??= await fs.open(this.filename, 'a');
+      this.handle ??= await fs.open(this.filename, 'a', this.fileMode);
       await this.handle.write(text);
       if (this.fsync) await this.handle.sync();
       for (const insert of inserts) insert.resolve();
@@ -233,7 +236,8 @@ export class NedbTaskStore implements TaskStore {
     await this.handle?.close();
     this.handle = null;
     const temp = `${this.filename}~`;
-    await fs.writeFile(temp, [...this.live.values()].join(''));
+    await fs.writeFile(temp, [...this.live.values()].join(''), { mode: this.fileMode });
+    await fs.chmod(temp, this.fileMode);
     if (this.fsync) {
       const handle = await fs.open(temp, 'r+');
       await handle.sync().finally(() => handle.close());

@@ -1,11 +1,13 @@
 // The WebSocket edge: accepts upgrades on the ws path, greets, enforces the auth timeout and
-// the per-connection limits (frame size, message rate, unauthenticated sockets, auth failures
-// per address), decodes frames and hands them to the router. It also runs the liveness sweep:
-// protocol-level pings, terminating silent peers and peers stuck behind a full send buffer.
+// the per-connection limits (frame size, message rate, unauthenticated sockets, wrong secrets
+// per address: lib/auth-throttle.ts), decodes frames and hands them to the router. It also
+// runs the liveness sweep: protocol-level pings, terminating silent peers and peers stuck
+// behind a full send buffer.
 
 import type { IncomingMessage } from 'node:http';
 import type { Duplex } from 'node:stream';
 import { WebSocketServer, type RawData, type WebSocket } from 'ws';
+import { AUTH_FAILURE_WINDOW_MS, AuthThrottle, describeTarget, guessTargets } from './auth-throttle';
 import type { EventBus } from './events';
 import type { Logger } from './logger';
 import type { ResolvedOptions } from './options';
@@ -24,21 +26,13 @@ const HELLO_SCHEMA = {
   identity: { id: 'optional reconnect id', key: 'optional reconnect key' },
 };
 
-/** Failed auths from one address within this window before further attempts are refused. */
-const AUTH_FAILURE_WINDOW_MS = 60_000;
-
 const SESSION = Symbol('session');
 type SessionSocket = WebSocket & { [SESSION]: Session };
-
-interface FailureCount {
-  count: number;
-  since: number;
-}
 
 export class WsGateway {
   private readonly wss: WebSocketServer;
   private readonly sessions = new Set<Session>();
-  private readonly authFailures = new Map<string, FailureCount>();
+  private readonly authThrottle: AuthThrottle;
   private unauthenticated = 0;
   private readonly sweepTimer: NodeJS.Timeout | null;
   private readonly helloText: string;
@@ -58,6 +52,7 @@ export class WsGateway {
     // connection; anything larger is refused by ws from its header, before it is buffered.
     const hardLimit = Math.max(2 * options.maxPayloadBytes, options.maxPayloadBytes + 64 * 1024);
     this.wss = new WebSocketServer({ noServer: true, maxPayload: hardLimit, clientTracking: false, perMessageDeflate: false });
+    this.authThrottle = new AuthThrottle(options.maxAuthFailures, options.throttleLoopback);
     this.helloText = JSON.stringify({ type: 'hello', message: 'Please authenticate', schema: HELLO_SCHEMA });
     this.sweepTimer = options.pingIntervalMs > 0 ? setInterval(() => this.sweep(), options.pingIntervalMs) : null;
     this.sweepTimer?.unref();
@@ -163,19 +158,30 @@ export class WsGateway {
       this.frameError(session, 'auth_required', 'Authenticate first: the first frame must be {"type":"auth",…}.');
       return;
     }
-    const throttledFor = this.authThrottle(session.address, receivedAt);
-    if (throttledFor > 0) {
-      session.sendError('auth_throttled', `Too many failed auths from this address; try again in ${Math.ceil(throttledFor / 1000)} s.`, { retry_after_ms: throttledFor });
+    // Refused before any secret is compared, so a guess past the limit learns nothing.
+    const throttled = this.authThrottle.throttled(session.address, guessTargets(frame), receivedAt);
+    if (throttled) {
+      const { target, retryAfterMs } = throttled;
+      session.sendError(
+        'auth_throttled',
+        `Too many wrong guesses at ${describeTarget(target)} from this address; check the key and try again in ${Math.ceil(retryAfterMs / 1000)} s.`,
+        { retry_after_ms: retryAfterMs },
+      );
       session.close(CLOSE_CODES.authRejected, 'auth_throttled');
       return;
     }
-    this.router.authenticate(session, frame);
+    const wrong = this.router.authenticate(session, frame);
     if (session.identity) {
       this.unauthenticated--;
       if (session.authTimer) clearTimeout(session.authTimer);
       session.authTimer = null;
-    } else {
-      this.countAuthFailure(session.address, receivedAt);
+    } else if (wrong !== null && this.authThrottle.countWrong(session.address, wrong, receivedAt)) {
+      this.logger.warn('auth_throttled', {
+        address: session.address,
+        guessed: describeTarget(wrong),
+        failures: this.options.maxAuthFailures,
+        window_ms: AUTH_FAILURE_WINDOW_MS,
+      });
     }
   }
 
@@ -203,23 +209,6 @@ export class WsGateway {
     return false;
   }
 
-  private authThrottle(address: string, now: number): number {
-    const failures = this.authFailures.get(address);
-    if (!failures || this.options.maxAuthFailures === 0) return 0;
-    const elapsed = now - failures.since;
-    if (elapsed > AUTH_FAILURE_WINDOW_MS) {
-      this.authFailures.delete(address);
-      return 0;
-    }
-    return failures.count >= this.options.maxAuthFailures ? AUTH_FAILURE_WINDOW_MS - elapsed : 0;
-  }
-
-  private countAuthFailure(address: string, now: number): void {
-    const failures = this.authFailures.get(address);
-    if (failures && now - failures.since <= AUTH_FAILURE_WINDOW_MS) failures.count++;
-    else this.authFailures.set(address, { count: 1, since: now });
-  }
-
   /** Pings everyone; ends peers silent for two intervals or stuck behind a full buffer. */
   private sweep(): void {
     const now = Date.now();
@@ -241,9 +230,7 @@ export class WsGateway {
       }
       session.ws.ping();
     }
-    for (const [address, failures] of this.authFailures) {
-      if (now - failures.since > AUTH_FAILURE_WINDOW_MS) this.authFailures.delete(address);
-    }
+    this.authThrottle.sweep(now);
   }
 
   /** Closes every socket with 1001 and stops the sweep. */

@@ -4,6 +4,7 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import { readAllowed } from '../lib/http-api';
+import { nodeHealth } from '../lib/workforce';
 import { authBoss, authEmployee, http, reconnect, startTestRelay, TEST_AUTHKEY, type Authed, type TestRelay } from './support';
 
 type Row = Record<string, unknown> & { boss: { id: string }; employee: { id: string }; delivery: { status: string; reason: string | null } };
@@ -214,6 +215,104 @@ describe('protected reads', () => {
       assert.equal(readAllowed(address, false, false), false, String(address));
       assert.equal(readAllowed(address, true, false), true);
       assert.equal(readAllowed(address, false, true), true);
+    }
+  });
+});
+
+type HealthNode = { id: string; health: { overall: string; reasons: string[]; heartbeat: { last_seen_at: number; stale: boolean; stale_threshold_ms: number } } };
+
+/** Polls the workforce until `done` holds for a response; gives the last one either way. */
+async function workforceUntil(env: TestRelay, done: (body: Record<string, unknown>) => boolean, timeoutMs = 15_000): Promise<Record<string, unknown>> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const { body } = await http(env.relay, 'GET', '/api/admin/workforce');
+    if (done(body) || Date.now() > deadline) return body;
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+}
+
+describe('workforce health and listing', () => {
+  test('an idle peer that answers pings stays healthy past the heartbeat threshold; bosses need no self report', async () => {
+    // Two ping intervals is the heartbeat threshold: 200 ms here instead of 60 s.
+    const env = await startTestRelay({ pingIntervalMs: 100 });
+    try {
+      const boss = await authBoss(env.relay);
+      const worker = await authEmployee(env.relay, 'Idle', ['idle']);
+      worker.socket.send({ type: 'health_report', valid: true });
+      await worker.socket.next('health_report_ack');
+      const quietSince = Date.now();
+      const find = (body: Record<string, unknown>, id: string) =>
+        [...(body.bosses as HealthNode[]), ...(body.employees as HealthNode[])].find((n) => n.id === id)!;
+      // Neither client sends a frame from here on: only the relay's pings are answered.
+      const body = await workforceUntil(env, (b) =>
+        [boss.id, worker.id].every((id) => {
+          const { health } = find(b, id);
+          return health.heartbeat.last_seen_at > quietSince + 2 * health.heartbeat.stale_threshold_ms && health.overall === 'healthy';
+        }),
+      );
+      for (const id of [boss.id, worker.id]) {
+        const { health } = find(body, id);
+        assert.equal(health.heartbeat.stale_threshold_ms, 200);
+        assert.ok(health.heartbeat.last_seen_at > quietSince + 400, `${id}: pongs must count as heartbeats (last_seen_at ${health.heartbeat.last_seen_at - quietSince} ms after going quiet)`);
+        assert.deepEqual(health.reasons, [], id);
+        assert.equal(health.overall, 'healthy', id);
+      }
+      assert.deepEqual((body.summary as { health: unknown }).health, { healthy: 2, degraded: 0, unhealthy: 0 });
+      await Promise.all([boss.socket.close(), worker.socket.close()]);
+    } finally {
+      await env.dispose();
+    }
+  });
+
+  test('a heartbeat older than the threshold is stale; a boss is never missing a self report', () => {
+    const now = 1_000_000;
+    const identity = (role: 'boss' | 'employee', lastSeen: number) => ({
+      id: `${role}-x`, role, keyHash: '', banned: false, name: null, tags: [], meta: null, createdAt: 0, lastSeen,
+      lastConnectedAt: 0, lastDisconnectedAt: null, lastHeartbeatAt: null, lastSelfReportAt: null, selfReportValid: null,
+    });
+    const fresh = nodeHealth(identity('boss', now - 10), true, now, 1000);
+    assert.deepEqual(fresh.reasons, []);
+    assert.equal(fresh.heartbeat.stale_threshold_ms, 1000);
+    const stale = nodeHealth(identity('boss', now - 5000), true, now, 1000);
+    assert.deepEqual(stale.reasons, ['heartbeat_stale']);
+    // Activity newer than the stored last_seen (a pong) is the heartbeat.
+    const ponged = nodeHealth(identity('employee', now - 5000), true, now, 1000, now - 20);
+    assert.deepEqual(ponged.reasons, ['self_report_missing']);
+    assert.equal(ponged.heartbeat.last_seen_at, now - 20);
+    assert.equal(ponged.heartbeat.stale, false);
+  });
+
+  test('nodes are listed in registration order, and the workforce is compact JSON', async () => {
+    const env = await startTestRelay();
+    const made: Authed[] = [];
+    try {
+      for (let i = 0; i < 8; i++) made.push(await authEmployee(env.relay, `Ordered-${i}`, ['order']));
+      const boss = await authBoss(env.relay);
+      made.push(boss);
+      const employeeIds = made.slice(0, 8).map((m) => m.id);
+      const employees = await http(env.relay, 'GET', '/api/employees');
+      assert.deepEqual((employees.body.employees as { id: string }[]).map((e) => e.id), employeeIds);
+      const connections = await http(env.relay, 'GET', '/api/connections');
+      assert.deepEqual((connections.body.connections as { id: string }[]).map((e) => e.id), [...employeeIds, boss.id]);
+      const response = await fetch(env.relay.httpUrl + '/api/admin/workforce');
+      const text = await response.text();
+      assert.equal(text, JSON.stringify(JSON.parse(text)), 'the workforce is sent without indentation');
+      const body = JSON.parse(text) as { employees: { id: string }[]; employees_by_tag: Record<string, { employee_ids: string[] }> };
+      assert.deepEqual(body.employees.map((e) => e.id), employeeIds);
+      assert.deepEqual(body.employees_by_tag.order!.employee_ids, employeeIds);
+      // Any string is a tag, even one named like an Object.prototype property.
+      const odd = await authEmployee(env.relay, 'Odd', ['__proto__', 'constructor']);
+      made.push(odd);
+      const withOdd = await http(env.relay, 'GET', '/api/admin/workforce');
+      assert.equal(withOdd.status, 200);
+      const groups = withOdd.body.employees_by_tag as Record<string, { employee_ids: string[] }>;
+      assert.ok(Object.hasOwn(groups, '__proto__'));
+      assert.deepEqual(groups['__proto__']!.employee_ids, [odd.id]);
+      assert.deepEqual(groups['constructor']!.employee_ids, [odd.id]);
+      assert.equal(({} as Record<string, unknown>).count, undefined, 'nothing leaked onto Object.prototype');
+    } finally {
+      await Promise.all(made.map((m) => m.socket.close()));
+      await env.dispose();
     }
   });
 });

@@ -124,6 +124,23 @@ describe('handshake and auth', () => {
     assert.equal((await wrongRole.socket.closed).code, 4003);
   });
 
+  test('a boss reconnect needs the authkey too; the error says whether it is missing or wrong', async () => {
+    const boss = await authBoss(env.relay);
+    await boss.socket.close();
+    const missing = await reconnect(env.relay, boss, 'boss');
+    assert.equal(missing.ok.code, 'invalid_authkey');
+    assert.match(String(missing.ok.message), /authkey is missing/);
+    assert.equal((await missing.socket.closed).code, 4003);
+    const wrong = await reconnect(env.relay, boss, 'boss', { authkey: 'nope' });
+    assert.equal(wrong.ok.code, 'invalid_authkey');
+    assert.match(String(wrong.ok.message), /not right/);
+    assert.equal((await wrong.socket.closed).code, 4003);
+    const right = await reconnect(env.relay, boss, 'boss', { authkey: TEST_AUTHKEY });
+    assert.equal(right.ok.type, 'auth_ok');
+    assert.equal(right.ok.reconnected, true);
+    await right.socket.close();
+  });
+
   test('an employee reconnect may change its name and tags', async () => {
     const employee = await authEmployee(env.relay, 'Old', ['one']);
     await employee.socket.close();

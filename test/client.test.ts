@@ -8,7 +8,7 @@ import path from 'node:path';
 import { describe, test } from 'node:test';
 import WebSocket, { WebSocketServer } from 'ws';
 import { RelayClient, RelayClientError, type RelayClientEvents, type RelayClientOptions, type StatusChange } from '../client';
-import { http, makeTempDir, startTestRelay, TEST_AUTHKEY, type TestRelay } from './support';
+import { authBoss, http, makeTempDir, reconnect, startTestRelay, TEST_AUTHKEY, type TestRelay } from './support';
 
 type Row = { msg_id: string; delivery: { status: string } };
 
@@ -336,6 +336,69 @@ describe('RelayClient', () => {
       const pong = await nextEvent(worker, 'frame', (f) => f.type === 'pong');
       assert.equal(typeof pong.timestamp, 'number');
     } finally {
+      await worker.close();
+      await env.dispose();
+    }
+  });
+
+  test('a message the relay routes twice (same from_id and msg_id) reaches the application once; twice with the dedupe off', async () => {
+    // A relay started without its own dedupe routes a repeated msg_id again: the same thing the
+    // relay does inside its documented at-least-once window after a crash.
+    let env = await startTestRelay({ dedupeWindowMs: 0 });
+    const port = env.relay.port;
+    const deduped = employee(env.relay.url, { name: 'Deduped' });
+    const plain = employee(env.relay.url, { name: 'Plain', inboundDedupeWindowMs: 0 });
+    const seen = collect(deduped, 'message');
+    const seenPlain = collect(plain, 'message');
+    const frames = collect(deduped, 'frame');
+    const authenticated = (client: RelayClient, statuses: StatusChange[]) => () =>
+      client.status === 'authenticated' && statuses.filter((s) => s.status === 'authenticated').length >= 2;
+    const dedupedStatuses = collect(deduped, 'status');
+    const plainStatuses = collect(plain, 'status');
+    const sender = await authBoss(env.relay);
+    let socket = sender.socket;
+    try {
+      const to = [(await deduped.connect()).id, (await plain.connect()).id];
+      socket.send({ type: 'message', to, payload: 'work', msg_id: 'twice-1' });
+      assert.deepEqual((await socket.next('delivery_ack')).delivered, to);
+      await until(() => seen.length === 1 && seenPlain.length === 1, 'the first copy at both employees');
+
+      env = await env.restart({ port });
+      await until(authenticated(deduped, dedupedStatuses), 'the first employee back');
+      await until(authenticated(plain, plainStatuses), 'the second employee back');
+      socket = (await reconnect(env.relay, sender, 'boss', { authkey: TEST_AUTHKEY })).socket;
+      socket.send({ type: 'message', to, payload: 'work', msg_id: 'twice-1' });
+      assert.deepEqual((await socket.next('delivery_ack')).delivered, to, 'the relay routed the repeat again');
+      socket.send({ type: 'message', to, payload: 'next', msg_id: 'after-1' });
+      await socket.next('delivery_ack');
+      await until(() => seen.some((m) => m.msg_id === 'after-1') && seenPlain.some((m) => m.msg_id === 'after-1'), 'the next message at both');
+
+      assert.equal(frames.filter((f) => f.type === 'message' && f.msg_id === 'twice-1').length, 2, 'the frame arrived twice');
+      assert.deepEqual(seen.map((m) => m.msg_id), ['twice-1', 'after-1'], 'the application saw it once');
+      assert.deepEqual(seenPlain.map((m) => m.msg_id), ['twice-1', 'twice-1', 'after-1'], 'with inboundDedupeWindowMs 0 it sees both');
+    } finally {
+      await socket.close();
+      await Promise.all([deduped.close(), plain.close()]);
+      await env.dispose();
+    }
+  });
+
+  test('inbound dedupe memory is bounded by count: an id pushed out of the window is passed on again', async () => {
+    const env = await startTestRelay({ dedupeWindowMs: 0 });
+    const worker = employee(env.relay.url, { inboundDedupeMaxEntries: 2 });
+    const seen = collect(worker, 'message');
+    const sender = await authBoss(env.relay);
+    try {
+      const id = (await worker.connect()).id;
+      for (const msgId of ['a', 'b', 'a', 'c', 'a', 'x']) {
+        sender.socket.send({ type: 'message', to: id, payload: msgId, msg_id: msgId });
+        await sender.socket.next('delivery_ack');
+      }
+      await until(() => seen.some((m) => m.msg_id === 'x'), 'the last message');
+      // a, b remembered: the second a is dropped; c pushes a out, so the third a is passed on.
+      assert.deepEqual(seen.map((m) => m.msg_id), ['a', 'b', 'c', 'a', 'x']);
+    } finally {
+      await sender.socket.close();
       await worker.close();
       await env.dispose();
     }

@@ -18,6 +18,9 @@ describe('dashboard in a browser', { timeout: 60_000 }, () => {
   let page: Page;
   let shotsDir: string;
   const pageErrors: string[] = [];
+  /** Every API response the page received: path and status. */
+  const responses: { path: string; status: number; method: string }[] = [];
+  const workforceFetches = () => responses.filter((r) => r.path === '/api/admin/workforce').length;
 
   before(async () => {
     relay = await startTestRelay();
@@ -25,6 +28,7 @@ describe('dashboard in a browser', { timeout: 60_000 }, () => {
     browser = await chromium.launch({ executablePath: CHROMIUM_PATH, args: CHROMIUM_ARGS });
     page = await browser.newPage({ viewport: { width: 1400, height: 900 } });
     page.on('pageerror', (error) => pageErrors.push(error.message));
+    page.on('response', (response) => responses.push({ path: new URL(response.url()).pathname, status: response.status(), method: response.request().method() }));
     page.setDefaultTimeout(10_000);
   });
   after(async () => {
@@ -33,10 +37,10 @@ describe('dashboard in a browser', { timeout: 60_000 }, () => {
     await fs.rm(shotsDir, { recursive: true, force: true });
   });
 
-  test('serves one self-contained page at / and /admin', async () => {
-    for (const route of ['/', '/admin']) {
+  test('serves one self-contained page at /, /admin, /admin/ and /index.html', async () => {
+    for (const route of ['/', '/admin', '/admin/', '/index.html']) {
       const response = await fetch(relay.relay.httpUrl + route);
-      assert.equal(response.status, 200);
+      assert.equal(response.status, 200, route);
       assert.match(response.headers.get('content-type') ?? '', /^text\/html/);
       const html = await response.text();
       assert.match(html, /<title>mimiclaw-ws dashboard<\/title>/);
@@ -54,12 +58,15 @@ describe('dashboard in a browser', { timeout: 60_000 }, () => {
     assert.equal(await row.locator('td').first().textContent(), 'Browser-Worker');
     await row.locator('.status-online').waitFor();
     assert.deepEqual(await row.locator('.chip').allTextContents(), ['research', 'risk']);
-    // The health self-report arrives via the event stream, then a single re-fetch updates the row.
+    // The health self-report arrives via the event stream and patches the row: no re-fetch.
     worker.socket.send({ type: 'health_report', valid: true });
     await worker.socket.next('health_report_ack');
     await row.locator('.health-healthy').waitFor();
 
     const boss = await authBoss(relay.relay);
+    // A connected boss is healthy without a self report; the summary follows the events.
+    await page.locator(`#bosses-body tr[data-id="${boss.id}"] .health-healthy`).waitFor();
+    await page.locator('#summary', { hasText: 'Healthy 2' }).waitFor();
     boss.socket.send({ type: 'message', to: worker.id, payload: { task: 'summarise the quarterly report' }, msg_id: 'browser-msg-1' });
     await worker.socket.next('message');
     const item = page.locator('#feed li', { hasText: 'Browser-Worker:' }).filter({ hasText: '1 delivered' });
@@ -71,9 +78,10 @@ describe('dashboard in a browser', { timeout: 60_000 }, () => {
     // The communications log picks the message up without a reload.
     await page.locator('#comms-body tr', { hasText: 'browser-msg-1' }).waitFor();
 
-    // Ban: the page asks for the key once (writes need it even on loopback), then bans.
+    // Ban: the page asks for the key first (writes need it even on loopback), then bans.
     await row.getByRole('button', { name: 'Ban Browser-Worker' }).click();
     await page.locator('#key-dialog[open]').waitFor();
+    assert.deepEqual(responses.filter((r) => r.path.endsWith('/ban')), [], 'no ban request may go out before the key is given');
     await page.getByLabel('Relay authkey').fill(TEST_AUTHKEY);
     await page.locator('#key-dialog button[value="ok"]').click();
     await row.locator('.status-banned').waitFor();
@@ -82,6 +90,7 @@ describe('dashboard in a browser', { timeout: 60_000 }, () => {
     const listed = await http(relay.relay, 'GET', '/api/employees');
     const stored = (listed.body.employees as { id: string; banned: boolean }[]).find((e) => e.id === worker.id);
     assert.equal(stored?.banned, true);
+    assert.deepEqual(responses.filter((r) => r.path.endsWith('/ban')).map((r) => r.status), [200], 'one ban request, with the key');
 
     // Unban uses the key kept for the tab: no second prompt.
     await row.getByRole('button', { name: 'Unban Browser-Worker' }).click();
@@ -127,9 +136,38 @@ describe('dashboard in a browser', { timeout: 60_000 }, () => {
       await page.selectOption('#tag-filter', 'team-3');
       assert.equal(await page.locator('#employees-body tr:not([hidden])').count(), 100);
       await page.selectOption('#tag-filter', '');
+      await page.locator('#summary', { hasText: /Employees 10\d\d/ }).waitFor();
+      // The rows and the summary were patched from events: the workforce was fetched once, at
+      // load. A re-fetch would follow an event by 1.5 s at most, so give it that long to show.
+      await new Promise((resolve) => setTimeout(resolve, 2000));
+      assert.equal(workforceFetches(), 1, 'connects and disconnects must not re-fetch /api/admin/workforce');
       assert.deepEqual(pageErrors, []);
     } finally {
       await Promise.all(workers.map((w) => w.socket.close()));
+    }
+  });
+
+  test('long unbroken names and tags wrap or truncate instead of widening the table', async () => {
+    const longName = 'Very' + 'LongUnbrokenEmployeeName'.repeat(12);
+    const longTag = 'tag-' + 'x'.repeat(180);
+    const wide = await authEmployee(relay.relay, longName, [longTag, 'short']);
+    try {
+      const row = page.locator(`#employees-body tr[data-id="${wide.id}"]`);
+      await row.waitFor();
+      const scroller = page.locator('section[aria-labelledby="employees-title"] .scroll');
+      const { scrollWidth, clientWidth } = await scroller.evaluate((node) => {
+        const box = node as unknown as { scrollWidth: number; clientWidth: number };
+        return { scrollWidth: box.scrollWidth, clientWidth: box.clientWidth };
+      });
+      assert.ok(scrollWidth <= clientWidth + 1, `the employees table must not scroll sideways (${scrollWidth} > ${clientWidth})`);
+      assert.equal(await row.locator('td').first().getAttribute('title'), longName, 'the full name is in a tooltip');
+      assert.equal(await row.locator('.chip', { hasText: 'tag-xxx' }).getAttribute('title'), longTag, 'the full tag is in a tooltip');
+      const filterWidth = (await page.locator('#tag-filter').boundingBox())!.width;
+      assert.ok(filterWidth <= 320, `the tag filter must not stretch to the longest tag (${filterWidth}px)`);
+      assert.equal(await page.locator(`#tag-filter option[value="${longTag}"]`).getAttribute('title'), longTag);
+      assert.deepEqual(pageErrors, []);
+    } finally {
+      await wide.socket.close();
     }
   });
 });

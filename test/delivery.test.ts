@@ -239,7 +239,7 @@ describe('limits', () => {
   });
 
   test('repeated auth failures from one address are refused for a while', async () => {
-    const env = await startTestRelay({ maxAuthFailures: 3 });
+    const env = await startTestRelay({ maxAuthFailures: 3, throttleLoopback: true });
     try {
       for (let i = 0; i < 3; i++) {
         const socket = await connect(env.relay);

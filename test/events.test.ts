@@ -258,6 +258,23 @@ describe('event stream ring and bounds (plain bus and HTTP server)', () => {
     }
   });
 
+  for (const given of ['abc', '-5', '99999999999999999999', '1.5']) {
+    test(`a Last-Event-ID that is not an event id (${given}) gets a missed notice and the whole ring`, async () => {
+      const latest = stream.latestId;
+      const client = await SseClient.open(url, { 'last-event-id': given });
+      try {
+        const events = await client.waitFor(6);
+        assert.equal(events[0]!.event, 'missed');
+        assert.equal(events[0]!.data.last_event_id, null);
+        assert.equal(events[0]!.data.missed, null);
+        assert.match(String(events[0]!.data.message), /not an event id/);
+        assert.deepEqual(events.slice(1).map((e) => Number(e.id)), [4, 3, 2, 1, 0].map((n) => latest - n));
+      } finally {
+        client.close();
+      }
+    });
+  }
+
   test('events the stream does not carry (auth_fail, frame_error) take no id', async () => {
     const client = await SseClient.open(url);
     const before = stream.latestId;

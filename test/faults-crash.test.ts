@@ -214,7 +214,9 @@ test('a truncated last line in messages.db and damaged lines in connections.db a
     };
     assert.deepEqual(await rows(), ['disk-2', 'disk-1', 'disk-0'], 'the intact messages are kept');
     const skipped = warnings.filter((w) => w.event === 'store_lines_skipped').map((w) => path.basename(String(w.file)));
-    assert.deepEqual(skipped.sort(), ['connections.db', 'identities.db'], 'the skipped lines are logged per file');
+    assert.deepEqual(skipped.sort(), ['connections.db', 'identities.db', 'messages.db'], 'the skipped lines are logged per file');
+    const copies = (await fs.readdir(env.dataDir)).filter((name) => name.includes('.corrupt-')).map((name) => name.split('.corrupt-')[0]);
+    assert.deepEqual(copies.sort(), ['connections.db', 'identities.db', 'messages.db'], 'each damaged file is kept as a .corrupt copy');
     const tornLine = warnings.filter((w) => w.event === 'message_log_line_skipped');
     assert.deepEqual(tornLine.map((w) => path.basename(String(w.file))), ['messages.db'], 'the torn line of messages.db is logged');
 

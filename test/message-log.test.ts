@@ -155,16 +155,52 @@ test('a truncated last line and a corrupt middle line are skipped; the next appe
   const logger = createLogger('warn', (line) => warnings.push(line));
   const reopened = await MessageLog.open({ file, logger });
   assert.equal(reopened.stats().skippedLines, 2);
-  assert.equal(warnings.length, 2);
+  assert.equal(warnings.filter((w) => w.includes('message_log_line_skipped')).length, 2);
   assert.ok(warnings.every((w) => !w.includes('oops') && !w.includes('m-cut')), 'never logs line content');
   reopened.append(message(9, 'boss-a', [to('employee-x')]));
   await reopened.close();
 
   const again = await MessageLog.open({ file, logger: silent });
-  assert.equal(again.stats().skippedLines, 2, 'the damage stays on its own lines');
   const all = await again.query({ offset: 0, limit: 10 });
   assert.deepEqual(all.edges.map((e) => e.record.msg_id), ['m-9', 'm-2', 'm-0']);
   await again.close();
+});
+
+test('a damaged messages.db is copied to messages.db.corrupt-<time> once, like the other stores', async () => {
+  const file = newFile();
+  const log = await MessageLog.open({ file, logger: silent });
+  for (let i = 0; i < 3; i++) log.append(message(i, 'boss-a', [to('employee-x')]));
+  await log.close();
+  const lines = (await fs.readFile(file, 'utf8')).split('\n');
+  lines[1] = '{"_id":"broken", "msg_id": oops';
+  const damaged = lines.join('\n') + '{"_id":"cut","msg_id":"m-cut","timest';
+  await fs.writeFile(file, damaged);
+  const backups = async () => (await fs.readdir(dir)).filter((name) => name.startsWith(`${path.basename(file)}.corrupt-`));
+
+  const warnings: Record<string, unknown>[] = [];
+  const logger = createLogger('warn', (line) => warnings.push(JSON.parse(line) as Record<string, unknown>));
+  const reopened = await MessageLog.open({ file, logger });
+  const [backup] = await backups();
+  assert.ok(backup, 'a copy of the damaged file is kept');
+  assert.equal(await fs.readFile(path.join(dir, backup), 'utf8'), damaged, 'the copy is the file as it was found');
+  const summary = warnings.find((w) => w.event === 'store_lines_skipped');
+  assert.deepEqual(
+    { file: summary?.file, skipped: summary?.skipped_lines, backup: summary?.backup },
+    { file, skipped: 2, backup: path.join(dir, backup) },
+  );
+  reopened.append(message(9, 'boss-a', [to('employee-x')]));
+  await reopened.close();
+
+  // The damaged lines were set aside: the next start finds nothing to skip and copies nothing.
+  const again = await MessageLog.open({ file, logger: silent });
+  assert.equal(again.stats().skippedLines, 0);
+  assert.deepEqual((await again.query({ offset: 0, limit: 10 })).edges.map((e) => e.record.msg_id), ['m-9', 'm-2', 'm-0']);
+  await again.close();
+  assert.equal((await backups()).length, 1);
+  // NeDB reads the file without complaint.
+  const nedb = new Datastore<Record<string, unknown>>({ filename: file, corruptAlertThreshold: 0 });
+  await nedb.loadDatabaseAsync();
+  assert.deepEqual(nedb.getAllData().map((d) => d.msg_id).sort(), ['m-0', 'm-2', 'm-9']);
 });
 
 test('retention and max-messages prune the oldest records, keeping offsets right', async () => {

@@ -180,6 +180,33 @@ describe('metrics', () => {
     assert.ok((await scrape(relay, '/api/metrics')).types.has('mimiclaw_connections'));
   });
 
+  test('labelled counters start at 0 for every known label value, so the first increment is seen', async () => {
+    const fresh = await startTestRelay();
+    try {
+      const exposition = await scrape(fresh);
+      const sample = (name: string, labels: Record<string, string>) =>
+        exposition.samples.find((s) => s.name === name && Object.keys(labels).length === Object.keys(s.labels).length && Object.entries(labels).every(([k, v]) => s.labels[k] === v));
+      for (const [name, labels] of [
+        ['mimiclaw_auth_successes_total', { role: 'boss', reconnected: 'false' }],
+        ['mimiclaw_auth_successes_total', { role: 'employee', reconnected: 'true' }],
+        ['mimiclaw_auth_failures_total', { code: 'invalid_authkey' }],
+        ['mimiclaw_auth_failures_total', { code: 'banned' }],
+        ['mimiclaw_disconnects_total', { role: 'employee' }],
+        ['mimiclaw_messages_routed_total', { from_role: 'boss' }],
+        ['mimiclaw_messages_failed_total', { reason: 'target_offline' }],
+        ['mimiclaw_messages_failed_total', { reason: 'target_slow' }],
+        ['mimiclaw_queued_outcomes_total', { status: 'expired' }],
+        ['mimiclaw_bans_total', { action: 'unban' }],
+        ['mimiclaw_health_reports_total', { valid: 'false' }],
+        ['mimiclaw_frame_errors_total', { code: 'invalid_json' }],
+      ] as const) {
+        assert.equal(sample(name, labels)?.value, 0, `${name}${JSON.stringify(labels)} should be exported as 0 before its first increment`);
+      }
+    } finally {
+      await fresh.dispose();
+    }
+  });
+
   test('counters and gauges move with traffic', async () => {
     const start = await scrape(relay);
     const boss = await authBoss(relay.relay);

@@ -5,6 +5,9 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { test } from 'node:test';
+import { parseCommandLine } from '../lib/cli-args';
+import { createLogger } from '../lib/logger';
+import { resolveOptions } from '../lib/options';
 import { authBoss, authEmployee, http, makeTempDir, reconnect, startTestRelay, TEST_AUTHKEY } from './support';
 
 test('identities, bans and logs survive a restart', async () => {
@@ -96,4 +99,93 @@ test('a damaged line in identities.db is skipped and the rest loads', async () =
   } finally {
     await again.dispose();
   }
+});
+
+/** Permission bits of a file or dir. */
+async function modeOf(file: string): Promise<number> {
+  return (await fs.stat(file)).mode & 0o777;
+}
+
+const STORE_FILES = ['identities.db', 'connections.db', 'messages.db', 'queue.db'];
+
+test('the data dir is created 0700 and its files 0600, and they stay so through compaction and pruning', async () => {
+  const parent = await makeTempDir();
+  const dir = path.join(parent, 'data');
+  let env = await startTestRelay({}, dir);
+  try {
+    assert.equal((await modeOf(dir)).toString(8), '700');
+    const boss = await authBoss(env.relay);
+    const alice = await authEmployee(env.relay, 'Alice', ['x']);
+    for (let i = 0; i < 5; i++) {
+      boss.socket.send({ type: 'message', to: alice.id, payload: { i }, msg_id: `mode-${i}` });
+      await boss.socket.next('delivery_ack');
+    }
+    await Promise.all([boss.socket.close(), alice.socket.close()]);
+    for (const file of STORE_FILES) assert.equal((await modeOf(path.join(dir, file))).toString(8), '600', file);
+
+    // With a lower cap the restart rewrites messages.db without its oldest records; the NeDB
+    // files are compacted (written anew and renamed) on the maintenance interval.
+    env = await env.restart({ maxMessages: 2, maintenanceIntervalMs: 1000 });
+    const rows = await http(env.relay, 'GET', '/api/admin/communications');
+    assert.equal(rows.body.total, 2, 'messages.db was rewritten');
+    const inodes = async () => Promise.all(['identities.db', 'queue.db'].map(async (f) => (await fs.stat(path.join(dir, f))).ino));
+    const before = await inodes();
+    const started = Date.now();
+    while ((await inodes()).some((ino, i) => ino === before[i])) {
+      if (Date.now() - started > 20_000) assert.fail('the NeDB files were not compacted');
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+    for (const file of STORE_FILES) assert.equal((await modeOf(path.join(dir, file))).toString(8), '600', `${file} after compaction`);
+    assert.equal((await modeOf(dir)).toString(8), '700');
+  } finally {
+    await env.dispose();
+    await fs.rm(parent, { recursive: true, force: true });
+  }
+});
+
+test('files an older version left 0644 are tightened to 0600 (a damaged one\'s copy too); an existing open dir is left alone with a warning', async () => {
+  const dir = await makeTempDir();
+  const first = await startTestRelay({}, dir);
+  const alice = await authEmployee(first.relay, 'Alice', ['x']);
+  await alice.socket.close();
+  await first.relay.close();
+  await fs.chmod(dir, 0o755);
+  for (const file of STORE_FILES) await fs.chmod(path.join(dir, file), 0o644);
+  await fs.appendFile(path.join(dir, 'identities.db'), '{"_id":"employee-broken","role":"empl');
+
+  const warnings: Record<string, unknown>[] = [];
+  const logger = createLogger('warn', (line) => warnings.push(JSON.parse(line) as Record<string, unknown>));
+  const env = await startTestRelay({ logger }, dir);
+  try {
+    for (const file of STORE_FILES) assert.equal((await modeOf(path.join(dir, file))).toString(8), '600', file);
+    const backup = (await fs.readdir(dir)).find((f) => f.startsWith('identities.db.corrupt-'));
+    assert.ok(backup);
+    assert.equal((await modeOf(path.join(dir, backup))).toString(8), '600', 'the copy of the damaged file');
+    assert.equal((await modeOf(dir)).toString(8), '755', 'an existing dir keeps its mode');
+    const warning = warnings.find((w) => w.event === 'data_dir_permissions');
+    assert.ok(warning, 'a warning names the open dir');
+    assert.equal(warning.dir, dir);
+    assert.equal(warning.mode, '755');
+    assert.match(String(warning.advice), /chmod 700/);
+  } finally {
+    await env.dispose();
+  }
+});
+
+test('fileMode (--file-mode) sets the files\' mode and the new dir\'s (read bits get search bits)', async () => {
+  const parent = await makeTempDir();
+  const dir = path.join(parent, 'data');
+  const env = await startTestRelay({ fileMode: 0o640 }, dir);
+  try {
+    assert.equal((await modeOf(dir)).toString(8), '750');
+    for (const file of STORE_FILES) assert.equal((await modeOf(path.join(dir, file))).toString(8), '640', file);
+  } finally {
+    await env.dispose();
+    await fs.rm(parent, { recursive: true, force: true });
+  }
+  const parsed = parseCommandLine(['--file-mode', '640', '--authkey', 'k'], {});
+  assert.equal(parsed.kind === 'run' ? parsed.options.fileMode : undefined, 0o640);
+  assert.throws(() => parseCommandLine(['--file-mode', 'rw', '--authkey', 'k'], {}), /octal mode such as 600/);
+  assert.throws(() => resolveOptions({ authkey: 'k', fileMode: 0o400 }), /fileMode must give the owner read and write/);
+  assert.throws(() => resolveOptions({ authkey: 'k', fileMode: 0o1600 }), /fileMode/);
 });

@@ -147,9 +147,11 @@ function healthCell(node) {
     h.reasons.length ? el('div', { class: 'reasons', text: h.reasons.join(', ') }) : null]);
 }
 function workCell(node) {
-  // Dispatch: busy while it holds tasks or says working, idle when it can take one.
-  const d = node.dispatch;
-  if (!d || d.status === 'offline') return el('span', { class: 'muted', text: '\u2013' });
+  // Dispatch: busy while it holds tasks or says working, idle when it can take one. Rows patched
+  // from a connect event have no dispatch view yet: an employee starts idle, capacity unknown
+  // until the next workforce read (task events trigger one).
+  if (node.status !== 'online') return el('span', { class: 'muted', text: '\u2013' });
+  const d = node.dispatch && node.dispatch.status !== 'offline' ? node.dispatch : { status: 'idle', in_progress: 0, capacity: node.dispatch ? node.dispatch.capacity : '?' };
   const busy = d.status !== 'idle' || d.in_progress > 0;
   const label = (d.status === 'dnd' ? 'dnd' : busy ? 'busy' : 'idle') + ' ' + d.in_progress + '/' + d.capacity;
   return el('span', { class: busy ? 'work-busy' : 'work-idle', title: d.in_progress + ' tasks in progress of ' + d.capacity + ' (' + d.status + ')', text: label });

@@ -30,6 +30,7 @@ import {
   type DeliveryFailure,
   type FrameError,
   type ParsedTarget,
+  type Priority,
   type Role,
 } from './protocol';
 import type { Session } from './session';
@@ -102,6 +103,8 @@ interface RouteContext {
   /** head and tail encoded, made at the first delivery. */
   split: SplitText | null;
   queueTtlMs: number;
+  /** Part C: orders the message in a target's queue when it is queued. */
+  priority: Priority;
   now: number;
   delivered: string[];
   failed: DeliveryFailure[];
@@ -517,6 +520,7 @@ export class Router {
       tail: `",${rest}`,
       split: null,
       queueTtlMs,
+      priority: priority.ok ? priority.value : 'normal',
       now,
       delivered: [],
       failed: [],
@@ -720,6 +724,7 @@ export class Router {
         frame: context.head + targetId + context.tail,
         queued_at: context.now,
         expires_at: context.now + context.queueTtlMs,
+        ...(context.priority !== 'normal' && { priority: context.priority }),
       });
       return;
     }

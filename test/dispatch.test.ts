@@ -296,3 +296,25 @@ test('admin views: /api/admin/tasks, the workforce dispatch field, task events o
     { maxAttempts: 2 },
   );
 });
+
+test('priority orders a target\'s store-and-forward queue too, and the order survives a restart', async () => {
+  const t = await startTestRelay();
+  let current = t;
+  try {
+    const boss = await authBoss(t.relay);
+    const worker = await authEmployee(t.relay, 'Away', ['away']);
+    await worker.socket.close();
+    const sends = [['l1', 'low'], ['n1', undefined], ['h1', 'high'], ['n2', 'normal'], ['h2', 'high'], ['l2', 'low']] as const;
+    for (const [msgId, priority] of sends) {
+      boss.socket.send({ type: 'message', to: worker.id, payload: msgId, msg_id: msgId, queue: true, ...(priority && { priority }) });
+      assert.deepEqual((await boss.socket.next('delivery_ack')).queued, [worker.id]);
+    }
+    current = await t.restart();
+    const back = await reconnect(current.relay, worker, 'employee');
+    const order: unknown[] = [];
+    for (let i = 0; i < sends.length; i++) order.push((await back.socket.next('message')).msg_id);
+    assert.deepEqual(order, ['h1', 'h2', 'n1', 'n2', 'l1', 'l2']);
+  } finally {
+    await current.dispose();
+  }
+});

@@ -65,9 +65,36 @@ interface Worker {
   status: EmployeeStatus;
   capacity: number;
   tasks: Set<Task>;
-  /** Logical clock of its last assignment, completion or connect: lower is idle longer. */
-  activeAt: number;
   online: boolean;
+  /** The tag groups it is in while online, and the tasks-in-progress bucket it sits in there. */
+  joined: TagMembers[];
+  bucket: number;
+}
+
+/**
+ * The online employees carrying one tag, bucketed by tasks in progress. A worker moves to the
+ * end of its bucket whenever its count changes, so within a bucket the first is the one idle
+ * longest: choosing is a walk from the front that stops at the first that accepts, not a scan.
+ * `open` holds those with room that are not dnd, so "nobody free" is answered at once.
+ */
+class TagMembers {
+  readonly buckets: Set<Worker>[] = [];
+  readonly open = new Set<Worker>();
+  size = 0;
+
+  add(worker: Worker): void {
+    (this.buckets[worker.bucket] ??= new Set()).add(worker);
+    this.size++;
+  }
+
+  delete(worker: Worker): void {
+    if (this.buckets[worker.bucket]?.delete(worker)) this.size--;
+    this.open.delete(worker);
+  }
+
+  *inOrder(): Generator<Worker> {
+    for (const bucket of this.buckets) if (bucket) yield* bucket;
+  }
 }
 
 /** FIFO with a front for tasks sent back by a lease; stale entries are skipped when reached. */
@@ -185,13 +212,12 @@ const DEFAULT_CAPACITY = 1;
 export class Dispatcher {
   private readonly workers = new Map<string, Worker>();
   /** Online workers per tag; "*" holds every online employee. */
-  private readonly byTag = new Map<string, Set<Worker>>();
+  private readonly byTag = new Map<string, TagMembers>();
   private readonly queues = new Map<string, TagQueue>();
   /** Live tasks (storing, waiting or in progress) by id. */
   private readonly tasks = new Map<string, Task>();
   /** In-progress tasks by employee and msg_id, to match answers. */
   private readonly held = new Map<string, Task>();
-  private clock = 0;
   /** Set while the relay shuts down: leases are not lost to the sockets closing. */
   private closing = false;
 
@@ -231,14 +257,13 @@ export class Dispatcher {
     let worker = this.workers.get(identity.id);
     if (worker?.online) this.leaveTags(worker);
     if (!worker) {
-      worker = { id: identity.id, identity, status: 'idle', capacity: capacity ?? DEFAULT_CAPACITY, tasks: new Set(), activeAt: 0, online: true };
+      worker = { id: identity.id, identity, status: 'idle', capacity: capacity ?? DEFAULT_CAPACITY, tasks: new Set(), online: true, joined: [], bucket: 0 };
       this.workers.set(identity.id, worker);
     }
     worker.identity = identity;
     worker.status = 'idle';
     if (capacity !== undefined) worker.capacity = capacity;
     worker.online = true;
-    worker.activeAt = ++this.clock;
     this.joinTags(worker);
     this.pump(worker, Date.now());
   }
@@ -259,6 +284,7 @@ export class Dispatcher {
     if (!worker) return { status: status ?? 'idle', capacity: capacity ?? DEFAULT_CAPACITY, in_progress: 0 };
     if (status !== undefined) worker.status = status;
     if (capacity !== undefined) worker.capacity = capacity;
+    this.regroup(worker);
     const view = this.workerView(worker);
     this.pump(worker, Date.now());
     return view;
@@ -274,17 +300,35 @@ export class Dispatcher {
   }
 
   private joinTags(worker: Worker): void {
+    worker.bucket = worker.tasks.size;
     for (const tag of [...worker.identity.tags, '*']) {
-      let set = this.byTag.get(tag);
-      if (!set) this.byTag.set(tag, (set = new Set()));
-      set.add(worker);
+      let members = this.byTag.get(tag);
+      if (!members) this.byTag.set(tag, (members = new TagMembers()));
+      members.add(worker);
+      worker.joined.push(members);
     }
+    this.regroup(worker);
   }
 
   private leaveTags(worker: Worker): void {
-    for (const [tag, set] of this.byTag) {
-      if (set.delete(worker) && set.size === 0) this.byTag.delete(tag);
+    for (const members of worker.joined) members.delete(worker);
+    worker.joined = [];
+    for (const [tag, members] of this.byTag) if (members.size === 0) this.byTag.delete(tag);
+  }
+
+  /** After its count, status, capacity or ban changed: its bucket (moving to the end) and whether it is open. */
+  private regroup(worker: Worker): void {
+    const count = worker.tasks.size;
+    const open = !worker.identity.banned && worker.status !== 'dnd' && count < worker.capacity;
+    for (const members of worker.joined) {
+      if (worker.bucket !== count) {
+        members.buckets[worker.bucket]?.delete(worker);
+        (members.buckets[count] ??= new Set()).add(worker);
+      }
+      if (open) members.open.add(worker);
+      else members.open.delete(worker);
     }
+    worker.bucket = count;
   }
 
   /** Free for a task of this priority: connected, unbanned, not dnd, under capacity; working takes only high. */
@@ -294,17 +338,14 @@ export class Dispatcher {
     return worker.status !== 'working' || priority === 'high';
   }
 
+  /** Fewest tasks in progress, then idle longest (see TagMembers). */
   private choose(tag: string, priority: Priority, excludeId: string): Worker | null {
-    const candidates = this.byTag.get(tag);
-    if (!candidates) return null;
-    let best: Worker | null = null;
-    for (const worker of candidates) {
-      if (worker.id === excludeId || !this.accepts(worker, priority)) continue;
-      if (best === null || worker.tasks.size < best.tasks.size || (worker.tasks.size === best.tasks.size && worker.activeAt < best.activeAt)) {
-        best = worker;
-      }
+    const members = this.byTag.get(tag);
+    if (!members || members.open.size === 0) return null;
+    for (const worker of members.inOrder()) {
+      if (worker.id !== excludeId && this.accepts(worker, priority)) return worker;
     }
-    return best;
+    return null;
   }
 
   // ---- submitting ----------------------------------------------------------------------------
@@ -366,7 +407,7 @@ export class Dispatcher {
     task.attempt = attempt;
     task.employee = worker;
     worker.tasks.add(task);
-    worker.activeAt = ++this.clock;
+    this.regroup(worker);
     this.held.set(heldKey(worker.id, task.stored.msg_id), task);
     this.queueOf(task.stored.tag).inProgress++;
   }
@@ -429,9 +470,9 @@ export class Dispatcher {
 
   /** Hands waiting tasks of this tag (and what `any:*` waits for) to whoever is free. */
   private dispatchWaiting(tag: string, now: number, skip: Worker | null = null): void {
-    const candidates = this.byTag.get(tag);
-    if (!candidates) return;
-    for (const worker of candidates) {
+    const members = this.byTag.get(tag);
+    if (!members) return;
+    for (const worker of [...members.open]) {
       if (worker === skip) continue;
       this.pump(worker, now);
       const queue = this.queues.get(tag);
@@ -517,7 +558,7 @@ export class Dispatcher {
     task.lease = null;
     worker.tasks.delete(task);
     this.held.delete(heldKey(worker.id, task.stored.msg_id));
-    worker.activeAt = ++this.clock;
+    this.regroup(worker);
     task.employee = null;
     this.queueOf(task.stored.tag).inProgress--;
   }

@@ -18,7 +18,6 @@ import {
   type DeliveryFailure,
   type EmployeeStatus,
   type Priority,
-  type Role,
 } from './protocol';
 import type { LoadedTask, StoredTask, TaskStore } from './task-store';
 
@@ -672,5 +671,3 @@ export class Dispatcher {
 function heldKey(employeeId: string, msgId: string): string {
   return `${employeeId}\n${msgId}`;
 }
-
-export type { Role };

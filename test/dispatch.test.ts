@@ -318,3 +318,19 @@ test('priority orders a target\'s store-and-forward queue too, and the order sur
     await current.dispose();
   }
 });
+
+test('--task-timeout is the lease of a task that gives no task_timeout_ms', async () => {
+  await withRelay(
+    async ({ relay }) => {
+      const boss = await authBoss(relay);
+      const a = await authEmployee(relay, 'A', ['t']);
+      boss.socket.send({ type: 'message', to: 'any:t', payload: 1, msg_id: 'default-lease' });
+      assert.equal((await a.socket.next('message')).attempt, 1);
+      const again = await a.socket.next('message');
+      assert.deepEqual([again.msg_id, again.attempt], ['default-lease', 2]);
+      a.socket.send({ type: 'task_done', msg_id: 'default-lease' });
+      await boss.socket.next(update('default-lease', 'done'));
+    },
+    { taskTimeoutMs: 100 },
+  );
+});

@@ -345,6 +345,10 @@ function onRelayEvent(type, ev) {
     const button = el('button', { type: 'button', text: 'Payload', 'aria-label': 'Show payload of message ' + ev.msg_id, onclick: () => showPayload(ev) });
     feedItem('message', messageText(ev), { at: ev.at, button: button });
     if (state.commsOffset === 0) later('comms', loadComms, 1000);
+  } else if (type === 'availability') {
+    const known = state.nodes.get(ev.node.id);
+    if (known) upsertNode(Object.assign({}, known, { dispatch: { status: ev.status, capacity: ev.capacity, in_progress: ev.in_progress } }));
+    feedItem('status', nameOf(ev.node) + ' is ' + ev.status + ' (capacity ' + ev.capacity + ')', { at: ev.at });
   } else if (type.startsWith('task_')) {
     const what = type === 'task_assigned' ? 'assigned to ' + nameOf(ev.employee_id) + ' (attempt ' + ev.attempt + ')'
       : type === 'task_done' ? 'done by ' + nameOf(ev.employee_id)
@@ -444,7 +448,7 @@ function connectEvents() {
     }, wait);
   };
   const remember = (e) => { if (e.lastEventId) state.lastEventId = e.lastEventId; };
-  for (const type of ['connect', 'disconnect', 'message', 'delivery_update', 'ban', 'unban', 'health', 'task_assigned', 'task_done', 'task_retried', 'task_failed']) {
+  for (const type of ['connect', 'disconnect', 'message', 'delivery_update', 'ban', 'unban', 'health', 'availability', 'task_assigned', 'task_done', 'task_retried', 'task_failed']) {
     source.addEventListener(type, (e) => { remember(e); onRelayEvent(type, JSON.parse(e.data)); });
   }
   source.addEventListener('missed', (e) => {

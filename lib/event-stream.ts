@@ -28,6 +28,7 @@ export const STREAMED_EVENT_TYPES: readonly RelayEventType[] = [
   'ban',
   'unban',
   'health',
+  'availability',
   'task_assigned',
   'task_done',
   'task_retried',

@@ -34,6 +34,8 @@ export type RelayEvent =
   | { type: 'unban'; node: NodeRef; by: string; at: number }
   | { type: 'health'; node: NodeRef; valid: boolean; at: number }
   | { type: 'frame_error'; code: string; at: number }
+  // Part C: an employee declared its status or capacity (a status frame).
+  | { type: 'availability'; node: NodeRef; status: 'idle' | 'working' | 'dnd'; capacity: number; in_progress: number; at: number }
   // Part C: a task sent to `any:<tag>` (target) was handed out, answered, sent back or given up.
   | { type: 'task_assigned'; msg_id: string; from_id: string; target: string; priority: Priority; employee_id: string; attempt: number; wait_ms: number; at: number }
   | { type: 'task_done'; msg_id: string; from_id: string; target: string; priority: Priority; employee_id: string; attempt: number; at: number }

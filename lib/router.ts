@@ -403,14 +403,10 @@ export class Router {
       return;
     }
     const view = this.deps.dispatcher.setStatus(identity, checked.value.status, checked.value.capacity);
-    session.send({
-      type: 'status_ack',
-      id: identity.id,
-      status: view.status === 'offline' ? 'idle' : view.status,
-      capacity: view.capacity,
-      in_progress: view.in_progress,
-      timestamp: Date.now(),
-    });
+    const now = Date.now();
+    const status = view.status === 'offline' ? 'idle' : view.status;
+    session.send({ type: 'status_ack', id: identity.id, status, capacity: view.capacity, in_progress: view.in_progress, timestamp: now });
+    this.deps.bus.publish({ type: 'availability', node: session.ref ?? nodeRef(identity), status, capacity: view.capacity, in_progress: view.in_progress, at: now });
   }
 
   private taskDone(session: Session, identity: Identity, frame: Record<string, unknown>): void {

@@ -34,6 +34,13 @@ test('busy and idle employees, and the waiting queue per tag', { timeout: 60_000
   const worker = await authEmployee(relay.relay, 'Queue-Worker', ['triage'], { capacity: 1 });
   const row = page.locator(`#employees-body tr[data-id="${worker.id}"]`);
   await row.locator('.work-idle', { hasText: 'idle 0/' }).waitFor();
+  // A status frame shows at once (an availability event), without waiting for a workforce read.
+  worker.socket.send({ type: 'status', status: 'dnd' });
+  await worker.socket.next('status_ack');
+  await row.locator('.work-busy', { hasText: 'dnd 0/1' }).waitFor();
+  worker.socket.send({ type: 'status', status: 'idle' });
+  await worker.socket.next('status_ack');
+  await row.locator('.work-idle', { hasText: 'idle 0/1' }).waitFor();
 
   const boss = await authBoss(relay.relay);
   for (const msgId of ['q-1', 'q-2', 'q-3']) {

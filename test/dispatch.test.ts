@@ -245,7 +245,7 @@ test('admin views: /api/admin/tasks, the workforce dispatch field, task events o
       const boss = await authBoss(relay);
       const a = await authEmployee(relay, 'A', ['desk'], { capacity: 2 });
       await setStatus(a, { status: 'working' });
-      const events = await sseUntil(relay.httpUrl, ['task_assigned', 'task_done', 'task_retried', 'task_failed'], async () => {
+      const events = await sseUntil(relay.httpUrl, ['availability', 'task_assigned', 'task_done', 'task_retried', 'task_failed'], async () => {
         boss.socket.send({ type: 'message', to: 'any:desk', payload: 1, msg_id: 'h', priority: 'high', task_timeout_ms: 60_000 });
         assert.deepEqual((await boss.socket.next('delivery_ack')).delivered, [a.id]);
         await a.socket.next('message');
@@ -290,6 +290,7 @@ test('admin views: /api/admin/tasks, the workforce dispatch field, task events o
         ],
       );
       assert.deepEqual(events.task_done!.map((e) => e.msg_id), ['h']);
+      assert.deepEqual(events.availability!.map((e) => [(e.node as { id: string }).id, e.status, e.capacity]), [[a.id, 'idle', 2]]);
       assert.deepEqual(events.task_retried!.map((e) => [e.msg_id, e.reason, e.attempt, e.employee_id]), [['w', 'failed', 1, a.id]]);
       assert.deepEqual(events.task_failed!.map((e) => [e.msg_id, e.reason, e.attempt]), [['w', 'max_attempts', 2]]);
     },

@@ -4,6 +4,7 @@
 // `node dist/server.js …` runs this same command.
 
 import { helpText, parseCommandLine, UsageError } from './lib/cli-args';
+import { runBackup, runRestore, runVerify } from './lib/cli-admin-tools';
 import { runConnect, runSend } from './lib/cli-client';
 import { OptionsError } from './lib/options';
 import { DataDirError } from './lib/start-errors';
@@ -57,9 +58,12 @@ async function runRelay(argv: string[]): Promise<number> {
 }
 
 async function main(argv: string[]): Promise<number> {
-  // Subcommands (connect, send) are dispatched here; a plain number stays the port.
+  // Subcommands (connect, send, verify, backup, restore) are dispatched here; a plain number stays the port.
   if (argv[0] === 'connect') return runConnect(argv.slice(1));
   if (argv[0] === 'send') return runSend(argv.slice(1));
+  if (argv[0] === 'verify') return runVerify(argv.slice(1));
+  if (argv[0] === 'backup') return runBackup(argv.slice(1));
+  if (argv[0] === 'restore') return runRestore(argv.slice(1));
   return runRelay(argv);
 }
 

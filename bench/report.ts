@@ -47,6 +47,7 @@ const ROWS: RowSpec[] = [
   { label: 'restart time to ready, N logged messages (s)', scenario: 'restart', metric: 'restartReadyS', decimals: 2, combine: 'max', target: { kind: 'relayBelow', value: 5 } },
   { label: 'restart RSS at ready (MB)', scenario: 'restart', metric: 'restartRssMb', decimals: 0, combine: 'max' },
   { label: 'restart RSS 2 s after ready (MB)', scenario: 'restart', metric: 'restartRssAfter2sMb', decimals: 0, combine: 'max' },
+  { label: 'audit verify, N logged messages (s)', scenario: 'verify', metric: 'verifyS', decimals: 2, combine: 'max', target: { kind: 'relayBelow', value: 10 } },
   { label: 'GET /api/admin/workforce, N employees, p50 (ms)', scenario: 'admin', metric: 'adminRequestP50Ms', decimals: 2 },
   { label: 'GET /api/admin/workforce, N employees, p99 (ms)', scenario: 'admin', metric: 'adminRequestP99Ms', decimals: 2, target: { kind: 'relayBelow', value: 20 } },
   { label: 'GET /api/admin/workforce server CPU per request (ms)', scenario: 'admin', metric: 'adminServerCpuMs', decimals: 2 },

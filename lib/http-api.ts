@@ -3,6 +3,7 @@
 // it. Errors are {"error":code,"code":code,"message":sentence}.
 
 import type { IncomingMessage, ServerResponse } from 'node:http';
+import { verifyDataDir, type AuditReport } from './audit-chain';
 import type { Dispatcher } from './dispatch';
 import type { IdentityStore } from './identity-store';
 import type { Logger } from './logger';
@@ -201,6 +202,11 @@ export class HttpApi {
       this.requireReadAccess(req, url);
       return sendJson(res, 200, read());
     }
+    if (path === '/admin/audit/verify') {
+      this.allow(method, ['GET']);
+      this.requireReadAccess(req, url);
+      return sendJson(res, 200, await this.verifyAudit());
+    }
     if (path === '/admin/workforce') {
       this.allow(method, ['GET', 'HEAD']);
       this.requireReadAccess(req, url);
@@ -219,6 +225,17 @@ export class HttpApi {
       return stream(req, res);
     }
     throw this.notFound(url.pathname);
+  }
+
+  /** One verification at a time: it reads every record, so callers meanwhile share its answer. */
+  private verifying: Promise<AuditReport> | null = null;
+
+  private verifyAudit(): Promise<AuditReport> {
+    this.verifying ??= this.deps.messageLog
+      .flush()
+      .then(() => verifyDataDir(this.deps.options.dataDir))
+      .finally(() => (this.verifying = null));
+    return this.verifying;
   }
 
   private notFound(path: string): HttpError {

@@ -73,6 +73,11 @@ export interface RelayOptions {
   clusterName?: string;
   /** This node's id; default the one kept in <data-dir>/node-id (made on first start). */
   nodeId?: string;
+  // ---- part C (see README "Dispatch") ----
+  /** Lease of a task sent to `any:<tag>` when the message gives no task_timeout_ms, ms. Default 10 minutes. */
+  taskTimeoutMs?: number;
+  /** Assignments a dispatched task gets before it fails. Default 3. */
+  maxAttempts?: number;
 }
 
 export type ResolvedOptions = Required<Omit<RelayOptions, 'logger' | 'employeeKey' | 'redisUrl' | 'nodeId'>> & {
@@ -114,6 +119,8 @@ export const DEFAULTS = {
   publicReads: false,
   maintenanceIntervalMs: 10 * MINUTE,
   clusterName: 'mimiclaw',
+  taskTimeoutMs: 10 * MINUTE,
+  maxAttempts: 3,
 } as const;
 
 export function defaultDataDir(env: NodeJS.ProcessEnv = process.env): string {
@@ -200,6 +207,8 @@ export function resolveOptions(options: RelayOptions): ResolvedOptions {
     redisUrl: checkRedisUrl(options.redisUrl),
     clusterName: checkName('clusterName', options.clusterName ?? DEFAULTS.clusterName),
     nodeId: options.nodeId === undefined ? undefined : checkName('nodeId', options.nodeId),
+    taskTimeoutMs: ms('taskTimeoutMs', options.taskTimeoutMs, DEFAULTS.taskTimeoutMs, 1, MAX_TIMER_MS),
+    maxAttempts: wholeNumber('maxAttempts', options.maxAttempts ?? DEFAULTS.maxAttempts, 1, 1000),
   };
   return resolved;
 }

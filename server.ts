@@ -12,6 +12,7 @@ import { lockDataDir, type DataDirLock } from './lib/data-dir-lock';
 import { prepareDataDir } from './lib/data-dir';
 import { DedupeCache } from './lib/dedupe-cache';
 import { DeliveryQueue } from './lib/delivery-queue';
+import { Dispatcher } from './lib/dispatch';
 import { serveDashboard } from './lib/dashboard-page';
 import { logRelayEvents } from './lib/event-log';
 import { EventStream } from './lib/event-stream';
@@ -28,6 +29,7 @@ import { Router } from './lib/router';
 import { loadKeyFiles, reloadKeyFiles, type KeyReloadResult } from './lib/secret-files';
 import { SingleNode } from './lib/single-node';
 import { assertNotDirectory, dataDirError } from './lib/start-errors';
+import { NedbTaskStore } from './lib/task-store';
 import { CertificateReloader, type CertificateReloadResult } from './lib/tls';
 import { packageVersion } from './lib/version';
 import { WsGateway } from './lib/ws-gateway';
@@ -73,6 +75,7 @@ interface Stores {
   connectionLog: ConnectionLog;
   messageLog: MessageLog;
   queue: DeliveryQueue;
+  tasks: NedbTaskStore;
 }
 
 /** The other nodes, or nothing elsewhere on a single node; the only place that knows which. */
@@ -95,7 +98,7 @@ async function openStores(options: ResolvedOptions, logger: Logger, sharedIdenti
   const compaction = options.maintenanceIntervalMs;
   const fileMode = options.fileMode;
   // NeDB never settles on a datafile that is a directory: its read error escapes the promise.
-  await Promise.all(['identities.db', 'connections.db', 'messages.db', 'queue.db'].map((name) => assertNotDirectory(file(name))));
+  await Promise.all(['identities.db', 'connections.db', 'messages.db', 'queue.db', 'tasks.db'].map((name) => assertNotDirectory(file(name))));
   const opened = await Promise.allSettled([
     sharedIdentities ?? IdentityStore.open(file('identities.db'), logger, compaction, fileMode),
     ConnectionLog.open(file('connections.db'), logger, compaction, fileMode),
@@ -109,10 +112,17 @@ async function openStores(options: ResolvedOptions, logger: Logger, sharedIdenti
       fileMode,
     }),
     DeliveryQueue.open(file('queue.db'), logger, { compactionIntervalMs: compaction, fsync: options.fsync, fileMode }),
+    NedbTaskStore.open(file('tasks.db'), logger, { compactionIntervalMs: compaction, fsync: options.fsync, fileMode }),
   ]);
-  const [identities, connectionLog, messageLog, queue] = opened;
-  if (identities.status === 'fulfilled' && connectionLog.status === 'fulfilled' && messageLog.status === 'fulfilled' && queue.status === 'fulfilled') {
-    return { identities: identities.value, connectionLog: connectionLog.value, messageLog: messageLog.value, queue: queue.value };
+  const [identities, connectionLog, messageLog, queue, tasks] = opened;
+  if (
+    identities.status === 'fulfilled' &&
+    connectionLog.status === 'fulfilled' &&
+    messageLog.status === 'fulfilled' &&
+    queue.status === 'fulfilled' &&
+    tasks.status === 'fulfilled'
+  ) {
+    return { identities: identities.value, connectionLog: connectionLog.value, messageLog: messageLog.value, queue: queue.value, tasks: tasks.value };
   }
   // Close the stores that did open: their timers and handles would keep a failed process alive.
   await Promise.allSettled(opened.map((store) => (store.status === 'fulfilled' ? store.value.close() : undefined)));
@@ -123,12 +133,14 @@ async function openStores(options: ResolvedOptions, logger: Logger, sharedIdenti
  * Rebuilds the dedupe window from the log, so a resend after a restart is still a duplicate.
  * A record whose queued copy never reached queue.db (a crash between the two writes) is left
  * out: its ack was never sent, so the resend must be routed again rather than answered.
+ * A task for `any:<tag>` (listed as queued under that name) is written before its record, so
+ * its record is always kept.
  */
 async function restoreDedupe(dedupe: DedupeCache, messageLog: MessageLog, queue: DeliveryQueue, windowMs: number): Promise<void> {
   if (!dedupe.enabled) return;
   const stillQueued = queue.recordIds();
   for (const { slot, record } of await messageLog.recordsSince(Date.now() - windowMs, DEDUPE_MAX_ENTRIES)) {
-    const lostQueueWrite = record.targets.some((t) => t.status === 'queued') && !stillQueued.has(record._id);
+    const lostQueueWrite = record.targets.some((t) => t.status === 'queued' && !t.id.startsWith('any:')) && !stillQueued.has(record._id);
     if (!lostQueueWrite) dedupe.remember(record.from_id, record.msg_id, record.timestamp, slot);
   }
 }
@@ -178,7 +190,14 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
     await closeStores(stores, cluster, lock);
     throw await dataDirError(options.dataDir, error);
   });
-  const router = new Router({ options, ...stores, dedupe, cluster, bus, logger });
+  // The dispatcher writes through the router's sessions; the router hands it any: targets.
+  const link = {
+    write: (id: string, text: string) => router.writeTo(id, text),
+    settleRecord: (recordId: string, target: string, status: 'delivered' | 'expired') => stores.messageLog.updateTarget(recordId, target, status),
+  };
+  const dispatcher = new Dispatcher({ store: stores.tasks, bus, logger, link, maxAttempts: options.maxAttempts, maxQueueTtlMs: options.maxQueueTtlMs });
+  dispatcher.restore(Date.now());
+  const router: Router = new Router({ options, ...stores, dedupe, cluster, dispatcher, bus, logger });
   const gateway = new WsGateway(options, router, bus, logger);
   // /api/events streams the whole cluster: this node's events and those other nodes share.
   // Metrics and the log keep to this node's own bus.
@@ -215,6 +234,7 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
     stats: () => ({
       connections: { ...router.countOnline(), unauthenticated: gateway.unauthenticatedCount },
       queueDepth: stores.queue.depth,
+      dispatch: dispatcher.counts(),
       stores: { identities: stores.identities.size, connectionEvents: stores.connectionLog.size, messages: stores.messageLog.stats().records },
       bytesIn: gateway.bytesIn,
       bytesOut: gateway.bytesOut,
@@ -231,6 +251,7 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
   const api = new HttpApi({
     options,
     router,
+    dispatcher,
     identities: stores.identities,
     messageLog: stores.messageLog,
     logger,
@@ -252,6 +273,7 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
   const expiry = setInterval(() => {
     const now = Date.now();
     router.expireQueued(now);
+    dispatcher.expire(now);
     dedupe.expire(now);
   }, 1000);
   expiry.unref();
@@ -266,6 +288,7 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
     clearInterval(expiry);
     clearInterval(maintenance);
     eventStream.close();
+    dispatcher.close();
   };
 
   try {
@@ -331,7 +354,7 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
 async function closeStores(stores: Stores, cluster: ClusterLink, lock: DataDirLock): Promise<void> {
   // Identities last: disconnects during shutdown update them; the cluster link after them (its
   // identities are written through it), the lock at the very end.
-  await Promise.all([stores.messageLog.close(), stores.connectionLog.close(), stores.queue.close()]);
+  await Promise.all([stores.messageLog.close(), stores.connectionLog.close(), stores.queue.close(), stores.tasks.close()]);
   await stores.identities.close();
   await cluster.close();
   await lock.release();

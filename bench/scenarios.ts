@@ -9,7 +9,7 @@ import { countMessagesDb, writeMessagesDb } from './message-db';
 import { cpuMs, peakRssKb, rssKb, sampleRss, sleep, withTimeout } from './proc';
 import { healthAnswers, startServer, type ServerKind, type ServerProcess } from './servers';
 import { median } from './stats';
-import { runFanout, runLatency, runThroughput } from './workloads';
+import { runFanout, runLatency, runTasks, runThroughput } from './workloads';
 import { runAdmin } from './admin-workload';
 
 export interface BenchConfig {
@@ -26,6 +26,10 @@ export interface BenchConfig {
   restartMessages: number;
   /** Records in the messages.db `mimiclaw-ws verify` checks. */
   verifyMessages: number;
+  /** Dispatch: tasks per run, employees, and their capacity (in flight: employees x capacity). */
+  dispatchTasks: number;
+  dispatchEmployees: number;
+  dispatchCapacity: number;
   adminEmployees: number;
   adminRequests: number;
   relayArgs: string[];
@@ -38,7 +42,7 @@ export interface BenchConfig {
 
 export type Metrics = Record<string, number>;
 
-export type ScenarioName = 'throughput' | 'latency' | 'fanout' | 'idle' | 'restart' | 'verify' | 'admin';
+export type ScenarioName = 'throughput' | 'latency' | 'fanout' | 'idle' | 'restart' | 'verify' | 'admin' | 'dispatch';
 
 export interface Scenario {
   name: ScenarioName;
@@ -232,6 +236,24 @@ async function verify(_kind: ServerKind, config: BenchConfig): Promise<Metrics> 
   }
 }
 
+/**
+ * Part C: tasks with replies through any:<tag> against the same tasks sent to employee ids in
+ * turn, on one relay in one run (the ceiling has no dispatch), after a warm-up of each.
+ */
+async function dispatch(kind: ServerKind, config: BenchConfig): Promise<Metrics> {
+  return withServer(kind, config, async (server) => {
+    const inFlight = config.dispatchEmployees * config.dispatchCapacity;
+    const shape = [inFlight, config.dispatchEmployees, config.dispatchCapacity, config.runTimeoutMs] as const;
+    // A short warm-up of each, so neither is measured while V8 still compiles its path.
+    const warmup = Math.min(2000, config.dispatchTasks);
+    await runTasks(server.url, 'direct', warmup, ...shape);
+    await runTasks(server.url, 'any', warmup, ...shape);
+    const direct = await runTasks(server.url, 'direct', config.dispatchTasks, ...shape);
+    const any = await runTasks(server.url, 'any', config.dispatchTasks, ...shape);
+    return { directTasksPerSec: direct.tasksPerSec, dispatchTasksPerSec: any.tasksPerSec };
+  });
+}
+
 async function admin(kind: ServerKind, config: BenchConfig): Promise<Metrics> {
   return withServer(kind, config, async (server) => {
     const result = await runAdmin(server.url, config.adminEmployees, config.adminRequests, config.runTimeoutMs, () => cpuMs(server.pid));
@@ -253,4 +275,5 @@ export const SCENARIOS: Scenario[] = [
   { name: 'restart', kinds: ['relay'], run: restart },
   { name: 'verify', kinds: ['relay'], run: verify },
   { name: 'admin', kinds: ['relay'], run: admin },
+  { name: 'dispatch', kinds: ['relay'], run: dispatch },
 ];

@@ -43,6 +43,8 @@ const FLAGS: Record<string, { kind: Kind; option: keyof RelayOptions; help: stri
   redis: { kind: 'string', option: 'redisUrl', help: 'join a cluster whose store is this Redis, e.g. redis://127.0.0.1:6379 (else env MIMICLAW_REDIS_URL; default none: one node)' },
   cluster: { kind: 'string', option: 'clusterName', help: 'cluster name prefixing every Redis key and channel (default mimiclaw)' },
   'node-id': { kind: 'string', option: 'nodeId', help: 'this node\'s id (default: kept in <data-dir>/node-id)' },
+  'task-timeout': { kind: 'duration', option: 'taskTimeoutMs', help: 'lease of a task sent to any:<tag> without task_timeout_ms (default 10m)' },
+  'max-attempts': { kind: 'count', option: 'maxAttempts', help: 'assignments a dispatched task gets before it fails (default 3)' },
   'authkey-file': { kind: 'string', option: 'authkeyFile', help: 'read the authkey from this file, at start and on SIGHUP (else env MIMICLAW_AUTHKEY_FILE)' },
   'employee-key-file': { kind: 'string', option: 'employeeKeyFile', help: 'read the employee key from this file, at start and on SIGHUP (else env MIMICLAW_EMPLOYEE_KEY_FILE)' },
   'tls-cert': { kind: 'string', option: 'tlsCertFile', help: 'PEM certificate chain: serve wss:// and https:// (needs --tls-key)' },

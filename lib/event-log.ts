@@ -1,5 +1,5 @@
-// Turns relay events into log lines: connects, disconnects, auth failures and bans at info,
-// routed messages at debug (metadata only, never the payload).
+// Turns relay events into log lines: connects, disconnects, auth failures, bans and dispatched
+// tasks sent back or given up at info, routed messages at debug (metadata only, never the payload).
 
 import type { RelayEvent } from './events';
 import type { Logger } from './logger';
@@ -20,6 +20,12 @@ export function logRelayEvents(logger: Logger): (event: RelayEvent) => void {
       case 'ban':
       case 'unban':
         logger.info(event.type, { id: event.node.id, by: event.by });
+        return;
+      case 'task_retried':
+        logger.info('task_retried', { msg_id: event.msg_id, target: event.target, employee_id: event.employee_id, attempt: event.attempt, reason: event.reason });
+        return;
+      case 'task_failed':
+        logger.info('task_failed', { msg_id: event.msg_id, target: event.target, attempt: event.attempt, reason: event.reason });
         return;
       case 'message':
         if (debug) {

@@ -2,7 +2,7 @@
 // metrics and the logger subscribe. Publishing is synchronous and cheap: a subscriber that
 // needs to do slow work must buffer it itself, so a slow consumer never slows routing.
 
-import type { FailureReason, Role } from './protocol';
+import type { FailureReason, Priority, Role } from './protocol';
 
 export interface NodeRef {
   id: string;
@@ -34,7 +34,25 @@ export type RelayEvent =
   | { type: 'ban'; node: NodeRef; by: string; at: number }
   | { type: 'unban'; node: NodeRef; by: string; at: number }
   | { type: 'health'; node: NodeRef; valid: boolean; at: number }
-  | { type: 'frame_error'; code: string; at: number };
+  | { type: 'frame_error'; code: string; at: number }
+  // Part C: an employee declared its status or capacity (a status frame).
+  | { type: 'availability'; node: NodeRef; status: 'idle' | 'working' | 'dnd'; capacity: number; in_progress: number; at: number }
+  // Part C: a task sent to `any:<tag>` (target) was handed out, answered, sent back or given up.
+  | { type: 'task_assigned'; msg_id: string; from_id: string; target: string; priority: Priority; employee_id: string; attempt: number; wait_ms: number; at: number }
+  | { type: 'task_done'; msg_id: string; from_id: string; target: string; priority: Priority; employee_id: string; attempt: number; at: number }
+  | {
+      type: 'task_retried';
+      msg_id: string;
+      from_id: string;
+      target: string;
+      priority: Priority;
+      /** Who lost the lease (null after a restart). */
+      employee_id: string | null;
+      attempt: number;
+      reason: 'timeout' | 'disconnected' | 'failed' | 'restart';
+      at: number;
+    }
+  | { type: 'task_failed'; msg_id: string; from_id: string; target: string; priority: Priority; attempt: number; reason: 'max_attempts' | 'expired'; at: number };
 
 export type RelayEventType = RelayEvent['type'];
 export type RelayEventListener = (event: RelayEvent) => void;

@@ -4,6 +4,7 @@
 
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { verifyDataDir, type AuditReport } from './audit-chain';
+import type { Dispatcher } from './dispatch';
 import type { IdentityStore } from './identity-store';
 import type { Logger } from './logger';
 import type { MessageLog } from './message-log';
@@ -25,6 +26,7 @@ export interface HttpExtensions {
 export interface HttpApiDeps {
   options: ResolvedOptions;
   router: Router;
+  dispatcher: Dispatcher;
   identities: IdentityStore;
   messageLog: MessageLog;
   logger: Logger;
@@ -203,6 +205,7 @@ export class HttpApi {
     const reads: Record<string, () => unknown> = {
       '/employees': () => ({ employees: listNodes(this.deps.identities, this.liveness, 'employee') }),
       '/connections': () => ({ connections: listNodes(this.deps.identities, this.liveness) }),
+      '/admin/tasks': () => this.tasks(url),
     };
     const read = reads[path];
     if (read) {
@@ -218,7 +221,7 @@ export class HttpApi {
     if (path === '/admin/workforce') {
       this.allow(method, ['GET', 'HEAD']);
       this.requireReadAccess(req, url);
-      return sendJsonBody(res, 200, workforceJson(this.deps.identities, this.liveness, textParam(url, 'tag'), Date.now()));
+      return sendJsonBody(res, 200, workforceJson(this.deps.identities, this.liveness, textParam(url, 'tag'), Date.now(), (id) => this.deps.dispatcher.workerOf(id)));
     }
     if (path === '/admin/communications') {
       this.allow(method, ['GET', 'HEAD']);
@@ -283,6 +286,15 @@ export class HttpApi {
       online: counts,
       ...(this.deps.cluster !== undefined && { cluster: this.deps.cluster() }),
     };
+  }
+
+  /** Part C: dispatched tasks waiting or in progress, with counts per tag. */
+  private tasks(url: URL) {
+    const limit = intParam(url, 'limit', 1000, 1, 100_000)!;
+    const tag = textParam(url, 'tag');
+    const now = Date.now();
+    const { total, tasks } = this.deps.dispatcher.list(now, limit, tag);
+    return { tags: this.deps.dispatcher.counts(), total, limit, tasks, timestamp: now };
   }
 
   private async communications(url: URL) {

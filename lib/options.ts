@@ -73,6 +73,11 @@ export interface RelayOptions {
   clusterName?: string;
   /** This node's id; default the one kept in <data-dir>/node-id (made on first start). */
   nodeId?: string;
+  // ---- part C (see README "Dispatch") ----
+  /** Lease of a task sent to `any:<tag>` when the message gives no task_timeout_ms, ms. Default 10 minutes. */
+  taskTimeoutMs?: number;
+  /** Assignments a dispatched task gets before it fails. Default 3. */
+  maxAttempts?: number;
 
   // ---- running in production (see README "Running in production") ----
   /** Read the authkey from this file, at start and on reload(), instead of passing `authkey`. */
@@ -134,6 +139,8 @@ export const DEFAULTS = {
   publicReads: false,
   maintenanceIntervalMs: 10 * MINUTE,
   clusterName: 'mimiclaw',
+  taskTimeoutMs: 10 * MINUTE,
+  maxAttempts: 3,
   tlsReloadIntervalMs: MINUTE,
 } as const;
 
@@ -267,6 +274,8 @@ export function resolveOptions(options: RelayOptions): ResolvedOptions {
     redisUrl: checkRedisUrl(options.redisUrl),
     clusterName: checkName('clusterName', options.clusterName ?? DEFAULTS.clusterName),
     nodeId: options.nodeId === undefined ? undefined : checkName('nodeId', options.nodeId),
+    taskTimeoutMs: ms('taskTimeoutMs', options.taskTimeoutMs, DEFAULTS.taskTimeoutMs, 1, MAX_TIMER_MS),
+    maxAttempts: wholeNumber('maxAttempts', options.maxAttempts ?? DEFAULTS.maxAttempts, 1, 1000),
     authkeyFile: authkeyFile && path.resolve(authkeyFile),
     employeeKeyFile: employeeKeyFile && path.resolve(employeeKeyFile),
     tls: tlsOption(options),

@@ -9,6 +9,7 @@ import type { ConnectionLog } from './connection-log';
 import type { DedupeCache, Remembered } from './dedupe-cache';
 import { ackPrefix, finishAck, outcomeFields } from './delivery-ack';
 import type { DeliveryQueue, HeldEntries, NewQueuedEntry, QueuedEntry } from './delivery-queue';
+import type { Dispatcher, SubmitResult } from './dispatch';
 import type { EventBus, NodeRef } from './events';
 import { toDoc, type Identity, type IdentityStore } from './identity-store';
 import type { Logger } from './logger';
@@ -16,7 +17,12 @@ import type { MessageLog } from './message-log';
 import type { ResolvedOptions } from './options';
 import {
   CLOSE_CODES,
+  checkCapacity,
   checkEmployeeProfile,
+  checkInReplyTo,
+  checkPriority,
+  checkStatusFrame,
+  checkTaskTimeout,
   checkIdentity,
   checkRole,
   checkTarget,
@@ -25,6 +31,7 @@ import {
   type DeliveryFailure,
   type FrameError,
   type ParsedTarget,
+  type Priority,
   type ProtocolErrorCode,
   type Role,
 } from './protocol';
@@ -49,6 +56,7 @@ export interface RouterDeps {
   dedupe: DedupeCache;
   /** Other nodes: SingleNode when there are none. */
   cluster: ClusterLink;
+  dispatcher: Dispatcher;
   bus: EventBus;
   logger: Logger;
 }
@@ -88,6 +96,16 @@ function digest(text: string): Buffer {
 /** A rejected auth; `wrong` names the secret it got wrong, when that is why it was rejected. */
 type AuthRejection = FrameError & { wrong?: GuessTarget };
 
+/** A message to `any:<tag>` as routing has read it. */
+interface TaskMessage {
+  msgId: string;
+  clientGaveId: boolean;
+  payloadJson: string | undefined;
+  now: number;
+  /** Cluster: this node holds the cluster-wide dedupe claim on the msg_id and must settle it. */
+  claimed: boolean;
+}
+
 interface RouteContext {
   sender: Identity;
   msgId: string;
@@ -96,6 +114,8 @@ interface RouteContext {
   /** head and tail encoded, made at the first delivery. */
   split: SplitText | null;
   queueTtlMs: number;
+  /** Part C: orders the message in a target's queue when it is queued. */
+  priority: Priority;
   now: number;
   delivered: string[];
   failed: DeliveryFailure[];
@@ -174,7 +194,8 @@ export class Router implements ClusterHandlers {
       settled(false, null);
       return;
     }
-    const outcome = this.decideAuth(frame);
+    const capacity = checkCapacity(frame.capacity);
+    const outcome: AuthRejection | { identity: Identity; key: string; reconnected: boolean } = capacity.ok ? this.decideAuth(frame) : capacity.error;
     if ('code' in outcome) {
       const unknownId = outcome.code === 'identity_not_found' && isPlainObject(frame.identity) ? frame.identity.id : undefined;
       if (this.clustered && typeof unknownId === 'string') {
@@ -187,17 +208,18 @@ export class Router implements ClusterHandlers {
       return;
     }
     const { identity, key, reconnected } = outcome;
+    const declared = capacity.ok ? capacity.value : undefined;
     session.identity = identity;
     settled(true, null);
     if (reconnected) {
-      this.goOnline(session, identity, key, true);
+      this.goOnline(session, identity, key, true, declared);
       return;
     }
     // A new identity is on disk (or in the cluster store) before its key is handed out, so a
     // crash cannot forget an identity its client was already told about.
     this.deps.identities.flush().then(
       () => {
-        if (session.isOpen) this.goOnline(session, identity, key, false);
+        if (session.isOpen) this.goOnline(session, identity, key, false, declared);
       },
       () => {
         session.sendError('cluster_unavailable', CLUSTER_UNAVAILABLE);
@@ -219,7 +241,8 @@ export class Router implements ClusterHandlers {
         }
         session.identity = outcome.identity;
         settled(true, null);
-        this.goOnline(session, outcome.identity, outcome.key, outcome.reconnected);
+        const declared = checkCapacity(frame.capacity);
+        this.goOnline(session, outcome.identity, outcome.key, outcome.reconnected, declared.ok ? declared.value : undefined);
       },
       () => {
         if (!session.isOpen) return;
@@ -229,7 +252,7 @@ export class Router implements ClusterHandlers {
     );
   }
 
-  private goOnline(session: Session, identity: Identity, key: string, reconnected: boolean): void {
+  private goOnline(session: Session, identity: Identity, key: string, reconnected: boolean, capacity: number | undefined): void {
     const now = Date.now();
     const previous = this.online.get(identity.id);
     session.ref = nodeRef(identity);
@@ -249,13 +272,13 @@ export class Router implements ClusterHandlers {
       address: session.address,
     });
     if (!this.clustered) {
-      this.welcome(session, identity, key, reconnected, now);
+      this.welcome(session, identity, key, reconnected, now, capacity);
       return;
     }
     // A client told auth_ok must be reachable from every node: presence first.
     this.deps.cluster.joined(identity.id).then(
       () => {
-        if (session.isOpen && this.online.get(identity.id) === session) this.welcome(session, identity, key, reconnected, now);
+        if (session.isOpen && this.online.get(identity.id) === session) this.welcome(session, identity, key, reconnected, now, capacity);
       },
       () => {
         session.sendError('cluster_unavailable', CLUSTER_UNAVAILABLE);
@@ -264,7 +287,7 @@ export class Router implements ClusterHandlers {
     );
   }
 
-  private welcome(session: Session, identity: Identity, key: string, reconnected: boolean, now: number): void {
+  private welcome(session: Session, identity: Identity, key: string, reconnected: boolean, now: number, capacity: number | undefined): void {
     session.send({
       type: 'auth_ok',
       id: identity.id,
@@ -278,6 +301,7 @@ export class Router implements ClusterHandlers {
     this.deps.bus.publish({ type: 'connect', node: session.ref!, reconnected, relay_node: this.nodeId, at: now });
     if (this.clustered) this.drainShared(session);
     this.deliverQueued(session);
+    this.deps.dispatcher.online(identity, capacity);
   }
 
   private decideAuth(
@@ -407,6 +431,7 @@ export class Router implements ClusterHandlers {
     if (!identity || this.online.get(identity.id) !== session) return;
     this.online.delete(identity.id);
     if (this.clustered) this.deps.cluster.left(identity.id);
+    this.deps.dispatcher.offline(identity.id);
     const now = Date.now();
     identity.lastSeen = now;
     identity.lastDisconnectedAt = now;
@@ -442,13 +467,19 @@ export class Router implements ClusterHandlers {
       case 'message':
         this.route(session, identity, frame, arrival);
         return;
+      case 'status':
+        this.status(session, identity, frame);
+        return;
+      case 'task_done':
+        this.taskDone(session, identity, frame);
+        return;
       case 'auth':
         session.sendError('unsupported_type', 'This connection is already authenticated; auth is only accepted as the first frame.');
         return;
       default:
         session.sendError(
           'unsupported_type',
-          `Frame type "${frame.type.slice(0, 40)}" is not supported: use ping, health_report or message.`,
+          `Frame type "${frame.type.slice(0, 40)}" is not supported: use ping, health_report, message, status or task_done.`,
         );
     }
   }
@@ -464,6 +495,51 @@ export class Router implements ClusterHandlers {
     this.deps.identities.save(identity);
     session.send({ type: 'health_report_ack', id: identity.id, valid: frame.valid, timestamp: now });
     this.deps.bus.publish({ type: 'health', node: nodeRef(identity), valid: frame.valid, at: now });
+  }
+
+  // ---- dispatch frames (part C) ----------------------------------------------------------------
+
+  private status(session: Session, identity: Identity, frame: Record<string, unknown>): void {
+    if (identity.role !== 'employee') {
+      session.sendError('invalid_status', 'Only employees send status: a boss is never dispatched tasks.');
+      return;
+    }
+    const checked = checkStatusFrame(frame);
+    if (!checked.ok) {
+      session.sendError(checked.error.code, checked.error.message);
+      return;
+    }
+    const view = this.deps.dispatcher.setStatus(identity, checked.value.status, checked.value.capacity);
+    const now = Date.now();
+    const status = view.status === 'offline' ? 'idle' : view.status;
+    session.send({ type: 'status_ack', id: identity.id, status, capacity: view.capacity, in_progress: view.in_progress, timestamp: now });
+    this.deps.bus.publish({ type: 'availability', node: session.ref ?? nodeRef(identity), status, capacity: view.capacity, in_progress: view.in_progress, at: now });
+  }
+
+  private taskDone(session: Session, identity: Identity, frame: Record<string, unknown>): void {
+    if (typeof frame.msg_id !== 'string' || frame.msg_id === '' || frame.msg_id.length > MAX_MSG_ID_LENGTH) {
+      session.sendError('invalid_msg_id', `task_done needs "msg_id": the msg_id of the task, a string of at most ${MAX_MSG_ID_LENGTH} characters.`);
+      return;
+    }
+    if (frame.failed !== undefined && typeof frame.failed !== 'boolean') {
+      session.sendError('invalid_frame', 'Field "failed" of task_done must be true or false.', { msg_id: frame.msg_id });
+      return;
+    }
+    if (!this.deps.dispatcher.taskDone(identity.id, frame.msg_id, frame.failed === true)) {
+      session.sendError(
+        'task_not_found',
+        'No task with this msg_id is in progress with you: it was answered already, or its lease ended and it went to someone else.',
+        { msg_id: frame.msg_id },
+      );
+    }
+  }
+
+  /** Writes a frame to an identity's open session; false when it has none. */
+  writeTo(id: string, text: string): boolean {
+    const session = this.online.get(id);
+    if (!session || !session.isOpen) return false;
+    session.sendText(text);
+    return true;
   }
 
   // ---- routing -------------------------------------------------------------------------------
@@ -572,6 +648,15 @@ export class Router implements ClusterHandlers {
       this.refuseMessage(session, sender.id, msgId, clientGaveId, claimed, 'invalid_frame', queueTtlMs);
       return;
     }
+    const priority = checkPriority(frame.priority);
+    const inReplyTo = checkInReplyTo(frame.in_reply_to, MAX_MSG_ID_LENGTH);
+    const taskTimeout = checkTaskTimeout(frame.task_timeout_ms);
+    for (const checked of [priority, inReplyTo, taskTimeout]) {
+      if (!checked.ok) {
+        this.refuseMessage(session, sender.id, msgId, clientGaveId, claimed, checked.error.code, checked.error.message);
+        return;
+      }
+    }
     let payloadJson: string | undefined;
     try {
       payloadJson = frame.payload === undefined ? undefined : JSON.stringify(frame.payload);
@@ -584,13 +669,34 @@ export class Router implements ClusterHandlers {
       return;
     }
     const now = Date.now();
+    // Part C fields ride along only when given, so part A/B frames stay exactly as they were.
+    const replyField = inReplyTo.ok && inReplyTo.value !== undefined ? `"in_reply_to":${JSON.stringify(inReplyTo.value)},` : '';
+    const priorityField = priority.ok && priority.value !== 'normal' ? `"priority":"${priority.value}",` : '';
+    const rest = `${replyField}${priorityField}${payloadJson === undefined ? '' : `"payload":${payloadJson},`}"timestamp":${now}}`;
+    const head = `{"type":"message","msg_id":${JSON.stringify(msgId)},"from_id":"${sender.id}","from_role":"${sender.role}","to":"`;
+    if (target.value.kind === 'any') {
+      const dispatch = this.deps.dispatcher.submit({
+        sender,
+        msgId,
+        tag: target.value.tag,
+        priority: priority.ok ? priority.value : 'normal',
+        head,
+        rest: `,${rest}`,
+        timeoutMs: (taskTimeout.ok ? taskTimeout.value : undefined) ?? options.taskTimeoutMs,
+        queueTtlMs,
+        now,
+      });
+      this.routeTask(session, sender, frame, arrival, { msgId, clientGaveId, payloadJson, now, claimed }, dispatch);
+      return;
+    }
     const context: RouteContext = {
       sender,
       msgId,
-      head: `{"type":"message","msg_id":${JSON.stringify(msgId)},"from_id":"${sender.id}","from_role":"${sender.role}","to":"`,
-      tail: `",${payloadJson === undefined ? '' : `"payload":${payloadJson},`}"timestamp":${now}}`,
+      head,
+      tail: `",${rest}`,
       split: null,
       queueTtlMs,
+      priority: priority.ok ? priority.value : 'normal',
       now,
       delivered: [],
       failed: [],
@@ -600,6 +706,9 @@ export class Router implements ClusterHandlers {
       broadcast: false,
     };
     this.deliverAll(context, target.value);
+    if (inReplyTo.ok && inReplyTo.value !== undefined && sender.role === 'employee' && target.value.kind === 'ids') {
+      this.deps.dispatcher.replied(sender.id, inReplyTo.value, target.value.ids);
+    }
     if (context.elsewhere === null && !context.broadcast) {
       this.finishRoute(session, frame, arrival, context, payloadJson, clientGaveId, claimed);
       return;
@@ -740,6 +849,64 @@ export class Router implements ClusterHandlers {
     for (const id of reached) context.delivered.push(id);
   }
 
+  /**
+   * The rest of a message to `any:<tag>` (part C). A task is on disk before its messages.db record
+   * and its ack: a record found after a crash always has its task, so a resend answered as a
+   * duplicate never loses work. The task goes out to its employee after the ack.
+   */
+  private routeTask(session: Session, sender: Identity, frame: Record<string, unknown>, arrival: FrameArrival, message: TaskMessage, dispatch: SubmitResult): void {
+    const { messageLog, dedupe, logger } = this.deps;
+    const { msgId, now } = message;
+    const log = (): number => {
+      const slot = messageLog.append(
+        { msg_id: msgId, timestamp: now, from_id: sender.id, from_role: sender.role, delivered: dispatch.delivered, failed: dispatch.failed, queued: dispatch.queued, payload_json: message.payloadJson ?? 'null' },
+        outcomeText,
+      );
+      if (!messageLog.belowHighWaterMark && !this.pausedForLog.has(session)) {
+        session.ws.pause();
+        this.pausedForLog.add(session);
+      }
+      return slot;
+    };
+    const outcomeText = outcomeFields(dispatch);
+    const ack = ackPrefix(msgId, outcomeText);
+    const task = dispatch.task;
+    if (task === null) {
+      const slot = log();
+      session.sendText(finishAck(ack, false));
+      if (message.clientGaveId) dedupe.remember(sender.id, msgId, arrival.receivedAt, slot);
+      if (message.claimed) this.deps.cluster.settleMsgId(sender.id, msgId, outcomeText);
+    } else {
+      const logged = task.stored.then(() => {
+        const slot = log();
+        session.sendText(finishAck(ack, false));
+        if (message.claimed) this.deps.cluster.settleMsgId(sender.id, msgId, outcomeText);
+        task.activate(dispatch.queued.length > 0 ? messageLog.lastRecordId : null);
+        return slot;
+      });
+      if (message.clientGaveId) dedupe.remember(sender.id, msgId, arrival.receivedAt, logged);
+      logged.catch((error: Error) => {
+        task.abandon();
+        if (message.clientGaveId) dedupe.forget(sender.id, msgId);
+        if (message.claimed) this.deps.cluster.releaseMsgId(sender.id, msgId);
+        logger.error('task_store_failed', { msg_id: msgId, error: error.message });
+        session.sendError('store_failed', 'The relay could not store this task (see its log); send it again.', { msg_id: msgId });
+      });
+    }
+    this.deps.bus.publish({
+      type: 'message',
+      msg_id: msgId,
+      from: session.ref ?? nodeRef(sender),
+      to: frame.to as string,
+      delivered: dispatch.delivered,
+      failed: dispatch.failed,
+      queued: dispatch.queued,
+      bytes: arrival.bytes,
+      route_ms: performance.now() - arrival.startedAt,
+      at: now,
+    });
+  }
+
   /** Answers a repeated msg_id with the first ack, rebuilt from its log record. */
   private answerDuplicate(session: Session, sender: Identity, frame: Record<string, unknown>, arrival: FrameArrival, msgId: string, prior: Remembered): void {
     const { dedupe, messageLog, logger } = this.deps;
@@ -781,7 +948,7 @@ export class Router implements ClusterHandlers {
       context.broadcast = this.clustered;
     } else if (target.kind === 'tag') {
       for (const id of this.deps.identities.withTag(target.tag)) if (id !== senderId) this.deliverOne(context, id);
-    } else {
+    } else if (target.kind === 'ids') {
       for (const id of target.ids) this.deliverOne(context, id);
     }
   }
@@ -835,6 +1002,7 @@ export class Router implements ClusterHandlers {
         frame: context.head + targetId + context.tail,
         queued_at: context.now,
         expires_at: context.now + context.queueTtlMs,
+        ...(context.priority !== 'normal' && { priority: context.priority }),
       });
       return;
     }

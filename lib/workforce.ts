@@ -167,7 +167,15 @@ function pushList(parts: Buffer[], items: Buffer[]): void {
  * encoded once, and its bytes reused in every tag group it belongs to: the body is copied
  * together once, instead of every employee being serialised again per tag.
  */
-export function workforceJson(identities: IdentityStore, liveness: Liveness, tag: string | null, now: number): Buffer {
+/** Part C: an employee's availability for dispatch, as /admin/workforce shows it. */
+export interface DispatchView {
+  status: 'idle' | 'working' | 'dnd' | 'offline';
+  capacity: number;
+  in_progress: number;
+}
+export type DispatchOf = (id: string) => DispatchView | null;
+
+export function workforceJson(identities: IdentityStore, liveness: Liveness, tag: string | null, now: number, dispatchOf: DispatchOf = () => null): Buffer {
   const bosses: Buffer[] = [];
   const employees: Buffer[] = [];
   // A Map, not an object: a tag may be any string, "__proto__" included.
@@ -181,7 +189,8 @@ export function workforceJson(identities: IdentityStore, liveness: Liveness, tag
     const isUp = activity !== undefined;
     const view = nodeView(identity, isUp, activity, isUp ? liveness.node(identity.id) : null);
     const nodeHealthView = nodeHealth(identity, isUp, now, liveness.heartbeatStaleMs, activity);
-    const text = Buffer.from(JSON.stringify({ ...view, health: nodeHealthView }));
+    const dispatch = identity.role === 'employee' ? { dispatch: dispatchOf(identity.id) ?? { status: isUp ? 'idle' : 'offline', capacity: 1, in_progress: 0 } } : {};
+    const text = Buffer.from(JSON.stringify({ ...view, health: nodeHealthView, ...dispatch }));
     health[nodeHealthView.overall]++;
     if (isUp) online++;
     if (identity.banned) banned++;

@@ -8,7 +8,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import type Redis from 'ioredis';
 import type { QueuedOutcome } from './cluster-link';
-import { lockDataDir, type DataDirLock } from './data-dir-lock';
+import { DataDirLockedError, lockDataDir, type DataDirLock } from './data-dir-lock';
 import { DeliveryQueue, type NewQueuedEntry } from './delivery-queue';
 import { IdentityStore } from './identity-store';
 import { createLogger } from './logger';
@@ -57,7 +57,8 @@ export async function migrateDataDir(options: MigrateOptions): Promise<MigrateRe
   try {
     lock = await lockDataDir(options.dataDir, fileMode);
   } catch (error) {
-    throw new MigrateError(`${(error as Error).message.replace('give this one its own --data-dir', 'then migrate')}`);
+    if (!(error instanceof DataDirLockedError)) throw error;
+    throw new MigrateError(error.message.replace(', or give this one its own --data-dir.', ' first, then run migrate again.'));
   }
   let redis: Redis | null = null;
   try {

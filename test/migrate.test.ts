@@ -65,7 +65,7 @@ describe('migrate: a single node into a cluster', () => {
       // Refused while the relay holds the data dir; nothing is written.
       const held = await migrate(['--redis', redis.url, '--cluster', cluster, '--data-dir', single]);
       assert.equal(held.code, 1, held.stderr);
-      assert.match(held.stderr, /in use by another relay/);
+      assert.match(held.stderr, /in use by another relay \(pid \d+\): stop it first, then run migrate again\./);
       assert.equal(await redis.client.hlen(`${cluster}:identities`), 0);
 
       await boss.socket.close();

@@ -7,6 +7,7 @@ import { helpText, parseCommandLine, UsageError } from './lib/cli-args';
 import { runBackup, runRestore, runVerify } from './lib/cli-admin-tools';
 import { runConnect, runSend } from './lib/cli-client';
 import { runHealth } from './lib/health-check';
+import { runMigrate } from './lib/cli-migrate';
 import { OptionsError } from './lib/options';
 import { DataDirError } from './lib/start-errors';
 import { packageVersion } from './lib/version';
@@ -61,13 +62,14 @@ async function runRelay(argv: string[]): Promise<number> {
 }
 
 async function main(argv: string[]): Promise<number> {
-  // Subcommands (connect, send, health, verify, backup, restore) are dispatched here; a plain number stays the port.
+  // Subcommands (connect, send, health, verify, backup, restore, migrate) are dispatched here; a plain number stays the port.
   if (argv[0] === 'connect') return runConnect(argv.slice(1));
   if (argv[0] === 'send') return runSend(argv.slice(1));
   if (argv[0] === 'health') return runHealth(argv.slice(1));
   if (argv[0] === 'verify') return runVerify(argv.slice(1));
   if (argv[0] === 'backup') return runBackup(argv.slice(1));
   if (argv[0] === 'restore') return runRestore(argv.slice(1));
+  if (argv[0] === 'migrate') return runMigrate(argv.slice(1));
   return runRelay(argv);
 }
 

@@ -44,9 +44,9 @@ file's size and SHA-256. Refuses a dir a relay is running on, and a non-empty di
 
 type Tool = 'verify' | 'backup' | 'restore';
 
-class ArgsError extends Error {}
+export class ArgsError extends Error {}
 
-interface Parsed {
+export interface Parsed {
   help: boolean;
   dataDir: string;
   strings: Record<string, string | undefined>;
@@ -54,7 +54,7 @@ interface Parsed {
   positional: string[];
 }
 
-function parse(argv: string[], strings: string[], booleans: string[]): Parsed {
+export function parse(argv: string[], strings: string[], booleans: string[]): Parsed {
   const known = new Set(['data-dir', ...strings, ...booleans, 'help', 'h']);
   const unknown: string[] = [];
   const args = minimist(argv, {

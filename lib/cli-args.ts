@@ -277,6 +277,7 @@ export function helpText(version: string): string {
     '  mimiclaw-ws verify [--data-dir DIR]        check the audit trail (mimiclaw-ws verify --help)',
     '  mimiclaw-ws backup --out FILE              copy the data dir, also while the relay runs',
     '  mimiclaw-ws restore --in FILE [--force]    put a backup back (the relay stopped)',
+    '  mimiclaw-ws migrate --redis URL [--force]  move a data dir into a cluster (mimiclaw-ws migrate --help)',
     '',
     'Options:',
     ...lines,

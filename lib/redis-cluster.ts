@@ -16,7 +16,7 @@ import type {
 } from './cluster-link';
 import type { NewQueuedEntry } from './delivery-queue';
 import type { RelayEvent } from './events';
-import { fromDoc, IdentityStore, type Identity, type IdentityDoc } from './identity-store';
+import { fromDoc, IdentityStore, toDoc, type Identity, type IdentityDoc } from './identity-store';
 import type { Logger } from './logger';
 import { isPlainObject } from './protocol';
 import { ClusterStartError, connectRedis } from './redis-connection';
@@ -32,6 +32,21 @@ export const HEARTBEAT_MS = 1000;
 export const REPLY_TIMEOUT_MS = 3000;
 /** How often a node tells the others when its identities were last active (well inside the 60 s heartbeat staleness). */
 export const SEEN_SHARE_MS = 10_000;
+
+/** What every key and channel of cluster `clusterName` starts with. */
+export function clusterPrefix(clusterName: string): string {
+  return `${clusterName}:`;
+}
+
+/** Hash id → identity record, and the set of banned ids (kept apart: see writeIdentity). */
+export const IDENTITIES_KEY = 'identities';
+export const BANNED_KEY = 'banned';
+
+/** An identity as hash `identities` holds it: the document without the ban. */
+export function identityRecord(identity: IdentityDoc | Identity): Omit<IdentityDoc, 'banned'> {
+  const { banned: _banned, ...record } = '_id' in identity ? identity : toDoc(identity);
+  return record;
+}
 
 export interface RedisClusterOptions {
   url: string;
@@ -107,7 +122,7 @@ export class RedisCluster implements ClusterLink {
     private readonly sub: Redis,
     docs: Record<string, unknown>[],
   ) {
-    this.prefix = `${options.clusterName}:`;
+    this.prefix = clusterPrefix(options.clusterName);
     this.queue = new SharedQueue(redis, this.prefix, options.nodeId, options.maxQueuedPerTarget, options.logger, (outcome) => this.finishQueued(outcome));
     this.dedupe = new SharedDedupe(redis, this.prefix, options.dedupeWindowMs, options.logger);
     this.identities = IdentityStore.fromDocs(
@@ -131,8 +146,8 @@ export class RedisCluster implements ClusterLink {
     let sub: Redis | null = null;
     try {
       sub = await connectRedis(options.url, `mimiclaw:${options.nodeId}:sub`);
-      const prefix = `${options.clusterName}:`;
-      const [entries, banned] = await Promise.all([redis.hgetall(`${prefix}identities`), redis.smembers(`${prefix}banned`)]);
+      const prefix = clusterPrefix(options.clusterName);
+      const [entries, banned] = await Promise.all([redis.hgetall(prefix + IDENTITIES_KEY), redis.smembers(prefix + BANNED_KEY)]);
       const bannedIds = new Set(banned);
       const docs: Record<string, unknown>[] = [];
       for (const [id, json] of Object.entries(entries)) {
@@ -297,20 +312,20 @@ export class RedisCluster implements ClusterLink {
 
   /** Bans are kept apart (set `banned`), so a stale replica's write can never undo one. */
   private async writeIdentity(doc: IdentityDoc): Promise<void> {
-    const { banned: _banned, ...record } = doc;
+    const record = identityRecord(doc);
     const json = JSON.stringify(record);
-    await this.redis.multi().hset(this.key('identities'), doc._id, json).publish(this.key('control'), JSON.stringify({ t: 'identity', node: this.nodeId, doc: record })).exec();
+    await this.redis.multi().hset(this.key(IDENTITIES_KEY), doc._id, json).publish(this.key('control'), JSON.stringify({ t: 'identity', node: this.nodeId, doc: record })).exec();
   }
 
   async fetchIdentity(id: string): Promise<Identity | undefined> {
-    const [json, banned] = await Promise.all([this.redis.hget(this.key('identities'), id), this.redis.sismember(this.key('banned'), id)]);
+    const [json, banned] = await Promise.all([this.redis.hget(this.key(IDENTITIES_KEY), id), this.redis.sismember(this.key(BANNED_KEY), id)]);
     const doc = json === null ? null : parseObject(json);
     if (doc === null) return undefined;
     return fromDoc({ ...doc, _id: id, id, banned: banned === 1 }) ?? undefined;
   }
 
   async setBanned(identity: Identity, banned: boolean, by: string): Promise<void> {
-    const set = this.key('banned');
+    const set = this.key(BANNED_KEY);
     const multi = this.redis.multi();
     if (banned) multi.sadd(set, identity.id);
     else multi.srem(set, identity.id);

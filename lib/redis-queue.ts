@@ -58,6 +58,16 @@ export class SharedQueue {
     }
   }
 
+  /** The messages.db records `target` already has copies of (a second migration skips them). */
+  async recordIds(target: string): Promise<Set<string>> {
+    const ids = new Set<string>();
+    for (const text of await this.redis.lrange(this.listKey(target), 0, -1)) {
+      const entry = readSharedEntry(text);
+      if (entry) ids.add(entry.record_id);
+    }
+    return ids;
+  }
+
   /** Takes every copy for `target` out, in send order. */
   async take(target: string): Promise<SharedQueuedEntry[]> {
     const key = this.listKey(target);

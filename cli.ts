@@ -1,6 +1,6 @@
 #!/usr/bin/env node
-// The `mimiclaw-ws` command: runs the relay until SIGINT/SIGTERM. Startup problems end with one
-// line on stderr that says what to do, and a non-zero exit.
+// The `mimiclaw-ws` command: runs the relay until SIGINT/SIGTERM; SIGHUP rereads the boss keys
+// file. Startup problems end with one line on stderr that says what to do, and a non-zero exit.
 
 import { helpText, parseCommandLine, UsageError } from './lib/cli-args';
 import { runConnect, runSend } from './lib/cli-client';
@@ -45,6 +45,8 @@ async function runRelay(argv: string[]): Promise<number> {
     };
     process.on('SIGINT', stop);
     process.on('SIGTERM', stop);
+    // What it reloads (or fails to) is logged by the relay; a failure keeps what is in use.
+    process.on('SIGHUP', () => void relay.reload());
   });
   return 0;
 }

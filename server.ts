@@ -4,6 +4,7 @@
 
 import http from 'node:http';
 import path from 'node:path';
+import { BossKeys, type BossKeysReloadResult } from './lib/boss-keys';
 import { ConnectionLog } from './lib/connection-log';
 import { prepareDataDir } from './lib/data-dir';
 import { DedupeCache } from './lib/dedupe-cache';
@@ -34,8 +35,19 @@ export interface RelayHandle {
   port: number;
   dataDir: string;
   events: EventBus;
+  /**
+   * What SIGHUP does: reads the boss keys file again. New keys apply to auths from then on;
+   * sessions of a boss whose key was removed or changed are closed (4009). A file that fails
+   * to read or parse keeps the keys in use.
+   */
+  reload(): Promise<ReloadResult>;
   /** Closes every socket with 1001, finishes pending writes, closes the stores. */
   close(): Promise<void>;
+}
+
+export interface ReloadResult {
+  /** 'off' without --boss-keys-file. */
+  bossKeys: BossKeysReloadResult | 'off';
 }
 
 /** The most recent msg_ids remembered for dedupe, whatever the window. */
@@ -100,12 +112,13 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
   const options = resolveOptions(relayOptions);
   const logger = relayOptions.logger ?? createLogger(options.logLevel);
   const startedAt = Date.now();
+  const bossKeys = options.bossKeysFile === undefined ? null : await BossKeys.load(options.bossKeysFile, logger);
   const stores = await openStores(options, logger);
   const bus = new EventBus();
   if (logger.isEnabled('info')) bus.subscribe(logRelayEvents(logger));
   const dedupe = new DedupeCache(options.dedupeWindowMs, DEDUPE_MAX_ENTRIES);
   await restoreDedupe(dedupe, stores.messageLog, stores.queue, options.dedupeWindowMs);
-  const router = new Router({ options, ...stores, dedupe, bus, logger });
+  const router = new Router({ options, ...stores, dedupe, bus, logger, bossKeys });
   const gateway = new WsGateway(options, router, bus, logger);
   const eventStream = new EventStream({ bus });
   const metrics = new RelayMetrics({
@@ -149,9 +162,14 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
   }, 1000);
   expiry.unref();
   const prune = () =>
-    stores.connectionLog
-      .prune({ retentionMs: options.retentionMs, maxEvents: options.maxMessages })
-      .catch((error: Error) => logger.error('connection_log_prune_failed', { error: error.message }));
+    Promise.all([
+      stores.connectionLog
+        .prune({ retentionMs: options.retentionMs, maxEvents: options.maxMessages })
+        .catch((error: Error) => logger.error('connection_log_prune_failed', { error: error.message })),
+      options.forgetOfflineAfterMs > 0
+        ? router.forgetOffline(options.forgetOfflineAfterMs).catch((error: Error) => logger.error('forget_offline_failed', { error: error.message }))
+        : undefined,
+    ]);
   const maintenance = setInterval(() => void prune(), options.maintenanceIntervalMs);
   maintenance.unref();
   void prune();
@@ -192,7 +210,9 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
       logger.info('relay_closed', {});
     })());
 
-  return { url: `ws://${hostForUrl}:${port}${options.wsPath}`, httpUrl, port, dataDir: options.dataDir, events: bus, close };
+  const reload = async (): Promise<ReloadResult> => ({ bossKeys: bossKeys ? await bossKeys.reload() : 'off' });
+
+  return { url: `ws://${hostForUrl}:${port}${options.wsPath}`, httpUrl, port, dataDir: options.dataDir, events: bus, reload, close };
 }
 
 async function closeStores(stores: Stores): Promise<void> {

@@ -41,6 +41,8 @@ const FLAGS: Record<string, { kind: Kind; option: keyof RelayOptions; help: stri
   fsync: { kind: 'boolean', option: 'fsync', help: 'fsync the logs after each write batch (default off)' },
   'employee-key': { kind: 'string', option: 'employeeKey', help: 'key employees must send as "employee_key" to register (else env MIMICLAW_EMPLOYEE_KEY; default none)' },
   'public-reads': { kind: 'boolean', option: 'publicReads', help: 'let non-loopback clients read without the authkey (default off)' },
+  'forget-offline-after': { kind: 'duration', option: 'forgetOfflineAfterMs', help: 'remove identities offline and unseen this long, checked each maintenance run (default 0 = off)' },
+  'boss-keys-file': { kind: 'string', option: 'bossKeysFile', help: 'named boss keys, one name:key or name:sha256:<hex> a line, beside the authkey; reread on SIGHUP' },
 };
 
 const BYTE_UNITS: Record<string, number> = { '': 1, b: 1, kb: 1000, kib: 1024, mb: 1e6, mib: 1024 ** 2, gb: 1e9, gib: 1024 ** 3 };

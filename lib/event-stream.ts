@@ -20,7 +20,7 @@ export interface EventStreamOptions {
 }
 
 /** The event types sent on the stream (auth failures and frame errors are counted in /metrics instead). */
-export const STREAMED_EVENT_TYPES: readonly RelayEventType[] = ['connect', 'disconnect', 'message', 'delivery_update', 'ban', 'unban', 'health'];
+export const STREAMED_EVENT_TYPES: readonly RelayEventType[] = ['connect', 'disconnect', 'message', 'delivery_update', 'ban', 'unban', 'health', 'identity_removed', 'key_rotated'];
 
 /** Sent first on a resumed stream when events it asked for are no longer in the ring. */
 export interface MissedEventsNotice {

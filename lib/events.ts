@@ -12,7 +12,8 @@ export interface NodeRef {
 }
 
 export type RelayEvent =
-  | { type: 'connect'; node: NodeRef; reconnected: boolean; at: number }
+  /** `credential`: for a boss, the name of the credential it presented ("authkey" or a --boss-keys-file name). */
+  | { type: 'connect'; node: NodeRef; reconnected: boolean; at: number; credential?: string }
   | { type: 'disconnect'; node: NodeRef; code: number; at: number }
   | { type: 'auth_fail'; code: string; role: string | null; at: number }
   | {
@@ -33,6 +34,9 @@ export type RelayEvent =
   | { type: 'ban'; node: NodeRef; by: string; at: number }
   | { type: 'unban'; node: NodeRef; by: string; at: number }
   | { type: 'health'; node: NodeRef; valid: boolean; at: number }
+  /** `dropped`: messages that were queued for it. */
+  | { type: 'identity_removed'; node: NodeRef; by: string; reason: 'deleted' | 'forgotten' | 'ephemeral'; dropped: number; at: number }
+  | { type: 'key_rotated'; node: NodeRef; by: string; at: number }
   | { type: 'frame_error'; code: string; at: number };
 
 export type RelayEventType = RelayEvent['type'];

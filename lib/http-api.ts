@@ -187,6 +187,11 @@ export class HttpApi {
     }
     const banMatch = /^\/employees\/([^/]+)\/ban$/.exec(path);
     if (banMatch) return this.ban(req, res, url, method, decodeURIComponent(banMatch[1]!));
+    const identityMatch = /^\/identities\/([^/]+)(\/rotate-key)?$/.exec(path);
+    if (identityMatch) {
+      const id = decodeURIComponent(identityMatch[1]!);
+      return identityMatch[2] ? this.rotateKey(req, res, url, method, id) : this.deleteIdentity(req, res, url, method, id);
+    }
 
     const reads: Record<string, () => unknown> = {
       '/employees': () => ({ employees: listNodes(this.deps.identities, this.liveness, 'employee') }),
@@ -276,6 +281,28 @@ export class HttpApi {
       limit,
     });
     return { total, offset, limit, filters, rows: edges.map((edge) => communicationRow(edge, identities)), timestamp: Date.now() };
+  }
+
+  /** DELETE /identities/:id: answers once the removal is on disk. */
+  private async deleteIdentity(req: IncomingMessage, res: ServerResponse, url: URL, method: string, id: string): Promise<void> {
+    this.allow(method, ['DELETE']);
+    this.requireWriteAccess(req, url);
+    const result = this.deps.router.deleteIdentity(id, 'admin-http');
+    if (!result.ok) throw new HttpError(result.status, result.code, result.message);
+    await result.written;
+    const { identity } = result;
+    sendJson(res, 200, { id: identity.id, role: identity.role, name: identity.name, deleted: true, was_online: result.wasOnline, dropped_queued: result.droppedQueued });
+  }
+
+  /** POST /identities/:id/rotate-key: the new key is in this answer only, sent once its hash is on disk. */
+  private async rotateKey(req: IncomingMessage, res: ServerResponse, url: URL, method: string, id: string): Promise<void> {
+    this.allow(method, ['POST']);
+    this.requireWriteAccess(req, url);
+    const result = this.deps.router.rotateKey(id, 'admin-http');
+    if (!result.ok) throw new HttpError(result.status, result.code, result.message);
+    await result.written;
+    const { identity } = result;
+    sendJson(res, 200, { id: identity.id, role: identity.role, name: identity.name, key: result.key, was_online: result.wasOnline });
   }
 
   private async ban(req: IncomingMessage, res: ServerResponse, url: URL, method: string, id: string): Promise<void> {

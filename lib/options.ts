@@ -65,10 +65,17 @@ export interface RelayOptions {
   publicReads?: boolean;
   /** How often pruning and compaction run, ms. Default 10 minutes. */
   maintenanceIntervalMs?: number;
+
+  // ---- identity lifecycle and boss keys (see README "Admin API" and "Secrets") ----
+  /** Remove identities offline and not seen for this long, ms, checked at each maintenance run; 0 = keep them. Default 0. */
+  forgetOfflineAfterMs?: number;
+  /** File of named boss credentials (`name:key` or `name:sha256:<hex>` per line), accepted beside the authkey; read again on reload. */
+  bossKeysFile?: string;
 }
 
-export type ResolvedOptions = Required<Omit<RelayOptions, 'logger' | 'employeeKey'>> & {
+export type ResolvedOptions = Required<Omit<RelayOptions, 'logger' | 'employeeKey' | 'bossKeysFile'>> & {
   employeeKey: string | undefined;
+  bossKeysFile: string | undefined;
 };
 
 const MINUTE = 60_000;
@@ -100,6 +107,7 @@ export const DEFAULTS = {
   fsync: false,
   publicReads: false,
   maintenanceIntervalMs: 10 * MINUTE,
+  forgetOfflineAfterMs: 0,
 } as const;
 
 export function defaultDataDir(env: NodeJS.ProcessEnv = process.env): string {
@@ -173,6 +181,8 @@ export function resolveOptions(options: RelayOptions): ResolvedOptions {
     employeeKey: options.employeeKey === '' ? undefined : options.employeeKey,
     publicReads: options.publicReads ?? DEFAULTS.publicReads,
     maintenanceIntervalMs: ms('maintenanceIntervalMs', options.maintenanceIntervalMs, DEFAULTS.maintenanceIntervalMs, 1000),
+    forgetOfflineAfterMs: ms('forgetOfflineAfterMs', options.forgetOfflineAfterMs, DEFAULTS.forgetOfflineAfterMs),
+    bossKeysFile: options.bossKeysFile ? path.resolve(options.bossKeysFile) : undefined,
   };
   return resolved;
 }

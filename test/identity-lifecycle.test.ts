@@ -10,7 +10,18 @@ import { parseCommandLine, UsageError } from '../lib/cli-args';
 import { resolveOptions } from '../lib/options';
 import { CLOSE_CODES } from '../lib/protocol';
 import { eventually } from './fault-support';
-import { authBoss, authEmployee, http, reconnect, startTestRelay, TEST_AUTHKEY, type RelayEndpoint } from './support';
+
+/** The socket's close code; fails instead of hanging when the relay does not close it. */
+async function closeCode(socket: TestSocket, timeoutMs = 10_000): Promise<number> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new Error(`socket not closed within ${timeoutMs} ms`)), timeoutMs)));
+  try {
+    return (await Promise.race([socket.closed, timeout])).code;
+  } finally {
+    clearTimeout(timer);
+  }
+}
+import { authBoss, authEmployee, http, reconnect, startTestRelay, TEST_AUTHKEY, type RelayEndpoint, type TestSocket } from './support';
 
 const CLI = path.join(__dirname, '..', 'cli.js');
 
@@ -64,14 +75,14 @@ describe('DELETE /api/identities/:id', () => {
       const back = await reconnect(env.relay, worker, 'employee');
       assert.equal(back.ok.type, 'error');
       assert.equal(back.ok.code, 'identity_not_found');
-      await back.socket.closed;
+      await closeCode(back.socket);
 
       await boss.socket.close();
       env = await env.restart();
       assert.ok(!(await connectionIds(env.relay)).includes(worker.id), 'the removal must be on disk');
       const afterRestart = await reconnect(env.relay, worker, 'employee');
       assert.equal(afterRestart.ok.code, 'identity_not_found');
-      await afterRestart.socket.closed;
+      await closeCode(afterRestart.socket);
       const metrics = await fetch(`${env.relay.httpUrl}/metrics`).then((r) => r.text());
       assert.match(metrics, /mimiclaw_queue_depth 0\b/, 'the dropped messages must not come back from queue.db');
     } finally {
@@ -90,13 +101,13 @@ describe('DELETE /api/identities/:id', () => {
       const notice = await worker.socket.next('system');
       assert.equal(notice.event, 'identity_deleted');
       assert.equal(notice.by, 'admin-http');
-      const closed = await worker.socket.closed;
-      assert.equal(closed.code, CLOSE_CODES.identityDeleted);
-      assert.equal(closed.code, 4010);
+      const code = await closeCode(worker.socket);
+      assert.equal(code, CLOSE_CODES.identityDeleted);
+      assert.equal(code, 4010);
       assert.ok(!(await connectionIds(env.relay)).includes(worker.id));
       const back = await reconnect(env.relay, worker, 'employee');
       assert.equal(back.ok.code, 'identity_not_found');
-      await back.socket.closed;
+      await closeCode(back.socket);
     } finally {
       await env.dispose();
     }
@@ -128,7 +139,7 @@ describe('DELETE /api/identities/:id', () => {
       const answer = await http(env.relay, 'DELETE', route, { authkey: TEST_AUTHKEY });
       assert.equal(answer.status, 200);
       assert.equal(answer.body.role, 'boss');
-      assert.equal((await boss.socket.closed).code, 4010);
+      assert.equal(await closeCode(boss.socket), 4010);
       assert.deepEqual(await connectionIds(env.relay, 'boss'), []);
     } finally {
       await env.dispose();
@@ -152,13 +163,13 @@ describe('POST /api/identities/:id/rotate-key', () => {
 
       const notice = await worker.socket.next('system');
       assert.equal(notice.event, 'key_rotated');
-      assert.equal((await worker.socket.closed).code, CLOSE_CODES.credentialsChanged);
+      assert.equal(await closeCode(worker.socket), CLOSE_CODES.credentialsChanged);
       assert.equal(CLOSE_CODES.credentialsChanged, 4009);
 
       const old = await reconnect(env.relay, worker, 'employee');
       assert.equal(old.ok.type, 'error');
       assert.equal(old.ok.code, 'invalid_identity_key');
-      await old.socket.closed;
+      await closeCode(old.socket);
 
       const fresh = await reconnect(env.relay, { id: worker.id, key: newKey }, 'employee');
       assert.equal(fresh.ok.type, 'auth_ok');
@@ -169,7 +180,7 @@ describe('POST /api/identities/:id/rotate-key', () => {
       env = await env.restart();
       const stale = await reconnect(env.relay, worker, 'employee');
       assert.equal(stale.ok.code, 'invalid_identity_key', 'the old key must stay refused after a restart');
-      await stale.socket.closed;
+      await closeCode(stale.socket);
       const kept = await reconnect(env.relay, { id: worker.id, key: newKey }, 'employee');
       assert.equal(kept.ok.type, 'auth_ok', 'the new key must be on disk');
       await kept.socket.close();
@@ -207,7 +218,7 @@ describe('--forget-offline-after', () => {
       assert.ok((await connectionIds(env.relay)).includes(stays.id));
       const back = await reconnect(env.relay, gone, 'employee');
       assert.equal(back.ok.code, 'identity_not_found');
-      await back.socket.closed;
+      await closeCode(back.socket);
       await stays.socket.close();
     } finally {
       await env.dispose();
@@ -253,7 +264,7 @@ describe('mimiclaw-ws send without --identity-file', () => {
       const back = await reconnect(env.relay, boss, 'boss', { authkey: TEST_AUTHKEY, ephemeral: true });
       assert.equal(back.ok.type, 'error');
       assert.equal(back.ok.code, 'invalid_frame');
-      await back.socket.closed;
+      await closeCode(back.socket);
       await boss.socket.close();
     } finally {
       await env.dispose();

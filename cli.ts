@@ -1,12 +1,29 @@
 #!/usr/bin/env node
 // The `mimiclaw-ws` command: runs the relay until SIGINT/SIGTERM; SIGHUP rereads the boss keys
-// file. Startup problems end with one line on stderr that says what to do, and a non-zero exit.
+// file. Startup problems end with one line on stderr that names the cause and what to do, and a
+// non-zero exit at once. `node dist/server.js …` runs this same command.
 
+import { BossKeysError } from './lib/boss-keys';
 import { helpText, parseCommandLine, UsageError } from './lib/cli-args';
 import { runConnect, runSend } from './lib/cli-client';
 import { OptionsError } from './lib/options';
+import { DataDirError } from './lib/start-errors';
 import { packageVersion } from './lib/version';
 import { startRelay } from './server';
+
+/** A start that failed for a reason the operator can fix: printed as one line, exit 1. */
+class StartFailure extends Error {}
+
+function listenFailure(error: unknown, port: number, host: string | undefined): StartFailure | undefined {
+  const { code, syscall } = error as NodeJS.ErrnoException;
+  if (syscall !== 'listen' && syscall !== 'getaddrinfo' && syscall !== 'bind') return undefined;
+  if (code === 'EADDRINUSE') return new StartFailure(`Port ${port} is in use: stop the other process or pick another port (mimiclaw-ws <port> …).`);
+  if (code === 'EACCES' || code === 'EPERM') return new StartFailure(`Not allowed to listen on port ${port}: pick a port above 1023 or run with the needed rights.`);
+  if (code === 'EADDRNOTAVAIL' || code === 'ENOTFOUND' || code === 'EAI_AGAIN') {
+    return new StartFailure(`Cannot listen on host "${host ?? ''}": use an address of this machine, e.g. --host 127.0.0.1.`);
+  }
+  return undefined;
+}
 
 async function runRelay(argv: string[]): Promise<number> {
   const command = parseCommandLine(argv);
@@ -23,17 +40,8 @@ async function runRelay(argv: string[]): Promise<number> {
   try {
     relay = await startRelay(options);
   } catch (error) {
-    const code = (error as NodeJS.ErrnoException).code;
-    if (code === 'EADDRINUSE') {
-      throw new UsageError(`Port ${options.port ?? 8787} is in use: stop the other process or pick another port (mimiclaw-ws <port> …).`);
-    }
-    if (code === 'EACCES') {
-      throw new UsageError(`Not allowed to listen on port ${options.port ?? 8787}: pick a port above 1023 or run with the needed rights.`);
-    }
-    if (code === 'EADDRNOTAVAIL' || code === 'ENOTFOUND') {
-      throw new UsageError(`Cannot listen on host "${options.host ?? ''}": use an address of this machine, e.g. --host 127.0.0.1.`);
-    }
-    throw error;
+    if (error instanceof DataDirError || error instanceof BossKeysError) throw new StartFailure(error.message);
+    throw listenFailure(error, options.port ?? 8787, options.host) ?? error;
   }
   process.stdout.write(`mimiclaw-ws ${packageVersion()} ready: ${relay.url} ${relay.httpUrl} (data: ${relay.dataDir})\n`);
   await new Promise<void>((resolve) => {
@@ -65,10 +73,12 @@ main(process.argv.slice(2)).then(
   (error: unknown) => {
     if (error instanceof UsageError || error instanceof OptionsError) {
       process.stderr.write(`mimiclaw-ws: ${error.message}\n`);
-      process.exitCode = 2;
-      return;
+    } else if (error instanceof StartFailure) {
+      process.stderr.write(`mimiclaw-ws: ${error.message}\n`);
+    } else {
+      process.stderr.write(`mimiclaw-ws: failed to start: ${error instanceof Error ? error.message : String(error)}\n`);
     }
-    process.stderr.write(`mimiclaw-ws: failed to start: ${(error as Error).message}\n`);
-    process.exitCode = 1;
+    // A failed start ends now: nothing left behind (a timer, a half-open store) may keep it alive.
+    process.exit(error instanceof UsageError || error instanceof OptionsError ? 2 : 1);
   },
 );

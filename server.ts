@@ -20,10 +20,12 @@ import { MessageLog } from './lib/message-log';
 import { RelayMetrics } from './lib/metrics';
 import { resolveOptions, type RelayOptions, type ResolvedOptions } from './lib/options';
 import { Router } from './lib/router';
+import { assertNotDirectory, dataDirError } from './lib/start-errors';
 import { packageVersion } from './lib/version';
 import { WsGateway } from './lib/ws-gateway';
 
 export type { RelayOptions } from './lib/options';
+export { DataDirError } from './lib/start-errors';
 export type { RelayEvent } from './lib/events';
 export * from './lib/protocol';
 
@@ -66,7 +68,9 @@ async function openStores(options: ResolvedOptions, logger: Logger): Promise<Sto
   const file = (name: string) => path.join(options.dataDir, name);
   const compaction = options.maintenanceIntervalMs;
   const fileMode = options.fileMode;
-  const [identities, connectionLog, messageLog, queue] = await Promise.all([
+  // NeDB never settles on a datafile that is a directory: its read error escapes the promise.
+  await Promise.all(['identities.db', 'connections.db', 'messages.db', 'queue.db'].map((name) => assertNotDirectory(file(name))));
+  const opened = await Promise.allSettled([
     IdentityStore.open(file('identities.db'), logger, compaction, fileMode),
     ConnectionLog.open(file('connections.db'), logger, compaction, fileMode),
     MessageLog.open({
@@ -80,7 +84,13 @@ async function openStores(options: ResolvedOptions, logger: Logger): Promise<Sto
     }),
     DeliveryQueue.open(file('queue.db'), logger, { compactionIntervalMs: compaction, fsync: options.fsync, fileMode }),
   ]);
-  return { identities, connectionLog, messageLog, queue };
+  const [identities, connectionLog, messageLog, queue] = opened;
+  if (identities.status === 'fulfilled' && connectionLog.status === 'fulfilled' && messageLog.status === 'fulfilled' && queue.status === 'fulfilled') {
+    return { identities: identities.value, connectionLog: connectionLog.value, messageLog: messageLog.value, queue: queue.value };
+  }
+  // Close the stores that did open: their timers and handles would keep a failed process alive.
+  await Promise.allSettled(opened.map((store) => (store.status === 'fulfilled' ? store.value.close() : undefined)));
+  throw opened.find((store): store is PromiseRejectedResult => store.status === 'rejected')!.reason;
 }
 
 /**
@@ -113,11 +123,16 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
   const logger = relayOptions.logger ?? createLogger(options.logLevel);
   const startedAt = Date.now();
   const bossKeys = options.bossKeysFile === undefined ? null : await BossKeys.load(options.bossKeysFile, logger);
-  const stores = await openStores(options, logger);
+  const stores = await openStores(options, logger).catch(async (error: unknown) => {
+    throw await dataDirError(options.dataDir, error);
+  });
   const bus = new EventBus();
   if (logger.isEnabled('info')) bus.subscribe(logRelayEvents(logger));
   const dedupe = new DedupeCache(options.dedupeWindowMs, DEDUPE_MAX_ENTRIES);
-  await restoreDedupe(dedupe, stores.messageLog, stores.queue, options.dedupeWindowMs);
+  await restoreDedupe(dedupe, stores.messageLog, stores.queue, options.dedupeWindowMs).catch(async (error: unknown) => {
+    await closeStores(stores);
+    throw await dataDirError(options.dataDir, error);
+  });
   const router = new Router({ options, ...stores, dedupe, bus, logger, bossKeys });
   const gateway = new WsGateway(options, router, bus, logger);
   const eventStream = new EventStream({ bus });
@@ -231,3 +246,17 @@ function waitFor(condition: () => boolean, timeoutMs: number): Promise<void> {
     check();
   });
 }
+
+/**
+ * True when this file is the program (`node dist/server.js 8787 my-secret`), not a module some
+ * other code imported. In a bundle (the standalone executables) every file shares the bundle's
+ * `module`, so the program's exports must also be this file's own.
+ */
+function isProgram(): boolean {
+  const main = require.main;
+  return main !== undefined && main === module && (main.exports as { startRelay?: unknown }).startRelay === startRelay;
+}
+
+// Run as a program, behave as the mimiclaw-ws command. cli.js imports this module, which is
+// complete by now; the path is computed so bundlers do not pull cli.ts in a second time.
+if (isProgram()) require(path.join(__dirname, 'cli.js'));

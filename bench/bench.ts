@@ -1,14 +1,18 @@
 // npm run bench: the relay against a bare ws forwarder (the ceiling), same client, alternating,
 // medians of several rounds. Not a pass/fail test: it prints a table and optionally writes JSON.
 //
-//   node dist/bench/bench.js [--quick] [--rounds N] [--json FILE] [--only relay|ceiling]
-//     [--scenarios throughput,latency,fanout,idle,restart,admin] [--relay-args "--flag value"]
+//   node dist/bench/bench.js [--quick] [--rounds N] [--json FILE] [--only relay|ceiling|cluster]
+//     [--scenarios throughput,latency,fanout,idle,restart,admin,cluster] [--relay-args "--flag value"]
 //     [--profile DIR] [--max-minutes M]
+//
+// The cluster scenario (bench/cluster.ts) has its own table: the relay on one node, the relay over
+// two nodes on Redis, and Socket.IO with its Redis adapter over two nodes.
 
 import fs from 'node:fs';
 import path from 'node:path';
 import minimist from 'minimist';
 import { cleanupNow, installCleanupHandlers } from './cleanup';
+import { CLUSTER_PEERS, formatClusterTable, runClusterRounds, type ClusterPeer, type ClusterRun } from './cluster';
 import { profileAll, summariseMetrics } from './profiling';
 import { buildRows, formatTable, machineInfo, type RoundResults } from './report';
 import { SCENARIOS, type BenchConfig, type ScenarioName } from './scenarios';
@@ -51,6 +55,8 @@ interface Cli {
   json: string | undefined;
   kinds: ServerKind[];
   scenarios: ScenarioName[];
+  /** Run the cluster scenario, and with which peers. */
+  clusterPeers: ClusterPeer[];
   profileDir: string | undefined;
   maxMinutes: number;
 }
@@ -61,10 +67,15 @@ function parseCli(argv: string[]): Cli {
   const base = quick ? QUICK : FULL;
   const rounds = args.rounds !== undefined ? Number(args.rounds) : base.rounds;
   if (!Number.isInteger(rounds) || rounds < 1) throw new Error('--rounds must be a whole number >= 1');
-  const kinds: ServerKind[] = args.only === 'relay' ? ['relay'] : args.only === 'ceiling' ? ['ceiling'] : ['relay', 'ceiling'];
-  const known = SCENARIOS.map((s) => s.name);
-  const scenarios = (args.scenarios ? String(args.scenarios).split(',').filter(Boolean) : known) as ScenarioName[];
-  for (const name of scenarios) if (!known.includes(name)) throw new Error(`unknown scenario "${name}"; known: ${known.join(', ')}`);
+  const only = args.only === undefined ? undefined : String(args.only);
+  if (only !== undefined && !['relay', 'ceiling', 'cluster'].includes(only)) throw new Error(`--only must be relay, ceiling or cluster, got "${only}"`);
+  const kinds: ServerKind[] = only === 'relay' ? ['relay'] : only === 'ceiling' ? ['ceiling'] : ['relay', 'ceiling'];
+  const known: string[] = [...SCENARIOS.map((s) => s.name), 'cluster'];
+  const asked = args.scenarios ? String(args.scenarios).split(',').filter(Boolean) : only === 'cluster' ? ['cluster'] : known;
+  for (const name of asked) if (!known.includes(name)) throw new Error(`unknown scenario "${name}"; known: ${known.join(', ')}`);
+  const scenarios = asked.filter((name): name is ScenarioName => name !== 'cluster');
+  // The ceiling has no cluster form; --only relay keeps the relay's two columns.
+  const clusterPeers: ClusterPeer[] = !asked.includes('cluster') || only === 'ceiling' ? [] : only === 'relay' ? ['relay-1', 'relay-2'] : CLUSTER_PEERS.map((p) => p.peer);
   const relayArgs = args['relay-args'] ? String(args['relay-args']).split(/\s+/).filter(Boolean) : [];
   return {
     config: { ...base, rounds, relayArgs, serverNodeArgs: [], heapSnapshotAfterThroughput: false },
@@ -72,6 +83,7 @@ function parseCli(argv: string[]): Cli {
     json: args.json ? String(args.json) : undefined,
     kinds,
     scenarios,
+    clusterPeers,
     profileDir: args.profile ? path.resolve(String(args.profile)) : undefined,
     maxMinutes: args['max-minutes'] !== undefined ? Number(args['max-minutes']) : quick ? 5 : 20,
   };
@@ -117,6 +129,7 @@ function describeConfig(config: BenchConfig): string {
     `idle N=${config.idleConnections.toLocaleString('en-US')} employees`,
     `restart N=${config.restartMessages.toLocaleString('en-US')} messages`,
     `admin N=${config.adminEmployees.toLocaleString('en-US')} employees x ${config.adminRequests} requests`,
+    `cluster: the throughput, latency and fan-out counts above, fan-out employees alternating over the nodes`,
   ].join('; ');
 }
 
@@ -137,13 +150,19 @@ async function main(): Promise<void> {
   const machine = machineInfo();
   process.stderr.write(`bench: ${describeConfig(cli.config)}\n`);
   const { results, errors } = await runRounds(cli);
+  let cluster: ClusterRun | undefined;
+  if (cli.clusterPeers.length > 0) {
+    if (!fs.existsSync(path.join(__dirname, '..', 'cli.js'))) cli.clusterPeers = cli.clusterPeers.filter((p) => p === 'socketio-2');
+    cluster = await runClusterRounds(cli.config, cli.clusterPeers, summariseMetrics);
+    errors.push(...cluster.errors);
+  }
   const rows = buildRows(results);
   const out = [
     `machine: ${machine.cpu}, ${machine.cores} cores, ${machine.memoryGb} GB, node ${machine.node}, ${machine.kernel}; load average ${machine.loadAverage} at start`,
     `config: ${describeConfig(cli.config)}`,
     '',
-    formatTable(rows),
-    '',
+    ...(cli.scenarios.length ? [formatTable(rows), ''] : []),
+    ...(cluster ? [formatClusterTable(cluster.results), ''] : []),
     ...(errors.length ? ['errors:', ...errors.map((e) => e.split('\n').slice(0, 8).map((l) => `  ${l}`).join('\n')), ''] : []),
     `took ${((Date.now() - startedAt) / 1000).toFixed(0)} s`,
   ];
@@ -151,7 +170,7 @@ async function main(): Promise<void> {
   const profile = cli.profileDir ? await profileAll(cli.config, cli.kinds, cli.profileDir) : undefined;
   if (profile) process.stdout.write(`\n${profile}\n`);
   if (cli.json) {
-    const report = { machine, config: cli.config, startedAt: new Date(startedAt).toISOString(), rows, rounds: results, errors, profile };
+    const report = { machine, config: cli.config, startedAt: new Date(startedAt).toISOString(), rows, rounds: results, cluster: cluster?.results, errors, profile };
     fs.writeFileSync(cli.json, JSON.stringify(report, null, 2) + '\n');
     process.stderr.write(`bench: wrote ${cli.json}\n`);
   }

@@ -52,8 +52,13 @@ export function connectAndAuth(url: string, role: 'boss' | 'employee', name = 'b
 
 const RETRYABLE = new Set(['auth_throttled', 'server_full']);
 
-/** Authenticates `count` employees with at most `concurrency` handshakes in flight. */
-export async function connectEmployees(url: string, count: number, concurrency = 100): Promise<AuthedSocket[]> {
+/**
+ * Authenticates `count` employees with at most `concurrency` handshakes in flight; given several
+ * URLs (the nodes of a cluster), employee i connects to urls[i % urls.length].
+ */
+export async function connectEmployees(urls: string | string[], count: number, concurrency = 100): Promise<AuthedSocket[]> {
+  const list = typeof urls === 'string' ? [urls] : urls;
+  if (list.length === 0) throw new Error('connectEmployees needs at least one URL');
   const sockets: AuthedSocket[] = [];
   let next = 0;
   let retries = 0;
@@ -62,7 +67,7 @@ export async function connectEmployees(url: string, count: number, concurrency =
       const index = next++;
       for (let attempt = 0; ; attempt++) {
         try {
-          sockets.push(await connectAndAuth(url, 'employee', `bench-employee-${index}`));
+          sockets.push(await connectAndAuth(list[index % list.length]!, 'employee', `bench-employee-${index}`));
           break;
         } catch (error) {
           const retryable = error instanceof AuthRefused && RETRYABLE.has(error.code);

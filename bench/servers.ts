@@ -9,6 +9,8 @@ import { makeTempDir, removeTempDir, trackChild } from './cleanup';
 import { freePort, nowMs, sleep } from './proc';
 
 export type ServerKind = 'relay' | 'ceiling';
+/** Also the Socket.IO peer of the cluster scenario (bench/socketio-node.ts), which needs a Redis URL. */
+export type ProcessKind = ServerKind | 'socketio';
 
 export const BENCH_AUTHKEY = 'bench-secret';
 
@@ -19,11 +21,13 @@ export interface ServerOptions {
   nodeArgs?: string[];
   /** Extra relay flags (ignored for the ceiling). */
   relayArgs?: string[];
+  /** Redis URL for the Socket.IO peer. */
+  redisUrl?: string;
   readyTimeoutMs?: number;
 }
 
 export interface ServerProcess {
-  kind: ServerKind;
+  kind: ProcessKind;
   pid: number;
   port: number;
   url: string;
@@ -38,8 +42,12 @@ export interface ServerProcess {
 
 const DIST_ROOT = path.resolve(__dirname, '..');
 
-function commandFor(kind: ServerKind, port: number, dataDir: string, options: ServerOptions): string[] {
+function commandFor(kind: ProcessKind, port: number, dataDir: string, options: ServerOptions): string[] {
   const node = options.nodeArgs ?? [];
+  if (kind === 'socketio') {
+    if (!options.redisUrl) throw new Error('the socket.io peer needs a redisUrl');
+    return [...node, path.join(DIST_ROOT, 'bench', 'socketio-node.js'), String(port), BENCH_AUTHKEY, options.redisUrl];
+  }
   if (kind === 'ceiling') {
     return [...node, path.join(DIST_ROOT, 'bench', 'bare-forwarder.js'), String(port), BENCH_AUTHKEY];
   }
@@ -89,7 +97,7 @@ async function waitReady(child: ChildProcess, port: number, startedAt: number, t
   throw new Error(`server did not answer /health within ${timeoutMs} ms:\n${log()}`);
 }
 
-export async function startServer(kind: ServerKind, options: ServerOptions = {}): Promise<ServerProcess> {
+export async function startServer(kind: ProcessKind, options: ServerOptions = {}): Promise<ServerProcess> {
   const ownDir = options.dataDir === undefined;
   const dataDir = options.dataDir ?? makeTempDir(`mimiclaw-bench-${kind}-`);
   const port = await freePort();

@@ -9,7 +9,8 @@ import { percentile } from './stats';
 type Frame = Record<string, unknown> & { type: string };
 
 /** A payload of about 150 bytes, like a small task description. */
-const PAYLOAD = JSON.stringify({ task: 'summarise', priority: 2, body: 'x'.repeat(100) });
+export const PAYLOAD_VALUE = { task: 'summarise', priority: 2, body: 'x'.repeat(100) };
+const PAYLOAD = JSON.stringify(PAYLOAD_VALUE);
 
 function parse(data: unknown): Frame {
   return JSON.parse(String(data)) as Frame;
@@ -25,10 +26,13 @@ export interface ThroughputResult {
   clientCpuUsPerMsg: number;
 }
 
-/** One boss -> one employee, `inFlight` messages outstanding by delivery_ack. */
-export async function runThroughput(url: string, messages: number, inFlight: number, timeoutMs: number): Promise<ThroughputResult> {
+/**
+ * One boss -> one employee, `inFlight` messages outstanding by delivery_ack. The employee
+ * connects to `employeeUrl` (another node of a cluster) when given.
+ */
+export async function runThroughput(url: string, messages: number, inFlight: number, timeoutMs: number, employeeUrl = url): Promise<ThroughputResult> {
   const boss = await connectAndAuth(url, 'boss');
-  const employee = await connectAndAuth(url, 'employee', 'bench-throughput');
+  const employee = await connectAndAuth(employeeUrl, 'employee', 'bench-throughput');
   const msgIdPrefix = `t${randomBytes(4).toString('hex')}-`;
   const head = `{"type":"message","to":${JSON.stringify(employee.id)},"payload":${PAYLOAD},"msg_id":"${msgIdPrefix}`;
   const sentAt = new Float64Array(messages);
@@ -97,9 +101,9 @@ export interface LatencyResult {
  * `warmup` messages, two windows of `messages` each: the first shows a freshly started server
  * (JIT still compiling its code), the second the steady state.
  */
-export async function runLatency(url: string, messages: number, warmup: number, timeoutMs: number): Promise<LatencyResult> {
+export async function runLatency(url: string, messages: number, warmup: number, timeoutMs: number, employeeUrl = url): Promise<LatencyResult> {
   const boss = await connectAndAuth(url, 'boss');
-  const employee = await connectAndAuth(url, 'employee', 'bench-latency');
+  const employee = await connectAndAuth(employeeUrl, 'employee', 'bench-latency');
   const head = `{"type":"message","to":${JSON.stringify(employee.id)},"payload":${PAYLOAD},"msg_id":"l${randomBytes(4).toString('hex')}-`;
   const total = warmup + 2 * messages;
   const latency = new Float64Array(2 * messages);
@@ -152,12 +156,15 @@ export interface FanoutResult {
   timeToAllMs: number;
 }
 
-/** Sequential broadcasts to `employees` connected employees; each waits for all receipts and the ack. */
-export async function runFanout(url: string, employees: number, broadcasts: number, warmup: number, timeoutMs: number): Promise<FanoutResult> {
+/**
+ * Sequential broadcasts to `employees` connected employees; each waits for all receipts and the
+ * ack. The employees connect to `employeeUrls` in turn (the nodes of a cluster) when given.
+ */
+export async function runFanout(url: string, employees: number, broadcasts: number, warmup: number, timeoutMs: number, employeeUrls = [url]): Promise<FanoutResult> {
   let receivers: AuthedSocket[] = [];
   let boss: AuthedSocket | undefined;
   try {
-    receivers = await connectEmployees(url, employees);
+    receivers = await connectEmployees(employeeUrls, employees);
     boss = await connectAndAuth(url, 'boss');
     const times = await withTimeout(broadcastRounds(boss, receivers, broadcasts + warmup), timeoutMs, 'fan-out run');
     const measured = times.slice(warmup);

@@ -1,9 +1,8 @@
 // `mimiclaw-ws [port] [authkey] [data-dir] [--flags]` → RelayOptions, or a usage error that
 // says what to fix. Kept apart from cli.ts so it is tested without spawning processes.
 
-import minimist from 'minimist';
 import { isLogLevel, LOG_LEVELS } from './logger';
-import { defaultDataDir, parseDuration, type RelayOptions } from './options';
+import { defaultDataDir, OptionsError, parseDuration, resolveOptions, type RelayOptions } from './options';
 
 export class UsageError extends Error {}
 
@@ -25,7 +24,7 @@ const FLAGS: Record<string, { kind: Kind; option: keyof RelayOptions; help: stri
   'max-queue-ttl': { kind: 'duration', option: 'maxQueueTtlMs', help: 'longest a queued message waits (default 7d)' },
   'max-queued': { kind: 'count', option: 'maxQueuedPerTarget', help: 'most queued messages per target (default 10000)' },
   'dedupe-window': { kind: 'duration', option: 'dedupeWindowMs', help: 'repeated msg_id window (default 10m; 0 = off)' },
-  'max-payload': { kind: 'bytes', option: 'maxPayloadBytes', help: 'largest frame (default 1MiB)' },
+  'max-payload': { kind: 'bytes', option: 'maxPayloadBytes', help: 'largest frame (default 1MiB, at most 64MiB)' },
   'rate-limit': { kind: 'count', option: 'rateLimit', help: 'frames per second per connection (default 0 = off)' },
   'max-targets': { kind: 'count', option: 'maxTargets', help: 'most ids in one "to" array (default 1000)' },
   'max-connections': { kind: 'count', option: 'maxConnections', help: 'most authenticated connections (default 20000)' },
@@ -53,61 +52,143 @@ function parseBytes(text: string): number | undefined {
   return match && unit !== undefined ? Math.round(Number(match[1]) * unit) : undefined;
 }
 
-function parsePort(text: string): number {
+function parsePort(text: string, flag = false): number {
   const port = Number(text);
   if (!/^\d+$/.test(text) || port < 0 || port > 65535) {
-    throw new UsageError(`Port must be a number from 0 to 65535, got "${text}": e.g. mimiclaw-ws 8787 <authkey>.`);
+    throw new UsageError(`${flag ? '--port' : 'Port'} must be a number from 0 to 65535, got "${text}": e.g. mimiclaw-ws 8787 <authkey>.`);
   }
   return port;
 }
 
-function convert(name: string, kind: Kind, raw: unknown): string | number | boolean {
-  if (kind === 'boolean') {
-    if (typeof raw === 'boolean') return raw;
-    throw new UsageError(`--${name} is a switch and takes no value.`);
-  }
-  if (raw === true || raw === '' || raw === undefined) {
-    throw new UsageError(`--${name} needs a value, e.g. --${name} ${kind === 'duration' ? '30s' : kind === 'bytes' ? '1MiB' : kind === 'mode' ? '600' : '10'}.`);
-  }
-  const text = String(raw);
+const EXAMPLES: Record<Exclude<Kind, 'boolean'>, string> = {
+  duration: 'a duration like 500ms, 15s, 10m, 2h or 30d (a bare number is seconds)',
+  bytes: 'a size like 65536, 512KiB or 1MiB',
+  count: 'a whole number like 10',
+  mode: 'an octal mode such as 600 or 640',
+  string: 'a value',
+};
+
+function convert(name: string, kind: Exclude<Kind, 'boolean'>, text: string): string | number {
   if (kind === 'string') return text;
   if (kind === 'mode') {
-    if (!/^(0o?)?[0-7]{3}$/i.test(text)) throw new UsageError(`--${name} must be an octal mode such as 600 or 640, got "${text}".`);
+    if (!/^(0o?)?[0-7]{3}$/i.test(text)) throw new UsageError(`--${name} must be ${EXAMPLES.mode}; got "${text}".`);
     return parseInt(text.slice(-3), 8);
   }
-  if (name === 'port') return parsePort(text);
+  if (name === 'port') return parsePort(text, true);
   const value = kind === 'duration' ? parseDuration(text) : kind === 'bytes' ? parseBytes(text) : /^\d+$/.test(text) ? Number(text) : undefined;
-  if (value === undefined) {
-    const example = kind === 'duration' ? '500ms, 15s, 10m, 2h or 30d (a bare number is seconds)' : kind === 'bytes' ? '65536, 512KiB or 1MiB' : 'a whole number';
-    throw new UsageError(`--${name} must be ${example}, got "${text}".`);
-  }
+  if (value === undefined) throw new UsageError(`--${name} must be ${EXAMPLES[kind]}; got "${text}".`);
+  if (!Number.isSafeInteger(value)) throw new UsageError(`--${name} is too large; got "${text}".`);
   return value;
 }
 
+function formatBytes(bytes: number): string {
+  for (const [unit, size] of [['GiB', 1024 ** 3], ['MiB', 1024 ** 2], ['KiB', 1024]] as const) {
+    if (bytes >= size && bytes % size === 0) return `${bytes / size}${unit}`;
+  }
+  return String(bytes);
+}
+
+function formatDuration(ms: number): string {
+  for (const [unit, size] of [['d', 86_400_000], ['h', 3_600_000], ['m', 60_000], ['s', 1000]] as const) {
+    if (ms >= size && ms % size === 0) return `${ms / size}${unit}`;
+  }
+  return ms >= 86_400_000 ? `${Math.floor(ms / 86_400_000)}d` : `${ms}ms`;
+}
+
+/** The range check of resolveOptions, told in the flag's own name and units. */
+function flagRangeError(error: OptionsError, given: Map<string, string>): UsageError | undefined {
+  const entry = Object.entries(FLAGS).find(([, spec]) => spec.option === error.option);
+  if (!entry) return undefined;
+  const [name, spec] = entry;
+  const typed = given.get(name) ?? '';
+  if (name === 'ws-path') return new UsageError(`--ws-path must be a path starting with "/" (no spaces, ? or #), like /ws; got "${typed}".`);
+  if (!error.range || spec.kind === 'boolean' || spec.kind === 'string' || spec.kind === 'mode') {
+    return new UsageError(error.message.replace(`${spec.option} must`, `--${name} must`).replace(/, got ([^.;]+)\.$/, `; got "${typed}".`));
+  }
+  const show = spec.kind === 'bytes' ? formatBytes : spec.kind === 'duration' ? formatDuration : String;
+  const { min, max } = error.range;
+  const range = max >= Number.MAX_SAFE_INTEGER ? `at least ${show(min)}` : `from ${show(min)} to ${show(max)}`;
+  return new UsageError(`--${name} must be ${range}${spec.kind === 'count' ? '' : `, ${EXAMPLES[spec.kind]}`}; got "${typed}".`);
+}
+
+/** Flags by name, `--name value` or `--name=value`; `--` ends them. Any "-<digit>…" is a value. */
+function splitArgs(argv: string[]): { flags: Map<string, string | boolean>; positional: string[]; help: boolean; version: boolean } {
+  const flags = new Map<string, string | boolean>();
+  const positional: string[] = [];
+  let help = false;
+  let version = false;
+  for (let i = 0; i < argv.length; i++) {
+    const arg = argv[i]!;
+    if (arg === '--') {
+      positional.push(...argv.slice(i + 1));
+      break;
+    }
+    if (arg === '--help' || arg === '-h') {
+      help = true;
+      continue;
+    }
+    if (arg === '--version' || arg === '-v') {
+      version = true;
+      continue;
+    }
+    if (!arg.startsWith('-') || /^-\d/.test(arg) || arg === '-') {
+      positional.push(arg);
+      continue;
+    }
+    const match = /^--(no-)?([^=]+)(?:=(.*))?$/s.exec(arg);
+    const spec = match && Object.hasOwn(FLAGS, match[2]!) ? FLAGS[match[2]!] : undefined;
+    if (!match || !spec) throw new UsageError(`Unknown option ${arg.split('=')[0]}: run mimiclaw-ws --help for the list.`);
+    const [, negated, name, inline] = match as unknown as [string, string | undefined, string, string | undefined];
+    if (flags.has(name)) throw new UsageError(`--${name} is given more than once: give it once.`);
+    if (spec.kind === 'boolean') {
+      if (negated !== undefined && inline !== undefined) throw new UsageError(`--no-${name} takes no value; got "${arg}".`);
+      if (inline !== undefined && inline !== 'true' && inline !== 'false') {
+        throw new UsageError(`--${name} is a switch: give --${name} (on) or --${name}=false (off); got "${arg}".`);
+      }
+      flags.set(name, negated === undefined && inline !== 'false');
+      continue;
+    }
+    if (negated !== undefined) throw new UsageError(`Unknown option --no-${name}: --${name} is not a switch; run mimiclaw-ws --help for the list.`);
+    const value = inline ?? argv[i + 1];
+    if (value === undefined || value === '' || (inline === undefined && value.startsWith('--'))) {
+      const example = spec.kind === 'duration' ? '30s' : spec.kind === 'bytes' ? '1MiB' : spec.kind === 'count' ? '10' : spec.kind === 'mode' ? '600' : '<text>';
+      throw new UsageError(`--${name} needs a value${spec.kind === 'string' ? '' : `, ${EXAMPLES[spec.kind]}`}, e.g. --${name} ${example}.`);
+    }
+    if (inline === undefined) i++;
+    flags.set(name, value);
+  }
+  return { flags, positional, help, version };
+}
+
 export function parseCommandLine(argv: string[], env: NodeJS.ProcessEnv = process.env): ParsedCommand {
-  const booleans = Object.keys(FLAGS).filter((name) => FLAGS[name]!.kind === 'boolean');
-  const args = minimist(argv, {
-    boolean: [...booleans, 'help', 'version'],
-    string: Object.keys(FLAGS).filter((name) => FLAGS[name]!.kind !== 'boolean'),
-    alias: { h: 'help', v: 'version' },
-    unknown: (arg) => {
-      if (arg.startsWith('-')) throw new UsageError(`Unknown option ${arg.split('=')[0]}: run mimiclaw-ws --help for the list.`);
-      return true;
-    },
-  });
-  if (args.help) return { kind: 'help' };
-  if (args.version) return { kind: 'version' };
-  const positional = args._.map(String);
+  const { flags, positional, help, version } = splitArgs(argv);
+  if (help) return { kind: 'help' };
+  if (version) return { kind: 'version' };
   if (positional.length > 3) throw new UsageError(`Too many arguments: mimiclaw-ws [port] [authkey] [data-dir], got ${positional.length}.`);
   const options: Record<string, unknown> = {};
-  for (const [name, spec] of Object.entries(FLAGS)) {
-    if (args[name] === undefined || (spec.kind === 'boolean' && args[name] === false && !argv.some((a) => a.startsWith(`--${name}`)))) continue;
-    options[spec.option] = convert(name, spec.kind, args[name]);
+  const typed = new Map<string, string>();
+  for (const [name, value] of flags) {
+    const spec = FLAGS[name]!;
+    typed.set(name, String(value));
+    options[spec.option] = spec.kind === 'boolean' ? value : convert(name, spec.kind, String(value));
   }
   const [port, authkey, dataDir] = positional;
-  if (port !== undefined && options.port === undefined) options.port = parsePort(port);
-  if (authkey !== undefined && options.authkey === undefined) options.authkey = authkey;
-  if (dataDir !== undefined && options.dataDir === undefined) options.dataDir = dataDir;
+  const twice = (what: string, flag: string, value: string) => {
+    throw new UsageError(`The ${what} is given twice, as an argument ("${value}") and as --${flag}: give it once.`);
+  };
+  if (port !== undefined) {
+    if (flags.has('port')) twice('port', 'port', port);
+    options.port = parsePort(port);
+    typed.set('port', port);
+  }
+  if (authkey !== undefined) {
+    if (flags.has('authkey')) twice('authkey', 'authkey', '…');
+    options.authkey = authkey;
+  }
+  if (dataDir !== undefined) {
+    if (flags.has('data-dir')) twice('data dir', 'data-dir', dataDir);
+    options.dataDir = dataDir;
+  }
   options.authkey ??= env.MIMICLAW_AUTHKEY;
   options.employeeKey ??= env.MIMICLAW_EMPLOYEE_KEY;
   options.dataDir ??= defaultDataDir(env);
@@ -115,9 +196,17 @@ export function parseCommandLine(argv: string[], env: NodeJS.ProcessEnv = proces
     throw new UsageError('No authkey: pass it as the second argument (mimiclaw-ws 8787 <authkey>), with --authkey <key>, or in env MIMICLAW_AUTHKEY.');
   }
   if (options.logLevel !== undefined && !isLogLevel(options.logLevel)) {
-    throw new UsageError(`--log-level must be one of ${LOG_LEVELS.join(', ')}, got "${String(options.logLevel)}".`);
+    throw new UsageError(`--log-level must be one of ${LOG_LEVELS.join(', ')}; got "${String(options.logLevel)}".`);
   }
-  return { kind: 'run', options: options as unknown as RelayOptions };
+  const relayOptions = options as unknown as RelayOptions;
+  // Check every value now, so a bad one is told in the flag's name, not the option's.
+  try {
+    resolveOptions(relayOptions);
+  } catch (error) {
+    if (error instanceof OptionsError) throw flagRangeError(error, typed) ?? error;
+    throw error;
+  }
+  return { kind: 'run', options: relayOptions };
 }
 
 export function helpText(version: string): string {
@@ -140,6 +229,7 @@ export function helpText(version: string): string {
     `  --${'version'.padEnd(width)} print the version`,
     '',
     'Durations: 500ms, 15s, 10m, 2h, 30d (a bare number is seconds). Sizes: 65536, 512KiB, 1MiB.',
+    'Switches: --fsync, --fsync=false or --no-fsync. -- ends the options.',
     '',
   ].join('\n');
 }

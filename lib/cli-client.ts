@@ -20,8 +20,10 @@ Every frame from the relay is printed on stdout as one JSON line (heartbeat pong
 Every JSON line on stdin is sent as a message: {"to":"employee-…"|"tag:x"|"*","payload":…,
 "msg_id":"optional","queue":true,"ttl_ms":60000}. A bad line gets a JSON error line on stderr
 and the rest go on; status changes and errors are JSON lines on stderr too.
-At end of input it waits for the acks of what it sent, then exits 0; sends still without an
-ack after --drain-timeout are reported on stderr and it exits 1. SIGINT/SIGTERM exit 0 at once.
+A boss ends at end of input: it waits for the acks of what it sent, then exits 0; sends still
+without an ack after --drain-timeout are reported on stderr and it exits 1. An employee stays
+connected after end of input (or with no input at all, as a service) until SIGINT/SIGTERM.
+SIGINT/SIGTERM exit 0 at once.
 Exit 1 when the relay refuses the auth for good (wrong authkey, banned, unknown identity…),
 2 on bad arguments.
 
@@ -30,7 +32,7 @@ Exit 1 when the relay refuses the auth for good (wrong authkey, banned, unknown 
   --name N, --tags a,b    an employee's registration (not needed with a saved identity)
   --employee-key K        registration key of a relay started with --employee-key
   --identity-file F       keep the identity in F (JSON, mode 0600) and reuse it next time
-  --keep-open             do not exit at end of input; only on SIGINT/SIGTERM
+  --keep-open             a boss too stays connected after end of input, until SIGINT/SIGTERM
   --drain-timeout 10s     longest wait for acks at end of input
 `;
 
@@ -214,7 +216,10 @@ interface ConnectCommand {
 function parseConnect(argv: string[]): ConnectCommand | 'help' {
   const { url, args } = parseArgs(argv, ['drain-timeout'], ['keep-open']);
   if (args.help) return 'help';
-  return { client: clientOptions(url, args), keepOpen: Boolean(args['keep-open']), drainTimeoutMs: duration(args, 'drain-timeout', 10_000) };
+  const client = clientOptions(url, args);
+  // An employee is a worker: it waits for work whether or not it has anything to say.
+  const keepOpen = Boolean(args['keep-open']) || client.role === 'employee';
+  return { client, keepOpen, drainTimeoutMs: duration(args, 'drain-timeout', 10_000) };
 }
 
 /** Sends a connect session keeps in hand before it stops reading stdin. */

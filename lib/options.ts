@@ -116,15 +116,25 @@ export function defaultDataDir(env: NodeJS.ProcessEnv = process.env): string {
 }
 
 export class OptionsError extends Error {
-  constructor(message: string) {
+  constructor(
+    message: string,
+    /** The option at fault, and the range it must be in, so the command can name its own flag. */
+    readonly option?: keyof RelayOptions,
+    readonly range?: { min: number; max: number },
+  ) {
     super(message);
     this.name = 'OptionsError';
   }
 }
 
-function wholeNumber(name: string, value: number, min: number, max = Number.MAX_SAFE_INTEGER): number {
+/** Timers cannot wait longer (Node fires a longer one after 1 ms). */
+export const MAX_TIMER_MS = 2 ** 31 - 1;
+/** A frame is read whole and decoded as one string; V8's strings stop at about 512 MiB. */
+export const MAX_PAYLOAD_BYTES = 64 * 1024 * 1024;
+
+function wholeNumber(name: keyof RelayOptions, value: number, min: number, max = Number.MAX_SAFE_INTEGER): number {
   if (!Number.isInteger(value) || value < min || value > max) {
-    throw new OptionsError(`${name} must be a whole number from ${min} to ${max}, got ${String(value)}.`);
+    throw new OptionsError(`${name} must be a whole number from ${min} to ${max}, got ${String(value)}.`, name, { min, max });
   }
   return value;
 }
@@ -133,10 +143,10 @@ function wholeNumber(name: string, value: number, min: number, max = Number.MAX_
 function fileModeOption(value: number | undefined): number {
   const mode = value ?? DEFAULTS.fileMode;
   if (!Number.isInteger(mode) || mode < 0 || mode > 0o777) {
-    throw new OptionsError(`fileMode must be permission bits such as 0o600 or 0o640 (--file-mode 640), got ${String(value)}.`);
+    throw new OptionsError(`fileMode must be permission bits such as 0o600 or 0o640 (--file-mode 640), got ${String(value)}.`, 'fileMode');
   }
   if ((mode & 0o600) !== 0o600) {
-    throw new OptionsError(`fileMode must give the owner read and write (the relay rewrites its files), e.g. 0o600 or 0o640; got 0o${mode.toString(8)}.`);
+    throw new OptionsError(`fileMode must give the owner read and write (the relay rewrites its files), e.g. 0o600 or 0o640; got 0o${mode.toString(8)}.`, 'fileMode');
   }
   return mode;
 }
@@ -148,10 +158,10 @@ export function resolveOptions(options: RelayOptions): ResolvedOptions {
   }
   const wsPath = options.wsPath ?? DEFAULTS.wsPath;
   if (!wsPath.startsWith('/') || /[?#\s]/.test(wsPath)) {
-    throw new OptionsError(`wsPath must be a path starting with "/", got "${wsPath}".`);
+    throw new OptionsError(`wsPath must be a path starting with "/", got "${wsPath}".`, 'wsPath');
   }
-  const ms = (name: string, value: number | undefined, fallback: number, min = 0) =>
-    wholeNumber(name, value ?? fallback, min);
+  const ms = (name: keyof RelayOptions, value: number | undefined, fallback: number, min = 0, max?: number) =>
+    wholeNumber(name, value ?? fallback, min, max);
   const resolved: ResolvedOptions = {
     port: wholeNumber('port', options.port ?? DEFAULTS.port, 0, 65535),
     host: options.host ?? DEFAULTS.host,
@@ -159,28 +169,28 @@ export function resolveOptions(options: RelayOptions): ResolvedOptions {
     authkey: options.authkey,
     dataDir: path.resolve(options.dataDir ?? defaultDataDir()),
     fileMode: fileModeOption(options.fileMode),
-    authTimeoutMs: ms('authTimeoutMs', options.authTimeoutMs, DEFAULTS.authTimeoutMs, 1),
+    authTimeoutMs: ms('authTimeoutMs', options.authTimeoutMs, DEFAULTS.authTimeoutMs, 1, MAX_TIMER_MS),
     logLevel: options.logLevel ?? DEFAULTS.logLevel,
     queueTtlMs: ms('queueTtlMs', options.queueTtlMs, DEFAULTS.queueTtlMs),
     maxQueueTtlMs: ms('maxQueueTtlMs', options.maxQueueTtlMs, DEFAULTS.maxQueueTtlMs, 1),
     maxQueuedPerTarget: ms('maxQueuedPerTarget', options.maxQueuedPerTarget, DEFAULTS.maxQueuedPerTarget, 1),
     dedupeWindowMs: ms('dedupeWindowMs', options.dedupeWindowMs, DEFAULTS.dedupeWindowMs),
-    maxPayloadBytes: ms('maxPayloadBytes', options.maxPayloadBytes, DEFAULTS.maxPayloadBytes, 1024),
+    maxPayloadBytes: ms('maxPayloadBytes', options.maxPayloadBytes, DEFAULTS.maxPayloadBytes, 1024, MAX_PAYLOAD_BYTES),
     rateLimit: ms('rateLimit', options.rateLimit, DEFAULTS.rateLimit),
     maxTargets: ms('maxTargets', options.maxTargets, DEFAULTS.maxTargets, 1),
     maxConnections: ms('maxConnections', options.maxConnections, DEFAULTS.maxConnections, 1),
     maxUnauthenticated: ms('maxUnauthenticated', options.maxUnauthenticated, DEFAULTS.maxUnauthenticated, 1),
     maxAuthFailures: ms('maxAuthFailures', options.maxAuthFailures, DEFAULTS.maxAuthFailures),
     throttleLoopback: options.throttleLoopback ?? DEFAULTS.throttleLoopback,
-    pingIntervalMs: ms('pingIntervalMs', options.pingIntervalMs, DEFAULTS.pingIntervalMs, 0),
+    pingIntervalMs: ms('pingIntervalMs', options.pingIntervalMs, DEFAULTS.pingIntervalMs, 0, MAX_TIMER_MS),
     maxBufferedBytes: ms('maxBufferedBytes', options.maxBufferedBytes, DEFAULTS.maxBufferedBytes, 1024),
-    slowPeerTimeoutMs: ms('slowPeerTimeoutMs', options.slowPeerTimeoutMs, DEFAULTS.slowPeerTimeoutMs, 1),
+    slowPeerTimeoutMs: ms('slowPeerTimeoutMs', options.slowPeerTimeoutMs, DEFAULTS.slowPeerTimeoutMs, 1, MAX_TIMER_MS),
     retentionMs: ms('retentionMs', options.retentionMs, DEFAULTS.retentionMs),
     maxMessages: ms('maxMessages', options.maxMessages, DEFAULTS.maxMessages),
     fsync: options.fsync ?? DEFAULTS.fsync,
     employeeKey: options.employeeKey === '' ? undefined : options.employeeKey,
     publicReads: options.publicReads ?? DEFAULTS.publicReads,
-    maintenanceIntervalMs: ms('maintenanceIntervalMs', options.maintenanceIntervalMs, DEFAULTS.maintenanceIntervalMs, 1000),
+    maintenanceIntervalMs: ms('maintenanceIntervalMs', options.maintenanceIntervalMs, DEFAULTS.maintenanceIntervalMs, 1000, MAX_TIMER_MS),
     forgetOfflineAfterMs: ms('forgetOfflineAfterMs', options.forgetOfflineAfterMs, DEFAULTS.forgetOfflineAfterMs),
     bossKeysFile: options.bossKeysFile ? path.resolve(options.bossKeysFile) : undefined,
   };

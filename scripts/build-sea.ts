@@ -6,7 +6,8 @@
 // .cache/node-runtimes/<version>/, so a second build downloads nothing.
 //
 // Usage: `npm run build:pkg` (= npm run build && node dist/scripts/build-sea.js).
-// Only the npm registry is contacted. The macOS file needs `codesign --sign -` on a Mac before
+// Only the npm registry is contacted. `node dist/scripts/build-sea.js --host` builds only this
+// machine's executable, from the Node running the build, into .cache/sea/host/: no download. The macOS file needs `codesign --sign -` on a Mac before
 // Apple silicon or Gatekeeper policies accept it (see README, Download).
 
 import { spawn } from 'node:child_process';
@@ -213,8 +214,8 @@ export async function removeAuthenticodeSignature(file: string): Promise<void> {
   await fsp.writeFile(file, image.subarray(0, end));
 }
 
-async function inject(target: SeaTarget, runtime: string, blob: string, paths: BuildPaths): Promise<string> {
-  const out = path.join(paths.releaseDir, target.file);
+async function inject(target: SeaTarget, runtime: string, blob: string, paths: BuildPaths, outDir = paths.releaseDir): Promise<string> {
+  const out = path.join(outDir, target.file);
   await fsp.rm(out, { force: true });
   await fsp.copyFile(runtime, out);
   await fsp.chmod(out, 0o755);
@@ -264,20 +265,49 @@ export async function buildRelease(paths: BuildPaths = buildPaths()): Promise<st
   return written;
 }
 
-/** True when every release file exists and is newer than every input of its bundle. */
-export function releaseIsCurrent(paths: BuildPaths = buildPaths()): boolean {
+/** This machine's executable: the Node running the build with the blob injected. */
+export function hostExecutable(paths: BuildPaths = buildPaths()): { target: SeaTarget; file: string } {
+  const format: ExecutableFormat = process.platform === 'win32' ? 'pe' : process.platform === 'darwin' ? 'macho' : 'elf';
+  const name = format === 'pe' ? 'mimiclaw-ws.exe' : 'mimiclaw-ws';
+  const target: SeaTarget = { file: name, runtimePackage: `node-${process.platform}-${process.arch}`, binaryInTarball: '', format };
+  return { target, file: path.join(paths.workDir, 'host', name) };
+}
+
+/**
+ * Builds only this machine's executable (for `npm test`): the runtime is the Node running the
+ * build, so nothing is downloaded. The file lands in .cache/sea/host/, never in release/.
+ */
+export async function buildHostExecutable(paths: BuildPaths = buildPaths()): Promise<string> {
+  const version = await readPackageVersion(paths.root);
+  const { target, file } = hostExecutable(paths);
+  await fsp.mkdir(path.dirname(file), { recursive: true });
+  const bundle = await bundleCli(paths, version);
+  const blob = await makeBlob(paths, bundle);
+  const written = await inject(target, process.execPath, blob, paths, path.dirname(file));
+  process.stderr.write(`build-sea: wrote ${path.relative(paths.root, written)} (mimiclaw-ws ${version}, Node ${process.versions.node})\n`);
+  return written;
+}
+
+/** True when `built` and every file in `files` exist, and none is older than the bundle's inputs. */
+function builtAfterInputs(paths: BuildPaths, built: string, files: string[]): boolean {
   try {
-    const built = fs.statSync(path.join(paths.releaseDir, CHECKSUMS_FILE)).mtimeMs;
-    if (!TARGETS.every((target) => fs.existsSync(path.join(paths.releaseDir, target.file)))) return false;
+    const builtAt = fs.statSync(built).mtimeMs;
+    if (!files.every((file) => fs.existsSync(file))) return false;
     const inputs = JSON.parse(fs.readFileSync(path.join(paths.workDir, 'inputs.json'), 'utf8')) as string[];
-    return [...inputs, 'package.json'].every((input) => fs.statSync(path.join(paths.root, input)).mtimeMs <= built);
+    return [...inputs, 'package.json'].every((input) => fs.statSync(path.join(paths.root, input)).mtimeMs <= builtAt);
   } catch {
     return false;
   }
 }
 
+/** True when every release file exists and is newer than every input of its bundle. */
+export function releaseIsCurrent(paths: BuildPaths = buildPaths()): boolean {
+  const files = TARGETS.map((target) => path.join(paths.releaseDir, target.file));
+  return builtAfterInputs(paths, path.join(paths.releaseDir, CHECKSUMS_FILE), files);
+}
+
 if (require.main === module) {
-  buildRelease().catch((error: unknown) => {
+  (process.argv.includes('--host') ? buildHostExecutable() : buildRelease()).catch((error: unknown) => {
     process.stderr.write(`build-sea: ${error instanceof BuildError ? error.message : error instanceof Error ? (error.stack ?? error.message) : String(error)}\n`);
     process.exitCode = 1;
   });

@@ -22,8 +22,11 @@ interface Running {
   line(accept: (frame: Frame) => boolean, timeoutMs?: number): Promise<Frame>;
 }
 
-function run(args: string[], env: NodeJS.ProcessEnv = {}): Running {
-  const child = spawn(process.execPath, [CLI, ...args], { env: { PATH: process.env.PATH, HOME: process.env.HOME, ...env } });
+function run(args: string[], env: NodeJS.ProcessEnv = {}, stdin: 'pipe' | 'ignore' = 'pipe'): Running {
+  const child = spawn(process.execPath, [CLI, ...args], {
+    env: { PATH: process.env.PATH, HOME: process.env.HOME, ...env },
+    stdio: [stdin, 'pipe', 'pipe'],
+  }) as ChildProcessWithoutNullStreams;
   let stdout = '';
   let stderr = '';
   const watchers: (() => void)[] = [];
@@ -93,7 +96,23 @@ describe('mimiclaw-ws connect / send', () => {
       assert.equal(byTag.code, 0, byTag.stderr);
       assert.equal((await employee.line((f) => f.payload === 'by tag')).to, ok.id);
     } finally {
-      employee.child.stdin.end();
+      employee.child.kill('SIGTERM');
+    }
+    const ended = await finish(employee);
+    assert.equal(ended.code, 0, ended.stderr);
+  });
+
+  test('an employee `connect` with no standard input (a service) registers and stays connected until a signal', async () => {
+    const employee = run(['connect', env.relay.url, '--role', 'employee', '--name', 'Service-1', '--tags', 'svc'], {}, 'ignore');
+    try {
+      const ok = await employee.line((f) => f.type === 'auth_ok');
+      // Still connected after its input ended: a message sent now reaches it.
+      const sent = await finish(run(['send', env.relay.url, '--authkey', TEST_AUTHKEY, '--to', String(ok.id), '--payload', '"still there?"']));
+      assert.equal(sent.code, 0, sent.stderr);
+      assert.equal((await employee.line((f) => f.type === 'message')).payload, 'still there?');
+      assert.equal(employee.child.exitCode, null, 'the employee session is still running');
+    } finally {
+      employee.child.kill('SIGTERM');
     }
     const ended = await finish(employee);
     assert.equal(ended.code, 0, ended.stderr);

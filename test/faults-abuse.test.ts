@@ -58,7 +58,8 @@ class HostileSocket {
   }
 
   private async handshakeFrame(type: string): Promise<Frame> {
-    const deadline = Date.now() + 10_000;
+    // A bound against a hang, not a timing target: a loaded machine may take seconds to greet.
+    const deadline = Date.now() + 60_000;
     while (Date.now() < deadline) {
       const frame = this.handshake.shift();
       if (frame) {
@@ -70,7 +71,7 @@ class HostileSocket {
         setTimeout(resolve, 50);
       });
     }
-    throw new Error(`no ${type} frame within 10 s`);
+    throw new Error(`no ${type} frame within 60 s`);
   }
 
   private onFrame(frame: Frame): void {

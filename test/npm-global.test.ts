@@ -1,6 +1,8 @@
 // `npm pack` then `npm install -g <tarball>` into a temp prefix gives a working mimiclaw-ws
 // command: it prints the package version, its postinstall made the data dir, the relay answers.
-// Installing fetches the runtime dependencies from the npm registry (or npm's cache).
+// So does `npm install -g <folder>` of a fresh clone (nothing built, no node_modules): its
+// prepare script builds it. Installing fetches the dependencies from the npm registry (or npm's
+// cache).
 
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
@@ -80,5 +82,20 @@ describe('npm install -g of the packed tarball', () => {
       await relay.stop('SIGTERM').catch(() => undefined);
     }
     assert.deepEqual(await relay.exited, { code: 0, signal: null });
+  });
+});
+
+describe('npm install -g of a fresh clone (a folder, nothing built)', () => {
+  it('builds it (prepare) and gives a working mimiclaw-ws command', { timeout: 5 * 60_000 }, async () => {
+    const clone = path.join(work, 'clone');
+    const skip = new Set(['node_modules', 'dist', '.cache', 'release', '.git']);
+    await fs.cp(root, clone, { recursive: true, filter: (source) => !skip.has(path.relative(root, source).split(path.sep)[0]!) });
+    const folderPrefix = path.join(work, 'folder-prefix');
+    await fs.mkdir(folderPrefix);
+    await runNpm(['install', '--global', '--prefix', folderPrefix, clone], work);
+    const manifest = JSON.parse(await fs.readFile(path.join(root, 'package.json'), 'utf8')) as { version: string };
+    const version = await runToEnd(path.join(folderPrefix, 'bin', 'mimiclaw-ws'), ['--version'], env);
+    assert.equal(version.code, 0, version.stderr);
+    assert.equal(version.stdout.trim(), manifest.version);
   });
 });

@@ -169,7 +169,8 @@ export class Router {
     // A new identity is on disk before its key is handed out, so a crash cannot forget an
     // identity its client was already told about.
     void this.deps.identities.flush().then(() => {
-      if (session.isOpen) this.goOnline(session, identity, key, false);
+      // An admin may have deleted it meanwhile (it is listed from creation on).
+      if (session.isOpen && this.deps.identities.get(identity.id) === identity) this.goOnline(session, identity, key, false);
     });
     return null;
   }

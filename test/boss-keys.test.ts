@@ -10,7 +10,7 @@ import { BossKeysError, parseBossKeys } from '../lib/boss-keys';
 import { parseCommandLine } from '../lib/cli-args';
 import { createLogger } from '../lib/logger';
 import { startRelay } from '../server';
-import { ChildRelay, freePort } from './child-relay';
+import { ChildRelay, freePort, runToEnd } from './child-relay';
 import { eventually } from './fault-support';
 
 /** The socket's close code; fails instead of hanging when the relay does not close it. */
@@ -82,6 +82,12 @@ describe('boss keys file format', () => {
       const start = (bossKeysFile: string) => startRelay({ port: 0, host: '127.0.0.1', authkey: TEST_AUTHKEY, dataDir: dir, logLevel: 'silent', bossKeysFile });
       await assert.rejects(start(path.join(dir, 'missing')), /Cannot read the boss keys file .*missing \(ENOENT\)/);
       await assert.rejects(start(await writeKeys(dir, 'a:1\na:2\n')), /line 2: the name "a" is already used on line 1/);
+      // The command says so in one line and exits 1.
+      const exit = await runToEnd(process.execPath, [CLI, '0', TEST_AUTHKEY, path.join(dir, 'data'), '--boss-keys-file', path.join(dir, 'boss-keys')], { PATH: process.env.PATH, HOME: process.env.HOME });
+      assert.equal(exit.code, 1);
+      assert.equal(exit.stderr.trim().split('\n').length, 1, exit.stderr);
+      assert.match(exit.stderr, /^mimiclaw-ws: Boss keys file .* line 2: the name "a" is already used on line 1/);
+      assert.equal(exit.stdout, '', 'no ready line');
     } finally {
       await fs.rm(dir, { recursive: true, force: true });
     }

@@ -142,6 +142,15 @@ function textParam(url: URL, name: string): string | null {
   return raw === null || raw.trim() === '' ? null : raw.trim();
 }
 
+/** An id from the path; malformed %-escapes are refused as a 400 rather than failing as a 500. */
+function decodePathId(raw: string): string {
+  try {
+    return decodeURIComponent(raw);
+  } catch {
+    throw new HttpError(400, 'invalid_id', `The id in the path is not valid percent-encoding: "${raw.slice(0, 80)}"; encode it with encodeURIComponent.`);
+  }
+}
+
 /** The page is served at these paths too, so a bookmark or a habit from other tools finds it. */
 const DASHBOARD_PATHS = new Set(['/', '/admin', '/admin/', '/index.html']);
 
@@ -189,7 +198,7 @@ export class HttpApi {
     if (banMatch) return this.ban(req, res, url, method, decodeURIComponent(banMatch[1]!));
     const identityMatch = /^\/identities\/([^/]+)(\/rotate-key)?$/.exec(path);
     if (identityMatch) {
-      const id = decodeURIComponent(identityMatch[1]!);
+      const id = decodePathId(identityMatch[1]!);
       return identityMatch[2] ? this.rotateKey(req, res, url, method, id) : this.deleteIdentity(req, res, url, method, id);
     }
 

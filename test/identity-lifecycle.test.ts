@@ -131,6 +131,9 @@ describe('DELETE /api/identities/:id', () => {
         assert.equal(unknown.body.code, 'not_found');
         assert.match(String(unknown.body.message), /employee-nobody/);
       }
+      const malformed = await http(env.relay, 'DELETE', '/api/identities/%E0%A4%A', { authkey: TEST_AUTHKEY });
+      assert.equal(malformed.status, 400);
+      assert.equal(malformed.body.code, 'invalid_id');
       assert.equal((await http(env.relay, 'GET', route, { authkey: TEST_AUTHKEY })).status, 405);
       assert.equal((await http(env.relay, 'GET', `${route}/rotate-key`, { authkey: TEST_AUTHKEY })).status, 405);
       // Nothing above touched the boss.

@@ -5,6 +5,7 @@
 
 import { BossKeysError } from './lib/boss-keys';
 import { helpText, parseCommandLine, UsageError } from './lib/cli-args';
+import { runBackup, runRestore, runVerify } from './lib/cli-admin-tools';
 import { runConnect, runSend } from './lib/cli-client';
 import { OptionsError } from './lib/options';
 import { DataDirError } from './lib/start-errors';
@@ -43,7 +44,7 @@ async function runRelay(argv: string[]): Promise<number> {
     if (error instanceof DataDirError || error instanceof BossKeysError) throw new StartFailure(error.message);
     throw listenFailure(error, options.port ?? 8787, options.host) ?? error;
   }
-  process.stdout.write(`mimiclaw-ws ${packageVersion()} ready: ${relay.url} ${relay.httpUrl} (data: ${relay.dataDir})\n`);
+  process.stdout.write(`mimiclaw-ws ${packageVersion()} ready: ${relay.url} ${relay.httpUrl} (data: ${relay.dataDir}, node: ${relay.nodeId}${relay.clusterName === null ? '' : `, cluster: ${relay.clusterName}`})\n`);
   await new Promise<void>((resolve) => {
     let stopping = false;
     const stop = () => {
@@ -60,9 +61,12 @@ async function runRelay(argv: string[]): Promise<number> {
 }
 
 async function main(argv: string[]): Promise<number> {
-  // Subcommands (connect, send) are dispatched here; a plain number stays the port.
+  // Subcommands (connect, send, verify, backup, restore) are dispatched here; a plain number stays the port.
   if (argv[0] === 'connect') return runConnect(argv.slice(1));
   if (argv[0] === 'send') return runSend(argv.slice(1));
+  if (argv[0] === 'verify') return runVerify(argv.slice(1));
+  if (argv[0] === 'backup') return runBackup(argv.slice(1));
+  if (argv[0] === 'restore') return runRestore(argv.slice(1));
   return runRelay(argv);
 }
 

@@ -16,14 +16,19 @@ import {
   type AuthOkFrame,
   type DeliveryAckFrame,
   type DeliveryUpdateFrame,
+  type EmployeeStatus,
   type ErrorFrame,
   type ForwardedMessageFrame,
   type IdentityCredentials,
   type MessageFrame,
+  type Priority,
   type ProtocolErrorCode,
   type Role,
   type ServerFrame,
+  type StatusAckFrame,
+  type StatusFrame,
   type SystemFrame,
+  type TaskDoneFrame,
   type Target,
 } from './lib/protocol';
 
@@ -70,6 +75,8 @@ export interface RelayClientOptions {
   ackTimeoutMs?: number;
   /** Give up on a connection attempt that is not authenticated after this long, and retry. Default 10000. */
   authTimeoutMs?: number;
+  /** An employee's tasks at once for dispatch (part C), sent at auth. Default: the relay's (1). */
+  capacity?: number;
 }
 
 export interface SendOptions {
@@ -79,6 +86,17 @@ export interface SendOptions {
   queue?: boolean;
   /** How long a queued copy may wait, ms. */
   ttlMs?: number;
+  /** Part C: high, normal (default) or low; orders every queue. */
+  priority?: Priority;
+  /** Part C: the msg_id of the task this message answers (reply() sets it). */
+  inReplyTo?: string;
+  /** Part C: lease of a task sent to any:<tag>, ms (else the relay's --task-timeout). */
+  taskTimeoutMs?: number;
+}
+
+export interface RequestOptions extends Omit<SendOptions, 'inReplyTo'> {
+  /** Reject with code timeout when no reply came this long after request(). Default 0: wait. */
+  timeoutMs?: number;
 }
 
 export type ClientStatus = 'connecting' | 'open' | 'authenticated' | 'reconnecting' | 'closed';
@@ -100,7 +118,11 @@ export type RelayClientErrorCode =
   | 'ack_timeout'
   | 'replaced'
   | 'identity_file_invalid'
-  | 'connection_failed';
+  | 'connection_failed'
+  /** request(): the relay gave the task up (no_available_target, its attempts used up, or it expired waiting). */
+  | 'task_failed'
+  /** request(): no reply within timeoutMs. */
+  | 'timeout';
 
 export class RelayClientError extends Error {
   constructor(
@@ -117,6 +139,8 @@ export class RelayClientError extends Error {
 export interface RelayClientEvents {
   message: ForwardedMessageFrame;
   delivery_update: DeliveryUpdateFrame;
+  /** Part C: the relay's answer to setAvailability(). */
+  status_ack: StatusAckFrame;
   system: SystemFrame;
   status: StatusChange;
   /** Error frames no send claims, connection failures, and the error that stopped the client. */
@@ -138,7 +162,9 @@ interface PendingSend {
 }
 
 /** Auth rejections that no retry can fix. server_full and auth_throttled are worth retrying. */
-const RETRYABLE_AUTH_CODES: ReadonlySet<string> = new Set(['server_full', 'auth_throttled']);
+const RETRYABLE_AUTH_CODES: ReadonlySet<string> = new Set(['server_full', 'auth_throttled', 'cluster_unavailable']);
+/** Errors after auth that mean "not now": every unacknowledged send is written again after a pause. */
+const RETRY_SEND_CODES: ReadonlySet<string> = new Set(['rate_limited', 'cluster_unavailable']);
 /** Errors the relay gives in answer to a message frame. */
 const MESSAGE_ERROR_CODES: ReadonlySet<string> = new Set([
   'invalid_to',
@@ -187,6 +213,11 @@ export class RelayClient {
   private retryAfterMs = 0;
   private lastReceivedAt = 0;
   private connectWaiters: { resolve: (ok: AuthOkFrame) => void; reject: (error: RelayClientError) => void }[] = [];
+  /** request() calls waiting for their reply, by msg_id. */
+  private readonly requests = new Map<string, { resolve: (reply: ForwardedMessageFrame) => void; reject: (error: RelayClientError) => void; timer: NodeJS.Timeout | null }>();
+  private statusWaiters: { resolve: (ack: StatusAckFrame) => void; reject: (error: RelayClientError) => void }[] = [];
+  /** What this employee last declared, sent again after a reconnect. */
+  private declared: { status?: EmployeeStatus; capacity?: number } = {};
 
   constructor(options: RelayClientOptions) {
     this.options = {
@@ -267,6 +298,81 @@ export class RelayClient {
     });
   }
 
+  /**
+   * Part C: sends a task (usually to "any:<tag>") and resolves with the message that answers it
+   * (in_reply_to = its msg_id). Rejects with task_failed when the relay gives the task up, with
+   * timeout after timeoutMs, or with the send's own error.
+   */
+  request(to: Target, payload: unknown, options: RequestOptions = {}): Promise<ForwardedMessageFrame> {
+    const { timeoutMs = 0, ...sendOptions } = options;
+    const msgId = sendOptions.msgId ?? randomUUID();
+    if (this.requests.has(msgId)) return Promise.reject(new RelayClientError('invalid_msg_id', `A request with msg_id ${msgId} is already waiting for its reply.`));
+    return new Promise<ForwardedMessageFrame>((resolve, reject) => {
+      const waiter = { resolve, reject, timer: null as NodeJS.Timeout | null };
+      if (timeoutMs > 0) {
+        waiter.timer = setTimeout(() => {
+          this.settleRequest(msgId)?.reject(new RelayClientError('timeout', `No reply to ${msgId} within ${timeoutMs} ms.`));
+        }, timeoutMs);
+      }
+      this.requests.set(msgId, waiter);
+      this.send(to, payload, { ...sendOptions, msgId }).then(
+        (ack) => {
+          if (ack.failed.length === 0) return;
+          const reasons = ack.failed.map((f) => `${f.id} (${f.reason})`).join(', ');
+          this.settleRequest(msgId)?.reject(new RelayClientError('task_failed', `The request ${msgId} could not be handed out: ${reasons}.`));
+        },
+        (error: RelayClientError) => this.settleRequest(msgId)?.reject(error),
+      );
+    });
+  }
+
+  /** Part C: answers a task (or any message): a message to its sender carrying in_reply_to, kept for the sender if it is offline. */
+  reply(message: Pick<ForwardedMessageFrame, 'msg_id' | 'from_id'>, payload: unknown, options: Omit<SendOptions, 'inReplyTo'> = {}): Promise<DeliveryAckFrame> {
+    return this.send(message.from_id, payload, { queue: true, ...options, inReplyTo: message.msg_id });
+  }
+
+  /**
+   * Part C: ends a dispatched task without a reply (failed: the relay hands it to someone else
+   * until its attempts are used up). False when not connected: the task's lease ended with the
+   * connection anyway.
+   */
+  done(message: Pick<ForwardedMessageFrame, 'msg_id'>, options: { failed?: boolean } = {}): boolean {
+    if (!this.canWrite()) return false;
+    const frame: TaskDoneFrame = { type: 'task_done', msg_id: message.msg_id };
+    if (options.failed) frame.failed = true;
+    this.ws!.send(JSON.stringify(frame));
+    return true;
+  }
+
+  /** Part C (employees): declares status and/or capacity; resolves with the relay's status_ack. Kept and sent again after a reconnect. */
+  setAvailability(change: { status?: EmployeeStatus; capacity?: number }): Promise<StatusAckFrame> {
+    if (this.stopped) return Promise.reject(this.failure ?? new RelayClientError('closed', 'This client was closed; create a new RelayClient.'));
+    if (change.status === undefined && change.capacity === undefined) {
+      return Promise.reject(new RelayClientError('invalid_status', 'setAvailability needs a status, a capacity or both.'));
+    }
+    if (change.status !== undefined) this.declared.status = change.status;
+    if (change.capacity !== undefined) this.declared.capacity = change.capacity;
+    return new Promise<StatusAckFrame>((resolve, reject) => {
+      this.statusWaiters.push({ resolve, reject });
+      if (this.canWrite()) this.writeStatus(change);
+    });
+  }
+
+  private writeStatus(change: { status?: EmployeeStatus; capacity?: number }): void {
+    const frame: StatusFrame = { type: 'status' };
+    if (change.status !== undefined) frame.status = change.status;
+    if (change.capacity !== undefined) frame.capacity = change.capacity;
+    this.ws!.send(JSON.stringify(frame));
+  }
+
+  private settleRequest(msgId: string) {
+    const waiter = this.requests.get(msgId);
+    if (!waiter) return undefined;
+    this.requests.delete(msgId);
+    if (waiter.timer) clearTimeout(waiter.timer);
+    return waiter;
+  }
+
   /** Stops reconnecting, rejects unacknowledged sends with code closed, and closes the socket. */
   async close(): Promise<void> {
     if (this.stopped && !this.ws) return;
@@ -311,6 +417,9 @@ export class RelayClient {
     if (payload !== undefined) frame.payload = payload;
     if (options.queue !== undefined) frame.queue = options.queue;
     if (options.ttlMs !== undefined) frame.ttl_ms = options.ttlMs;
+    if (options.priority !== undefined) frame.priority = options.priority;
+    if (options.inReplyTo !== undefined) frame.in_reply_to = options.inReplyTo;
+    if (options.taskTimeoutMs !== undefined) frame.task_timeout_ms = options.taskTimeoutMs;
     try {
       JSON.stringify(frame);
     } catch (error) {
@@ -395,6 +504,8 @@ export class RelayClient {
     if (name !== undefined) frame.name = name;
     if (tags !== undefined) frame.tags = tags;
     if (meta !== undefined) frame.meta = meta;
+    const capacity = this.declared.capacity ?? this.options.capacity;
+    if (capacity !== undefined && role === 'employee') frame.capacity = capacity;
     return frame;
   }
 
@@ -438,6 +549,8 @@ export class RelayClient {
     this.reconnectTimer = null;
     for (const waiter of this.connectWaiters.splice(0)) waiter.reject(error);
     for (const msgId of [...this.pending.keys()]) this.settle(msgId)?.reject(error);
+    for (const msgId of [...this.requests.keys()]) this.settleRequest(msgId)?.reject(error);
+    for (const waiter of this.statusWaiters.splice(0)) waiter.reject(error);
   }
 
   private stopTimers(): void {
@@ -482,10 +595,18 @@ export class RelayClient {
         this.onErrorFrame(frame);
         return;
       case 'message':
+        if (frame.in_reply_to !== undefined) this.settleRequest(frame.in_reply_to)?.resolve(frame);
         this.emit('message', frame);
         return;
       case 'delivery_update':
+        if (frame.status === 'failed' || (frame.status === 'expired' && frame.dispatch !== undefined)) {
+          this.settleRequest(frame.msg_id)?.reject(new RelayClientError('task_failed', `The relay gave up the request ${frame.msg_id} (${frame.status}).`));
+        }
         this.emit('delivery_update', frame);
+        return;
+      case 'status_ack':
+        this.statusWaiters.shift()?.resolve(frame);
+        this.emit('status_ack', frame);
         return;
       case 'system':
         this.emit('system', frame);
@@ -530,6 +651,11 @@ export class RelayClient {
     this.setStatus({ status: 'authenticated' });
     this.startHeartbeat();
     for (const waiter of this.connectWaiters.splice(0)) waiter.resolve(frame);
+    // The relay starts every connection idle: declare again what was declared (capacity went
+    // with the auth), once per setAvailability() still waiting for its ack.
+    if (frame.role === 'employee' && (this.declared.status !== undefined || this.statusWaiters.length > 0)) {
+      for (let i = 0; i < Math.max(1, this.statusWaiters.length); i++) this.writeStatus({ ...this.declared });
+    }
     this.flush();
   }
 
@@ -538,7 +664,7 @@ export class RelayClient {
       this.onAuthRejected(frame);
       return;
     }
-    if (frame.code === 'rate_limited') {
+    if (RETRY_SEND_CODES.has(frame.code)) {
       this.pauseForRateLimit(frame.retry_after_ms ?? 1000);
       return;
     }

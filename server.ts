@@ -5,22 +5,30 @@
 import http from 'node:http';
 import path from 'node:path';
 import { BossKeys, type BossKeysReloadResult } from './lib/boss-keys';
+import type { ClusterLink } from './lib/cluster-link';
+import { communicationsPage, readPage, readQuery, type CommunicationsPage } from './lib/communications';
 import { ConnectionLog } from './lib/connection-log';
+import { lockDataDir, type DataDirLock } from './lib/data-dir-lock';
 import { prepareDataDir } from './lib/data-dir';
 import { DedupeCache } from './lib/dedupe-cache';
 import { DeliveryQueue } from './lib/delivery-queue';
+import { Dispatcher } from './lib/dispatch';
 import { serveDashboard } from './lib/dashboard-page';
 import { logRelayEvents } from './lib/event-log';
 import { EventStream } from './lib/event-stream';
 import { EventBus } from './lib/events';
-import { HttpApi, type HttpExtensions } from './lib/http-api';
+import { HttpApi, type HttpExtensions, type OtherNodes } from './lib/http-api';
 import { IdentityStore } from './lib/identity-store';
 import { createLogger, type Logger } from './lib/logger';
 import { MessageLog } from './lib/message-log';
 import { RelayMetrics } from './lib/metrics';
+import { loadNodeId } from './lib/node-id';
 import { resolveOptions, type RelayOptions, type ResolvedOptions } from './lib/options';
+import { RedisCluster } from './lib/redis-cluster';
 import { Router } from './lib/router';
+import { SingleNode } from './lib/single-node';
 import { assertNotDirectory, dataDirError } from './lib/start-errors';
+import { NedbTaskStore } from './lib/task-store';
 import { packageVersion } from './lib/version';
 import { WsGateway } from './lib/ws-gateway';
 
@@ -36,6 +44,10 @@ export interface RelayHandle {
   httpUrl: string;
   port: number;
   dataDir: string;
+  /** This node's stable id (docs/CLUSTER.md). */
+  nodeId: string;
+  /** The cluster this node joined, or null without --redis. */
+  clusterName: string | null;
   events: EventBus;
   /**
    * What SIGHUP does: reads the boss keys file again. New keys apply to auths from then on;
@@ -61,17 +73,32 @@ interface Stores {
   connectionLog: ConnectionLog;
   messageLog: MessageLog;
   queue: DeliveryQueue;
+  tasks: NedbTaskStore;
 }
 
-async function openStores(options: ResolvedOptions, logger: Logger): Promise<Stores> {
-  await prepareDataDir(options.dataDir, options.fileMode, logger);
+/** The other nodes, or nothing elsewhere on a single node; the only place that knows which. */
+async function openClusterLink(options: ResolvedOptions, nodeId: string, logger: Logger): Promise<{ link: ClusterLink; identities: IdentityStore | null }> {
+  if (options.redisUrl === undefined) return { link: new SingleNode(nodeId), identities: null };
+  const cluster = await RedisCluster.connect({
+    url: options.redisUrl,
+    clusterName: options.clusterName,
+    nodeId,
+    dedupeWindowMs: options.dedupeWindowMs,
+    maxQueuedPerTarget: options.maxQueuedPerTarget,
+    logger,
+  });
+  return { link: cluster, identities: cluster.identities };
+}
+
+/** The node's stores; in a cluster the identities are the cluster's (`sharedIdentities`). */
+async function openStores(options: ResolvedOptions, logger: Logger, sharedIdentities: IdentityStore | null): Promise<Stores> {
   const file = (name: string) => path.join(options.dataDir, name);
   const compaction = options.maintenanceIntervalMs;
   const fileMode = options.fileMode;
   // NeDB never settles on a datafile that is a directory: its read error escapes the promise.
-  await Promise.all(['identities.db', 'connections.db', 'messages.db', 'queue.db'].map((name) => assertNotDirectory(file(name))));
+  await Promise.all(['identities.db', 'connections.db', 'messages.db', 'queue.db', 'tasks.db'].map((name) => assertNotDirectory(file(name))));
   const opened = await Promise.allSettled([
-    IdentityStore.open(file('identities.db'), logger, compaction, fileMode),
+    sharedIdentities ?? IdentityStore.open(file('identities.db'), logger, compaction, fileMode),
     ConnectionLog.open(file('connections.db'), logger, compaction, fileMode),
     MessageLog.open({
       file: file('messages.db'),
@@ -83,10 +110,17 @@ async function openStores(options: ResolvedOptions, logger: Logger): Promise<Sto
       fileMode,
     }),
     DeliveryQueue.open(file('queue.db'), logger, { compactionIntervalMs: compaction, fsync: options.fsync, fileMode }),
+    NedbTaskStore.open(file('tasks.db'), logger, { compactionIntervalMs: compaction, fsync: options.fsync, fileMode }),
   ]);
-  const [identities, connectionLog, messageLog, queue] = opened;
-  if (identities.status === 'fulfilled' && connectionLog.status === 'fulfilled' && messageLog.status === 'fulfilled' && queue.status === 'fulfilled') {
-    return { identities: identities.value, connectionLog: connectionLog.value, messageLog: messageLog.value, queue: queue.value };
+  const [identities, connectionLog, messageLog, queue, tasks] = opened;
+  if (
+    identities.status === 'fulfilled' &&
+    connectionLog.status === 'fulfilled' &&
+    messageLog.status === 'fulfilled' &&
+    queue.status === 'fulfilled' &&
+    tasks.status === 'fulfilled'
+  ) {
+    return { identities: identities.value, connectionLog: connectionLog.value, messageLog: messageLog.value, queue: queue.value, tasks: tasks.value };
   }
   // Close the stores that did open: their timers and handles would keep a failed process alive.
   await Promise.allSettled(opened.map((store) => (store.status === 'fulfilled' ? store.value.close() : undefined)));
@@ -97,12 +131,14 @@ async function openStores(options: ResolvedOptions, logger: Logger): Promise<Sto
  * Rebuilds the dedupe window from the log, so a resend after a restart is still a duplicate.
  * A record whose queued copy never reached queue.db (a crash between the two writes) is left
  * out: its ack was never sent, so the resend must be routed again rather than answered.
+ * A task for `any:<tag>` (listed as queued under that name) is written before its record, so
+ * its record is always kept.
  */
 async function restoreDedupe(dedupe: DedupeCache, messageLog: MessageLog, queue: DeliveryQueue, windowMs: number): Promise<void> {
   if (!dedupe.enabled) return;
   const stillQueued = queue.recordIds();
   for (const { slot, record } of await messageLog.recordsSince(Date.now() - windowMs, DEDUPE_MAX_ENTRIES)) {
-    const lostQueueWrite = record.targets.some((t) => t.status === 'queued') && !stillQueued.has(record._id);
+    const lostQueueWrite = record.targets.some((t) => t.status === 'queued' && !t.id.startsWith('any:')) && !stillQueued.has(record._id);
     if (!lostQueueWrite) dedupe.remember(record.from_id, record.msg_id, record.timestamp, slot);
   }
 }
@@ -123,30 +159,87 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
   const logger = relayOptions.logger ?? createLogger(options.logLevel);
   const startedAt = Date.now();
   const bossKeys = options.bossKeysFile === undefined ? null : await BossKeys.load(options.bossKeysFile, logger);
-  const stores = await openStores(options, logger).catch(async (error: unknown) => {
+  const asDataDirError = async (error: unknown): Promise<never> => {
     throw await dataDirError(options.dataDir, error);
-  });
+  };
+  await prepareDataDir(options.dataDir, options.fileMode, logger).catch(asDataDirError);
+  const lock = await lockDataDir(options.dataDir, options.fileMode).catch(asDataDirError);
+  let cluster: ClusterLink;
+  let stores: Stores;
+  try {
+    const nodeId = await loadNodeId(options.dataDir, options.nodeId, options.fileMode).catch(asDataDirError);
+    const opened = await openClusterLink(options, nodeId, logger);
+    cluster = opened.link;
+    try {
+      stores = await openStores(options, logger, opened.identities).catch(asDataDirError);
+    } catch (error) {
+      await cluster.close();
+      throw error;
+    }
+  } catch (error) {
+    await lock.release();
+    throw error;
+  }
   const bus = new EventBus();
   if (logger.isEnabled('info')) bus.subscribe(logRelayEvents(logger));
   const dedupe = new DedupeCache(options.dedupeWindowMs, DEDUPE_MAX_ENTRIES);
   await restoreDedupe(dedupe, stores.messageLog, stores.queue, options.dedupeWindowMs).catch(async (error: unknown) => {
-    await closeStores(stores);
+    await closeStores(stores, cluster, lock);
     throw await dataDirError(options.dataDir, error);
   });
-  const router = new Router({ options, ...stores, dedupe, bus, logger, bossKeys });
+  // The dispatcher writes through the router's sessions; the router hands it any: targets.
+  const link = {
+    write: (id: string, text: string) => router.writeTo(id, text),
+    settleRecord: (recordId: string, target: string, status: 'delivered' | 'expired') => stores.messageLog.updateTarget(recordId, target, status),
+  };
+  const dispatcher = new Dispatcher({ store: stores.tasks, bus, logger, link, maxAttempts: options.maxAttempts, maxQueueTtlMs: options.maxQueueTtlMs });
+  dispatcher.restore(Date.now());
+  const router: Router = new Router({ options, ...stores, dedupe, cluster, dispatcher, bus, logger, bossKeys });
   const gateway = new WsGateway(options, router, bus, logger);
-  const eventStream = new EventStream({ bus });
+  // /api/events streams the whole cluster: this node's events and those other nodes share.
+  // Metrics and the log keep to this node's own bus.
+  let streamBus = bus;
+  if (cluster instanceof RedisCluster) {
+    const shared = cluster;
+    const clusterBus = new EventBus();
+    bus.subscribe((event) => {
+      clusterBus.publish(event);
+      shared.shareEvent(event);
+    });
+    shared.streamEvents((event) => clusterBus.publish(event), () => eventStream.clientCount > 0);
+    streamBus = clusterBus;
+  }
+  const eventStream = new EventStream({ bus: streamBus });
+  let otherNodes: OtherNodes | undefined;
+  if (cluster instanceof RedisCluster) {
+    const shared = cluster;
+    shared.answerQueries(async (kind, query) => {
+      const checked = kind === 'communications' ? readQuery(query) : null;
+      if (checked === null) throw new Error(`unknown or malformed query "${kind.slice(0, 40)}"`);
+      return communicationsPage(stores.messageLog, stores.identities, checked);
+    });
+    otherNodes = {
+      communications: async (query) => {
+        const { results, missing } = await shared.askAll('communications', query);
+        const pages = results.map(readPage).filter((page): page is CommunicationsPage => page !== null);
+        return { pages, missing };
+      },
+    };
+  }
   const metrics = new RelayMetrics({
     bus,
     stats: () => ({
       connections: { ...router.countOnline(), unauthenticated: gateway.unauthenticatedCount },
       queueDepth: stores.queue.depth,
+      dispatch: dispatcher.counts(),
       stores: { identities: stores.identities.size, connectionEvents: stores.connectionLog.size, messages: stores.messageLog.stats().records },
       bytesIn: gateway.bytesIn,
       bytesOut: gateway.bytesOut,
       eventStreamClients: eventStream.clientCount,
     }),
   });
+  // Per node, told apart by a node label once there are several.
+  if (cluster.clustered) metrics.registry.setDefaultLabels({ node: cluster.nodeId });
   const extensions: HttpExtensions = {
     dashboard: serveDashboard,
     events: (req, res) => eventStream.handle(req, res),
@@ -155,6 +248,7 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
   const api = new HttpApi({
     options,
     router,
+    dispatcher,
     identities: stores.identities,
     messageLog: stores.messageLog,
     logger,
@@ -162,6 +256,8 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
     version: packageVersion(),
     activeConnections: () => router.online.size,
     extensions,
+    ...(otherNodes !== undefined && { otherNodes }),
+    ...(cluster.clustered && { cluster: () => ({ name: options.clusterName, store: cluster.available ? ('up' as const) : ('down' as const) }) }),
   });
 
   const server = http.createServer((req, res) => api.handle(req, res));
@@ -173,6 +269,7 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
   const expiry = setInterval(() => {
     const now = Date.now();
     router.expireQueued(now);
+    dispatcher.expire(now);
     dedupe.expire(now);
   }, 1000);
   expiry.unref();
@@ -192,6 +289,7 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
     clearInterval(expiry);
     clearInterval(maintenance);
     eventStream.close();
+    dispatcher.close();
   };
 
   try {
@@ -199,7 +297,7 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
   } catch (error) {
     stopTimers();
     gateway.closeAll();
-    await closeStores(stores);
+    await closeStores(stores, cluster, lock);
     metrics.close();
     throw error;
   }
@@ -208,7 +306,14 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
   const reachableHost = options.host === '0.0.0.0' || options.host === '::' ? '127.0.0.1' : options.host;
   const hostForUrl = reachableHost.includes(':') ? `[${reachableHost}]` : reachableHost;
   const httpUrl = `http://${hostForUrl}:${port}`;
-  logger.info('relay_listening', { host: options.host, port, ws_path: options.wsPath, data_dir: options.dataDir });
+  logger.info('relay_listening', {
+    host: options.host,
+    port,
+    ws_path: options.wsPath,
+    data_dir: options.dataDir,
+    node: cluster.nodeId,
+    cluster: cluster.clustered ? options.clusterName : null,
+  });
 
   let closing: Promise<void> | null = null;
   const close = () =>
@@ -220,20 +325,33 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
       await waitFor(() => gateway.openSessions === 0, CLOSE_HANDSHAKE_GRACE_MS + 500);
       clearTimeout(grace);
       server.closeAllConnections();
-      await closeStores(stores);
+      await closeStores(stores, cluster, lock);
       metrics.close();
       logger.info('relay_closed', {});
     })());
 
   const reload = async (): Promise<ReloadResult> => ({ bossKeys: bossKeys ? await bossKeys.reload() : 'off' });
 
-  return { url: `ws://${hostForUrl}:${port}${options.wsPath}`, httpUrl, port, dataDir: options.dataDir, events: bus, reload, close };
+  return {
+    url: `ws://${hostForUrl}:${port}${options.wsPath}`,
+    httpUrl,
+    port,
+    dataDir: options.dataDir,
+    nodeId: cluster.nodeId,
+    clusterName: cluster.clustered ? options.clusterName : null,
+    events: bus,
+    reload,
+    close,
+  };
 }
 
-async function closeStores(stores: Stores): Promise<void> {
-  // Identities last: disconnects during shutdown update them.
-  await Promise.all([stores.messageLog.close(), stores.connectionLog.close(), stores.queue.close()]);
+async function closeStores(stores: Stores, cluster: ClusterLink, lock: DataDirLock): Promise<void> {
+  // Identities last: disconnects during shutdown update them; the cluster link after them (its
+  // identities are written through it), the lock at the very end.
+  await Promise.all([stores.messageLog.close(), stores.connectionLog.close(), stores.queue.close(), stores.tasks.close()]);
   await stores.identities.close();
+  await cluster.close();
+  await lock.release();
 }
 
 function waitFor(condition: () => boolean, timeoutMs: number): Promise<void> {

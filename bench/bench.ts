@@ -2,7 +2,7 @@
 // medians of several rounds. Not a pass/fail test: it prints a table and optionally writes JSON.
 //
 //   node dist/bench/bench.js [--quick] [--rounds N] [--json FILE] [--only relay|ceiling|cluster]
-//     [--scenarios throughput,latency,fanout,idle,restart,admin,cluster] [--relay-args "--flag value"]
+//     [--scenarios throughput,latency,fanout,idle,restart,verify,admin,cluster,dispatch] [--relay-args "--flag value"]
 //     [--profile DIR] [--max-minutes M]
 //
 // The cluster scenario (bench/cluster.ts) has its own table: the relay on one node, the relay over
@@ -30,8 +30,12 @@ const FULL: Omit<BenchConfig, 'relayArgs' | 'serverNodeArgs' | 'heapSnapshotAfte
   idleConnections: 10_000,
   idleClientProcesses: 2,
   restartMessages: 1_000_000,
+  verifyMessages: 1_000_000,
   adminEmployees: 1000,
   adminRequests: 100,
+  dispatchTasks: 20_000,
+  dispatchEmployees: 20,
+  dispatchCapacity: 5,
   runTimeoutMs: 120_000,
 };
 
@@ -46,6 +50,8 @@ const QUICK: typeof FULL = {
   fanoutWarmup: 1,
   idleConnections: 1000,
   restartMessages: 100_000,
+  verifyMessages: 100_000,
+  dispatchTasks: 3000,
   runTimeoutMs: 60_000,
 };
 
@@ -128,8 +134,10 @@ function describeConfig(config: BenchConfig): string {
     `fan-out N=${config.fanoutEmployees} employees x ${config.fanoutBroadcasts} broadcasts`,
     `idle N=${config.idleConnections.toLocaleString('en-US')} employees`,
     `restart N=${config.restartMessages.toLocaleString('en-US')} messages`,
+    `verify N=${config.verifyMessages.toLocaleString('en-US')} messages`,
     `admin N=${config.adminEmployees.toLocaleString('en-US')} employees x ${config.adminRequests} requests`,
     `cluster: the throughput, latency and fan-out counts above, fan-out employees alternating over the nodes`,
+    `dispatch ${config.dispatchTasks.toLocaleString('en-US')} tasks with replies, ${config.dispatchEmployees} employees x capacity ${config.dispatchCapacity}`,
   ].join('; ');
 }
 

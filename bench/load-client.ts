@@ -19,11 +19,11 @@ export class AuthRefused extends Error {
 }
 
 /** Opens a socket, answers hello with auth, resolves on auth_ok. */
-export function connectAndAuth(url: string, role: 'boss' | 'employee', name = 'bench'): Promise<AuthedSocket> {
+export function connectAndAuth(url: string, role: 'boss' | 'employee', name = 'bench', extra: Record<string, unknown> = {}): Promise<AuthedSocket> {
   const authFrame =
     role === 'boss'
       ? { type: 'auth', role, authkey: BENCH_AUTHKEY }
-      : { type: 'auth', role, name, tags: ['bench'] };
+      : { type: 'auth', role, name, tags: ['bench'], ...extra };
   const attempt = new Promise<AuthedSocket>((resolve, reject) => {
     const ws = new WebSocket(url, { perMessageDeflate: false });
     const fail = (error: Error) => {

@@ -1,9 +1,11 @@
 // messages.db in NeDB's line format (see lib/message-log.ts): writing a large one for the
-// restart scenario, and counting what a run left in one.
+// restart and verify scenarios (hash-chained as the relay writes it), and counting what a run
+// left in one.
 
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import readline from 'node:readline';
+import { chainLine, GENESIS_HASH } from '../lib/audit-chain';
 
 const ID_ALPHABET = 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789';
 
@@ -47,9 +49,14 @@ export async function writeMessagesDb(file: string, count: number): Promise<numb
   const start = end - 3_600_000;
   const step = (end - start) / Math.max(1, count);
   const chunkLines = 5000;
+  let previous = GENESIS_HASH;
   for (let index = 0; index < count; ) {
     const lines: string[] = [];
-    for (let n = 0; n < chunkLines && index < count; n++, index++) lines.push(recordLine(index, Math.floor(start + index * step)));
+    for (let n = 0; n < chunkLines && index < count; n++, index++) {
+      const link = chainLine(previous, recordLine(index, Math.floor(start + index * step)));
+      previous = link.hash;
+      lines.push(link.line);
+    }
     if (!out.write(lines.join('\n') + '\n')) await new Promise<void>((resolve) => out.once('drain', resolve));
   }
   await new Promise<void>((resolve, reject) => out.end((error?: Error | null) => (error ? reject(error) : resolve())));

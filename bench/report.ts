@@ -14,6 +14,8 @@ type Target =
   | { kind: 'relayBelow'; value: number }
   | { kind: 'relayAtLeast'; value: number };
 
+/** A row comparing two of the relay's own measures: `reference` fills the ceiling column. */
+
 interface RowSpec {
   label: string;
   scenario: ScenarioName;
@@ -22,6 +24,8 @@ interface RowSpec {
   /** How rounds combine: median normally; the worst round for must-hold properties. */
   combine?: 'median' | 'min' | 'max';
   target?: Target;
+  /** The relay's own metric to compare with (shown in the ceiling column), instead of the ceiling's. */
+  reference?: string;
 }
 
 const ROWS: RowSpec[] = [
@@ -43,11 +47,20 @@ const ROWS: RowSpec[] = [
   { label: 'restart time to ready, N logged messages (s)', scenario: 'restart', metric: 'restartReadyS', decimals: 2, combine: 'max', target: { kind: 'relayBelow', value: 5 } },
   { label: 'restart RSS at ready (MB)', scenario: 'restart', metric: 'restartRssMb', decimals: 0, combine: 'max' },
   { label: 'restart RSS 2 s after ready (MB)', scenario: 'restart', metric: 'restartRssAfter2sMb', decimals: 0, combine: 'max' },
+  { label: 'audit verify, N logged messages (s)', scenario: 'verify', metric: 'verifyS', decimals: 2, combine: 'max', target: { kind: 'relayBelow', value: 10 } },
   { label: 'GET /api/admin/workforce, N employees, p50 (ms)', scenario: 'admin', metric: 'adminRequestP50Ms', decimals: 2 },
   { label: 'GET /api/admin/workforce, N employees, p99 (ms)', scenario: 'admin', metric: 'adminRequestP99Ms', decimals: 2, target: { kind: 'relayBelow', value: 20 } },
   { label: 'GET /api/admin/workforce server CPU per request (ms)', scenario: 'admin', metric: 'adminServerCpuMs', decimals: 2 },
   { label: 'GET /api/admin/workforce body (KB)', scenario: 'admin', metric: 'adminBodyKb', decimals: 0 },
   { label: 'ping round trip during those requests, p99 (ms)', scenario: 'admin', metric: 'adminPingP99Ms', decimals: 2 },
+  {
+    label: 'dispatch any:<tag> with replies vs direct (tasks/s)',
+    scenario: 'dispatch',
+    metric: 'dispatchTasksPerSec',
+    reference: 'directTasksPerSec',
+    decimals: 0,
+    target: { kind: 'ratioAtLeast', value: 0.5 },
+  },
 ];
 
 export interface TableRow {
@@ -93,7 +106,10 @@ function judge(target: Target | undefined, relay: number | null, ratio: number |
 export function buildRows(results: RoundResults): TableRow[] {
   return ROWS.filter((spec) => results[spec.scenario] !== undefined).map((spec) => {
     const relay = combine(results[spec.scenario]?.relay, spec.metric, spec.combine);
-    const ceiling = combine(results[spec.scenario]?.ceiling, spec.metric, spec.combine);
+    const ceiling =
+      spec.reference === undefined
+        ? combine(results[spec.scenario]?.ceiling, spec.metric, spec.combine)
+        : combine(results[spec.scenario]?.relay, spec.reference, spec.combine);
     const ratio = relay !== null && ceiling !== null && ceiling !== 0 ? relay / ceiling : null;
     return { label: spec.label, relay, ceiling, ratio, target: describe(spec.target), met: judge(spec.target, relay, ratio), decimals: spec.decimals };
   });

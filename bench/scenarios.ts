@@ -1,7 +1,7 @@
 // One round of each scenario against one server: start the server in its own process, run the
 // workload, read the server's memory and CPU, stop it.
 
-import { fork, type ChildProcess } from 'node:child_process';
+import { execFile, fork, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { makeTempDir, removeTempDir, trackChild } from './cleanup';
@@ -9,7 +9,7 @@ import { countMessagesDb, writeMessagesDb } from './message-db';
 import { cpuMs, peakRssKb, rssKb, sampleRss, sleep, withTimeout } from './proc';
 import { healthAnswers, startServer, type ServerKind, type ServerProcess } from './servers';
 import { median } from './stats';
-import { runFanout, runLatency, runThroughput } from './workloads';
+import { runFanout, runLatency, runTasks, runThroughput } from './workloads';
 import { runAdmin } from './admin-workload';
 
 export interface BenchConfig {
@@ -24,6 +24,12 @@ export interface BenchConfig {
   idleConnections: number;
   idleClientProcesses: number;
   restartMessages: number;
+  /** Records in the messages.db `mimiclaw-ws verify` checks. */
+  verifyMessages: number;
+  /** Dispatch: tasks per run, employees, and their capacity (in flight: employees x capacity). */
+  dispatchTasks: number;
+  dispatchEmployees: number;
+  dispatchCapacity: number;
   adminEmployees: number;
   adminRequests: number;
   relayArgs: string[];
@@ -36,7 +42,7 @@ export interface BenchConfig {
 
 export type Metrics = Record<string, number>;
 
-export type ScenarioName = 'throughput' | 'latency' | 'fanout' | 'idle' | 'restart' | 'admin';
+export type ScenarioName = 'throughput' | 'latency' | 'fanout' | 'idle' | 'restart' | 'verify' | 'admin' | 'dispatch';
 
 export interface Scenario {
   name: ScenarioName;
@@ -176,20 +182,26 @@ async function idle(kind: ServerKind, config: BenchConfig): Promise<Metrics> {
   });
 }
 
-let restartTemplate: string | undefined;
+const templates = new Map<number, string>();
+
+/** A messages.db of `count` chained records, written once per run and copied from. */
+async function templateDb(count: number): Promise<string> {
+  let file = templates.get(count);
+  if (file === undefined) {
+    file = path.join(makeTempDir('mimiclaw-bench-template-'), 'messages.db');
+    process.stderr.write(`  writing ${count.toLocaleString('en-US')} messages into a template messages.db ... `);
+    const bytes = await writeMessagesDb(file, count);
+    process.stderr.write(`${(bytes / 1024 / 1024).toFixed(0)} MB\n`);
+    templates.set(count, file);
+  }
+  return file;
+}
 
 async function restart(kind: ServerKind, config: BenchConfig): Promise<Metrics> {
-  if (restartTemplate === undefined) {
-    const dir = makeTempDir('mimiclaw-bench-template-');
-    const file = path.join(dir, 'messages.db');
-    process.stderr.write(`  writing ${config.restartMessages.toLocaleString('en-US')} messages into a template messages.db ... `);
-    const bytes = await writeMessagesDb(file, config.restartMessages);
-    process.stderr.write(`${(bytes / 1024 / 1024).toFixed(0)} MB\n`);
-    restartTemplate = file;
-  }
+  const template = await templateDb(config.restartMessages);
   const dataDir = makeTempDir('mimiclaw-bench-restart-');
   try {
-    fs.copyFileSync(restartTemplate, path.join(dataDir, 'messages.db'));
+    fs.copyFileSync(template, path.join(dataDir, 'messages.db'));
     const server = await startServer(kind, { dataDir, relayArgs: config.relayArgs, nodeArgs: config.serverNodeArgs, readyTimeoutMs: config.runTimeoutMs });
     try {
       const readyRssKb = rssKb(server.pid);
@@ -201,6 +213,45 @@ async function restart(kind: ServerKind, config: BenchConfig): Promise<Metrics> 
   } finally {
     removeTempDir(dataDir);
   }
+}
+
+/** `mimiclaw-ws verify` on a data dir of N chained messages, timed from spawn to exit. */
+async function verify(_kind: ServerKind, config: BenchConfig): Promise<Metrics> {
+  const template = await templateDb(config.verifyMessages);
+  const dataDir = makeTempDir('mimiclaw-bench-verify-');
+  try {
+    fs.copyFileSync(template, path.join(dataDir, 'messages.db'));
+    const started = performance.now();
+    const stdout = await new Promise<string>((resolve, reject) => {
+      execFile(process.execPath, [path.join(__dirname, '..', 'cli.js'), 'verify', '--data-dir', dataDir], { timeout: config.runTimeoutMs }, (error, out) =>
+        error ? reject(new Error(`verify failed: ${error.message}`)) : resolve(out),
+      );
+    });
+    const seconds = (performance.now() - started) / 1000;
+    const checked = Number(/^intact: (\d+)/.exec(stdout)?.[1] ?? NaN);
+    if (checked !== config.verifyMessages) throw new Error(`verify checked ${checked}, expected ${config.verifyMessages}: ${stdout.trim()}`);
+    return { verifyS: seconds };
+  } finally {
+    removeTempDir(dataDir);
+  }
+}
+
+/**
+ * Part C: tasks with replies through any:<tag> against the same tasks sent to employee ids in
+ * turn, on one relay in one run (the ceiling has no dispatch), after a warm-up of each.
+ */
+async function dispatch(kind: ServerKind, config: BenchConfig): Promise<Metrics> {
+  return withServer(kind, config, async (server) => {
+    const inFlight = config.dispatchEmployees * config.dispatchCapacity;
+    const shape = [inFlight, config.dispatchEmployees, config.dispatchCapacity, config.runTimeoutMs] as const;
+    // A short warm-up of each, so neither is measured while V8 still compiles its path.
+    const warmup = Math.min(2000, config.dispatchTasks);
+    await runTasks(server.url, 'direct', warmup, ...shape);
+    await runTasks(server.url, 'any', warmup, ...shape);
+    const direct = await runTasks(server.url, 'direct', config.dispatchTasks, ...shape);
+    const any = await runTasks(server.url, 'any', config.dispatchTasks, ...shape);
+    return { directTasksPerSec: direct.tasksPerSec, dispatchTasksPerSec: any.tasksPerSec };
+  });
 }
 
 async function admin(kind: ServerKind, config: BenchConfig): Promise<Metrics> {
@@ -222,5 +273,7 @@ export const SCENARIOS: Scenario[] = [
   { name: 'fanout', kinds: ['relay', 'ceiling'], run: fanout },
   { name: 'idle', kinds: ['relay', 'ceiling'], run: idle },
   { name: 'restart', kinds: ['relay'], run: restart },
+  { name: 'verify', kinds: ['relay'], run: verify },
   { name: 'admin', kinds: ['relay'], run: admin },
+  { name: 'dispatch', kinds: ['relay'], run: dispatch },
 ];

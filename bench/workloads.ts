@@ -216,3 +216,58 @@ function broadcastRounds(boss: AuthedSocket, receivers: AuthedSocket[], rounds: 
     sendNext();
   });
 }
+
+export interface TasksResult {
+  tasksPerSec: number;
+}
+
+/**
+ * 1 boss, `employees` employees of capacity `capacity`, `tasks` tasks with `inFlight` waiting for
+ * their reply. Each employee answers a task at once with a message carrying in_reply_to; a task
+ * counts when its reply reaches the boss. `direct` sends each task to an employee's id in turn;
+ * `any` sends it to any:bench-tasks and lets the relay choose (part C).
+ */
+export async function runTasks(url: string, mode: 'direct' | 'any', tasks: number, inFlight: number, employees: number, capacity: number, timeoutMs: number): Promise<TasksResult> {
+  const boss = await connectAndAuth(url, 'boss');
+  const workers = await Promise.all(Array.from({ length: employees }, (_, i) => connectAndAuth(url, 'employee', `bench-tasks-${i}`, { tags: ['bench-tasks'], capacity })));
+  const prefix = `${mode}${randomBytes(4).toString('hex')}-`;
+  let sent = 0;
+  let replies = 0;
+  let startedAt = 0;
+  const send = () => {
+    const to = mode === 'any' ? 'any:bench-tasks' : workers[sent % employees]!.id;
+    boss.ws.send(`{"type":"message","to":"${to}","queue":true,"payload":${PAYLOAD},"msg_id":"${prefix}${sent}"}`);
+    sent++;
+  };
+  const run = new Promise<number>((resolve, reject) => {
+    for (const worker of workers) {
+      worker.ws.on('message', (data) => {
+        const frame = parse(data);
+        const error = errorOf(frame);
+        if (error) return reject(error);
+        if (frame.type !== 'message') return;
+        worker.ws.send(`{"type":"message","to":"${String(frame.from_id)}","in_reply_to":${JSON.stringify(frame.msg_id)},"payload":{"ok":true}}`);
+      });
+      worker.ws.on('close', (code) => reject(new Error(`employee socket closed (${code}) mid-run`)));
+    }
+    boss.ws.on('message', (data) => {
+      const frame = parse(data);
+      const error = errorOf(frame);
+      if (error) return reject(error);
+      if (frame.type === 'delivery_ack' && (frame.failed as unknown[]).length > 0) return reject(new Error(`task failed: ${JSON.stringify(frame)}`));
+      if (frame.type !== 'message' || frame.in_reply_to === undefined) return;
+      replies++;
+      if (replies === tasks) resolve(nowMs() - startedAt);
+      else if (sent < tasks) send();
+    });
+    boss.ws.on('close', (code) => reject(new Error(`boss socket closed (${code}) mid-run`)));
+    startedAt = nowMs();
+    while (sent < Math.min(inFlight, tasks)) send();
+  });
+  try {
+    const elapsedMs = await withTimeout(run, timeoutMs, `${mode} tasks run`);
+    return { tasksPerSec: (tasks * 1000) / elapsedMs };
+  } finally {
+    closeAll([boss, ...workers]);
+  }
+}

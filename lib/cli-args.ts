@@ -2,7 +2,7 @@
 // says what to fix. Kept apart from cli.ts so it is tested without spawning processes.
 
 import { isLogLevel, LOG_LEVELS } from './logger';
-import { defaultDataDir, OptionsError, parseDuration, resolveOptions, type RelayOptions } from './options';
+import { checkRedisUrl, defaultDataDir, OptionsError, parseDuration, resolveOptions, type RelayOptions } from './options';
 
 export class UsageError extends Error {}
 
@@ -42,6 +42,11 @@ const FLAGS: Record<string, { kind: Kind; option: keyof RelayOptions; help: stri
   'public-reads': { kind: 'boolean', option: 'publicReads', help: 'let non-loopback clients read without the authkey (default off)' },
   'forget-offline-after': { kind: 'duration', option: 'forgetOfflineAfterMs', help: 'remove identities offline and unseen this long, checked each maintenance run (default 0 = off)' },
   'boss-keys-file': { kind: 'string', option: 'bossKeysFile', help: 'named boss keys, one name:key or name:sha256:<hex> a line, beside the authkey; reread on SIGHUP' },
+  redis: { kind: 'string', option: 'redisUrl', help: 'join a cluster whose store is this Redis, e.g. redis://127.0.0.1:6379 (else env MIMICLAW_REDIS_URL; default none: one node)' },
+  cluster: { kind: 'string', option: 'clusterName', help: 'cluster name prefixing every Redis key and channel (default mimiclaw)' },
+  'node-id': { kind: 'string', option: 'nodeId', help: 'this node\'s id (default: kept in <data-dir>/node-id)' },
+  'task-timeout': { kind: 'duration', option: 'taskTimeoutMs', help: 'lease of a task sent to any:<tag> without task_timeout_ms (default 10m)' },
+  'max-attempts': { kind: 'count', option: 'maxAttempts', help: 'assignments a dispatched task gets before it fails (default 3)' },
 };
 
 const BYTE_UNITS: Record<string, number> = { '': 1, b: 1, kb: 1000, kib: 1024, mb: 1e6, mib: 1024 ** 2, gb: 1e9, gib: 1024 ** 3 };
@@ -191,6 +196,10 @@ export function parseCommandLine(argv: string[], env: NodeJS.ProcessEnv = proces
   }
   options.authkey ??= env.MIMICLAW_AUTHKEY;
   options.employeeKey ??= env.MIMICLAW_EMPLOYEE_KEY;
+  if (options.redisUrl === undefined && env.MIMICLAW_REDIS_URL) {
+    if (checkRedisUrlText(env.MIMICLAW_REDIS_URL)) options.redisUrl = env.MIMICLAW_REDIS_URL;
+    else throw new UsageError(`MIMICLAW_REDIS_URL must be a redis:// or rediss:// URL such as redis://127.0.0.1:6379; got "${env.MIMICLAW_REDIS_URL.slice(0, 80)}".`);
+  }
   options.dataDir ??= defaultDataDir(env);
   if (typeof options.authkey !== 'string' || options.authkey === '') {
     throw new UsageError('No authkey: pass it as the second argument (mimiclaw-ws 8787 <authkey>), with --authkey <key>, or in env MIMICLAW_AUTHKEY.');
@@ -209,6 +218,15 @@ export function parseCommandLine(argv: string[], env: NodeJS.ProcessEnv = proces
   return { kind: 'run', options: relayOptions };
 }
 
+function checkRedisUrlText(text: string): boolean {
+  try {
+    checkRedisUrl(text);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
 export function helpText(version: string): string {
   const width = Math.max(...Object.keys(FLAGS).map((name) => name.length)) + 10;
   const lines = Object.entries(FLAGS).map(([name, spec]) => {
@@ -222,6 +240,9 @@ export function helpText(version: string): string {
     '  mimiclaw-ws [port] [authkey] [data-dir] [options]',
     '  mimiclaw-ws connect <ws-url> [options]     (mimiclaw-ws connect --help)',
     '  mimiclaw-ws send <ws-url> [options]        (mimiclaw-ws send --help)',
+    '  mimiclaw-ws verify [--data-dir DIR]        check the audit trail (mimiclaw-ws verify --help)',
+    '  mimiclaw-ws backup --out FILE              copy the data dir, also while the relay runs',
+    '  mimiclaw-ws restore --in FILE [--force]    put a backup back (the relay stopped)',
     '',
     'Options:',
     ...lines,

@@ -6,19 +6,22 @@ import readline from 'node:readline';
 import minimist from 'minimist';
 import { RelayClient, RelayClientError, type RelayClientOptions, type SendOptions } from '../client';
 import { parseDuration } from './options';
-import { isPlainObject, type DeliveryAckFrame, type Role, type Target } from './protocol';
+import { checkCapacity, checkPriority, isPlainObject, type DeliveryAckFrame, type EmployeeStatus, type Role, type Target } from './protocol';
 
 export const CONNECT_USAGE =
-  'usage: mimiclaw-ws connect <ws-url> (--role employee --name N --tags a,b | --role boss --authkey K) [--identity-file F] [--keep-open]';
+  'usage: mimiclaw-ws connect <ws-url> (--role employee --name N --tags a,b [--capacity N] | --role boss --authkey K) [--identity-file F] [--keep-open]';
 export const SEND_USAGE =
-  "usage: mimiclaw-ws send <ws-url> --authkey K --to ID|tag:NAME|* --payload JSON [--queue] [--ttl 1h] [--msg-id ID] [--identity-file F] [--timeout 10s]";
+  "usage: mimiclaw-ws send <ws-url> --authkey K --to ID|tag:NAME|any:NAME|* --payload JSON [--queue] [--ttl 1h] [--priority high|normal|low] [--wait-reply] [--task-timeout 10m] [--msg-id ID] [--identity-file F] [--timeout 10s]";
 
 const CONNECT_HELP = `${CONNECT_USAGE}
 
 Connects as a boss or an employee and stays connected, reconnecting by itself.
 Every frame from the relay is printed on stdout as one JSON line (heartbeat pongs excepted).
-Every JSON line on stdin is sent as a message: {"to":"employee-…"|"tag:x"|"*","payload":…,
-"msg_id":"optional","queue":true,"ttl_ms":60000}. A bad line gets a JSON error line on stderr
+Every JSON line on stdin is sent as a message: {"to":"employee-…"|"tag:x"|"any:x"|"*","payload":…,
+"msg_id":"optional","queue":true,"ttl_ms":60000,"priority":"high","in_reply_to":"<task msg_id>"}.
+An employee ends a task with {"type":"task_done","msg_id":"…","failed":false} (or by a message
+with "in_reply_to") and declares itself with {"type":"status","status":"idle"|"working"|"dnd",
+"capacity":2}. A bad line gets a JSON error line on stderr
 and the rest go on; status changes and errors are JSON lines on stderr too.
 A boss ends at end of input: it waits for the acks of what it sent, then exits 0; sends still
 without an ack after --drain-timeout are reported on stderr and it exits 1. An employee stays
@@ -32,26 +35,31 @@ Exit 1 when the relay refuses the auth for good (wrong authkey, banned, unknown 
   --name N, --tags a,b    an employee's registration (not needed with a saved identity)
   --employee-key K        registration key of a relay started with --employee-key
   --identity-file F       keep the identity in F (JSON, mode 0600) and reuse it next time
+  --capacity N            an employee's tasks at once for any:<tag> dispatch (default 1)
   --keep-open             a boss too stays connected after end of input, until SIGINT/SIGTERM
   --drain-timeout 10s     longest wait for acks at end of input
 `;
 
 const SEND_HELP = `${SEND_USAGE}
 
-Sends one message and prints its delivery_ack as one JSON line on stdout.
+Sends one message and prints its delivery_ack as one JSON line on stdout; with --wait-reply,
+prints the reply (the message whose in_reply_to is this msg_id) instead, once it comes.
 Exit 0 when it reached at least one target (delivered or queued) and no target failed;
 1 when a target failed, nobody was reached, or the relay could not be reached or refused the
 auth within --timeout (the reason is one line on stderr); 2 on bad arguments.
 
-  --to T                  an id, tag:NAME or * (repeat --to for several ids)
+  --to T                  an id, tag:NAME, any:NAME (one free employee) or * (repeat --to for several ids)
   --payload JSON          the payload, as JSON ('{"task":"x"}', '"text"', 42)
   --queue                 keep it for offline targets until they come back (--ttl caps the wait)
+  --priority P            high, normal (default) or low
+  --wait-reply            wait for the reply and print it; exit 1 if the task fails or --timeout passes
+  --task-timeout 10m      lease of an any:NAME task before it goes to someone else
   --msg-id ID             your msg_id: sending again with the same one is not delivered twice
   --role boss|employee    default boss; an employee needs --name/--tags or --identity-file
   --authkey K             the relay's authkey (else env MIMICLAW_AUTHKEY)
   --identity-file F       send as the identity kept in F; without it each run registers an
                           ephemeral identity that the relay forgets when the run ends
-  --timeout 10s           give up after this long
+  --timeout 10s           give up after this long (with --wait-reply: on the reply too)
 `;
 
 class ArgsError extends Error {}
@@ -138,10 +146,11 @@ interface SendCommand {
   payload: unknown;
   send: SendOptions;
   timeoutMs: number;
+  waitReply: boolean;
 }
 
 function parseSend(argv: string[]): SendCommand | 'help' {
-  const { url, args } = parseArgs(argv, ['to', 'payload', 'ttl', 'msg-id', 'timeout'], ['queue']);
+  const { url, args } = parseArgs(argv, ['to', 'payload', 'ttl', 'msg-id', 'timeout', 'priority', 'task-timeout'], ['queue', 'wait-reply']);
   if (args.help) return 'help';
   const client = clientOptions(url, args, 'boss');
   // A one-off sender leaves nothing behind: no identity pile-up, and two runs at once do not
@@ -163,7 +172,21 @@ function parseSend(argv: string[]): SendCommand | 'help' {
   if (args.ttl !== undefined) send.ttlMs = duration(args, 'ttl', 0);
   const msgId = single(args, 'msg-id');
   if (msgId) send.msgId = msgId;
-  return { client, to: targets.length === 1 ? targets[0]! : targets, payload, send, timeoutMs: duration(args, 'timeout', 10_000) };
+  const priority = single(args, 'priority');
+  if (priority !== undefined) {
+    const checked = checkPriority(priority);
+    if (!checked.ok) throw new ArgsError('--priority must be high, normal or low');
+    send.priority = checked.value;
+  }
+  if (args['task-timeout'] !== undefined) send.taskTimeoutMs = duration(args, 'task-timeout', 0);
+  return {
+    client,
+    to: targets.length === 1 ? targets[0]! : targets,
+    payload,
+    send,
+    timeoutMs: duration(args, 'timeout', 10_000),
+    waitReply: Boolean(args['wait-reply']),
+  };
 }
 
 /** 0 when someone got it (delivered or queued) and nobody failed; otherwise the reason. */
@@ -189,6 +212,11 @@ export async function runSend(argv: string[]): Promise<number> {
   client.on('error', (error) => (lastProblem = error.message));
   client.connect().catch(() => undefined);
   try {
+    if (command.waitReply) {
+      const reply = await client.request(command.to, command.payload, { ...command.send, timeoutMs: command.timeoutMs });
+      process.stdout.write(JSON.stringify(reply) + '\n');
+      return 0;
+    }
     const ack = await client.send(command.to, command.payload, command.send);
     process.stdout.write(JSON.stringify(ack) + '\n');
     const problem = ackVerdict(ack);
@@ -214,9 +242,15 @@ interface ConnectCommand {
 }
 
 function parseConnect(argv: string[]): ConnectCommand | 'help' {
-  const { url, args } = parseArgs(argv, ['drain-timeout'], ['keep-open']);
+  const { url, args } = parseArgs(argv, ['drain-timeout', 'capacity'], ['keep-open']);
   if (args.help) return 'help';
   const client = clientOptions(url, args);
+  const capacityText = single(args, 'capacity');
+  if (capacityText !== undefined) {
+    const capacity = checkCapacity(/^\d+$/.test(capacityText) ? Number(capacityText) : NaN);
+    if (!capacity.ok || capacity.value === undefined) throw new ArgsError('--capacity must be a whole number of tasks, 1 or more');
+    client.capacity = capacity.value;
+  }
   // An employee is a worker: it waits for work whether or not it has anything to say.
   const keepOpen = Boolean(args['keep-open']) || client.role === 'employee';
   return { client, keepOpen, drainTimeoutMs: duration(args, 'drain-timeout', 10_000) };
@@ -227,8 +261,13 @@ const MAX_PENDING_SENDS = 1000;
 
 const writeLine = (stream: NodeJS.WritableStream, value: unknown) => stream.write(JSON.stringify(value) + '\n');
 
-/** One stdin line as a send, or the reason it is not one. */
-function parseInputLine(line: string): { to: Target; payload: unknown; options: SendOptions } | string {
+type InputLine =
+  | { to: Target; payload: unknown; options: SendOptions }
+  | { taskDone: string; failed: boolean }
+  | { status: EmployeeStatus | undefined; capacity: number | undefined };
+
+/** One stdin line as a send (or task_done / status), or the reason it is not one. */
+function parseInputLine(line: string): InputLine | string {
   let value: unknown;
   try {
     value = JSON.parse(line);
@@ -236,7 +275,20 @@ function parseInputLine(line: string): { to: Target; payload: unknown; options: 
     return 'not JSON: give one object per line, e.g. {"to":"*","payload":{"task":"x"}}';
   }
   if (!isPlainObject(value)) return 'not a JSON object: give e.g. {"to":"*","payload":{"task":"x"}}';
-  if (value.type !== undefined && value.type !== 'message') return 'only messages can be sent: leave out "type" or use "message"';
+  if (value.type === 'task_done') {
+    if (typeof value.msg_id !== 'string' || value.msg_id === '') return 'task_done needs "msg_id": the msg_id of the task';
+    if (value.failed !== undefined && typeof value.failed !== 'boolean') return '"failed" must be true or false';
+    return { taskDone: value.msg_id, failed: value.failed === true };
+  }
+  if (value.type === 'status') {
+    const status = value.status;
+    if (status !== undefined && status !== 'idle' && status !== 'working' && status !== 'dnd') return '"status" must be idle, working or dnd';
+    const capacity = checkCapacity(value.capacity);
+    if (!capacity.ok) return capacity.error.message;
+    if (status === undefined && capacity.value === undefined) return 'a status line needs "status", "capacity" or both';
+    return { status, capacity: capacity.value };
+  }
+  if (value.type !== undefined && value.type !== 'message') return 'only messages, task_done and status can be sent: leave out "type" or use "message"';
   if (value.to === undefined) return 'missing "to": an id, an array of ids, "tag:NAME" or "*"';
   const options: SendOptions = {};
   if (value.msg_id !== undefined) {
@@ -250,6 +302,19 @@ function parseInputLine(line: string): { to: Target; payload: unknown; options: 
   if (value.ttl_ms !== undefined) {
     if (typeof value.ttl_ms !== 'number') return '"ttl_ms" must be a number of milliseconds';
     options.ttlMs = value.ttl_ms;
+  }
+  if (value.priority !== undefined) {
+    const priority = checkPriority(value.priority);
+    if (!priority.ok) return '"priority" must be high, normal or low';
+    options.priority = priority.value;
+  }
+  if (value.in_reply_to !== undefined) {
+    if (typeof value.in_reply_to !== 'string' || value.in_reply_to === '') return '"in_reply_to" must be the msg_id of the task answered';
+    options.inReplyTo = value.in_reply_to;
+  }
+  if (value.task_timeout_ms !== undefined) {
+    if (typeof value.task_timeout_ms !== 'number') return '"task_timeout_ms" must be a number of milliseconds';
+    options.taskTimeoutMs = value.task_timeout_ms;
   }
   return { to: value.to as Target, payload: value.payload, options };
 }
@@ -309,6 +374,22 @@ async function pumpInput(client: RelayClient, input: readline.Interface, inFligh
     const parsed = parseInputLine(line);
     if (typeof parsed === 'string') {
       writeLine(process.stderr, { event: 'error', line: lineNo, error: { code: 'invalid_input', message: parsed } });
+      continue;
+    }
+    if ('taskDone' in parsed) {
+      if (!client.done({ msg_id: parsed.taskDone }, { failed: parsed.failed })) {
+        writeLine(process.stderr, { event: 'error', line: lineNo, error: { code: 'closed', message: 'not connected: the task went back to the relay with the connection' } });
+      }
+      continue;
+    }
+    if ('status' in parsed) {
+      const at = lineNo;
+      const change = { ...(parsed.status !== undefined && { status: parsed.status }), ...(parsed.capacity !== undefined && { capacity: parsed.capacity }) };
+      const declared: Promise<unknown> = client
+        .setAvailability(change)
+        .catch((error: unknown) => writeLine(process.stderr, { event: 'error', line: at, error: errorInfo(error) }))
+        .finally(() => inFlight.delete(declared));
+      inFlight.add(declared);
       continue;
     }
     // Backpressure: read no further while the client holds as many sends as it may.

@@ -46,6 +46,8 @@ td.mono, .mono { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, mon
 .status-offline, .health-degraded { color:var(--warn); font-weight:600; }
 .status-banned, .health-unhealthy { color:var(--bad); font-weight:600; }
 .reasons { color:var(--muted); font-size:12px; }
+.work-busy { color:var(--warn); font-weight:600; }
+.work-idle { color:var(--ok); }
 #feed { list-style:none; margin:0; padding:0; max-height:460px; overflow:auto; }
 #feed li { padding:4px 2px; border-bottom:1px solid var(--line); display:grid; grid-template-columns:auto 1fr auto; column-gap:8px; align-items:baseline; }
 #feed li .what { grid-column:1 / -1; grid-row:2; overflow-wrap:anywhere; }
@@ -139,15 +141,30 @@ async function api(method, path, body) {
 }
 
 // ---- employees and bosses: keyed rows patched in place ----
-function statusCell(node) { return el('span', { class: 'status-' + node.status, text: node.status }); }
+function statusCell(node) {
+  const status = el('span', { class: 'status-' + node.status, text: node.status });
+  // Which relay node holds the socket (several nodes form one relay: docs/CLUSTER.md).
+  return node.node && node.status === 'online' ? el('span', null, [status, el('div', { class: 'reasons', text: 'on ' + node.node })]) : status;
+}
 function healthCell(node) {
   const h = node.health || { overall: 'unknown', reasons: [] };
   return el('span', null, [el('span', { class: 'health-' + h.overall, text: h.overall }),
     h.reasons.length ? el('div', { class: 'reasons', text: h.reasons.join(', ') }) : null]);
 }
+function workCell(node) {
+  // Dispatch: busy while it holds tasks or says working, idle when it can take one. Rows patched
+  // from a connect event have no dispatch view yet: an employee starts idle, capacity unknown
+  // until the next workforce read (task events trigger one).
+  if (node.status !== 'online') return el('span', { class: 'muted', text: '\u2013' });
+  const d = node.dispatch && node.dispatch.status !== 'offline' ? node.dispatch : { status: 'idle', in_progress: 0, capacity: node.dispatch ? node.dispatch.capacity : '?' };
+  const busy = d.status !== 'idle' || d.in_progress > 0;
+  const label = (d.status === 'dnd' ? 'dnd' : busy ? 'busy' : 'idle') + ' ' + d.in_progress + '/' + d.capacity;
+  return el('span', { class: busy ? 'work-busy' : 'work-idle', title: d.in_progress + ' tasks in progress of ' + d.capacity + ' (' + d.status + ')', text: label });
+}
 function signature(node) {
   const h = node.health || {};
-  return [node.name, node.tags.join(','), node.status, h.overall, (h.reasons || []).join(','), node.last_seen, node.credential || ''].join('|');
+  const d = node.dispatch || {};
+  return [node.name, node.tags.join(','), node.status, node.node || '', h.overall, (h.reasons || []).join(','), node.last_seen, d.status, d.in_progress, d.capacity, node.credential || ''].join('|');
 }
 function buildRow(node) {
   const tr = el('tr', { 'data-id': node.id });
@@ -163,7 +180,9 @@ function fillRow(tr, node) {
   tr.dataset.name = (node.name || '').toLowerCase();
   const cells = [el('td', { text: node.name || shortId(node.id), title: node.name || node.id })];
   if (node.role === 'employee') cells.push(el('td', null, node.tags.map((t) => el('span', { class: 'chip', text: t, title: t }))));
-  cells.push(el('td', null, [statusCell(node)]), el('td', null, [healthCell(node)]),
+  cells.push(el('td', null, [statusCell(node)]));
+  if (node.role === 'employee') cells.push(el('td', null, [workCell(node)]));
+  cells.push(el('td', null, [healthCell(node)]),
     el('td', { text: fmtTime(node.last_seen), title: new Date(node.last_seen || 0).toISOString() }));
   const who = node.name || node.id;
   const actions = [];
@@ -244,6 +263,16 @@ async function loadWorkforce() {
     notice('');
   } catch (error) { notice('Could not load the workforce: ' + error.message); }
 }
+async function loadTasks() {
+  try {
+    const data = await api('GET', '/api/admin/tasks?limit=1');
+    const tags = Object.keys(data.tags).sort();
+    $('tasks-body').replaceChildren(...(tags.length ? tags.map((tag) => el('tr', { 'data-tag': tag }, [
+      el('td', null, [el('span', { class: 'chip', text: tag === '*' ? 'any' : tag })]),
+      el('td', { text: String(data.tags[tag].waiting) }), el('td', { text: String(data.tags[tag].in_progress) })]))
+      : [el('tr', null, [el('td', { colspan: '3', class: 'muted', text: 'No tasks waiting or in progress.' })])]));
+  } catch (error) { notice('Could not load the task queue: ' + error.message); }
+}
 const debounced = new Map();
 function later(name, fn, ms) {
   if (debounced.has(name)) return;
@@ -294,7 +323,7 @@ function healthOf(node) {
   return health;
 }
 // Applies an event to a node's row: ref is the event's node, report a self report's validity.
-function patchNode(id, status, at, ref, report) {
+function patchNode(id, status, at, ref, report, holder) {
   const known = state.nodes.get(id);
   if (!known && !ref) return;
   const node = Object.assign({ created_at: at || Date.now(), meta: null, health: null }, known, ref ? { name: ref.name, tags: ref.tags, role: ref.role, id: ref.id } : null);
@@ -302,6 +331,7 @@ function patchNode(id, status, at, ref, report) {
   node.status = status;
   node.online = status === 'online';
   node.banned = status === 'banned';
+  if (holder !== undefined) node.node = holder;
   if (at) node.last_seen = at;
   if (report !== undefined) {
     node.health = Object.assign({}, node.health);
@@ -317,7 +347,7 @@ function onRelayEvent(type, ev) {
     const known = state.nodes.get(ev.node.id);
     // A ban closes the socket: its disconnect must not turn the row back to offline.
     const status = type === 'connect' ? 'online' : type === 'ban' ? 'banned' : type === 'disconnect' && known && known.status === 'banned' ? 'banned' : 'offline';
-    patchNode(ev.node.id, status, ev.at, ev.credential ? Object.assign({ credential: ev.credential }, ev.node) : ev.node);
+    patchNode(ev.node.id, status, ev.at, ev.credential ? Object.assign({ credential: ev.credential }, ev.node) : ev.node, undefined, type === 'connect' ? ev.relay_node || null : type === 'disconnect' ? null : undefined);
     const what = type === 'connect' ? (ev.reconnected ? 'reconnected' : 'connected') : type === 'disconnect' ? 'disconnected (code ' + ev.code + ')' : (type === 'ban' ? 'banned' : 'unbanned') + ' by ' + ev.by;
     feedItem(type, nameOf(ev.node) + ' (' + ev.node.role + ') ' + what, { at: ev.at });
   } else if (type === 'identity_removed') {
@@ -334,6 +364,17 @@ function onRelayEvent(type, ev) {
     const button = el('button', { type: 'button', text: 'Payload', 'aria-label': 'Show payload of message ' + ev.msg_id, onclick: () => showPayload(ev) });
     feedItem('message', messageText(ev), { at: ev.at, button: button });
     if (state.commsOffset === 0) later('comms', loadComms, 1000);
+  } else if (type === 'availability') {
+    const known = state.nodes.get(ev.node.id);
+    if (known) upsertNode(Object.assign({}, known, { dispatch: { status: ev.status, capacity: ev.capacity, in_progress: ev.in_progress } }));
+    feedItem('status', nameOf(ev.node) + ' is ' + ev.status + ' (capacity ' + ev.capacity + ')', { at: ev.at });
+  } else if (type.startsWith('task_')) {
+    const what = type === 'task_assigned' ? 'assigned to ' + nameOf(ev.employee_id) + ' (attempt ' + ev.attempt + ')'
+      : type === 'task_done' ? 'done by ' + nameOf(ev.employee_id)
+      : type === 'task_retried' ? 'back in the queue (' + ev.reason + ')' : 'failed (' + ev.reason + ')';
+    feedItem('task', ev.target + ' task ' + ev.msg_id + ' ' + what, { at: ev.at });
+    later('tasks', loadTasks, 500);
+    later('workforce', loadWorkforce, 1500);
   } else if (type === 'delivery_update') {
     feedItem('delivery', 'queued message ' + ev.msg_id + ' to ' + nameOf(ev.id) + ' ' + ev.status, { at: ev.at });
     if (state.commsOffset === 0) later('comms', loadComms, 1000);
@@ -476,12 +517,12 @@ function connectEvents() {
     }, wait);
   };
   const remember = (e) => { if (e.lastEventId) state.lastEventId = e.lastEventId; };
-  for (const type of ['connect', 'disconnect', 'message', 'delivery_update', 'ban', 'unban', 'health', 'identity_removed', 'key_rotated']) {
+  for (const type of ['connect', 'disconnect', 'message', 'delivery_update', 'ban', 'unban', 'health', 'availability', 'task_assigned', 'task_done', 'task_retried', 'task_failed', 'identity_removed', 'key_rotated']) {
     source.addEventListener(type, (e) => { remember(e); onRelayEvent(type, JSON.parse(e.data)); });
   }
   source.addEventListener('missed', (e) => {
     feedItem('missed', JSON.parse(e.data).message);
-    loadWorkforce(); loadComms();
+    loadWorkforce(); loadComms(); loadTasks();
   });
 }
 
@@ -500,6 +541,7 @@ function init() {
   connectEvents();
   loadWorkforce();
   loadComms();
+  loadTasks();
 }
 init();
 `;
@@ -524,8 +566,17 @@ const BODY = `
     </div>
     <div class="scroll">
       <table aria-describedby="employees-title">
-        <thead><tr><th scope="col">Name</th><th scope="col">Tags</th><th scope="col">Status</th><th scope="col">Health</th><th scope="col">Last seen</th><th scope="col">Actions</th></tr></thead>
+        <thead><tr><th scope="col">Name</th><th scope="col">Tags</th><th scope="col">Status</th><th scope="col">Work</th><th scope="col">Health</th><th scope="col">Last seen</th><th scope="col">Actions</th></tr></thead>
         <tbody id="employees-body"></tbody>
+      </table>
+    </div>
+  </section>
+  <section aria-labelledby="tasks-title">
+    <h2 id="tasks-title">Task queue</h2>
+    <div class="scroll">
+      <table aria-describedby="tasks-title">
+        <thead><tr><th scope="col">Tag</th><th scope="col">Waiting</th><th scope="col">In progress</th></tr></thead>
+        <tbody id="tasks-body"></tbody>
       </table>
     </div>
   </section>

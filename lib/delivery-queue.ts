@@ -1,7 +1,7 @@
 // queue.db: store-and-forward. A message for an offline known target is kept here until the
 // target's next auth or its TTL. Entries are on disk before the sender's ack says "queued"
 // (inserted in one NeDB append per tick, fsynced with --fsync), held in memory per target in
-// send order, and removed in batches once delivered or expired: each removal batch is one
+// send order (high priority before normal before low, part C), and removed in batches once delivered or expired: each removal batch is one
 // NeDB append, and remove() says when its batch is on disk, so a drain can bound how much a
 // crash delivers twice.
 
@@ -9,6 +9,7 @@ import fs from 'node:fs/promises';
 import type Datastore from '@seald-io/nedb';
 import type { Logger } from './logger';
 import { openDatastore } from './nedb-file';
+import type { Priority } from './protocol';
 
 export interface QueuedEntry {
   _id: string;
@@ -23,6 +24,13 @@ export interface QueuedEntry {
   frame: string;
   queued_at: number;
   expires_at: number;
+  /** Part C: absent means normal. Orders the target's queue ahead of send order. */
+  priority?: Priority;
+}
+
+/** 0 for high, 1 for normal, 2 for low: a target's list is sorted by rank, then seq. */
+function rank(entry: QueuedEntry): number {
+  return entry.priority === 'high' ? 0 : entry.priority === 'low' ? 2 : 1;
 }
 
 export type NewQueuedEntry = Omit<QueuedEntry, '_id' | 'seq'>;
@@ -47,7 +55,9 @@ function readEntry(doc: Record<string, unknown>): QueuedEntry | null {
   if (!id || !target || !from || !msgId || !recordId || !frame || seq === null || queuedAt === null || expiresAt === null) {
     return null;
   }
-  return { _id: id, seq, target_id: target, from_id: from, msg_id: msgId, record_id: recordId, frame, queued_at: queuedAt, expires_at: expiresAt };
+  const entry: QueuedEntry = { _id: id, seq, target_id: target, from_id: from, msg_id: msgId, record_id: recordId, frame, queued_at: queuedAt, expires_at: expiresAt };
+  if (doc.priority === 'high' || doc.priority === 'low') entry.priority = doc.priority;
+  return entry;
 }
 
 export class DeliveryQueue {
@@ -125,11 +135,20 @@ export class DeliveryQueue {
     return this.unreleased.size === 0 || !this.unreleased.has(entry);
   }
 
-  /** Entries a target has had for longest past `max`; the caller expires them. */
+  /** Entries past `max` for a target, lowest priority first and oldest first within one; the caller expires them. */
   overflow(targetId: string, max: number): QueuedEntry[] {
     const list = this.byTarget.get(targetId);
     if (!list || list.length <= max) return [];
-    return list.slice(0, list.length - max);
+    const excess = list.length - max;
+    const out: QueuedEntry[] = [];
+    for (let r = 2; r >= 0 && out.length < excess; r--) {
+      for (const entry of list) {
+        if (rank(entry) !== r) continue;
+        out.push(entry);
+        if (out.length === excess) break;
+      }
+    }
+    return out;
   }
 
   /**
@@ -191,7 +210,11 @@ export class DeliveryQueue {
   private hold(entry: QueuedEntry): void {
     let list = this.byTarget.get(entry.target_id);
     if (!list) this.byTarget.set(entry.target_id, (list = []));
-    list.push(entry);
+    // Behind every entry of its priority or higher: a plain push unless it jumps lower ones.
+    let at = list.length;
+    while (at > 0 && rank(list[at - 1]!) > rank(entry)) at--;
+    if (at === list.length) list.push(entry);
+    else list.splice(at, 0, entry);
     this.count++;
   }
 

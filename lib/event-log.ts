@@ -1,6 +1,6 @@
 // Turns relay events into log lines: connects (with a boss's credential name), disconnects, auth
-// failures, bans, identity removals and key rotations at info, routed messages at debug
-// (metadata only, never the payload).
+// failures, bans, identity removals, key rotations and dispatched tasks sent back or given up at
+// info, routed messages at debug (metadata only, never the payload).
 
 import type { RelayEvent } from './events';
 import type { Logger } from './logger';
@@ -32,6 +32,12 @@ export function logRelayEvents(logger: Logger): (event: RelayEvent) => void {
         return;
       case 'key_rotated':
         logger.info('key_rotated', { id: event.node.id, role: event.node.role, by: event.by });
+        return;
+      case 'task_retried':
+        logger.info('task_retried', { msg_id: event.msg_id, target: event.target, employee_id: event.employee_id, attempt: event.attempt, reason: event.reason });
+        return;
+      case 'task_failed':
+        logger.info('task_failed', { msg_id: event.msg_id, target: event.target, attempt: event.attempt, reason: event.reason });
         return;
       case 'message':
         if (debug) {

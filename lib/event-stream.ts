@@ -20,7 +20,22 @@ export interface EventStreamOptions {
 }
 
 /** The event types sent on the stream (auth failures and frame errors are counted in /metrics instead). */
-export const STREAMED_EVENT_TYPES: readonly RelayEventType[] = ['connect', 'disconnect', 'message', 'delivery_update', 'ban', 'unban', 'health', 'identity_removed', 'key_rotated'];
+export const STREAMED_EVENT_TYPES: readonly RelayEventType[] = [
+  'connect',
+  'disconnect',
+  'message',
+  'delivery_update',
+  'ban',
+  'unban',
+  'health',
+  'availability',
+  'task_assigned',
+  'task_done',
+  'task_retried',
+  'task_failed',
+  'identity_removed',
+  'key_rotated',
+];
 
 /** Sent first on a resumed stream when events it asked for are no longer in the ring. */
 export interface MissedEventsNotice {

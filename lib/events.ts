@@ -2,7 +2,7 @@
 // metrics and the logger subscribe. Publishing is synchronous and cheap: a subscriber that
 // needs to do slow work must buffer it itself, so a slow consumer never slows routing.
 
-import type { FailureReason, Role } from './protocol';
+import type { FailureReason, Priority, Role } from './protocol';
 
 export interface NodeRef {
   id: string;
@@ -12,8 +12,8 @@ export interface NodeRef {
 }
 
 export type RelayEvent =
-  /** `credential`: for a boss, the name of the credential it presented ("authkey" or a --boss-keys-file name). */
-  | { type: 'connect'; node: NodeRef; reconnected: boolean; at: number; credential?: string }
+  /** `relay_node`: the relay node that holds the new socket (docs/CLUSTER.md); `credential`: for a boss, the name of the credential it presented ("authkey" or a --boss-keys-file name). */
+  | { type: 'connect'; node: NodeRef; reconnected: boolean; relay_node?: string; at: number; credential?: string }
   | { type: 'disconnect'; node: NodeRef; code: number; at: number }
   | { type: 'auth_fail'; code: string; role: string | null; at: number }
   | {
@@ -37,7 +37,25 @@ export type RelayEvent =
   /** `dropped`: messages that were queued for it. */
   | { type: 'identity_removed'; node: NodeRef; by: string; reason: 'deleted' | 'forgotten' | 'ephemeral'; dropped: number; at: number }
   | { type: 'key_rotated'; node: NodeRef; by: string; at: number }
-  | { type: 'frame_error'; code: string; at: number };
+  | { type: 'frame_error'; code: string; at: number }
+  // Part C: an employee declared its status or capacity (a status frame).
+  | { type: 'availability'; node: NodeRef; status: 'idle' | 'working' | 'dnd'; capacity: number; in_progress: number; at: number }
+  // Part C: a task sent to `any:<tag>` (target) was handed out, answered, sent back or given up.
+  | { type: 'task_assigned'; msg_id: string; from_id: string; target: string; priority: Priority; employee_id: string; attempt: number; wait_ms: number; at: number }
+  | { type: 'task_done'; msg_id: string; from_id: string; target: string; priority: Priority; employee_id: string; attempt: number; at: number }
+  | {
+      type: 'task_retried';
+      msg_id: string;
+      from_id: string;
+      target: string;
+      priority: Priority;
+      /** Who lost the lease (null after a restart). */
+      employee_id: string | null;
+      attempt: number;
+      reason: 'timeout' | 'disconnected' | 'failed' | 'restart';
+      at: number;
+    }
+  | { type: 'task_failed'; msg_id: string; from_id: string; target: string; priority: Priority; attempt: number; reason: 'max_attempts' | 'expired'; at: number };
 
 export type RelayEventType = RelayEvent['type'];
 export type RelayEventListener = (event: RelayEvent) => void;

@@ -3,13 +3,16 @@
 // it. Errors are {"error":code,"code":code,"message":sentence}.
 
 import type { IncomingMessage, ServerResponse } from 'node:http';
+import { verifyDataDir, type AuditReport } from './audit-chain';
+import type { Dispatcher } from './dispatch';
 import type { IdentityStore } from './identity-store';
 import type { Logger } from './logger';
 import type { MessageLog } from './message-log';
 import type { ResolvedOptions } from './options';
 import { isPlainObject } from './protocol';
 import { secretMatches, type Router } from './router';
-import { communicationRow, heartbeatStaleMs, listNodes, nodeView, workforceJson, type Liveness } from './workforce';
+import { communicationsPage, mergePages, MAX_CLUSTER_WINDOW, type CommunicationsPage, type CommunicationsQuery } from './communications';
+import { heartbeatStaleMs, listNodes, nodeView, workforceJson, type Liveness } from './workforce';
 
 export type RouteHandler = (req: IncomingMessage, res: ServerResponse) => void;
 
@@ -23,6 +26,7 @@ export interface HttpExtensions {
 export interface HttpApiDeps {
   options: ResolvedOptions;
   router: Router;
+  dispatcher: Dispatcher;
   identities: IdentityStore;
   messageLog: MessageLog;
   logger: Logger;
@@ -30,6 +34,15 @@ export interface HttpApiDeps {
   version: string;
   activeConnections: () => number;
   extensions: HttpExtensions;
+  /** Cluster: its name and whether this node reaches the cluster store now (in /health). */
+  cluster?: () => { name: string; store: 'up' | 'down' };
+  /** Cluster: the other nodes' answers to reads that span the cluster. */
+  otherNodes?: OtherNodes;
+}
+
+export interface OtherNodes {
+  /** Every other live node's page; `missing` names the nodes that did not answer in time. */
+  communications(query: CommunicationsQuery): Promise<{ pages: CommunicationsPage[]; missing: string[] }>;
 }
 
 class HttpError extends Error {
@@ -159,7 +172,8 @@ export class HttpApi {
 
   constructor(private readonly deps: HttpApiDeps) {
     this.liveness = {
-      lastActivity: (id) => deps.router.online.get(id)?.lastActivityAt,
+      lastActivity: (id) => deps.router.lastActivity(id),
+      node: (id) => deps.router.locate(id),
       heartbeatStaleMs: heartbeatStaleMs(deps.options.pingIntervalMs),
     };
   }
@@ -205,6 +219,7 @@ export class HttpApi {
     const reads: Record<string, () => unknown> = {
       '/employees': () => ({ employees: listNodes(this.deps.identities, this.liveness, 'employee') }),
       '/connections': () => ({ connections: listNodes(this.deps.identities, this.liveness) }),
+      '/admin/tasks': () => this.tasks(url),
     };
     const read = reads[path];
     if (read) {
@@ -212,10 +227,15 @@ export class HttpApi {
       this.requireReadAccess(req, url);
       return sendJson(res, 200, read());
     }
+    if (path === '/admin/audit/verify') {
+      this.allow(method, ['GET']);
+      this.requireReadAccess(req, url);
+      return sendJson(res, 200, await this.verifyAudit());
+    }
     if (path === '/admin/workforce') {
       this.allow(method, ['GET', 'HEAD']);
       this.requireReadAccess(req, url);
-      return sendJsonBody(res, 200, workforceJson(this.deps.identities, this.liveness, textParam(url, 'tag'), Date.now()));
+      return sendJsonBody(res, 200, workforceJson(this.deps.identities, this.liveness, textParam(url, 'tag'), Date.now(), (id) => this.deps.dispatcher.workerOf(id)));
     }
     if (path === '/admin/communications') {
       this.allow(method, ['GET', 'HEAD']);
@@ -230,6 +250,17 @@ export class HttpApi {
       return stream(req, res);
     }
     throw this.notFound(url.pathname);
+  }
+
+  /** One verification at a time: it reads every record, so callers meanwhile share its answer. */
+  private verifying: Promise<AuditReport> | null = null;
+
+  private verifyAudit(): Promise<AuditReport> {
+    this.verifying ??= this.deps.messageLog
+      .flush()
+      .then(() => verifyDataDir(this.deps.options.dataDir))
+      .finally(() => (this.verifying = null));
+    return this.verifying;
   }
 
   private notFound(path: string): HttpError {
@@ -262,11 +293,22 @@ export class HttpApi {
       ok: true,
       service: 'mimiclaw-websocket',
       version: this.deps.version,
+      node: this.deps.router.nodeId,
       now: Date.now(),
       uptime_ms: Date.now() - this.deps.startedAt,
       active_connections: this.deps.activeConnections(),
       online: counts,
+      ...(this.deps.cluster !== undefined && { cluster: this.deps.cluster() }),
     };
+  }
+
+  /** Part C: dispatched tasks waiting or in progress, with counts per tag. */
+  private tasks(url: URL) {
+    const limit = intParam(url, 'limit', 1000, 1, 100_000)!;
+    const tag = textParam(url, 'tag');
+    const now = Date.now();
+    const { total, tasks } = this.deps.dispatcher.list(now, limit, tag);
+    return { tags: this.deps.dispatcher.counts(), total, limit, tasks, timestamp: now };
   }
 
   private async communications(url: URL) {
@@ -279,17 +321,19 @@ export class HttpApi {
     };
     const limit = intParam(url, 'limit', 50, 1, 500)!;
     const offset = intParam(url, 'offset', 0, 0, Number.MAX_SAFE_INTEGER)!;
-    const { identities, messageLog } = this.deps;
-    const { total, edges } = await messageLog.query({
-      ...(filters.boss_id !== null && { bossId: filters.boss_id }),
-      ...(filters.employee_id !== null && { employeeId: filters.employee_id }),
-      ...(filters.tag !== null && { employeeIds: identities.withTag(filters.tag) }),
-      ...(filters.since !== null && { since: filters.since }),
-      ...(filters.until !== null && { until: filters.until }),
-      offset,
-      limit,
-    });
-    return { total, offset, limit, filters, rows: edges.map((edge) => communicationRow(edge, identities)), timestamp: Date.now() };
+    const { identities, messageLog, otherNodes } = this.deps;
+    if (otherNodes === undefined) {
+      const page = await communicationsPage(messageLog, identities, { filters, offset, limit });
+      return { total: page.total, offset, limit, filters, rows: page.rows, timestamp: Date.now() };
+    }
+    // A cluster: every node logs its own senders' messages; merge each node's newest rows.
+    if (offset + limit > MAX_CLUSTER_WINDOW) {
+      throw new HttpError(400, 'invalid_query', `In a cluster, offset + limit must stay at most ${MAX_CLUSTER_WINDOW}; narrow the query with since/until.`);
+    }
+    const window = { filters, offset: 0, limit: offset + limit };
+    const [own, others] = await Promise.all([communicationsPage(messageLog, identities, window), otherNodes.communications(window)]);
+    const page = mergePages([own, ...others.pages], offset, limit);
+    return { total: page.total, offset, limit, filters, rows: page.rows, nodes: { answered: others.pages.length + 1, missing: others.missing }, timestamp: Date.now() };
   }
 
   /** DELETE /identities/:id: answers once the removal is on disk. */
@@ -331,7 +375,7 @@ export class HttpApi {
       }
       if (typeof given === 'boolean') banned = given;
     }
-    const result = this.deps.router.setBan(id, banned, 'admin-http');
+    const result = await this.deps.router.setBan(id, banned, 'admin-http');
     if (!result.ok) throw new HttpError(result.status, result.code, result.message);
     const view = nodeView(result.identity, result.online);
     sendJson(res, 200, { id: view.id, role: view.role, name: view.name, tags: view.tags, banned: view.banned, online: view.online });

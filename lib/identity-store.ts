@@ -1,11 +1,12 @@
-// identities.db: every boss and employee identity. Identities live in memory (the router needs
-// them on every message) and are written back coalesced: a change marks the identity dirty and
-// one flush per tick writes each dirty identity once, so routing never rewrites identities.
+// Every boss and employee identity. Identities live in memory (the router needs them on every
+// message) and are written back coalesced: a change marks the identity dirty and one flush per
+// tick writes each dirty identity once, so routing never rewrites identities. Where they are
+// written is an IdentityPersistence: identities.db on a single node, Redis in a cluster (where
+// this store is the node's replica, and changes made on other nodes arrive through apply()).
 // Keys are stored only as SHA-256 hashes; data dirs with clear keys are migrated at open.
 // An ephemeral identity lives in memory only: it is never written, so no restart brings it back.
 
 import { createHash, randomBytes, randomUUID, timingSafeEqual } from 'node:crypto';
-import type Datastore from '@seald-io/nedb';
 import type { Logger } from './logger';
 import { openDatastore } from './nedb-file';
 import type { EmployeeProfile, Role } from './protocol';
@@ -31,8 +32,16 @@ export interface Identity {
   ephemeral: boolean;
 }
 
+/** Where identities are written: one document per identity, keyed by id. */
+export interface IdentityPersistence {
+  write(doc: IdentityDoc): Promise<void>;
+  /** Deletes the identity's document (an admin's delete, --forget-offline-after). */
+  remove(id: string): Promise<void>;
+  close(): Promise<void>;
+}
+
 /** On disk; meta is kept as JSON text because NeDB refuses field names with "." or "$". */
-type IdentityDoc = Omit<Identity, 'meta' | 'ephemeral'> & { _id: string; meta_json: string | null; key?: string };
+export type IdentityDoc = Omit<Identity, 'meta' | 'ephemeral'> & { _id: string; meta_json: string | null; key?: string };
 
 function newKey(): string {
   return randomBytes(24).toString('hex');
@@ -42,7 +51,7 @@ export function hashKey(key: string): string {
   return createHash('sha256').update(key).digest('hex');
 }
 
-function toDoc(identity: Identity): IdentityDoc {
+export function toDoc(identity: Identity): IdentityDoc {
   const { meta, ephemeral: _ephemeral, ...rest } = identity;
   return { _id: identity.id, ...rest, meta_json: meta === null ? null : JSON.stringify(meta) };
 }
@@ -57,7 +66,7 @@ function parseMeta(json: string): Record<string, unknown> | null {
   }
 }
 
-function fromDoc(doc: Record<string, unknown>): Identity | null {
+export function fromDoc(doc: Record<string, unknown>): Identity | null {
   const id = typeof doc.id === 'string' ? doc.id : typeof doc._id === 'string' ? doc._id : null;
   const role = doc.role === 'boss' || doc.role === 'employee' ? doc.role : null;
   const keyHash =
@@ -96,13 +105,33 @@ export class IdentityStore {
   private flushScheduled = false;
 
   private constructor(
-    private readonly db: Datastore<Record<string, unknown>>,
+    private readonly persistence: IdentityPersistence,
     private readonly logger: Logger,
   ) {}
 
+  /** A store over documents already loaded from elsewhere (Redis), written back through `persistence`. */
+  static fromDocs(docs: Iterable<Record<string, unknown>>, persistence: IdentityPersistence, logger: Logger): IdentityStore {
+    const store = new IdentityStore(persistence, logger);
+    for (const doc of docs) {
+      const identity = fromDoc(doc);
+      if (identity) store.index(identity);
+      else logger.warn('identity_skipped', { reason: 'unreadable document', id: typeof doc._id === 'string' ? doc._id : null });
+    }
+    return store;
+  }
+
   static async open(filename: string, logger: Logger, compactionIntervalMs: number, fileMode?: number): Promise<IdentityStore> {
     const db = await openDatastore<Record<string, unknown>>(filename, logger, compactionIntervalMs, fileMode);
-    const store = new IdentityStore(db, logger);
+    const persistence: IdentityPersistence = {
+      write: async (doc) => {
+        await db.updateAsync({ _id: doc._id }, doc, { upsert: true });
+      },
+      remove: async (id) => {
+        await db.removeAsync({ _id: id }, {});
+      },
+      close: async () => db.stopAutocompaction(),
+    };
+    const store = new IdentityStore(persistence, logger);
     let migrated = 0;
     for (const doc of db.getAllData()) {
       const identity = fromDoc(doc);
@@ -127,6 +156,24 @@ export class IdentityStore {
 
   get size(): number {
     return this.byId.size;
+  }
+
+  /**
+   * Takes in an identity as another node wrote it (cluster replica), keeping the tag index
+   * right; the in-memory object stays the same one, so sessions holding it see the change.
+   */
+  apply(doc: Record<string, unknown>): Identity | null {
+    const incoming = fromDoc(doc);
+    if (incoming === null) return null;
+    const known = this.byId.get(incoming.id);
+    if (!known) {
+      this.index(incoming);
+      return incoming;
+    }
+    this.unindexTags(known);
+    Object.assign(known, incoming);
+    this.indexTags(known);
+    return known;
   }
 
   get(id: string): Identity | undefined {
@@ -204,7 +251,7 @@ export class IdentityStore {
     if (identity.ephemeral) return this.flushing;
     this.flushing = this.flushing.then(async () => {
       try {
-        await this.db.removeAsync({ _id: identity.id }, {});
+        await this.persistence.remove(identity.id);
       } catch (error) {
         this.logger.error('identity_remove_failed', { id: identity.id, error: (error as Error).message });
       }
@@ -246,7 +293,7 @@ export class IdentityStore {
       const identity = this.byId.get(id);
       if (!identity) continue;
       try {
-        await this.db.updateAsync({ _id: id }, toDoc(identity), { upsert: true });
+        await this.persistence.write(toDoc(identity));
       } catch (error) {
         this.logger.error('identity_write_failed', { id, error: (error as Error).message });
         this.dirty.add(id);
@@ -256,7 +303,7 @@ export class IdentityStore {
 
   async close(): Promise<void> {
     await this.flush();
-    this.db.stopAutocompaction();
+    await this.persistence.close();
   }
 
   private index(identity: Identity): void {

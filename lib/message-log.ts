@@ -12,6 +12,7 @@ import { randomBytes } from 'node:crypto';
 import { createReadStream, createWriteStream } from 'node:fs';
 import fs from 'node:fs/promises';
 import path from 'node:path';
+import { anchorLine, anchorOf, ANCHOR_ID, chainLine, GENESIS_HASH, lineHash, LINK_SUFFIX_LENGTH } from './audit-chain';
 import { applyFileMode, DEFAULT_FILE_MODE, dirModeFor } from './data-dir';
 import { outcomeFields, type AckBody, type RoutingOutcome } from './delivery-ack';
 import type { Logger } from './logger';
@@ -113,13 +114,14 @@ interface ParsedLine {
  * `boss-…` / `employee-…`). NeDB refuses to load documents whose field names contain "." or start
  * with "$", and payload keys are the clients' to choose: a payload whose JSON text has neither
  * character anywhere is written as it is ("payload"), any other as a JSON string
- * ("payload_json"), which costs an escaping pass.
+ * ("payload_json"), which costs an escaping pass. write() appends the audit chain's hash field
+ * (audit-chain.ts) and the newline.
  */
 function serialise(id: string, record: Omit<MessageRecordInput, keyof RoutingOutcome>, outcomeText: string, settled: string): string {
   return (
     `{"_id":"${id}","msg_id":${JSON.stringify(record.msg_id)},"timestamp":${record.timestamp},` +
     `"from_id":${JSON.stringify(record.from_id)},"from_role":"${record.from_role}",` +
-    `${outcomeText}${settled},${payloadField(record.payload_json)}}\n`
+    `${outcomeText}${settled},${payloadField(record.payload_json)}}`
   );
 }
 
@@ -162,7 +164,7 @@ function parseLine(text: string, withPayload = true): ParsedLine | null {
   if (typeof doc !== 'object' || doc === null || Array.isArray(doc)) return null;
   const d = doc as Record<string, unknown>;
   if (d.$$deleted === true && typeof d._id === 'string') return { record: null, deletedId: d._id };
-  if ('$$indexCreated' in d) return { record: null, deletedId: null };
+  if ('$$indexCreated' in d || d._id === ANCHOR_ID) return { record: null, deletedId: null };
   if (
     typeof d._id !== 'string' ||
     typeof d.msg_id !== 'string' ||
@@ -284,6 +286,8 @@ export class MessageLog {
   private damaged: { offset: number; length: number }[] = [];
   private loadedLines = 0;
   private lastId = '';
+  /** The hash the next line chains to: the last line's, written or pending. */
+  private chainHead = GENESIS_HASH;
   private maintenanceTimer: NodeJS.Timeout | null = null;
   private maintaining: Promise<void> | null = null;
   /** Set while a rewrite swaps the files: new lines wait in memory. */
@@ -381,6 +385,10 @@ export class MessageLog {
   private loadLine(text: string, offset: number, length: number, lineNumber: number): void {
     const trimmed = text.trim();
     if (trimmed === '' || trimmed === SET_ASIDE) return;
+    // The chain goes on from the last hash in the file, even a damaged line's: verify then
+    // names the damage rather than a chain that silently skips it.
+    const link = lineHash(text) ?? anchorOf(text);
+    if (link !== null) this.chainHead = link;
     let parsed = parseLine(text, false);
     if (parsed === null) return this.skip(lineNumber, 'unreadable line', offset, length - 1);
     // Records waiting on a queued target are kept whole: their next version rewrites the payload.
@@ -416,7 +424,7 @@ export class MessageLog {
   append(input: MessageRecordInput, outcomeText: string = outcomeFields(input)): number {
     const id = newRecordId();
     this.lastId = id;
-    const line = serialise(id, input, outcomeText, '');
+    const line = this.chain(serialise(id, input, outcomeText, ''));
     const slot = this.write(line, (offset, length) =>
       this.index.add(offset, length, input.timestamp, input.from_id, input.from_role, input.delivered, input.failed, input.queued),
     );
@@ -452,10 +460,17 @@ export class MessageLog {
     const targets = entry.record.targets.map((t) => (t.id === targetId ? { ...t, status } : t));
     entry.record = { ...entry.record, targets };
     if (!hasQueued(entry.record)) this.open.delete(recordId);
-    this.write(serialiseVersion(entry.record), (offset, length) => {
+    this.write(this.chain(serialiseVersion(entry.record)), (offset, length) => {
       this.index.move(entry.slot, offset, length);
       return entry.slot;
     });
+  }
+
+  /** The record's line with its audit-chain hash, linked to the line before it in the file. */
+  private chain(json: string): string {
+    const { line, hash } = chainLine(this.chainHead, json);
+    this.chainHead = hash;
+    return `${line}\n`;
   }
 
   /** Buffers a line; `place` learns where it will sit in the file. */
@@ -617,15 +632,20 @@ export class MessageLog {
 
   /**
    * Copies the kept tail [cut, end) to a new file while appends go on, then holds new writes
-   * only to copy what arrived meanwhile and swap the files.
+   * only to copy what arrived meanwhile and swap the files. The new file starts with the audit
+   * chain's anchor (the hash of the last line cut off), so the chain still verifies.
    */
   private async prune(keepFrom: number): Promise<void> {
     if (this.writing) await this.writing;
     const cut = keepFrom < this.index.nextSlot ? this.index.minOffsetFrom(keepFrom) : this.fileBytes;
     const temp = `${this.options.file}.prune-${process.pid}`;
     try {
+      const anchor = await this.linkBefore(cut);
+      const header = anchor === null ? '' : `${anchorLine(anchor)}\n`;
+      const shift = cut - header.length;
       const copiedTo = this.fileBytes;
-      await copyRange(this.options.file, temp, cut, copiedTo, 'w', this.fileMode);
+      await fs.writeFile(temp, header, { mode: this.fileMode });
+      await copyRange(this.options.file, temp, cut, copiedTo, 'a', this.fileMode);
       // A temp file left by a crash keeps its old mode when opened again.
       await applyFileMode(temp, this.fileMode, this.options.logger);
       this.holdWrites = true;
@@ -635,11 +655,12 @@ export class MessageLog {
       this.handle = null;
       await fs.rename(temp, this.options.file);
       const dropped = keepFrom - this.index.firstSlot;
-      this.index.dropBefore(keepFrom, cut);
-      this.fileBytes -= cut;
-      this.endOffset -= cut;
+      this.index.dropBefore(keepFrom, shift);
+      this.fileBytes -= shift;
+      this.endOffset -= shift;
       for (const [id, entry] of this.open) if (entry.slot < keepFrom) this.open.delete(id);
-      this.options.logger.info('message_log_pruned', { records: dropped, bytes: cut });
+      // The anchor in the log too: a copy outside the file to compare with when in doubt.
+      this.options.logger.info('message_log_pruned', { records: dropped, bytes: cut, chain_anchor: anchor });
     } catch (error) {
       this.options.logger.error('message_log_prune_failed', { error: (error as Error).message });
       await fs.rm(temp, { force: true });
@@ -647,6 +668,33 @@ export class MessageLog {
       this.handle ??= await fs.open(this.options.file, 'a', this.fileMode);
       this.holdWrites = false;
     }
+  }
+
+  /**
+   * The chain's value just before `cut` (a line start): the hash ending the line before it, read
+   * from its last bytes; when that line has none (set aside, or older than the audit trail), the
+   * last link found reading the file up to `cut`. Null when there is none.
+   */
+  private async linkBefore(cut: number): Promise<string | null> {
+    if (cut <= 0) return null;
+    const reader = await fs.open(this.options.file, 'r');
+    try {
+      const length = Math.min(cut - 1, LINK_SUFFIX_LENGTH + 1);
+      const tail = Buffer.alloc(length);
+      await reader.read(tail, 0, length, cut - 1 - length);
+      const hash = lineHash(tail.toString('latin1'));
+      if (hash !== null) return hash;
+    } finally {
+      await reader.close();
+    }
+    let link: string | null = null;
+    let carry = '';
+    for await (const chunk of createReadStream(this.options.file, { start: 0, end: cut - 1, encoding: 'utf8', highWaterMark: 1024 * 1024 })) {
+      const lines = (carry + (chunk as string)).split('\n');
+      carry = lines.pop() ?? '';
+      for (const text of lines) link = lineHash(text) ?? anchorOf(text) ?? link;
+    }
+    return link;
   }
 
   async close(): Promise<void> {

@@ -13,6 +13,8 @@ export interface RelayStatsSnapshot {
   connections: { boss: number; employee: number; unauthenticated: number };
   /** Messages waiting in the store-and-forward queue. */
   queueDepth: number;
+  /** Part C: dispatched tasks waiting and in progress per tag (tags with none left out). */
+  dispatch?: Record<string, { waiting: number; in_progress: number }>;
   /** Documents held per store. */
   stores: { identities: number; connectionEvents: number; messages: number };
   /** WebSocket bytes received / sent since start (totals; they only grow). */
@@ -103,6 +105,26 @@ function registerStatsMetrics(register: Registry, p: string, current: () => Rela
       this.set(current().eventStreamClients ?? 0);
     },
   });
+  new Gauge({
+    name: `${p}dispatch_queue_depth`,
+    help: 'Tasks sent to any:<tag> waiting for an available employee, per tag ("*" for any:*).',
+    labelNames: ['tag'],
+    registers: [register],
+    collect() {
+      this.reset();
+      for (const [tag, counts] of Object.entries(current().dispatch ?? {})) this.set({ tag }, counts.waiting);
+    },
+  });
+  new Gauge({
+    name: `${p}dispatch_in_progress`,
+    help: 'Tasks sent to any:<tag> held by an employee, per tag.',
+    labelNames: ['tag'],
+    registers: [register],
+    collect() {
+      this.reset();
+      for (const [tag, counts] of Object.entries(current().dispatch ?? {})) this.set({ tag }, counts.in_progress);
+    },
+  });
   totalCounter(register, `${p}bytes_in_total`, 'WebSocket bytes received from clients.', () => current().bytesIn);
   totalCounter(register, `${p}bytes_out_total`, 'WebSocket bytes sent to clients.', () => current().bytesOut);
 }
@@ -125,6 +147,8 @@ export class RelayMetrics {
   private readonly bans: Counter<'action'>;
   private readonly healthReports: Counter<'valid'>;
   private readonly frameErrors: Counter<'code'>;
+  private readonly taskOutcomes: Counter<'tag' | 'outcome'>;
+  private readonly taskWaitSeconds: Histogram<'tag'>;
 
   constructor(options: RelayMetricsOptions) {
     const p = options.prefix ?? 'mimiclaw_';
@@ -150,6 +174,14 @@ export class RelayMetrics {
     this.healthReports = new Counter({ name: `${p}health_reports_total`, help: 'Employee health reports by validity.', labelNames: ['valid'], registers: [register] });
     this.frameErrors = new Counter({ name: `${p}frame_errors_total`, help: 'Client frames answered with an error, by code.', labelNames: ['code'], registers: [register] });
 
+    this.taskOutcomes = new Counter({ name: `${p}tasks_total`, help: 'Dispatched tasks assigned, done, retried and failed, per tag.', labelNames: ['tag', 'outcome'], registers: [register] });
+    this.taskWaitSeconds = new Histogram({
+      name: `${p}dispatch_wait_seconds`,
+      help: 'Time a task waited for an employee: from its send (or its lost lease) to its assignment, per tag.',
+      labelNames: ['tag'],
+      buckets: [0.001, 0.01, 0.1, 1, 10, 60, 600, 3600],
+      registers: [register],
+    });
     for (const role of ROLES) {
       for (const reconnected of ['false', 'true']) this.authSuccesses.inc({ role, reconnected }, 0);
       this.disconnects.inc({ role }, 0);
@@ -220,6 +252,15 @@ export class RelayMetrics {
         break;
       case 'frame_error':
         this.frameErrors.inc({ code: event.code });
+        break;
+      case 'task_assigned':
+        this.taskOutcomes.inc({ tag: event.target.slice(4), outcome: 'assigned' });
+        this.taskWaitSeconds.observe({ tag: event.target.slice(4) }, event.wait_ms / 1000);
+        break;
+      case 'task_done':
+      case 'task_retried':
+      case 'task_failed':
+        this.taskOutcomes.inc({ tag: event.target.slice(4), outcome: event.type.slice(5) });
         break;
     }
   }

@@ -66,6 +66,18 @@ export interface RelayOptions {
   /** How often pruning and compaction run, ms. Default 10 minutes. */
   maintenanceIntervalMs?: number;
 
+  // ---- part D (docs/CLUSTER.md) ----
+  /** redis:// or rediss:// URL of the cluster store: joins this node to a cluster. Default none: a single node. */
+  redisUrl?: string;
+  /** Prefix of every cluster key and channel, so several clusters can share one Redis. Default "mimiclaw". */
+  clusterName?: string;
+  /** This node's id; default the one kept in <data-dir>/node-id (made on first start). */
+  nodeId?: string;
+  // ---- part C (see README "Dispatch") ----
+  /** Lease of a task sent to `any:<tag>` when the message gives no task_timeout_ms, ms. Default 10 minutes. */
+  taskTimeoutMs?: number;
+  /** Assignments a dispatched task gets before it fails. Default 3. */
+  maxAttempts?: number;
   // ---- identity lifecycle and boss keys (see README "Admin API" and "Secrets") ----
   /** Remove identities offline and not seen for this long, ms, checked at each maintenance run; 0 = keep them. Default 0. */
   forgetOfflineAfterMs?: number;
@@ -73,10 +85,15 @@ export interface RelayOptions {
   bossKeysFile?: string;
 }
 
-export type ResolvedOptions = Required<Omit<RelayOptions, 'logger' | 'employeeKey' | 'bossKeysFile'>> & {
+export type ResolvedOptions = Required<Omit<RelayOptions, 'logger' | 'employeeKey' | 'redisUrl' | 'nodeId' | 'bossKeysFile'>> & {
   employeeKey: string | undefined;
+  redisUrl: string | undefined;
+  nodeId: string | undefined;
   bossKeysFile: string | undefined;
 };
+
+const NAME_PATTERN = /^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/;
+const NAME_RULE = '1 to 63 letters, digits, ".", "_" or "-", starting with a letter or digit';
 
 const MINUTE = 60_000;
 const DAY = 24 * 60 * MINUTE;
@@ -108,6 +125,9 @@ export const DEFAULTS = {
   publicReads: false,
   maintenanceIntervalMs: 10 * MINUTE,
   forgetOfflineAfterMs: 0,
+  clusterName: 'mimiclaw',
+  taskTimeoutMs: 10 * MINUTE,
+  maxAttempts: 3,
 } as const;
 
 export function defaultDataDir(env: NodeJS.ProcessEnv = process.env): string {
@@ -193,8 +213,32 @@ export function resolveOptions(options: RelayOptions): ResolvedOptions {
     maintenanceIntervalMs: ms('maintenanceIntervalMs', options.maintenanceIntervalMs, DEFAULTS.maintenanceIntervalMs, 1000, MAX_TIMER_MS),
     forgetOfflineAfterMs: ms('forgetOfflineAfterMs', options.forgetOfflineAfterMs, DEFAULTS.forgetOfflineAfterMs),
     bossKeysFile: options.bossKeysFile ? path.resolve(options.bossKeysFile) : undefined,
+    redisUrl: checkRedisUrl(options.redisUrl),
+    clusterName: checkName('clusterName', options.clusterName ?? DEFAULTS.clusterName),
+    nodeId: options.nodeId === undefined ? undefined : checkName('nodeId', options.nodeId),
+    taskTimeoutMs: ms('taskTimeoutMs', options.taskTimeoutMs, DEFAULTS.taskTimeoutMs, 1, MAX_TIMER_MS),
+    maxAttempts: wholeNumber('maxAttempts', options.maxAttempts ?? DEFAULTS.maxAttempts, 1, 1000),
   };
   return resolved;
+}
+
+export function checkName(option: 'clusterName' | 'nodeId', value: string): string {
+  if (!NAME_PATTERN.test(value)) throw new OptionsError(`${option} must be ${NAME_RULE}, got "${value.slice(0, 80)}".`, option);
+  return value;
+}
+
+export function checkRedisUrl(value: string | undefined): string | undefined {
+  if (value === undefined || value === '') return undefined;
+  let url: URL | null = null;
+  try {
+    url = new URL(value);
+  } catch {
+    url = null;
+  }
+  if (url === null || (url.protocol !== 'redis:' && url.protocol !== 'rediss:') || url.hostname === '') {
+    throw new OptionsError(`redisUrl must be a redis:// or rediss:// URL such as redis://127.0.0.1:6379, got "${value.slice(0, 80)}".`, 'redisUrl');
+  }
+  return value;
 }
 
 const DURATION_UNITS: Record<string, number> = { ms: 1, s: 1000, m: MINUTE, h: 60 * MINUTE, d: DAY };

@@ -30,6 +30,12 @@ export const PROTOCOL_ERROR_CODES = [
   'auth_throttled',
   'invalid_employee_key',
   'store_failed',
+  // Part D: the cluster store cannot be reached; retry shortly.
+  'cluster_unavailable',
+  // Part C
+  'invalid_status',
+  'invalid_capacity',
+  'task_not_found',
 ] as const;
 export type ProtocolErrorCode = (typeof PROTOCOL_ERROR_CODES)[number];
 
@@ -37,6 +43,8 @@ export const CLOSE_CODES = {
   shuttingDown: 1001,
   /** Sent by ws itself: a frame far over the size limit, or text that is not UTF-8. */
   messageTooBig: 1009,
+  /** Cluster: the node cannot reach its cluster store right now; reconnect shortly. */
+  tryAgainLater: 1013,
   invalidText: 1007,
   replaced: 4000,
   authTimeout: 4001,
@@ -53,7 +61,20 @@ export type FailureReason =
   | 'target_not_found'
   | 'target_banned'
   | 'target_offline'
-  | 'target_slow';
+  | 'target_slow'
+  /** Part C: an `any:<tag>` target with no employee free to take it, and no queueing. */
+  | 'no_available_target';
+
+/** Part C: how urgently a message is handed out; orders every queue. */
+export type Priority = 'high' | 'normal' | 'low';
+export const PRIORITIES: readonly Priority[] = ['high', 'normal', 'low'];
+
+/** Part C: what an employee says about itself; `dnd` takes it out of dispatch. */
+export type EmployeeStatus = 'idle' | 'working' | 'dnd';
+export const EMPLOYEE_STATUSES: readonly EmployeeStatus[] = ['idle', 'working', 'dnd'];
+
+/** Part C: the most tasks one employee may hold at once. */
+export const MAX_CAPACITY = 10_000;
 
 // ---- client → relay ------------------------------------------------------------------------
 
@@ -74,6 +95,8 @@ export interface AuthFrame {
   identity?: IdentityCredentials;
   /** Part B: a new identity that the relay forgets when this connection ends (never written to disk). */
   ephemeral?: boolean;
+  /** Part C: tasks this employee takes at once (default 1). */
+  capacity?: number;
 }
 
 export interface PingFrame {
@@ -98,9 +121,29 @@ export interface MessageFrame {
   queue?: boolean;
   /** Part B: how long a queued copy may wait, capped by the relay's maximum. */
   ttl_ms?: number;
+  /** Part C: orders every queue (default normal). */
+  priority?: Priority;
+  /** Part C: the msg_id of the task this message answers. */
+  in_reply_to?: string;
+  /** Part C: lease of a task sent to `any:<tag>`, ms (else the relay's --task-timeout). */
+  task_timeout_ms?: number;
 }
 
-export type ClientFrame = AuthFrame | PingFrame | HealthReportFrame | MessageFrame;
+/** Part C: an employee's availability; either field may be left out. */
+export interface StatusFrame {
+  type: 'status';
+  status?: EmployeeStatus;
+  capacity?: number;
+}
+
+/** Part C: the employee finished (or, with failed, gave up on) a dispatched task. */
+export interface TaskDoneFrame {
+  type: 'task_done';
+  msg_id: string;
+  failed?: boolean;
+}
+
+export type ClientFrame = AuthFrame | PingFrame | HealthReportFrame | MessageFrame | StatusFrame | TaskDoneFrame;
 
 // ---- relay → client ------------------------------------------------------------------------
 
@@ -141,6 +184,13 @@ export interface ForwardedMessageFrame {
   from_role: Role;
   to: string;
   payload: unknown;
+  /** Part C: the task this message answers. */
+  in_reply_to?: string;
+  /** Part C, on a dispatched task: the `any:<tag>` target it was sent to, and which try this is (1 first). */
+  dispatch?: string;
+  attempt?: number;
+  /** Part C: present when the sender gave a priority other than normal. */
+  priority?: Priority;
   timestamp: number;
 }
 
@@ -165,7 +215,22 @@ export interface DeliveryUpdateFrame {
   type: 'delivery_update';
   msg_id: string;
   id: string;
-  status: 'delivered' | 'expired';
+  /** delivered/expired: part B queue; assigned/done/failed (and expired for a waiting task): part C dispatch. */
+  status: 'delivered' | 'expired' | 'assigned' | 'done' | 'failed';
+  /** Part C: the `any:<tag>` target of a dispatched task. */
+  dispatch?: string;
+  /** Part C, with assigned: which try this is. */
+  attempt?: number;
+  timestamp: number;
+}
+
+/** Part C: the answer to a status frame. */
+export interface StatusAckFrame {
+  type: 'status_ack';
+  id: string;
+  status: EmployeeStatus;
+  capacity: number;
+  in_progress: number;
   timestamp: number;
 }
 
@@ -195,6 +260,7 @@ export type ServerFrame =
   | ForwardedMessageFrame
   | DeliveryAckFrame
   | DeliveryUpdateFrame
+  | StatusAckFrame
   | ErrorFrame
   | SystemFrame;
 
@@ -344,12 +410,14 @@ export function checkIdentity(raw: Record<string, unknown>): Checked<IdentityCre
 export type ParsedTarget =
   | { kind: 'broadcast' }
   | { kind: 'tag'; tag: string }
+  /** Part C: exactly one available employee with the tag ("*": any employee). */
+  | { kind: 'any'; tag: string }
   | { kind: 'ids'; ids: string[] };
 
-/** `to` as sent: one id, an array of ids, "*"/"all", or "tag:<name>". */
+/** `to` as sent: one id, an array of ids, "*"/"all", "tag:<name>" or "any:<name>"/"any:*". */
 export function checkTarget(to: unknown): Checked<ParsedTarget> {
   const invalid = () =>
-    fail('invalid_to', 'Field "to" must be an id, an array of ids, "*" or "all" for broadcast, or "tag:<name>".');
+    fail('invalid_to', 'Field "to" must be an id, an array of ids, "*" or "all" for broadcast, "tag:<name>", or "any:<name>" / "any:*" for one free employee.');
   if (typeof to === 'string') {
     const single = to.trim();
     if (single === '') return invalid();
@@ -358,6 +426,11 @@ export function checkTarget(to: unknown): Checked<ParsedTarget> {
       const tag = single.slice(4).trim();
       if (tag === '') return invalid();
       return { ok: true, value: { kind: 'tag', tag } };
+    }
+    if (single.startsWith('any:')) {
+      const tag = single.slice(4).trim();
+      if (tag === '') return invalid();
+      return { ok: true, value: { kind: 'any', tag } };
     }
     return { ok: true, value: { kind: 'ids', ids: [single] } };
   }
@@ -376,4 +449,53 @@ export function checkTarget(to: unknown): Checked<ParsedTarget> {
     return { ok: true, value: { kind: 'ids', ids: [...ids] } };
   }
   return invalid();
+}
+
+// ---- part C fields -------------------------------------------------------------------------
+
+/** The `any:<tag>` text of a dispatch target, as acks and updates name it. */
+export function anyTargetName(tag: string): string {
+  return `any:${tag}`;
+}
+
+/** `priority` of a message: absent means normal. */
+export function checkPriority(value: unknown): Checked<Priority> {
+  if (value === undefined || value === null) return { ok: true, value: 'normal' };
+  if (value === 'high' || value === 'normal' || value === 'low') return { ok: true, value };
+  return fail('invalid_frame', 'Field "priority" must be "high", "normal" or "low".');
+}
+
+/** `capacity` at auth or in a status frame: absent is undefined. */
+export function checkCapacity(value: unknown): Checked<number | undefined> {
+  if (value === undefined || value === null) return { ok: true, value: undefined };
+  if (typeof value === 'number' && Number.isInteger(value) && value >= 1 && value <= MAX_CAPACITY) return { ok: true, value };
+  return fail('invalid_capacity', `Field "capacity" must be a whole number of tasks from 1 to ${MAX_CAPACITY}, e.g. "capacity":2.`);
+}
+
+/** A status frame: status, capacity or both. */
+export function checkStatusFrame(raw: Record<string, unknown>): Checked<{ status: EmployeeStatus | undefined; capacity: number | undefined }> {
+  const status = raw.status;
+  if (status !== undefined && status !== 'idle' && status !== 'working' && status !== 'dnd') {
+    return fail('invalid_status', 'Field "status" must be "idle", "working" or "dnd".');
+  }
+  const capacity = checkCapacity(raw.capacity);
+  if (!capacity.ok) return capacity;
+  if (status === undefined && capacity.value === undefined) {
+    return fail('invalid_status', 'A status frame carries "status" ("idle", "working" or "dnd"), "capacity" (tasks at once), or both.');
+  }
+  return { ok: true, value: { status, capacity: capacity.value } };
+}
+
+/** `in_reply_to` of a message: a msg_id string, or absent. */
+export function checkInReplyTo(value: unknown, maxLength: number): Checked<string | undefined> {
+  if (value === undefined || value === null) return { ok: true, value: undefined };
+  if (typeof value === 'string' && value !== '' && value.length <= maxLength) return { ok: true, value };
+  return fail('invalid_frame', `Field "in_reply_to" must be the msg_id of the task answered, a string of at most ${maxLength} characters.`);
+}
+
+/** `task_timeout_ms` of a message: a positive number, or absent. */
+export function checkTaskTimeout(value: unknown): Checked<number | undefined> {
+  if (value === undefined || value === null) return { ok: true, value: undefined };
+  if (typeof value === 'number' && Number.isFinite(value) && value >= 1 && value <= 2 ** 31 - 1) return { ok: true, value: Math.round(value) };
+  return fail('invalid_frame', 'Field "task_timeout_ms" must be a positive number of milliseconds (at most 2147483647).');
 }

@@ -5,18 +5,25 @@
 import { createHash, randomUUID, timingSafeEqual } from 'node:crypto';
 import { presented, type GuessTarget } from './auth-throttle';
 import { AUTHKEY_CREDENTIAL, type BossKeys } from './boss-keys';
+import type { ClusterHandlers, ClusterLink, DedupeClaim, FramePieces, QueuedOutcome, RemoteOutcome, SharedQueuedEntry } from './cluster-link';
 import type { ConnectionLog } from './connection-log';
 import type { DedupeCache, Remembered } from './dedupe-cache';
 import { ackPrefix, finishAck, outcomeFields } from './delivery-ack';
 import type { DeliveryQueue, HeldEntries, NewQueuedEntry, QueuedEntry } from './delivery-queue';
+import type { Dispatcher, SubmitResult } from './dispatch';
 import type { EventBus, NodeRef } from './events';
-import type { Identity, IdentityStore } from './identity-store';
+import { toDoc, type Identity, type IdentityStore } from './identity-store';
 import type { Logger } from './logger';
 import type { MessageLog } from './message-log';
 import type { ResolvedOptions } from './options';
 import {
   CLOSE_CODES,
+  checkCapacity,
   checkEmployeeProfile,
+  checkInReplyTo,
+  checkPriority,
+  checkStatusFrame,
+  checkTaskTimeout,
   checkIdentity,
   checkRole,
   checkTarget,
@@ -25,6 +32,8 @@ import {
   type DeliveryFailure,
   type FrameError,
   type ParsedTarget,
+  type Priority,
+  type ProtocolErrorCode,
   type Role,
 } from './protocol';
 import type { Session } from './session';
@@ -46,11 +55,19 @@ export interface RouterDeps {
   messageLog: MessageLog;
   queue: DeliveryQueue;
   dedupe: DedupeCache;
+  /** Other nodes: SingleNode when there are none. */
+  cluster: ClusterLink;
+  dispatcher: Dispatcher;
   bus: EventBus;
   logger: Logger;
   /** Named boss credentials (--boss-keys-file), accepted beside the authkey. */
   bossKeys?: BossKeys | null;
 }
+
+/** Called once an auth is decided: accepted (the session has its identity) or not. */
+export type AuthSettled = (accepted: boolean, wrong: GuessTarget | null) => void;
+
+const CLUSTER_UNAVAILABLE = 'The cluster store (Redis) cannot be reached from this node right now; retry in a few seconds.';
 
 /** When and how big a frame arrived. */
 export interface FrameArrival {
@@ -72,7 +89,7 @@ export type RotateResult = { ok: true; identity: Identity; key: string; wasOnlin
 
 export type BanResult =
   | { ok: true; identity: Identity; online: boolean }
-  | { ok: false; status: 404 | 409; code: string; message: string };
+  | { ok: false; status: 404 | 409 | 503; code: string; message: string };
 
 export function nodeRef(identity: Identity): NodeRef {
   return { id: identity.id, role: identity.role, name: identity.name, tags: identity.tags };
@@ -99,6 +116,16 @@ interface AuthAccepted {
   credential: string | null;
 }
 
+/** A message to `any:<tag>` as routing has read it. */
+interface TaskMessage {
+  msgId: string;
+  clientGaveId: boolean;
+  payloadJson: string | undefined;
+  now: number;
+  /** Cluster: this node holds the cluster-wide dedupe claim on the msg_id and must settle it. */
+  claimed: boolean;
+}
+
 interface RouteContext {
   sender: Identity;
   msgId: string;
@@ -107,26 +134,42 @@ interface RouteContext {
   /** head and tail encoded, made at the first delivery. */
   split: SplitText | null;
   queueTtlMs: number;
+  /** Part C: orders the message in a target's queue when it is queued. */
+  priority: Priority;
   now: number;
   delivered: string[];
   failed: DeliveryFailure[];
   queued: string[];
   toQueue: NewQueuedEntry[];
+  /** Cluster: targets this node does not hold (or does not know), to ask the other nodes about. */
+  elsewhere: string[] | null;
+  /** Cluster: a broadcast, to repeat on every other node. */
+  broadcast: boolean;
 }
 
-export class Router {
+export class Router implements ClusterHandlers {
   /** Authenticated sessions by identity id. */
   readonly online = new Map<string, Session>();
   private readonly pausedForLog = new Set<Session>();
+  /** Read once: on a single node every cluster step is skipped by this one test. */
+  private readonly clustered: boolean;
   /** Sessions whose queued backlog is being written, waiting for a removal batch or for socket room. */
   private readonly draining = new Set<Session>();
+  /** Cluster: sessions draining their shared queue; true when another drain was asked meanwhile. */
+  private readonly drainingShared = new Map<Session, boolean>();
 
   constructor(private readonly deps: RouterDeps) {
+    this.clustered = deps.cluster.clustered;
     deps.messageLog.onDrain(() => {
       for (const session of this.pausedForLog) session.ws.resume();
       this.pausedForLog.clear();
     });
     deps.bossKeys?.onRevoked((names) => this.closeRevokedBosses(names));
+    deps.cluster.attach(this);
+  }
+
+  get nodeId(): string {
+    return this.deps.cluster.nodeId;
   }
 
   get options(): ResolvedOptions {
@@ -139,43 +182,108 @@ export class Router {
     return counts;
   }
 
+  /** The node holding `id`'s session: this one, (cluster) another, or null when offline. */
+  locate(id: string): string | null {
+    if (this.online.has(id)) return this.deps.cluster.nodeId;
+    return this.clustered ? (this.deps.cluster.locate(id) ?? null) : null;
+  }
+
+  /** When the identity's open socket last carried a frame or a pong; undefined while offline (on every node, in a cluster). */
+  lastActivity(id: string): number | undefined {
+    const session = this.online.get(id);
+    if (session) return session.lastActivityAt;
+    if (!this.clustered || this.deps.cluster.locate(id) === undefined) return undefined;
+    // Held by another node: its last activity as shared every few seconds.
+    return this.deps.identities.get(id)?.lastSeen;
+  }
+
+  /** Online on this node, or (cluster) on any node. */
   isOnline(id: string): boolean {
-    return this.online.has(id);
+    return this.online.has(id) || (this.clustered && this.deps.cluster.locate(id) !== undefined);
   }
 
   // ---- auth ----------------------------------------------------------------------------------
 
   /**
-   * Authenticates the session or rejects the auth (error frame, close 4003). Returns the secret
-   * a rejected auth got wrong, for the gateway's throttle; null when it succeeded or failed for
-   * any other reason (a missing secret, a malformed or invalid frame).
+   * Authenticates the session or rejects the auth (error frame, close 4003), then tells
+   * `settled`: accepted, or rejected with the secret it got wrong (for the gateway's throttle;
+   * null when it failed for any other reason). In a cluster the answer may come later.
    */
-  authenticate(session: Session, frame: Record<string, unknown>): GuessTarget | null {
-    const outcome = this.decideAuth(frame);
+  authenticate(session: Session, frame: Record<string, unknown>, settled: AuthSettled): void {
+    if (this.clustered && !this.deps.cluster.available) {
+      this.rejectAuth(session, frame, { code: 'cluster_unavailable', message: CLUSTER_UNAVAILABLE });
+      settled(false, null);
+      return;
+    }
+    const capacity = checkCapacity(frame.capacity);
+    const outcome: AuthRejection | AuthAccepted = capacity.ok ? this.decideAuth(frame) : capacity.error;
     if ('code' in outcome) {
+      const unknownId = outcome.code === 'identity_not_found' && isPlainObject(frame.identity) ? frame.identity.id : undefined;
+      if (this.clustered && typeof unknownId === 'string') {
+        // Registered on another node a moment ago, and not yet in this node's replica.
+        this.authAfterFetch(session, frame, unknownId, settled);
+        return;
+      }
       this.rejectAuth(session, frame, outcome);
-      return outcome.wrong ?? null;
+      settled(false, outcome.wrong ?? null);
+      return;
     }
     const { identity, key, reconnected, credential } = outcome;
+    const declared = capacity.ok ? capacity.value : undefined;
     session.identity = identity;
-    if (credential !== null && identity.credential !== credential) {
-      identity.credential = credential;
-      this.deps.identities.save(identity);
-    }
+    this.noteCredential(identity, credential);
+    settled(true, null);
     if (reconnected) {
-      this.goOnline(session, identity, key, true);
-      return null;
+      this.goOnline(session, identity, key, true, declared);
+      return;
     }
-    // A new identity is on disk before its key is handed out, so a crash cannot forget an
-    // identity its client was already told about.
-    void this.deps.identities.flush().then(() => {
-      // An admin may have deleted it meanwhile (it is listed from creation on).
-      if (session.isOpen && this.deps.identities.get(identity.id) === identity) this.goOnline(session, identity, key, false);
-    });
-    return null;
+    // A new identity is on disk (or in the cluster store) before its key is handed out, so a
+    // crash cannot forget an identity its client was already told about.
+    this.deps.identities.flush().then(
+      () => {
+        // An admin may have deleted it meanwhile (it is listed from creation on).
+        if (session.isOpen && this.deps.identities.get(identity.id) === identity) this.goOnline(session, identity, key, false, declared);
+      },
+      () => {
+        session.sendError('cluster_unavailable', CLUSTER_UNAVAILABLE);
+        session.close(CLOSE_CODES.tryAgainLater, 'cluster_unavailable');
+      },
+    );
   }
 
-  private goOnline(session: Session, identity: Identity, key: string, reconnected: boolean): void {
+  /** Records which boss credential this auth used (the log, the admin views, revocation). */
+  private noteCredential(identity: Identity, credential: string | null): void {
+    if (credential === null || identity.credential === credential) return;
+    identity.credential = credential;
+    this.deps.identities.save(identity);
+  }
+
+  private authAfterFetch(session: Session, frame: Record<string, unknown>, id: string, settled: AuthSettled): void {
+    this.deps.cluster.fetchIdentity(id).then(
+      (found) => {
+        if (!session.isOpen) return;
+        if (found && !this.deps.identities.get(id)) this.deps.identities.apply(toDoc(found));
+        const outcome = this.decideAuth(frame);
+        if ('code' in outcome) {
+          this.rejectAuth(session, frame, outcome);
+          settled(false, outcome.wrong ?? null);
+          return;
+        }
+        session.identity = outcome.identity;
+        this.noteCredential(outcome.identity, outcome.credential);
+        settled(true, null);
+        const declared = checkCapacity(frame.capacity);
+        this.goOnline(session, outcome.identity, outcome.key, outcome.reconnected, declared.ok ? declared.value : undefined);
+      },
+      () => {
+        if (!session.isOpen) return;
+        this.rejectAuth(session, frame, { code: 'cluster_unavailable', message: CLUSTER_UNAVAILABLE });
+        settled(false, null);
+      },
+    );
+  }
+
+  private goOnline(session: Session, identity: Identity, key: string, reconnected: boolean, capacity: number | undefined): void {
     const now = Date.now();
     const previous = this.online.get(identity.id);
     session.ref = nodeRef(identity);
@@ -195,6 +303,23 @@ export class Router {
       address: session.address,
       ...(identity.role === 'boss' && identity.credential !== null && { credential: identity.credential }),
     });
+    if (!this.clustered) {
+      this.welcome(session, identity, key, reconnected, now, capacity);
+      return;
+    }
+    // A client told auth_ok must be reachable from every node: presence first.
+    this.deps.cluster.joined(identity.id).then(
+      () => {
+        if (session.isOpen && this.online.get(identity.id) === session) this.welcome(session, identity, key, reconnected, now, capacity);
+      },
+      () => {
+        session.sendError('cluster_unavailable', CLUSTER_UNAVAILABLE);
+        session.close(CLOSE_CODES.tryAgainLater, 'cluster_unavailable');
+      },
+    );
+  }
+
+  private welcome(session: Session, identity: Identity, key: string, reconnected: boolean, now: number, capacity: number | undefined): void {
     session.send({
       type: 'auth_ok',
       id: identity.id,
@@ -207,12 +332,15 @@ export class Router {
     });
     this.deps.bus.publish({
       type: 'connect',
-      node: session.ref,
+      node: session.ref!,
       reconnected,
+      relay_node: this.nodeId,
       at: now,
       ...(identity.role === 'boss' && identity.credential !== null && { credential: identity.credential }),
     });
+    if (this.clustered) this.drainShared(session);
     this.deliverQueued(session);
+    this.deps.dispatcher.online(identity, capacity);
   }
 
   /**
@@ -349,7 +477,9 @@ export class Router {
     });
     this.deps.bus.publish({ type: 'auth_fail', code: error.code, role, at: now });
     session.sendError(error.code, error.message);
-    session.close(error.code === 'server_full' ? CLOSE_CODES.serverFull : CLOSE_CODES.authRejected, error.code);
+    const closeCode =
+      error.code === 'server_full' ? CLOSE_CODES.serverFull : error.code === 'cluster_unavailable' ? CLOSE_CODES.tryAgainLater : CLOSE_CODES.authRejected;
+    session.close(closeCode, error.code);
   }
 
   disconnect(session: Session, code: number): void {
@@ -366,6 +496,8 @@ export class Router {
     this.draining.delete(session);
     if (!identity || this.online.get(identity.id) !== session) return false;
     this.online.delete(identity.id);
+    if (this.clustered) this.deps.cluster.left(identity.id);
+    this.deps.dispatcher.offline(identity.id);
     const now = Date.now();
     identity.lastSeen = now;
     identity.lastDisconnectedAt = now;
@@ -378,6 +510,9 @@ export class Router {
       online: false,
       code,
     });
+    // Replaced by a session on another node: the identity is still online there (as on one
+    // node, where a replaced session is no disconnect).
+    if (code === CLOSE_CODES.replaced && this.clustered) return true;
     this.deps.bus.publish({ type: 'disconnect', node: nodeRef(identity), code, at: now });
     return true;
   }
@@ -399,13 +534,19 @@ export class Router {
       case 'message':
         this.route(session, identity, frame, arrival);
         return;
+      case 'status':
+        this.status(session, identity, frame);
+        return;
+      case 'task_done':
+        this.taskDone(session, identity, frame);
+        return;
       case 'auth':
         session.sendError('unsupported_type', 'This connection is already authenticated; auth is only accepted as the first frame.');
         return;
       default:
         session.sendError(
           'unsupported_type',
-          `Frame type "${frame.type.slice(0, 40)}" is not supported: use ping, health_report or message.`,
+          `Frame type "${frame.type.slice(0, 40)}" is not supported: use ping, health_report, message, status or task_done.`,
         );
     }
   }
@@ -423,11 +564,103 @@ export class Router {
     this.deps.bus.publish({ type: 'health', node: nodeRef(identity), valid: frame.valid, at: now });
   }
 
+  // ---- dispatch frames (part C) ----------------------------------------------------------------
+
+  private status(session: Session, identity: Identity, frame: Record<string, unknown>): void {
+    if (identity.role !== 'employee') {
+      session.sendError('invalid_status', 'Only employees send status: a boss is never dispatched tasks.');
+      return;
+    }
+    const checked = checkStatusFrame(frame);
+    if (!checked.ok) {
+      session.sendError(checked.error.code, checked.error.message);
+      return;
+    }
+    const view = this.deps.dispatcher.setStatus(identity, checked.value.status, checked.value.capacity);
+    const now = Date.now();
+    const status = view.status === 'offline' ? 'idle' : view.status;
+    session.send({ type: 'status_ack', id: identity.id, status, capacity: view.capacity, in_progress: view.in_progress, timestamp: now });
+    this.deps.bus.publish({ type: 'availability', node: session.ref ?? nodeRef(identity), status, capacity: view.capacity, in_progress: view.in_progress, at: now });
+  }
+
+  private taskDone(session: Session, identity: Identity, frame: Record<string, unknown>): void {
+    if (typeof frame.msg_id !== 'string' || frame.msg_id === '' || frame.msg_id.length > MAX_MSG_ID_LENGTH) {
+      session.sendError('invalid_msg_id', `task_done needs "msg_id": the msg_id of the task, a string of at most ${MAX_MSG_ID_LENGTH} characters.`);
+      return;
+    }
+    if (frame.failed !== undefined && typeof frame.failed !== 'boolean') {
+      session.sendError('invalid_frame', 'Field "failed" of task_done must be true or false.', { msg_id: frame.msg_id });
+      return;
+    }
+    if (!this.deps.dispatcher.taskDone(identity.id, frame.msg_id, frame.failed === true)) {
+      session.sendError(
+        'task_not_found',
+        'No task with this msg_id is in progress with you: it was answered already, or its lease ended and it went to someone else.',
+        { msg_id: frame.msg_id },
+      );
+    }
+  }
+
+  /** Writes a frame to an identity's open session; false when it has none. */
+  writeTo(id: string, text: string): boolean {
+    const session = this.online.get(id);
+    if (!session || !session.isOpen) return false;
+    session.sendText(text);
+    return true;
+  }
+
   // ---- routing -------------------------------------------------------------------------------
 
   private route(session: Session, sender: Identity, frame: Record<string, unknown>, arrival: FrameArrival): void {
-    const { receivedAt } = arrival;
-    const { options, dedupe } = this.deps;
+    // Cluster: the dedupe claim is asked at once, so a sender's claims travel pipelined even
+    // though its messages are decided one after the other.
+    const claim = this.clustered ? this.claimEarly(sender, frame) : undefined;
+    if (session.routing === null) {
+      const waiting = this.routeNow(session, sender, frame, arrival, claim);
+      if (waiting !== undefined) this.holdOrder(session, waiting);
+      return;
+    }
+    // An earlier message of this sender waits on the cluster store: this one goes after it.
+    this.holdOrder(
+      session,
+      session.routing.then(() => {
+        if (session.isOpen) return this.routeNow(session, sender, frame, arrival, claim);
+        this.releaseUnused(sender.id, frame.msg_id, claim);
+        return undefined;
+      }),
+    );
+  }
+
+  /** Cluster: starts the dedupe claim of a msg_id this node has not seen, or nothing to claim. */
+  private claimEarly(sender: Identity, frame: Record<string, unknown>): Promise<DedupeClaim> | undefined {
+    const msgId = frame.msg_id;
+    const { dedupe, cluster } = this.deps;
+    if (!dedupe.enabled || typeof msgId !== 'string' || msgId === '' || msgId.length > MAX_MSG_ID_LENGTH) return undefined;
+    if (dedupe.find(sender.id, msgId) !== undefined) return undefined;
+    const claim = cluster.claimMsgId(sender.id, msgId);
+    claim.catch(() => undefined); // answered where it is awaited
+    return claim;
+  }
+
+  /** A claim made for a message that was then not routed: give it back. */
+  private releaseUnused(senderId: string, msgId: unknown, claim: Promise<DedupeClaim> | undefined): void {
+    if (claim === undefined || typeof msgId !== 'string') return;
+    claim.then((result) => {
+      if (result.kind === 'new') this.deps.cluster.releaseMsgId(senderId, msgId);
+    }, () => undefined);
+  }
+
+  /** Later messages of the session wait for `step` (cluster only: a single node never waits). */
+  private holdOrder(session: Session, step: Promise<void>): void {
+    const settled: Promise<void> = step.catch(() => undefined).then(() => {
+      if (session.routing === settled) session.routing = null;
+    });
+    session.routing = settled;
+  }
+
+  /** Routes now, or returns a promise when the cluster's dedupe window must be asked first. */
+  private routeNow(session: Session, sender: Identity, frame: Record<string, unknown>, arrival: FrameArrival, claim: Promise<DedupeClaim> | undefined): Promise<void> | undefined {
+    const { dedupe } = this.deps;
     let msgId: string;
     if (frame.msg_id === undefined || frame.msg_id === null || frame.msg_id === '') {
       msgId = randomUUID();
@@ -435,53 +668,151 @@ export class Router {
       msgId = frame.msg_id;
       const prior = dedupe.find(sender.id, msgId);
       if (prior !== undefined) {
+        this.releaseUnused(sender.id, msgId, claim);
         this.answerDuplicate(session, sender, frame, arrival, msgId, prior);
-        return;
+        return undefined;
       }
+      if (this.clustered && dedupe.enabled) return this.routeAfterClaim(session, sender, frame, arrival, msgId, claim ?? this.deps.cluster.claimMsgId(sender.id, msgId));
     } else {
       session.sendError('invalid_msg_id', `Field "msg_id" must be a string of at most ${MAX_MSG_ID_LENGTH} characters.`);
-      return;
+      return undefined;
     }
+    this.routeChecked(session, sender, frame, arrival, msgId, false);
+    return undefined;
+  }
+
+  /** Cluster: a msg_id this node has not seen may have been routed by another node. */
+  private routeAfterClaim(session: Session, sender: Identity, frame: Record<string, unknown>, arrival: FrameArrival, msgId: string, pending: Promise<DedupeClaim>): Promise<void> {
+    return pending.then(
+      (claim) => {
+        if (!session.isOpen) {
+          if (claim.kind === 'new') this.deps.cluster.releaseMsgId(sender.id, msgId);
+          return;
+        }
+        if (claim.kind === 'seen') session.sendText(finishAck(ackPrefix(msgId, claim.outcome), true));
+        else this.routeChecked(session, sender, frame, arrival, msgId, true);
+      },
+      () => session.sendError('cluster_unavailable', CLUSTER_UNAVAILABLE, { msg_id: msgId }),
+    );
+  }
+
+  private routeChecked(session: Session, sender: Identity, frame: Record<string, unknown>, arrival: FrameArrival, msgId: string, claimed: boolean): void {
+    const { options } = this.deps;
     // Only a client's own msg_id can come back; errors from here on name it so the client can
     // tell which send they answer.
     const clientGaveId = frame.msg_id === msgId;
-    const answering = clientGaveId ? { msg_id: msgId } : {};
     const target = checkTarget(frame.to);
     if (!target.ok) {
-      session.sendError(target.error.code, target.error.message, answering);
+      this.refuseMessage(session, sender.id, msgId, clientGaveId, claimed, target.error.code, target.error.message);
       return;
     }
     if (target.value.kind === 'ids' && target.value.ids.length > options.maxTargets) {
-      session.sendError('too_many_targets', `A message may name at most ${options.maxTargets} targets; use "tag:<name>" or "*" for more.`, answering);
+      this.refuseMessage(session, sender.id, msgId, clientGaveId, claimed, 'too_many_targets', `A message may name at most ${options.maxTargets} targets; use "tag:<name>" or "*" for more.`);
       return;
     }
     const queueTtlMs = this.queueTtl(frame);
     if (typeof queueTtlMs === 'string') {
-      session.sendError('invalid_frame', queueTtlMs, answering);
+      this.refuseMessage(session, sender.id, msgId, clientGaveId, claimed, 'invalid_frame', queueTtlMs);
       return;
+    }
+    const priority = checkPriority(frame.priority);
+    const inReplyTo = checkInReplyTo(frame.in_reply_to, MAX_MSG_ID_LENGTH);
+    const taskTimeout = checkTaskTimeout(frame.task_timeout_ms);
+    for (const checked of [priority, inReplyTo, taskTimeout]) {
+      if (!checked.ok) {
+        this.refuseMessage(session, sender.id, msgId, clientGaveId, claimed, checked.error.code, checked.error.message);
+        return;
+      }
     }
     let payloadJson: string | undefined;
     try {
       payloadJson = frame.payload === undefined ? undefined : JSON.stringify(frame.payload);
     } catch {
-      session.sendError('invalid_json', 'The payload could not be re-encoded (it nests too deeply); send a flatter JSON value.', answering);
+      this.refuseMessage(session, sender.id, msgId, clientGaveId, claimed, 'invalid_json', 'The payload could not be re-encoded (it nests too deeply); send a flatter JSON value.');
+      return;
+    }
+    if (this.clustered && !this.deps.cluster.available && !this.allHeldHere(target.value)) {
+      this.refuseMessage(session, sender.id, msgId, clientGaveId, claimed, 'cluster_unavailable', CLUSTER_UNAVAILABLE);
       return;
     }
     const now = Date.now();
+    // Part C fields ride along only when given, so part A/B frames stay exactly as they were.
+    const replyField = inReplyTo.ok && inReplyTo.value !== undefined ? `"in_reply_to":${JSON.stringify(inReplyTo.value)},` : '';
+    const priorityField = priority.ok && priority.value !== 'normal' ? `"priority":"${priority.value}",` : '';
+    const rest = `${replyField}${priorityField}${payloadJson === undefined ? '' : `"payload":${payloadJson},`}"timestamp":${now}}`;
+    const head = `{"type":"message","msg_id":${JSON.stringify(msgId)},"from_id":"${sender.id}","from_role":"${sender.role}","to":"`;
+    if (target.value.kind === 'any') {
+      const dispatch = this.deps.dispatcher.submit({
+        sender,
+        msgId,
+        tag: target.value.tag,
+        priority: priority.ok ? priority.value : 'normal',
+        head,
+        rest: `,${rest}`,
+        timeoutMs: (taskTimeout.ok ? taskTimeout.value : undefined) ?? options.taskTimeoutMs,
+        queueTtlMs,
+        now,
+      });
+      this.routeTask(session, sender, frame, arrival, { msgId, clientGaveId, payloadJson, now, claimed }, dispatch);
+      return;
+    }
     const context: RouteContext = {
       sender,
       msgId,
-      head: `{"type":"message","msg_id":${JSON.stringify(msgId)},"from_id":"${sender.id}","from_role":"${sender.role}","to":"`,
-      tail: `",${payloadJson === undefined ? '' : `"payload":${payloadJson},`}"timestamp":${now}}`,
+      head,
+      tail: `",${rest}`,
       split: null,
       queueTtlMs,
+      priority: priority.ok ? priority.value : 'normal',
       now,
       delivered: [],
       failed: [],
       queued: [],
       toQueue: [],
+      elsewhere: null,
+      broadcast: false,
     };
     this.deliverAll(context, target.value);
+    if (inReplyTo.ok && inReplyTo.value !== undefined && sender.role === 'employee' && target.value.kind === 'ids') {
+      this.deps.dispatcher.replied(sender.id, inReplyTo.value, target.value.ids);
+    }
+    if (context.elsewhere === null && !context.broadcast) {
+      this.finishRoute(session, frame, arrival, context, payloadJson, clientGaveId, claimed);
+      return;
+    }
+    this.deliverElsewhere(context).then(
+      () => this.finishRoute(session, frame, arrival, context, payloadJson, clientGaveId, claimed),
+      (error: Error) => {
+        this.deps.logger.error('cluster_route_failed', { msg_id: msgId, error: error.message });
+        this.refuseMessage(session, sender.id, msgId, clientGaveId, claimed, 'cluster_unavailable', CLUSTER_UNAVAILABLE);
+      },
+    );
+  }
+
+  /** An error for a message that is not routed; a cluster dedupe claim on it is given back. */
+  private refuseMessage(session: Session, senderId: string, msgId: string, clientGaveId: boolean, claimed: boolean, code: ProtocolErrorCode, message: string): void {
+    if (claimed) this.deps.cluster.releaseMsgId(senderId, msgId);
+    session.sendError(code, message, clientGaveId ? { msg_id: msgId } : {});
+  }
+
+  /** Whether every target of a message is a socket of this node (what a node without its cluster store can still route). */
+  private allHeldHere(target: ParsedTarget): boolean {
+    return target.kind === 'ids' && target.ids.every((id) => this.online.has(id));
+  }
+
+  /** Logs the routed message, then acks it (once its queued copies are stored). */
+  private finishRoute(
+    session: Session,
+    frame: Record<string, unknown>,
+    arrival: FrameArrival,
+    context: RouteContext,
+    payloadJson: string | undefined,
+    clientGaveId: boolean,
+    claimed: boolean,
+  ): void {
+    const { dedupe } = this.deps;
+    const { sender, msgId, now } = context;
+    const { receivedAt } = arrival;
     const outcomeText = outcomeFields(context);
     const slot = this.deps.messageLog.append(
       {
@@ -505,6 +836,25 @@ export class Router {
     if (context.toQueue.length === 0) {
       session.sendText(finishAck(prefix, false));
       if (clientGaveId) dedupe.remember(sender.id, msgId, receivedAt, slot);
+      if (claimed) this.deps.cluster.settleMsgId(sender.id, msgId, outcomeText);
+    } else if (this.clustered) {
+      const recordId = this.deps.messageLog.lastRecordId;
+      for (const entry of context.toQueue) entry.record_id = recordId;
+      const stored = this.storeShared(context.toQueue).then(() => slot);
+      if (clientGaveId) dedupe.remember(sender.id, msgId, receivedAt, stored);
+      stored.then(
+        () => {
+          session.sendText(finishAck(prefix, false));
+          if (claimed) this.deps.cluster.settleMsgId(sender.id, msgId, outcomeText);
+          // Only now wake the targets' nodes: the sender hears the ack before any delivery_update.
+          this.deps.cluster.wake(context.toQueue.map((entry) => entry.target_id));
+        },
+        (error: Error) => {
+          this.deps.logger.error('queue_store_failed', { msg_id: msgId, error: error.message });
+          if (claimed) this.deps.cluster.releaseMsgId(sender.id, msgId);
+          session.sendError('store_failed', 'The relay could not store this message for offline targets (see its log); send it again.', { msg_id: msgId });
+        },
+      );
     } else {
       const recordId = this.deps.messageLog.lastRecordId;
       for (const entry of context.toQueue) entry.record_id = recordId;
@@ -536,6 +886,94 @@ export class Router {
     });
   }
 
+  /** Cluster: the targets this node does not hold, asked of the nodes that do. */
+  private async deliverElsewhere(context: RouteContext): Promise<void> {
+    const { cluster, identities } = this.deps;
+    const known: string[] = [];
+    const unknown: string[] = [];
+    for (const id of context.elsewhere ?? []) (identities.get(id) ? known : unknown).push(id);
+    // A lookup the store cannot answer now leaves its target offline: never a guess of "not found".
+    const fetched = await Promise.all(unknown.map((id) => cluster.fetchIdentity(id).catch(() => null)));
+    unknown.forEach((id, index) => {
+      const found = fetched[index];
+      if (found === null) this.notDelivered(context, id, 'target_offline');
+      else if (!found) context.failed.push({ id, reason: 'target_not_found' });
+      else if (found.banned) context.failed.push({ id, reason: 'target_banned' });
+      else known.push(id);
+      if (found && !identities.get(id)) identities.apply(toDoc(found));
+    });
+    const pieces: FramePieces = { head: context.head, tail: context.tail };
+    const [outcomes, reached] = await Promise.all([
+      known.length > 0 ? cluster.deliverElsewhere(pieces, known) : ({} as Record<string, RemoteOutcome>),
+      context.broadcast ? cluster.broadcastElsewhere(pieces, context.sender.id) : [],
+    ]);
+    for (const id of known) {
+      const outcome = outcomes[id] ?? 'offline';
+      if (outcome === 'delivered') context.delivered.push(id);
+      else if (outcome === 'banned') context.failed.push({ id, reason: 'target_banned' });
+      else this.notDelivered(context, id, outcome === 'slow' ? 'target_slow' : 'target_offline');
+    }
+    for (const id of reached) context.delivered.push(id);
+  }
+
+  /**
+   * The rest of a message to `any:<tag>` (part C). A task is on disk before its messages.db record
+   * and its ack: a record found after a crash always has its task, so a resend answered as a
+   * duplicate never loses work. The task goes out to its employee after the ack.
+   */
+  private routeTask(session: Session, sender: Identity, frame: Record<string, unknown>, arrival: FrameArrival, message: TaskMessage, dispatch: SubmitResult): void {
+    const { messageLog, dedupe, logger } = this.deps;
+    const { msgId, now } = message;
+    const log = (): number => {
+      const slot = messageLog.append(
+        { msg_id: msgId, timestamp: now, from_id: sender.id, from_role: sender.role, delivered: dispatch.delivered, failed: dispatch.failed, queued: dispatch.queued, payload_json: message.payloadJson ?? 'null' },
+        outcomeText,
+      );
+      if (!messageLog.belowHighWaterMark && !this.pausedForLog.has(session)) {
+        session.ws.pause();
+        this.pausedForLog.add(session);
+      }
+      return slot;
+    };
+    const outcomeText = outcomeFields(dispatch);
+    const ack = ackPrefix(msgId, outcomeText);
+    const task = dispatch.task;
+    if (task === null) {
+      const slot = log();
+      session.sendText(finishAck(ack, false));
+      if (message.clientGaveId) dedupe.remember(sender.id, msgId, arrival.receivedAt, slot);
+      if (message.claimed) this.deps.cluster.settleMsgId(sender.id, msgId, outcomeText);
+    } else {
+      const logged = task.stored.then(() => {
+        const slot = log();
+        session.sendText(finishAck(ack, false));
+        if (message.claimed) this.deps.cluster.settleMsgId(sender.id, msgId, outcomeText);
+        task.activate(dispatch.queued.length > 0 ? messageLog.lastRecordId : null);
+        return slot;
+      });
+      if (message.clientGaveId) dedupe.remember(sender.id, msgId, arrival.receivedAt, logged);
+      logged.catch((error: Error) => {
+        task.abandon();
+        if (message.clientGaveId) dedupe.forget(sender.id, msgId);
+        if (message.claimed) this.deps.cluster.releaseMsgId(sender.id, msgId);
+        logger.error('task_store_failed', { msg_id: msgId, error: error.message });
+        session.sendError('store_failed', 'The relay could not store this task (see its log); send it again.', { msg_id: msgId });
+      });
+    }
+    this.deps.bus.publish({
+      type: 'message',
+      msg_id: msgId,
+      from: session.ref ?? nodeRef(sender),
+      to: frame.to as string,
+      delivered: dispatch.delivered,
+      failed: dispatch.failed,
+      queued: dispatch.queued,
+      bytes: arrival.bytes,
+      route_ms: performance.now() - arrival.startedAt,
+      at: now,
+    });
+  }
+
   /** Answers a repeated msg_id with the first ack, rebuilt from its log record. */
   private answerDuplicate(session: Session, sender: Identity, frame: Record<string, unknown>, arrival: FrameArrival, msgId: string, prior: Remembered): void {
     const { dedupe, messageLog, logger } = this.deps;
@@ -548,7 +986,7 @@ export class Router {
         }
         // The first record was pruned already: nothing to repeat, so this is a new message.
         dedupe.forget(sender.id, msgId);
-        if (session.isOpen) this.route(session, sender, frame, arrival);
+        if (session.isOpen) this.routeChecked(session, sender, frame, arrival, msgId, false);
       })
       .catch((error: Error) => logger.error('duplicate_ack_failed', { msg_id: msgId, error: error.message }));
   }
@@ -574,9 +1012,10 @@ export class Router {
         const identity = session.identity!;
         if (identity.id !== senderId) this.deliverTo(context, identity.id, identity, session);
       }
+      context.broadcast = this.clustered;
     } else if (target.kind === 'tag') {
       for (const id of this.deps.identities.withTag(target.tag)) if (id !== senderId) this.deliverOne(context, id);
-    } else {
+    } else if (target.kind === 'ids') {
       for (const id of target.ids) this.deliverOne(context, id);
     }
   }
@@ -584,7 +1023,8 @@ export class Router {
   private deliverOne(context: RouteContext, targetId: string): void {
     const identity = this.deps.identities.get(targetId);
     if (!identity) {
-      context.failed.push({ id: targetId, reason: 'target_not_found' });
+      if (this.clustered) (context.elsewhere ??= []).push(targetId);
+      else context.failed.push({ id: targetId, reason: 'target_not_found' });
       return;
     }
     this.deliverTo(context, targetId, identity, this.online.get(targetId));
@@ -594,6 +1034,10 @@ export class Router {
   private deliverTo(context: RouteContext, targetId: string, identity: Identity, session: Session | undefined): void {
     if (identity.banned) {
       context.failed.push({ id: targetId, reason: 'target_banned' });
+      return;
+    }
+    if (session === undefined && this.clustered) {
+      (context.elsewhere ??= []).push(targetId);
       return;
     }
     // A socket that is closing (peer leaving, relay shutting down) drops what is written to it:
@@ -610,6 +1054,11 @@ export class Router {
       }
       if (session.slowSince === null) session.slowSince = context.now;
     }
+    this.notDelivered(context, targetId, open ? 'target_slow' : 'target_offline');
+  }
+
+  /** A target not written to: queued when queueing applies, else failed with `reason`. */
+  private notDelivered(context: RouteContext, targetId: string, reason: 'target_slow' | 'target_offline'): void {
     if (context.queueTtlMs > 0) {
       context.queued.push(targetId);
       context.toQueue.push({
@@ -620,14 +1069,19 @@ export class Router {
         frame: context.head + targetId + context.tail,
         queued_at: context.now,
         expires_at: context.now + context.queueTtlMs,
+        ...(context.priority !== 'normal' && { priority: context.priority }),
       });
       return;
     }
-    const reason = open ? 'target_slow' : 'target_offline';
     context.failed.push({ id: targetId, reason });
   }
 
   // ---- store-and-forward ---------------------------------------------------------------------
+
+  /** Cluster: queued copies go to the cluster store, for whichever node the target reaches. */
+  private async storeShared(entries: NewQueuedEntry[]): Promise<void> {
+    await Promise.all([this.deps.cluster.enqueue(entries), this.deps.messageLog.flush()]);
+  }
 
   private async storeQueued(held: HeldEntries): Promise<void> {
     const { queue, messageLog, options } = this.deps;
@@ -803,28 +1257,193 @@ export class Router {
 
   // ---- bans ----------------------------------------------------------------------------------
 
-  setBan(id: string, banned: boolean, by: string): BanResult {
-    const identity = this.deps.identities.get(id);
+  async setBan(id: string, banned: boolean, by: string): Promise<BanResult> {
+    const { identities, cluster } = this.deps;
+    let identity = identities.get(id);
+    if (!identity && this.clustered) {
+      const found = await cluster.fetchIdentity(id).catch(() => null);
+      if (found === null) return { ok: false, status: 503, code: 'cluster_unavailable', message: CLUSTER_UNAVAILABLE };
+      if (found) identity = identities.apply(toDoc(found)) ?? undefined;
+    }
     if (!identity) {
       return { ok: false, status: 404, code: 'not_found', message: `No employee has id "${id}"; list them with GET /employees.` };
     }
     if (identity.role !== 'employee') {
       return { ok: false, status: 409, code: 'not_an_employee', message: `"${id}" is a boss; only employees can be banned.` };
     }
+    if (this.clustered) {
+      // In the cluster store first (another node may hold the socket; its replica learns from the announcement).
+      try {
+        await cluster.setBanned(identity, banned, by);
+      } catch {
+        return { ok: false, status: 503, code: 'cluster_unavailable', message: CLUSTER_UNAVAILABLE };
+      }
+    }
     const now = Date.now();
     const session = this.online.get(id);
     if (identity.banned !== banned) {
       identity.banned = banned;
-      this.deps.identities.save(identity);
+      if (!this.clustered) identities.save(identity);
       this.deps.connectionLog.record({ identityId: id, role: 'employee', event: banned ? 'ban' : 'unban', timestamp: now, online: session !== undefined, reason: by });
       this.deps.bus.publish({ type: banned ? 'ban' : 'unban', node: nodeRef(identity), by, at: now });
     }
-    if (banned && session) {
-      session.send({ type: 'system', event: 'banned', by, timestamp: now });
-      session.close(CLOSE_CODES.banned, 'Banned by an admin');
-    }
+    if (banned && session) this.closeBanned(session, by);
     return { ok: true, identity, online: banned ? false : session !== undefined };
   }
+
+  private closeBanned(session: Session, by: string): void {
+    session.send({ type: 'system', event: 'banned', by, timestamp: Date.now() });
+    session.close(CLOSE_CODES.banned, 'Banned by an admin');
+  }
+
+  // ---- what other nodes ask of this one (ClusterHandlers) -------------------------------------
+
+  deliverHere(pieces: FramePieces, ids: readonly string[]): Record<string, RemoteOutcome> {
+    const outcomes: Record<string, RemoteOutcome> = {};
+    let split: SplitText | null = null;
+    for (const id of ids) {
+      const session = this.online.get(id);
+      if (session === undefined || !session.isOpen) outcomes[id] = 'offline';
+      else if (session.identity!.banned) outcomes[id] = 'banned';
+      else if (session.ws.bufferedAmount > this.deps.options.maxBufferedBytes) outcomes[id] = 'slow';
+      else {
+        session.sendSplit((split ??= splitText(pieces.head, pieces.tail)), id);
+        outcomes[id] = 'delivered';
+      }
+    }
+    return outcomes;
+  }
+
+  broadcastHere(pieces: FramePieces, senderId: string): string[] {
+    const reached: string[] = [];
+    let split: SplitText | null = null;
+    for (const [id, session] of this.online) {
+      if (id === senderId || !session.isOpen || session.identity!.banned) continue;
+      if (session.ws.bufferedAmount > this.deps.options.maxBufferedBytes) continue;
+      session.sendSplit((split ??= splitText(pieces.head, pieces.tail)), id);
+      reached.push(id);
+    }
+    return reached;
+  }
+
+  heldIds(): Iterable<string> {
+    return this.online.keys();
+  }
+
+  private seenSharedAt = 0;
+
+  recentlySeen(): [string, number, number | null][] {
+    const since = this.seenSharedAt;
+    this.seenSharedAt = Date.now();
+    const seen: [string, number, number | null][] = [];
+    for (const session of this.online.values()) {
+      const identity = session.identity!;
+      const lastSeen = Math.max(identity.lastSeen, session.lastActivityAt);
+      if (lastSeen > since) seen.push([identity.id, lastSeen, identity.lastHeartbeatAt]);
+    }
+    return seen;
+  }
+
+  seenElsewhere(seen: readonly [string, number, number | null][]): void {
+    for (const [id, lastSeen, lastHeartbeatAt] of seen) {
+      const identity = this.deps.identities.get(id);
+      if (!identity || this.online.has(id)) continue;
+      if (lastSeen > identity.lastSeen) identity.lastSeen = lastSeen;
+      if (lastHeartbeatAt !== null && lastHeartbeatAt > (identity.lastHeartbeatAt ?? 0)) identity.lastHeartbeatAt = lastHeartbeatAt;
+    }
+  }
+
+  replacedElsewhere(id: string): void {
+    this.online.get(id)?.close(CLOSE_CODES.replaced, 'Replaced by a newer session of this identity');
+  }
+
+  identityWritten(doc: Record<string, unknown>): void {
+    const id = typeof doc._id === 'string' ? doc._id : null;
+    if (id === null) return;
+    // A ban travels on its own announcement: keep what this replica knows.
+    const banned = this.deps.identities.get(id)?.banned ?? false;
+    const identity = this.deps.identities.apply(doc);
+    if (identity) identity.banned = banned;
+  }
+
+  banChanged(id: string, banned: boolean, by: string): void {
+    const identity = this.deps.identities.get(id);
+    if (identity) identity.banned = banned;
+    const session = this.online.get(id);
+    if (banned && session) this.closeBanned(session, by);
+  }
+
+  queuedFor(id: string): void {
+    const session = this.online.get(id);
+    if (session?.isOpen) this.drainShared(session);
+  }
+
+  queuedOutcome(outcome: QueuedOutcome): void {
+    const now = Date.now();
+    const { msg_id, from_id, target_id, status } = outcome;
+    if (outcome.origin === this.nodeId) {
+      this.deps.messageLog.updateTarget(outcome.record_id, target_id, status);
+      this.deps.bus.publish({ type: 'delivery_update', msg_id, from_id, id: target_id, status, at: now });
+    }
+    this.online.get(from_id)?.send({ type: 'delivery_update', msg_id, id: target_id, status, timestamp: now });
+  }
+
+  /**
+   * Cluster: writes the queued copies waiting in the cluster store for this session's identity,
+   * in order, while its socket holds under half of --max-buffered (as the local drain does). A
+   * copy counts as delivered once the socket has handed it to the kernel; the first copy that
+   * was not (the socket closed) and every later one go back to the head of the queue for the
+   * next auth. One drain per session at a time, so a wake during a drain cannot reorder.
+   */
+  private drainShared(session: Session): void {
+    const id = session.identity!.id;
+    if (this.drainingShared.has(session)) {
+      this.drainingShared.set(session, true);
+      return;
+    }
+    this.drainingShared.set(session, false);
+    const { cluster, logger, options } = this.deps;
+    const room = options.maxBufferedBytes / 2;
+    const holds = () => session.isOpen && this.online.get(id) === session;
+    let moreLater = false;
+    const drain = async () => {
+      const entries = await cluster.takeQueued(id);
+      if (entries.length === 0) return;
+      const now = Date.now();
+      const written: SharedQueuedEntry[] = [];
+      const writes: Promise<boolean>[] = [];
+      const rest: SharedQueuedEntry[] = [];
+      for (const entry of entries) {
+        if (entry.expires_at <= now) cluster.finishQueued(queuedOutcomeOf(entry, 'expired'));
+        else if (rest.length > 0 || !holds() || session.ws.bufferedAmount > room) rest.push(entry);
+        else {
+          written.push(entry);
+          writes.push(new Promise((resolve) => session.sendQueued(entry.frame, (error) => resolve(!error))));
+        }
+      }
+      const results = await Promise.all(writes);
+      // Socket writes complete in order: everything from the first unwritten copy on goes back.
+      const firstLost = results.indexOf(false);
+      const delivered = firstLost < 0 ? written : written.slice(0, firstLost);
+      for (const entry of delivered) cluster.finishQueued(queuedOutcomeOf(entry, 'delivered'));
+      const back = firstLost < 0 ? rest : [...written.slice(firstLost), ...rest];
+      if (back.length > 0) await cluster.returnQueued(id, back);
+      moreLater = firstLost < 0 && rest.length > 0;
+    };
+    drain()
+      .catch((error: Error) => logger.warn('queue_drain_failed', { id, error: error.message }))
+      .finally(() => {
+        const again = this.drainingShared.get(session) === true;
+        this.drainingShared.delete(session);
+        if (!holds()) return;
+        if (moreLater) session.whenWritable(room, () => this.drainShared(session));
+        else if (again) this.drainShared(session);
+      });
+  }
+}
+
+function queuedOutcomeOf(entry: SharedQueuedEntry, status: 'delivered' | 'expired'): QueuedOutcome {
+  return { origin: entry.origin, record_id: entry.record_id, msg_id: entry.msg_id, from_id: entry.from_id, target_id: entry.target_id, status };
 }
 
 function notFound(id: string): AdminFailure {

@@ -22,6 +22,8 @@ export class Session {
   tokensAt = 0;
   /** Bytes of the frames handed to the socket, for the bytes-out metric. */
   bytesSent = 0;
+  /** Cluster: the sender's last message still waiting on the cluster store; later ones queue behind it. */
+  routing: Promise<void> | null = null;
 
   corked = false;
   writtenInTick = 0;

@@ -22,6 +22,8 @@ export function heartbeatStaleMs(pingIntervalMs: number): number {
 export interface Liveness {
   /** When the node's open socket last carried a frame or a pong; undefined while it is offline. */
   lastActivity(id: string): number | undefined;
+  /** The relay node holding the identity's socket (docs/CLUSTER.md); null while it is offline. */
+  node(id: string): string | null;
   heartbeatStaleMs: number;
 }
 
@@ -51,6 +53,8 @@ export interface NodeView {
   meta: Record<string, unknown> | null;
   /** Bosses only: the credential of its last auth ("authkey" or a --boss-keys-file name); null before any since it was recorded. */
   credential?: string | null;
+  /** The relay node holding its socket; null while offline. */
+  node: string | null;
 }
 
 export function nodeStatus(identity: Identity, online: boolean): NodeStatus {
@@ -63,7 +67,7 @@ function lastSeen(identity: Identity, lastActivityAt: number | null | undefined)
   return lastActivityAt != null && lastActivityAt > identity.lastSeen ? lastActivityAt : identity.lastSeen;
 }
 
-export function nodeView(identity: Identity, online: boolean, lastActivityAt: number | null = null): NodeView {
+export function nodeView(identity: Identity, online: boolean, lastActivityAt: number | null = null, node: string | null = null): NodeView {
   return {
     id: identity.id,
     role: identity.role,
@@ -76,6 +80,7 @@ export function nodeView(identity: Identity, online: boolean, lastActivityAt: nu
     last_seen: lastSeen(identity, lastActivityAt),
     meta: identity.meta,
     ...(identity.role === 'boss' && { credential: identity.credential }),
+    node: online ? node : null,
   };
 }
 
@@ -140,7 +145,7 @@ function registrationOrder(identities: IdentityStore, role?: Role): Identity[] {
 export function listNodes(identities: IdentityStore, liveness: Liveness, role?: Role): NodeView[] {
   return registrationOrder(identities, role).map((identity) => {
     const activity = liveness.lastActivity(identity.id);
-    return nodeView(identity, activity !== undefined, activity);
+    return nodeView(identity, activity !== undefined, activity, liveness.node(identity.id));
   });
 }
 
@@ -165,7 +170,15 @@ function pushList(parts: Buffer[], items: Buffer[]): void {
  * encoded once, and its bytes reused in every tag group it belongs to: the body is copied
  * together once, instead of every employee being serialised again per tag.
  */
-export function workforceJson(identities: IdentityStore, liveness: Liveness, tag: string | null, now: number): Buffer {
+/** Part C: an employee's availability for dispatch, as /admin/workforce shows it. */
+export interface DispatchView {
+  status: 'idle' | 'working' | 'dnd' | 'offline';
+  capacity: number;
+  in_progress: number;
+}
+export type DispatchOf = (id: string) => DispatchView | null;
+
+export function workforceJson(identities: IdentityStore, liveness: Liveness, tag: string | null, now: number, dispatchOf: DispatchOf = () => null): Buffer {
   const bosses: Buffer[] = [];
   const employees: Buffer[] = [];
   // A Map, not an object: a tag may be any string, "__proto__" included.
@@ -177,9 +190,10 @@ export function workforceJson(identities: IdentityStore, liveness: Liveness, tag
     if (identity.role === 'employee' && tag !== null && !identity.tags.includes(tag)) continue;
     const activity = liveness.lastActivity(identity.id);
     const isUp = activity !== undefined;
-    const view = nodeView(identity, isUp, activity);
+    const view = nodeView(identity, isUp, activity, isUp ? liveness.node(identity.id) : null);
     const nodeHealthView = nodeHealth(identity, isUp, now, liveness.heartbeatStaleMs, activity);
-    const text = Buffer.from(JSON.stringify({ ...view, health: nodeHealthView }));
+    const dispatch = identity.role === 'employee' ? { dispatch: dispatchOf(identity.id) ?? { status: isUp ? 'idle' : 'offline', capacity: 1, in_progress: 0 } } : {};
+    const text = Buffer.from(JSON.stringify({ ...view, health: nodeHealthView, ...dispatch }));
     health[nodeHealthView.overall]++;
     if (isUp) online++;
     if (identity.banned) banned++;

@@ -170,19 +170,20 @@ export class WsGateway {
       session.close(CLOSE_CODES.authRejected, 'auth_throttled');
       return;
     }
-    const wrong = this.router.authenticate(session, frame);
-    if (session.identity) {
-      this.unauthenticated--;
-      if (session.authTimer) clearTimeout(session.authTimer);
-      session.authTimer = null;
-    } else if (wrong !== null && this.authThrottle.countWrong(session.address, wrong, receivedAt)) {
-      this.logger.warn('auth_throttled', {
-        address: session.address,
-        guessed: describeTarget(wrong),
-        failures: this.options.maxAuthFailures,
-        window_ms: AUTH_FAILURE_WINDOW_MS,
-      });
-    }
+    this.router.authenticate(session, frame, (accepted, wrong) => {
+      if (accepted) {
+        this.unauthenticated--;
+        if (session.authTimer) clearTimeout(session.authTimer);
+        session.authTimer = null;
+      } else if (wrong !== null && this.authThrottle.countWrong(session.address, wrong, receivedAt)) {
+        this.logger.warn('auth_throttled', {
+          address: session.address,
+          guessed: describeTarget(wrong),
+          failures: this.options.maxAuthFailures,
+          window_ms: AUTH_FAILURE_WINDOW_MS,
+        });
+      }
+    });
   }
 
   private frameError(session: Session, code: Parameters<Session['sendError']>[0], message: string): void {

@@ -319,7 +319,7 @@ test('a data dir or messages.db the relay may not write names the path and exits
     await fs.writeFile(path.join(readOnlyLog, 'messages.db'), '', { mode: 0o444 });
     if (asRoot) await fs.chown(readOnlyLog, 65534, 65534);
     else await fs.chmod(notOurs, 0o555);
-    await assertStartFailure(['0', 'k', notOurs], new RegExp(`Cannot write the data dir: permission denied on ${notOurs}/\\w+\\.db\\. Give the user running the relay write access to ${notOurs}`), nobody);
+    await assertStartFailure(['0', 'k', notOurs], new RegExp(`Cannot write the data dir: permission denied on ${notOurs}/[\\w.-]+\\. Give the user running the relay write access to ${notOurs}`), nobody);
     await assertStartFailure(['0', 'k', readOnlyLog], new RegExp(`permission denied on ${path.join(readOnlyLog, 'messages.db')}\\.`), nobody);
   } finally {
     await fs.chmod(root, 0o700).catch(() => undefined);

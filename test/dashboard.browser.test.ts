@@ -57,6 +57,8 @@ describe('dashboard in a browser', { timeout: 60_000 }, () => {
     await row.waitFor();
     assert.equal(await row.locator('td').first().textContent(), 'Browser-Worker');
     await row.locator('.status-online').waitFor();
+    // The relay node holding its socket (from the connect event).
+    await row.getByText(`on ${relay.relay.nodeId}`).waitFor();
     assert.deepEqual(await row.locator('.chip').allTextContents(), ['research', 'risk']);
     // The health self-report arrives via the event stream and patches the row: no re-fetch.
     worker.socket.send({ type: 'health_report', valid: true });

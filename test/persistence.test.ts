@@ -121,7 +121,7 @@ test('the data dir is created 0700 and its files 0600, and they stay so through 
       await boss.socket.next('delivery_ack');
     }
     await Promise.all([boss.socket.close(), alice.socket.close()]);
-    for (const file of STORE_FILES) assert.equal((await modeOf(path.join(dir, file))).toString(8), '600', file);
+    for (const file of [...STORE_FILES, 'node-id', 'relay.lock']) assert.equal((await modeOf(path.join(dir, file))).toString(8), '600', file);
 
     // With a lower cap the restart rewrites messages.db without its oldest records; the NeDB
     // files are compacted (written anew and renamed) on the maintenance interval.

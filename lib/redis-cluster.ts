@@ -1,0 +1,639 @@
+// The ClusterLink of a node started with --redis: what lives in Redis and how nodes reach each
+// other through it (docs/CLUSTER.md is the design; the key and channel names are listed there).
+// Two connections: one for commands, one subscribed to this node's inbox and reply channels and
+// the cluster's control channel.
+
+import { randomUUID } from 'node:crypto';
+import type Redis from 'ioredis';
+import type {
+  ClusterHandlers,
+  ClusterLink,
+  DedupeClaim,
+  FramePieces,
+  QueuedOutcome,
+  RemoteOutcome,
+  SharedQueuedEntry,
+} from './cluster-link';
+import type { NewQueuedEntry } from './delivery-queue';
+import type { RelayEvent } from './events';
+import { fromDoc, IdentityStore, type Identity, type IdentityDoc } from './identity-store';
+import type { Logger } from './logger';
+import { isPlainObject } from './protocol';
+import { ClusterStartError, connectRedis } from './redis-connection';
+import { SharedDedupe } from './redis-dedupe';
+import { SharedQueue } from './redis-queue';
+import { BURY_SCRIPT, HEARTBEAT_SCRIPT, JOIN_SCRIPT, LEAVE_SCRIPT, RELEASE_SCRIPT } from './redis-scripts';
+
+/** A node's liveness key lives this long unless refreshed. */
+export const NODE_TTL_MS = 5000;
+/** How often a node refreshes its key and looks for dead nodes. */
+export const HEARTBEAT_MS = 1000;
+/** How long a node waits for another node's answer before counting its targets as not delivered. */
+export const REPLY_TIMEOUT_MS = 3000;
+/** How often a node tells the others when its identities were last active (well inside the 60 s heartbeat staleness). */
+export const SEEN_SHARE_MS = 10_000;
+
+export interface RedisClusterOptions {
+  url: string;
+  clusterName: string;
+  nodeId: string;
+  dedupeWindowMs: number;
+  /** Most queued copies kept for one target; the oldest past it expire. */
+  maxQueuedPerTarget: number;
+  logger: Logger;
+}
+
+type ControlMessage =
+  | { t: 'replace'; node: string; id: string }
+  | { t: 'left'; node: string; id: string }
+  | { t: 'buried'; node: string }
+  | { t: 'seen'; node: string; seen: unknown }
+  | { t: 'identity'; node: string; doc: Record<string, unknown> }
+  | { t: 'ban'; node: string; id: string; banned: boolean; by: string }
+  | { t: 'queued'; ids: string[] }
+  | ({ t: 'queued_outcome' } & QueuedOutcome);
+
+type InboxMessage =
+  | { t: 'deliver'; req: string; reply: string; head: string; tail: string; ids: string[] }
+  | { t: 'broadcast'; req: string; reply: string; head: string; tail: string; sender: string }
+  | { t: 'query'; req: string; reply: string; kind: string; query: unknown };
+
+/** Answers reads that span the cluster (e.g. /admin/communications) from this node's own data. */
+export type QueryHandler = (kind: string, query: unknown) => Promise<unknown>;
+
+interface ReplyMessage {
+  req: string;
+  outcomes?: Record<string, RemoteOutcome>;
+  reached?: string[];
+  result?: unknown;
+}
+
+interface PendingRequest {
+  answer(reply: ReplyMessage): void;
+}
+
+export class NodeIdTakenError extends ClusterStartError {}
+
+export class RedisCluster implements ClusterLink {
+  readonly clustered = true;
+  /** The node's replica of every identity, written through to Redis. */
+  readonly identities: IdentityStore;
+  private handlers: ClusterHandlers | null = null;
+  private readonly token = randomUUID();
+  private readonly prefix: string;
+  private readonly pending = new Map<string, PendingRequest>();
+  private readonly queue: SharedQueue;
+  private readonly dedupe: SharedDedupe;
+  private requestSeq = 0;
+  /** Mirror of the shared presence (id → node), kept by the control channel; admin reads use it. */
+  private readonly presence = new Map<string, string>();
+  /** Other nodes alive at the last check. */
+  private liveNodes: string[] = [];
+  private heartbeat: NodeJS.Timeout | null = null;
+  /** Where other nodes' events go (this node's /api/events), and whether anyone reads it now. */
+  private eventSink: ((event: RelayEvent) => void) | null = null;
+  private queryHandler: QueryHandler | null = null;
+  private eventsWanted: () => boolean = () => false;
+  private eventsSubscribed = false;
+  /** No node listened at the last publish: events are not published again before this time. */
+  private eventsMutedUntil = 0;
+  private closed = false;
+  private ticking = false;
+  private seenSharedAt = 0;
+
+  private constructor(
+    private readonly options: RedisClusterOptions,
+    private readonly redis: Redis,
+    private readonly sub: Redis,
+    docs: Record<string, unknown>[],
+  ) {
+    this.prefix = `${options.clusterName}:`;
+    this.queue = new SharedQueue(redis, this.prefix, options.nodeId, options.maxQueuedPerTarget, options.logger, (outcome) => this.finishQueued(outcome));
+    this.dedupe = new SharedDedupe(redis, this.prefix, options.dedupeWindowMs, options.logger);
+    this.identities = IdentityStore.fromDocs(
+      docs,
+      { write: (doc) => this.writeIdentity(doc), remove: async (id) => void (await this.redis.hdel(this.key('identities'), id)), close: () => Promise.resolve() },
+      options.logger,
+    );
+  }
+
+  get nodeId(): string {
+    return this.options.nodeId;
+  }
+
+  get available(): boolean {
+    return !this.closed && this.redis.status === 'ready' && this.sub.status === 'ready';
+  }
+
+  /** Joins the cluster: refused when Redis cannot be reached or another running node has this id. */
+  static async connect(options: RedisClusterOptions): Promise<RedisCluster> {
+    const redis = await connectRedis(options.url, `mimiclaw:${options.nodeId}`);
+    let sub: Redis | null = null;
+    try {
+      sub = await connectRedis(options.url, `mimiclaw:${options.nodeId}:sub`);
+      const prefix = `${options.clusterName}:`;
+      const [entries, banned] = await Promise.all([redis.hgetall(`${prefix}identities`), redis.smembers(`${prefix}banned`)]);
+      const bannedIds = new Set(banned);
+      const docs: Record<string, unknown>[] = [];
+      for (const [id, json] of Object.entries(entries)) {
+        const doc = parseObject(json);
+        if (doc) docs.push({ ...doc, _id: id, id, banned: bannedIds.has(id) });
+      }
+      const cluster = new RedisCluster(options, redis, sub, docs);
+      await cluster.claimNodeId();
+      await cluster.subscribe();
+      await cluster.loadPresence();
+      cluster.start();
+      return cluster;
+    } catch (error) {
+      redis.disconnect();
+      sub?.disconnect();
+      throw error;
+    }
+  }
+
+  attach(handlers: ClusterHandlers): void {
+    this.handlers = handlers;
+  }
+
+  // ---- keys ----------------------------------------------------------------------------------
+
+  private key(name: string): string {
+    return this.prefix + name;
+  }
+
+  private nodeKey(nodeId: string): string {
+    return this.key(`node:${nodeId}`);
+  }
+
+  // ---- node registry -------------------------------------------------------------------------
+
+  /**
+   * SET NX with this process's token. A key left by this node id's previous process (killed
+   * without a clean stop) expires within NODE_TTL_MS, so wait that long before refusing: only a
+   * node that is still running keeps it.
+   */
+  private async claimNodeId(): Promise<void> {
+    const deadline = Date.now() + NODE_TTL_MS + HEARTBEAT_MS;
+    for (;;) {
+      const set = await this.redis.set(this.nodeKey(this.nodeId), this.token, 'PX', NODE_TTL_MS, 'NX');
+      if (set === 'OK') break;
+      if (Date.now() > deadline) {
+        throw new NodeIdTakenError(
+          `Node id "${this.nodeId}" is in use by another running node of cluster "${this.options.clusterName}": give this node its own --node-id (or its own data dir).`,
+        );
+      }
+      await delay(250);
+    }
+    // Presence this node id left behind when its previous process died: it holds no socket yet.
+    await this.redis.eval(BURY_SCRIPT, 3, this.key('presence'), this.key(`presence:${this.nodeId}`), this.key('nodes'), this.nodeId);
+    await this.redis.sadd(this.key('nodes'), this.nodeId);
+  }
+
+  private async subscribe(): Promise<void> {
+    this.sub.on('message', (channel: string, text: string) => this.onMessage(channel, text));
+    await this.sub.subscribe(this.key(`inbox:${this.nodeId}`), this.key(`reply:${this.nodeId}`), this.key('control'));
+  }
+
+  private async loadPresence(): Promise<void> {
+    const entries = await this.redis.hgetall(this.key('presence'));
+    this.presence.clear();
+    for (const [id, node] of Object.entries(entries)) this.presence.set(id, node);
+  }
+
+  locate(id: string): string | undefined {
+    return this.presence.get(id);
+  }
+
+  private start(): void {
+    this.heartbeat = setInterval(() => void this.tick(), HEARTBEAT_MS);
+    this.heartbeat.unref();
+    // After Redis comes back (a restart, a network cut), write this node's part of the shared
+    // state again: its key and the presence of every socket it holds.
+    this.redis.on('ready', () => void this.resync());
+    void this.tick();
+  }
+
+  private async tick(): Promise<void> {
+    if (this.ticking || this.closed || this.redis.status !== 'ready') return;
+    this.ticking = true;
+    try {
+      const held = await this.redis.eval(HEARTBEAT_SCRIPT, 2, this.nodeKey(this.nodeId), this.key('nodes'), this.token, NODE_TTL_MS, this.nodeId);
+      if (held === 0) this.options.logger.error('node_id_taken', { node: this.nodeId, cluster: this.options.clusterName });
+      await this.findDeadNodes();
+      await this.followEvents();
+      await this.queue.expireDue();
+      this.shareSeen();
+    } catch (error) {
+      this.options.logger.warn('cluster_heartbeat_failed', { error: (error as Error).message });
+    } finally {
+      this.ticking = false;
+    }
+  }
+
+  /** Identities active here are seen as active on every node's /admin/workforce (heartbeat staleness). */
+  private shareSeen(): void {
+    const now = Date.now();
+    if (now - this.seenSharedAt < SEEN_SHARE_MS || this.handlers === null) return;
+    this.seenSharedAt = now;
+    const seen = this.handlers.recentlySeen();
+    if (seen.length > 0) this.publish('control', { t: 'seen', node: this.nodeId, seen });
+  }
+
+  private async findDeadNodes(): Promise<void> {
+    const nodes = (await this.redis.smembers(this.key('nodes'))).filter((id) => id !== this.nodeId);
+    if (nodes.length === 0) {
+      this.liveNodes = [];
+      return;
+    }
+    const exists = await this.redis.mget(nodes.map((id) => this.nodeKey(id)));
+    const live: string[] = [];
+    for (const [index, id] of nodes.entries()) {
+      if (exists[index] !== null) {
+        live.push(id);
+        continue;
+      }
+      const removed = await this.redis.eval(BURY_SCRIPT, 3, this.key('presence'), this.key(`presence:${id}`), this.key('nodes'), id);
+      this.publish('control', { t: 'buried', node: id });
+      this.options.logger.warn('cluster_node_dead', { node: id, presence_removed: Number(removed) });
+    }
+    this.liveNodes = live;
+  }
+
+  private async resync(): Promise<void> {
+    if (this.closed) return;
+    try {
+      await this.redis.eval(HEARTBEAT_SCRIPT, 2, this.nodeKey(this.nodeId), this.key('nodes'), this.token, NODE_TTL_MS, this.nodeId);
+      await this.loadPresence();
+      await Promise.all([...(this.handlers?.heldIds() ?? [])].map((id) => this.joined(id)));
+      this.options.logger.info('cluster_resynced', { node: this.nodeId });
+    } catch (error) {
+      this.options.logger.warn('cluster_resync_failed', { error: (error as Error).message });
+    }
+  }
+
+  // ---- presence ------------------------------------------------------------------------------
+
+  async joined(id: string): Promise<void> {
+    this.presence.set(id, this.nodeId);
+    try {
+      await this.redis.eval(JOIN_SCRIPT, 2, this.key('presence'), this.key(`presence:${this.nodeId}`), id, this.nodeId, this.key('presence:'));
+    } catch (error) {
+      this.options.logger.warn('cluster_presence_failed', { id, error: (error as Error).message });
+      throw error;
+    }
+    this.publish('control', { t: 'replace', node: this.nodeId, id });
+  }
+
+  left(id: string): void {
+    if (this.presence.get(id) === this.nodeId) this.presence.delete(id);
+    this.redis
+      .eval(LEAVE_SCRIPT, 2, this.key('presence'), this.key(`presence:${this.nodeId}`), id, this.nodeId)
+      .then(() => this.publish('control', { t: 'left', node: this.nodeId, id }))
+      .catch((error: Error) => this.options.logger.warn('cluster_presence_failed', { id, error: error.message }));
+  }
+
+  // ---- identities ----------------------------------------------------------------------------
+
+  /** Bans are kept apart (set `banned`), so a stale replica's write can never undo one. */
+  private async writeIdentity(doc: IdentityDoc): Promise<void> {
+    const { banned: _banned, ...record } = doc;
+    const json = JSON.stringify(record);
+    await this.redis.multi().hset(this.key('identities'), doc._id, json).publish(this.key('control'), JSON.stringify({ t: 'identity', node: this.nodeId, doc: record })).exec();
+  }
+
+  async fetchIdentity(id: string): Promise<Identity | undefined> {
+    const [json, banned] = await Promise.all([this.redis.hget(this.key('identities'), id), this.redis.sismember(this.key('banned'), id)]);
+    const doc = json === null ? null : parseObject(json);
+    if (doc === null) return undefined;
+    return fromDoc({ ...doc, _id: id, id, banned: banned === 1 }) ?? undefined;
+  }
+
+  async setBanned(identity: Identity, banned: boolean, by: string): Promise<void> {
+    const set = this.key('banned');
+    const multi = this.redis.multi();
+    if (banned) multi.sadd(set, identity.id);
+    else multi.srem(set, identity.id);
+    multi.publish(this.key('control'), JSON.stringify({ t: 'ban', node: this.nodeId, id: identity.id, banned, by }));
+    await multi.exec();
+  }
+
+  // ---- delivery across nodes -----------------------------------------------------------------
+
+  /**
+   * The holder of each target is taken from the presence mirror when it names one (no round
+   * trip on the message path); targets the mirror does not place are looked up in Redis. A
+   * target the mirror sent to the wrong node (it moved a moment ago) comes back "offline" and is
+   * looked up and asked once more, so a stale mirror never turns into a false failure.
+   */
+  async deliverElsewhere(pieces: FramePieces, ids: readonly string[]): Promise<Record<string, RemoteOutcome>> {
+    const outcomes: Record<string, RemoteOutcome> = {};
+    const byNode = new Map<string, string[]>();
+    const unplaced: string[] = [];
+    for (const id of ids) {
+      outcomes[id] = 'offline';
+      const node = this.presence.get(id);
+      if (node === undefined || node === this.nodeId) unplaced.push(id);
+      else addTo(byNode, node, id);
+    }
+    const asked = new Map<string, string>();
+    if (unplaced.length > 0) for (const [node, targets] of await this.locateInStore(unplaced)) for (const id of targets) addTo(byNode, node, id);
+    await this.askHolders(pieces, byNode, outcomes, asked);
+    const missed = ids.filter((id) => outcomes[id] === 'offline' && asked.has(id) && !unplaced.includes(id));
+    if (missed.length > 0) {
+      const again = new Map<string, string[]>();
+      for (const [node, targets] of await this.locateInStore(missed)) for (const id of targets) if (asked.get(id) !== node) addTo(again, node, id);
+      if (again.size > 0) await this.askHolders(pieces, again, outcomes, asked);
+    }
+    return outcomes;
+  }
+
+  /** Holders from Redis (HMGET presence); none when Redis cannot answer: those targets stay offline. */
+  private async locateInStore(ids: readonly string[]): Promise<Map<string, string[]>> {
+    const holders = await this.redis.hmget(this.key('presence'), ...ids).catch(() => ids.map(() => null));
+    const byNode = new Map<string, string[]>();
+    ids.forEach((id, index) => {
+      const node = holders[index];
+      if (node !== null && node !== undefined && node !== this.nodeId) addTo(byNode, node, id);
+    });
+    return byNode;
+  }
+
+  private async askHolders(pieces: FramePieces, byNode: Map<string, string[]>, outcomes: Record<string, RemoteOutcome>, asked: Map<string, string>): Promise<void> {
+    await Promise.all(
+      [...byNode].map(async ([node, targets]) => {
+        for (const id of targets) asked.set(id, node);
+        const reply = await this.request(node, (req) => ({ t: 'deliver', req, reply: this.nodeId, head: pieces.head, tail: pieces.tail, ids: targets }));
+        // Only what the holder says it wrote counts as delivered; no answer leaves them offline.
+        for (const id of targets) {
+          const outcome = reply?.outcomes?.[id];
+          if (outcome !== undefined) outcomes[id] = outcome;
+        }
+      }),
+    );
+  }
+
+  async broadcastElsewhere(pieces: FramePieces, senderId: string): Promise<string[]> {
+    const replies = await Promise.all(
+      this.liveNodes.map((node) => this.request(node, (req) => ({ t: 'broadcast', req, reply: this.nodeId, head: pieces.head, tail: pieces.tail, sender: senderId }))),
+    );
+    return replies.flatMap((reply) => reply?.reached ?? []);
+  }
+
+  answerQueries(handler: QueryHandler): void {
+    this.queryHandler = handler;
+  }
+
+  /** Asks every other live node; the results that came back in time and the nodes that did not answer. */
+  async askAll(kind: string, query: unknown): Promise<{ results: unknown[]; missing: string[] }> {
+    const nodes = [...this.liveNodes];
+    const replies = await Promise.all(nodes.map((node) => this.request(node, (req) => ({ t: 'query', req, reply: this.nodeId, kind, query }))));
+    const results: unknown[] = [];
+    const missing: string[] = [];
+    replies.forEach((reply, index) => {
+      if (reply !== null && reply.result !== undefined) results.push(reply.result);
+      else missing.push(nodes[index]!);
+    });
+    return { results, missing };
+  }
+
+  /** Publishes on `node`'s inbox and waits for its answer; null when none came in time. */
+  private async request(node: string, make: (req: string) => InboxMessage): Promise<ReplyMessage | null> {
+    const req = `${this.nodeId}:${(this.requestSeq++).toString(36)}`;
+    const answered = new Promise<ReplyMessage | null>((resolve) => {
+      const timer = setTimeout(() => {
+        this.pending.delete(req);
+        resolve(null);
+      }, REPLY_TIMEOUT_MS);
+      this.pending.set(req, {
+        answer: (reply) => {
+          clearTimeout(timer);
+          this.pending.delete(req);
+          resolve(reply);
+        },
+      });
+    });
+    let receivers = 0;
+    try {
+      receivers = await this.redis.publish(this.key(`inbox:${node}`), JSON.stringify(make(req)));
+    } catch {
+      receivers = 0;
+    }
+    // Nobody listens on that inbox: the node is gone, there is nothing to wait for.
+    if (receivers === 0) this.pending.get(req)?.answer({ req });
+    return answered;
+  }
+
+  private onMessage(channel: string, text: string): void {
+    const message = parseObject(text);
+    if (message === null || this.handlers === null) return;
+    try {
+      if (channel === this.key('control')) this.onControl(message as ControlMessage);
+      else if (channel === this.key(`inbox:${this.nodeId}`)) this.onInbox(message as InboxMessage);
+      else if (channel === this.key(`reply:${this.nodeId}`)) this.onReply(message as unknown as ReplyMessage);
+      else if (channel === this.key('events')) this.onEvent(message);
+    } catch (error) {
+      this.options.logger.error('cluster_message_failed', { channel, error: (error as Error).message });
+    }
+  }
+
+  private onInbox(message: InboxMessage): void {
+    const handlers = this.handlers!;
+    if (typeof message.req !== 'string' || typeof message.reply !== 'string') return;
+    if (message.t === 'query') {
+      const { req, reply: replyTo } = message;
+      const answer = this.queryHandler ? this.queryHandler(String(message.kind), message.query) : Promise.reject(new Error('no query handler'));
+      answer.then(
+        (result) => this.publish(`reply:${replyTo}`, { req, result }),
+        (error: Error) => this.options.logger.warn('cluster_query_failed', { kind: String(message.kind), error: error.message }),
+      );
+      return;
+    }
+    if (typeof message.head !== 'string' || typeof message.tail !== 'string') return;
+    let reply: ReplyMessage;
+    if (message.t === 'deliver' && Array.isArray(message.ids)) {
+      reply = { req: message.req, outcomes: handlers.deliverHere(message, message.ids.filter((id): id is string => typeof id === 'string')) };
+    } else if (message.t === 'broadcast' && typeof message.sender === 'string') {
+      reply = { req: message.req, reached: handlers.broadcastHere(message, message.sender) };
+    } else {
+      return;
+    }
+    this.publish(`reply:${message.reply}`, reply);
+  }
+
+  private onReply(reply: ReplyMessage): void {
+    if (typeof reply.req === 'string') this.pending.get(reply.req)?.answer(reply);
+  }
+
+  private onControl(message: ControlMessage): void {
+    const handlers = this.handlers!;
+    switch (message.t) {
+      case 'replace':
+        if (typeof message.id !== 'string' || typeof message.node !== 'string') return;
+        this.presence.set(message.id, message.node);
+        if (message.node !== this.nodeId) handlers.replacedElsewhere(message.id);
+        return;
+      case 'left':
+        if (typeof message.id === 'string' && this.presence.get(message.id) === message.node) this.presence.delete(message.id);
+        return;
+      case 'seen':
+        if (message.node !== this.nodeId && Array.isArray(message.seen)) {
+          handlers.seenElsewhere(
+            message.seen.filter(
+              (entry): entry is [string, number, number | null] =>
+                Array.isArray(entry) && typeof entry[0] === 'string' && typeof entry[1] === 'number' && (entry[2] === null || typeof entry[2] === 'number'),
+            ),
+          );
+        }
+        return;
+      case 'buried':
+        for (const [id, node] of this.presence) if (node === message.node) this.presence.delete(id);
+        return;
+      case 'identity':
+        if (message.node !== this.nodeId && isPlainObject(message.doc)) handlers.identityWritten(message.doc);
+        return;
+      case 'ban':
+        if (message.node !== this.nodeId && typeof message.id === 'string') handlers.banChanged(message.id, message.banned === true, String(message.by));
+        return;
+      case 'queued':
+        if (Array.isArray(message.ids)) for (const id of message.ids) if (typeof id === 'string') handlers.queuedFor(id);
+        return;
+      case 'queued_outcome':
+        if (typeof message.origin === 'string' && typeof message.from_id === 'string' && typeof message.target_id === 'string') {
+          handlers.queuedOutcome({
+            origin: message.origin,
+            record_id: String(message.record_id),
+            msg_id: String(message.msg_id),
+            from_id: message.from_id,
+            target_id: message.target_id,
+            status: message.status === 'expired' ? 'expired' : 'delivered',
+          });
+        }
+        return;
+    }
+  }
+
+  private publish(channel: string, message: object): void {
+    this.redis.publish(this.key(channel), JSON.stringify(message)).catch((error: Error) => {
+      this.options.logger.warn('cluster_publish_failed', { channel, error: error.message });
+    });
+  }
+
+  // ---- events --------------------------------------------------------------------------------
+
+  /**
+   * Feeds other nodes' events to `sink` while `wanted()` (someone reads /api/events here): the
+   * node is subscribed to the events channel only then, checked every heartbeat.
+   */
+  streamEvents(sink: (event: RelayEvent) => void, wanted: () => boolean): void {
+    this.eventSink = sink;
+    this.eventsWanted = wanted;
+  }
+
+  /**
+   * Shares one of this node's events. When no node listens (PUBLISH reached nobody) publishing
+   * pauses for a heartbeat, so a cluster without /api/events readers pays one check per event.
+   */
+  shareEvent(event: RelayEvent): void {
+    if (this.closed || Date.now() < this.eventsMutedUntil || this.redis.status !== 'ready') return;
+    this.redis.publish(this.key('events'), JSON.stringify({ node: this.nodeId, event })).then(
+      (receivers) => {
+        if (receivers === 0) this.eventsMutedUntil = Date.now() + HEARTBEAT_MS;
+      },
+      () => undefined,
+    );
+  }
+
+  private async followEvents(): Promise<void> {
+    const wanted = this.eventSink !== null && this.eventsWanted();
+    if (wanted === this.eventsSubscribed) return;
+    this.eventsSubscribed = wanted;
+    if (wanted) await this.sub.subscribe(this.key('events'));
+    else await this.sub.unsubscribe(this.key('events'));
+  }
+
+  private onEvent(message: Record<string, unknown>): void {
+    if (message.node === this.nodeId || !this.eventsSubscribed) return;
+    const event = message.event;
+    if (isPlainObject(event) && typeof event.type === 'string') this.eventSink?.(event as unknown as RelayEvent);
+  }
+
+  // ---- store-and-forward (lib/redis-queue.ts) and dedupe (lib/redis-dedupe.ts) ---------------
+
+  enqueue(entries: readonly NewQueuedEntry[]): Promise<void> {
+    return this.queue.enqueue(entries);
+  }
+
+  wake(ids: readonly string[]): void {
+    this.publish('control', { t: 'queued', ids: [...new Set(ids)] });
+  }
+
+  takeQueued(id: string): Promise<SharedQueuedEntry[]> {
+    return this.queue.take(id);
+  }
+
+  returnQueued(id: string, entries: readonly SharedQueuedEntry[]): Promise<void> {
+    return this.queue.giveBack(id, entries);
+  }
+
+  finishQueued(outcome: QueuedOutcome): void {
+    this.publish('control', { t: 'queued_outcome', ...outcome });
+  }
+
+  claimMsgId(senderId: string, msgId: string): Promise<DedupeClaim> {
+    return this.dedupe.claim(senderId, msgId);
+  }
+
+  settleMsgId(senderId: string, msgId: string, outcome: string): void {
+    this.dedupe.settle(senderId, msgId, outcome);
+  }
+
+  releaseMsgId(senderId: string, msgId: string): void {
+    this.dedupe.release(senderId, msgId);
+  }
+
+  // ---- stop ----------------------------------------------------------------------------------
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    if (this.heartbeat) clearInterval(this.heartbeat);
+    for (const request of [...this.pending.values()]) request.answer({ req: '' });
+    try {
+      if (this.redis.status === 'ready') {
+        await this.redis.eval(RELEASE_SCRIPT, 2, this.nodeKey(this.nodeId), this.key('nodes'), this.token, this.nodeId);
+      }
+    } catch (error) {
+      this.options.logger.warn('cluster_release_failed', { error: (error as Error).message });
+    }
+    this.closed = true;
+    await Promise.all([quit(this.redis), quit(this.sub)]);
+  }
+}
+
+async function quit(client: Redis): Promise<void> {
+  try {
+    if (client.status === 'ready') await client.quit();
+    else client.disconnect();
+  } catch {
+    client.disconnect();
+  }
+}
+
+function parseObject(text: string): Record<string, unknown> | null {
+  try {
+    const value: unknown = JSON.parse(text);
+    return isPlainObject(value) ? value : null;
+  } catch {
+    return null;
+  }
+}
+
+function addTo(map: Map<string, string[]>, key: string, value: string): void {
+  const list = map.get(key);
+  if (list) list.push(value);
+  else map.set(key, [value]);
+}
+
+function delay(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms).unref());
+}

@@ -1,0 +1,75 @@
+// The Lua scripts of the cluster store (lib/redis-cluster.ts): each runs atomically in Redis,
+// so a read-then-write on presence, a node key or a queue cannot interleave with another node's.
+
+// Refreshes this node's key while it still holds it; takes it back if it expired (a pause, a
+// Redis restart without its data). 0: another process holds this node id now.
+export const HEARTBEAT_SCRIPT = `
+local current = redis.call('GET', KEYS[1])
+if current == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+if current then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('SADD', KEYS[2], ARGV[3])
+return 1`;
+
+// This node now holds the identity: presence points here, the previous holder's set forgets it.
+export const JOIN_SCRIPT = `
+local previous = redis.call('HGET', KEYS[1], ARGV[1])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('SADD', KEYS[2], ARGV[1])
+if previous and previous ~= ARGV[2] then redis.call('SREM', ARGV[3] .. previous, ARGV[1]) end
+return 1`;
+
+// Only the node named in the presence entry removes it: a newer session elsewhere stays.
+export const LEAVE_SCRIPT = `
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then redis.call('HDEL', KEYS[1], ARGV[1]) end
+redis.call('SREM', KEYS[2], ARGV[1])
+return 1`;
+
+// A dead node: its presence entries that still name it go, then the node itself.
+export const BURY_SCRIPT = `
+local ids = redis.call('SMEMBERS', KEYS[2])
+local removed = 0
+for _, id in ipairs(ids) do
+  if redis.call('HGET', KEYS[1], id) == ARGV[1] then redis.call('HDEL', KEYS[1], id); removed = removed + 1 end
+end
+redis.call('DEL', KEYS[2])
+redis.call('SREM', KEYS[3], ARGV[1])
+return removed`;
+
+// Frees this node's id at a clean stop, unless another process took it.
+export const RELEASE_SCRIPT = `
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+redis.call('SREM', KEYS[2], ARGV[2])
+return 1`;
+
+// Appends a target's new queued copies, notes when its earliest copy expires, and pops the
+// oldest copies past the cap (returned, to be reported expired).
+export const ENQUEUE_SCRIPT = `
+for i = 4, #ARGV do redis.call('RPUSH', KEYS[1], ARGV[i]) end
+local current = redis.call('ZSCORE', KEYS[2], ARGV[1])
+if not current or tonumber(ARGV[3]) < tonumber(current) then redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1]) end
+local excess = redis.call('LLEN', KEYS[1]) - tonumber(ARGV[2])
+if excess > 0 then return redis.call('LPOP', KEYS[1], excess) end
+return {}`;
+
+// Removes a target's expired copies (returned) and keeps the rest in order; the expiry index
+// then holds the earliest remaining expiry, or forgets the target.
+export const EXPIRE_SCRIPT = `
+local entries = redis.call('LRANGE', KEYS[1], 0, -1)
+local expired, kept, earliest = {}, {}, nil
+for _, text in ipairs(entries) do
+  local ok, entry = pcall(cjson.decode, text)
+  local at = ok and type(entry) == 'table' and tonumber(entry.expires_at) or nil
+  if at and at <= tonumber(ARGV[2]) then
+    table.insert(expired, text)
+  else
+    table.insert(kept, text)
+    if at and (not earliest or at < earliest) then earliest = at end
+  end
+end
+if #expired > 0 then
+  redis.call('DEL', KEYS[1])
+  for _, text in ipairs(kept) do redis.call('RPUSH', KEYS[1], text) end
+end
+if earliest then redis.call('ZADD', KEYS[2], earliest, ARGV[1]) else redis.call('ZREM', KEYS[2], ARGV[1]) end
+return expired`;

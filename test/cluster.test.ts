@@ -1,0 +1,671 @@
+// Cluster mode (docs/CLUSTER.md): two and three relays in this process on one real
+// redis-server, plus relays as child processes where a node must be killed or must fail to
+// start. Every node gets its own data dir; the test starts and stops its own Redis.
+
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import fs from 'node:fs/promises';
+import httpModule from 'node:http';
+import path from 'node:path';
+import { after, afterEach, before, describe, test } from 'node:test';
+import { RelayClient } from '../client';
+import { parseCommandLine } from '../lib/cli-args';
+import type { RelayOptions } from '../server';
+import { freePort } from './child-relay';
+import { CHILD_AUTHKEY, eventually, startRelayProcess, type RelayProcess } from './fault-support';
+import { startRedis, type TestRedis } from './redis-harness';
+import { startBalancer } from './tcp-balancer';
+import { authBoss, authEmployee, http, makeTempDir, reconnect, startTestRelay, TEST_AUTHKEY, type Authed, type TestRelay } from './support';
+
+const CLI = path.join(__dirname, '..', 'cli.js');
+
+let redis: TestRedis;
+let clusterSeq = 0;
+
+before(async () => {
+  redis = await startRedis();
+});
+
+after(async () => {
+  await redis.stop();
+});
+
+/** What a test started outside its own cleanup (a start that threw half-way): ended after each test, so a failing test still lets the run end. */
+const leftovers: { children: RelayProcess[]; relays: TestRelay[]; redises: TestRedis[] } = { children: [], relays: [], redises: [] };
+
+afterEach(async () => {
+  for (const child of leftovers.children.splice(0)) {
+    child.child.child.kill('SIGKILL');
+    await child.child.exited.catch(() => undefined);
+  }
+  for (const relay of leftovers.relays.splice(0)) await relay.dispose().catch(() => undefined);
+  for (const server of leftovers.redises.splice(0)) await server.stop().catch(() => undefined);
+});
+
+async function startChild(dir: string, args: string[]): Promise<RelayProcess> {
+  const started = await startRelayProcess(dir, args);
+  leftovers.children.push(started);
+  return started;
+}
+
+async function startTracked(options: Partial<RelayOptions>): Promise<TestRelay> {
+  const started = await startTestRelay(options);
+  leftovers.relays.push(started);
+  return started;
+}
+
+/** `count` nodes of a fresh cluster (its own key prefix) on the test's Redis. */
+async function startCluster(count: number, overrides: Partial<RelayOptions> = {}): Promise<{ nodes: TestRelay[]; name: string; dispose(): Promise<void> }> {
+  const name = `t${process.pid}-${clusterSeq++}`;
+  const nodes: TestRelay[] = [];
+  for (let i = 0; i < count; i++) nodes.push(await startTracked({ redisUrl: redis.url, clusterName: name, nodeId: `node-${i}`, ...overrides }));
+  return {
+    nodes,
+    name,
+    async dispose() {
+      for (const node of nodes) await node.dispose();
+    },
+  };
+}
+
+/** Waits until Redis shows `id` online on `node` (presence is written just after auth_ok). */
+async function presenceIs(name: string, id: string, node: string | null): Promise<void> {
+  await eventually(`${id} is on ${String(node)}`, async () => (await redis.client.hget(`${name}:presence`, id)) === node);
+}
+
+describe('cluster: command line', () => {
+  test('--redis, --cluster, --node-id and MIMICLAW_REDIS_URL are checked and named in errors', () => {
+    const run = (argv: string[], env: NodeJS.ProcessEnv = {}) => parseCommandLine([...argv, '--authkey', 'k'], env);
+    const parsed = run(['--redis', 'redis://127.0.0.1:6390', '--cluster', 'blue', '--node-id', 'n-1']);
+    assert.equal(parsed.kind, 'run');
+    if (parsed.kind === 'run') assert.deepEqual([parsed.options.redisUrl, parsed.options.clusterName, parsed.options.nodeId], ['redis://127.0.0.1:6390', 'blue', 'n-1']);
+    const fromEnv = run([], { MIMICLAW_REDIS_URL: 'rediss://cache.internal:6380' });
+    assert.equal(fromEnv.kind === 'run' ? fromEnv.options.redisUrl : null, 'rediss://cache.internal:6380');
+    assert.throws(() => run(['--redis', 'localhost']), /--redis must be a redis:\/\/ or rediss:\/\/ URL/);
+    assert.throws(() => run(['--cluster', 'two words']), /--cluster must be 1 to 63 letters/);
+    assert.throws(() => run(['--node-id', 'a/b']), /--node-id must be 1 to 63 letters/);
+    assert.throws(() => run([], { MIMICLAW_REDIS_URL: 'http://x' }), /MIMICLAW_REDIS_URL must be a redis:\/\/ or rediss:\/\/ URL/);
+  });
+});
+
+describe('cluster: one relay across nodes', () => {
+  test('each node has its own id, in /health and on its handle', async () => {
+    const cluster = await startCluster(2);
+    try {
+      const [a, b] = cluster.nodes as [TestRelay, TestRelay];
+      assert.equal(a.relay.nodeId, 'node-0');
+      assert.equal(a.relay.clusterName, cluster.name);
+      const health = (await http(a.relay, 'GET', '/health')).body;
+      assert.equal(health.node, 'node-0');
+      assert.deepEqual(health.cluster, { name: cluster.name, store: 'up' });
+      assert.equal((await http(b.relay, 'GET', '/health')).body.node, 'node-1');
+      // Who is online is answered for the whole cluster on every node.
+      const employee = await authEmployee(a.relay, 'Seen', ['ops']);
+      const onlineOn = async (node: TestRelay) => {
+        const list = (await http(node.relay, 'GET', '/employees')).body.employees as { id: string; online: boolean }[];
+        return list.find((e) => e.id === employee.id)?.online;
+      };
+      await eventually('node-1 shows the employee online', async () => (await onlineOn(b)) === true);
+      // And which node holds it, in /employees and /admin/workforce.
+      const listed = ((await http(b.relay, 'GET', '/employees')).body.employees as { id: string; node: string | null }[]).find((e) => e.id === employee.id);
+      assert.equal(listed?.node, 'node-0');
+      const workforce = (await http(b.relay, 'GET', '/admin/workforce')).body.employees as { id: string; node: string | null }[];
+      assert.equal(workforce.find((e) => e.id === employee.id)?.node, 'node-0');
+      await employee.socket.close();
+      await eventually('node-1 shows the employee offline', async () => (await onlineOn(b)) === false);
+    } finally {
+      await cluster.dispose();
+    }
+  });
+
+  test('a message to an id on another node is delivered there, and the ack says so', async () => {
+    const cluster = await startCluster(2);
+    try {
+      const [a, b] = cluster.nodes as [TestRelay, TestRelay];
+      const employee = await authEmployee(a.relay, 'Far', ['research']);
+      // Presence is written before auth_ok: a client told auth_ok is reachable from every node.
+      assert.equal(await redis.client.hget(`${cluster.name}:presence`, employee.id), 'node-0');
+      const boss = await authBoss(b.relay);
+      boss.socket.send({ type: 'message', to: employee.id, payload: { task: 1 }, msg_id: 'm-1' });
+      const got = await employee.socket.next('message');
+      assert.equal(got.from_id, boss.id);
+      assert.equal(got.to, employee.id);
+      assert.deepEqual(got.payload, { task: 1 });
+      const ack = await boss.socket.next('delivery_ack');
+      assert.deepEqual(ack.delivered, [employee.id]);
+      assert.deepEqual(ack.failed, []);
+      // And back, employee → boss, the other way across.
+      employee.socket.send({ type: 'message', to: [boss.id, 'employee-unknown'], payload: 'done' });
+      assert.equal((await boss.socket.next('message')).payload, 'done');
+      const back = await employee.socket.next('delivery_ack');
+      assert.deepEqual(back.delivered, [boss.id]);
+      assert.deepEqual(back.failed, [{ id: 'employee-unknown', reason: 'target_not_found' }]);
+      await Promise.all([boss.socket.close(), employee.socket.close()]);
+    } finally {
+      await cluster.dispose();
+    }
+  });
+
+  test('an identity registered on one node reconnects on another; its older socket closes with 4000', async () => {
+    const cluster = await startCluster(2);
+    try {
+      const [a, b] = cluster.nodes as [TestRelay, TestRelay];
+      const first = await authEmployee(a.relay, 'Mover', ['ops']);
+      const disconnects: number[] = [];
+      a.relay.events.subscribe((event) => {
+        if (event.type === 'disconnect' && event.node.id === first.id) disconnects.push(event.code);
+      });
+      const again = await reconnect(b.relay, first, 'employee');
+      assert.equal(again.ok.type, 'auth_ok');
+      assert.equal(again.ok.reconnected, true);
+      assert.equal((await first.socket.closed).code, 4000);
+      await presenceIs(cluster.name, first.id, 'node-1');
+      // Still online (on node-1): node-0 does not announce a disconnect for the replaced socket.
+      await eventually('node-0 let the replaced socket go', async () => (await http(a.relay, 'GET', '/health')).body.active_connections === 0);
+      assert.deepEqual(disconnects, []);
+      // The old node's disconnect did not take the new node's presence away.
+      const boss = await authBoss(a.relay);
+      boss.socket.send({ type: 'message', to: first.id, payload: 'here?' });
+      assert.equal((await again.socket.next('message')).payload, 'here?');
+      assert.deepEqual((await boss.socket.next('delivery_ack')).delivered, [first.id]);
+      await Promise.all([boss.socket.close(), again.socket.close()]);
+    } finally {
+      await cluster.dispose();
+    }
+  });
+
+  test('a ban on one node closes the employee on another with 4008; routes and reconnects are refused everywhere', async () => {
+    const cluster = await startCluster(2);
+    try {
+      const [a, b] = cluster.nodes as [TestRelay, TestRelay];
+      const employee = await authEmployee(a.relay, 'Rogue', ['ops']);
+      await presenceIs(cluster.name, employee.id, 'node-0');
+      const banned = await http(b.relay, 'POST', `/employees/${employee.id}/ban`, { authkey: TEST_AUTHKEY });
+      assert.equal(banned.status, 200);
+      assert.equal(banned.body.banned, true);
+      const system = await employee.socket.next('system');
+      assert.equal(system.event, 'banned');
+      assert.equal((await employee.socket.closed).code, 4008);
+      const boss = await authBoss(a.relay);
+      await eventually('node-0 knows the ban', async () => {
+        boss.socket.send({ type: 'message', to: employee.id, payload: 'x' });
+        const ack = await boss.socket.next('delivery_ack');
+        return JSON.stringify(ack.failed) === JSON.stringify([{ id: employee.id, reason: 'target_banned' }]);
+      });
+      const refused = await reconnect(b.relay, employee, 'employee');
+      assert.equal(refused.ok.code, 'banned');
+      const unbanned = await http(a.relay, 'DELETE', `/employees/${employee.id}/ban`, { authkey: TEST_AUTHKEY });
+      assert.equal(unbanned.body.banned, false);
+      const back = await reconnect(b.relay, employee, 'employee');
+      assert.equal(back.ok.type, 'auth_ok');
+      await Promise.all([boss.socket.close(), back.socket.close()]);
+    } finally {
+      await cluster.dispose();
+    }
+  });
+
+  test('a msg_id resent through another node is answered with the first ack, not routed again', async () => {
+    const cluster = await startCluster(2);
+    try {
+      const [a, b] = cluster.nodes as [TestRelay, TestRelay];
+      const employee = await authEmployee(a.relay, 'Once', ['ops']);
+      const boss = await authBoss(a.relay);
+      boss.socket.send({ type: 'message', to: employee.id, payload: 'one', msg_id: 'same-id' });
+      const first = await boss.socket.next('delivery_ack');
+      assert.deepEqual(first.delivered, [employee.id]);
+      await employee.socket.next('message');
+      const moved = await reconnect(b.relay, boss, 'boss', { authkey: TEST_AUTHKEY });
+      assert.equal(moved.ok.type, 'auth_ok');
+      moved.socket.send({ type: 'message', to: employee.id, payload: 'one', msg_id: 'same-id' });
+      const repeat = await moved.socket.next('delivery_ack');
+      assert.equal(repeat.duplicate, true);
+      assert.deepEqual(repeat.delivered, [employee.id]);
+      // Not delivered twice: the next message the employee gets is a new one.
+      moved.socket.send({ type: 'message', to: employee.id, payload: 'two', msg_id: 'other-id' });
+      assert.equal((await employee.socket.next('message')).payload, 'two');
+      await Promise.all([moved.socket.close(), employee.socket.close()]);
+    } finally {
+      await cluster.dispose();
+    }
+  });
+
+  test('a message queued on one node is delivered, in order, on the node the target comes back to', async () => {
+    const cluster = await startCluster(3);
+    try {
+      const [a, b, c] = cluster.nodes as [TestRelay, TestRelay, TestRelay];
+      const employee = await authEmployee(a.relay, 'Away', ['ops']);
+      await employee.socket.close();
+      await presenceIs(cluster.name, employee.id, null);
+      const boss = await authBoss(b.relay);
+      for (const n of [1, 2, 3]) {
+        boss.socket.send({ type: 'message', to: employee.id, payload: { n }, queue: true, msg_id: `q-${n}` });
+        const ack = await boss.socket.next('delivery_ack');
+        assert.deepEqual(ack.queued, [employee.id]);
+        assert.deepEqual(ack.delivered, []);
+      }
+      const back = await reconnect(c.relay, employee, 'employee');
+      assert.equal(back.ok.type, 'auth_ok');
+      for (const n of [1, 2, 3]) assert.deepEqual((await back.socket.next('message')).payload, { n });
+      for (const n of [1, 2, 3]) {
+        const update = await boss.socket.next((f) => f.type === 'delivery_update' && f.msg_id === `q-${n}`);
+        assert.equal(update.status, 'delivered');
+        assert.equal(update.id, employee.id);
+      }
+      assert.equal(await redis.client.llen(`${cluster.name}:queue:${employee.id}`), 0);
+      // The sender's node logged the final status.
+      await eventually('the log says delivered', async () => {
+        const rows = (await http(b.relay, 'GET', `/admin/communications?employee_id=${employee.id}`)).body.rows as { delivery: { status: string } }[];
+        return rows.length === 3 && rows.every((row) => row.delivery.status === 'delivered');
+      });
+      await Promise.all([boss.socket.close(), back.socket.close()]);
+    } finally {
+      await cluster.dispose();
+    }
+  });
+
+  test('a backlog bigger than the socket may hold drains in order, in pieces, each copy once', async () => {
+    const cluster = await startCluster(2, { maxBufferedBytes: 4096 });
+    try {
+      const [a, b] = cluster.nodes as [TestRelay, TestRelay];
+      const employee = await authEmployee(a.relay, 'Backlog', ['ops']);
+      await employee.socket.close();
+      await presenceIs(cluster.name, employee.id, null);
+      const boss = await authBoss(b.relay);
+      const count = 200;
+      const filler = 'x'.repeat(200);
+      for (let n = 0; n < count; n++) boss.socket.send({ type: 'message', to: employee.id, payload: { n, filler }, queue: true, msg_id: `b-${n}` });
+      for (let n = 0; n < count; n++) assert.deepEqual((await boss.socket.next('delivery_ack')).queued, [employee.id]);
+      const back = await reconnect(b.relay, employee, 'employee');
+      assert.equal(back.ok.type, 'auth_ok');
+      for (let n = 0; n < count; n++) assert.equal(((await back.socket.next('message')).payload as { n: number }).n, n);
+      await eventually('the shared queue is empty', async () => (await redis.client.llen(`${cluster.name}:queue:${employee.id}`)) === 0);
+      boss.socket.send({ type: 'message', to: employee.id, payload: { n: 'last' } });
+      assert.deepEqual(((await back.socket.next('message')).payload as { n: string }).n, 'last');
+      await Promise.all([boss.socket.close(), back.socket.close()]);
+    } finally {
+      await cluster.dispose();
+    }
+  });
+
+  test('queued copies in the cluster store expire on time, and past --max-queued the oldest expire', async () => {
+    const cluster = await startCluster(2, { maxQueuedPerTarget: 2 });
+    try {
+      const [a, b] = cluster.nodes as [TestRelay, TestRelay];
+      const employee = await authEmployee(a.relay, 'Gone', ['ops']);
+      await employee.socket.close();
+      await presenceIs(cluster.name, employee.id, null);
+      const boss = await authBoss(b.relay);
+      boss.socket.send({ type: 'message', to: employee.id, payload: 'short', queue: true, ttl_ms: 300, msg_id: 'short' });
+      assert.deepEqual((await boss.socket.next('delivery_ack')).queued, [employee.id]);
+      const expired = await boss.socket.next((f) => f.type === 'delivery_update' && f.msg_id === 'short', 10_000);
+      assert.equal(expired.status, 'expired');
+      for (const n of [1, 2, 3]) {
+        boss.socket.send({ type: 'message', to: employee.id, payload: { n }, queue: true, msg_id: `cap-${n}` });
+        assert.deepEqual((await boss.socket.next('delivery_ack')).queued, [employee.id]);
+      }
+      const dropped = await boss.socket.next((f) => f.type === 'delivery_update' && f.msg_id === 'cap-1');
+      assert.equal(dropped.status, 'expired');
+      const back = await reconnect(a.relay, employee, 'employee');
+      assert.deepEqual((await back.socket.next('message')).payload, { n: 2 });
+      assert.deepEqual((await back.socket.next('message')).payload, { n: 3 });
+      await Promise.all([boss.socket.close(), back.socket.close()]);
+    } finally {
+      await cluster.dispose();
+    }
+  });
+
+  test('broadcast and tag: routing reaches the targets on every node', async () => {
+    const cluster = await startCluster(3);
+    try {
+      const [a, b, c] = cluster.nodes as [TestRelay, TestRelay, TestRelay];
+      const onA = await authEmployee(a.relay, 'A', ['research']);
+      const onB = await authEmployee(b.relay, 'B', ['research']);
+      const onC = await authEmployee(c.relay, 'C', ['ops']);
+      const boss = await authBoss(a.relay);
+      await presenceIs(cluster.name, onB.id, 'node-1');
+      await presenceIs(cluster.name, onC.id, 'node-2');
+      await eventually('every node is seen by node-0', async () => {
+        boss.socket.send({ type: 'message', to: '*', payload: 'ping-all' });
+        const ack = await boss.socket.next('delivery_ack');
+        return (ack.delivered as string[]).length === 3;
+      });
+      for (const who of [onA, onB, onC]) {
+        const got = await who.socket.next((f) => f.type === 'message' && f.payload === 'ping-all');
+        assert.equal(got.to, who.id);
+      }
+      boss.socket.send({ type: 'message', to: 'tag:research', payload: 'research only' });
+      const ack = await boss.socket.next('delivery_ack');
+      assert.deepEqual([...(ack.delivered as string[])].sort(), [onA.id, onB.id].sort());
+      assert.equal((await onB.socket.next((f) => f.type === 'message' && f.payload === 'research only')).to, onB.id);
+      await Promise.all([boss.socket.close(), onA.socket.close(), onB.socket.close(), onC.socket.close()]);
+    } finally {
+      await cluster.dispose();
+    }
+  });
+
+  test('/api/events on one node streams the events of the other nodes too', async () => {
+    const cluster = await startCluster(2);
+    let request: httpModule.ClientRequest | null = null;
+    try {
+      const [a, b] = cluster.nodes as [TestRelay, TestRelay];
+      let text = '';
+      await new Promise<void>((resolve, reject) => {
+        request = httpModule.get(`${b.relay.httpUrl}/api/events`, (res) => {
+          res.setEncoding('utf8');
+          res.on('data', (chunk: string) => (text += chunk));
+          res.on('error', () => undefined);
+          resolve();
+        });
+        request.on('error', reject);
+      });
+      // Each try is a new employee on node-0: the first ones may come before node-1 listens.
+      const seen: string[] = [];
+      await eventually('node-1 streams a connect from node-0', async () => {
+        const employee = await authEmployee(a.relay, 'Evented', ['ops']);
+        seen.push(employee.id);
+        await employee.socket.close();
+        await new Promise((resolve) => setTimeout(resolve, 200));
+        return seen.some((id) => text.includes(`"id":"${id}"`));
+      }, 15_000);
+      assert.ok(text.includes('"relay_node":"node-0"'), 'a connect event names the node holding the socket');
+      const own = await authEmployee(b.relay, 'Local', ['ops']);
+      await eventually('its own events too', () => text.includes(`"id":"${own.id}"`));
+      await own.socket.close();
+    } finally {
+      (request as httpModule.ClientRequest | null)?.destroy();
+      await cluster.dispose();
+    }
+  });
+
+  test('/admin/communications on any node lists the messages logged on every node; /metrics has a node label', async () => {
+    const cluster = await startCluster(2);
+    try {
+      const [a, b] = cluster.nodes as [TestRelay, TestRelay];
+      const employee = await authEmployee(b.relay, 'Talker', ['research']);
+      const boss = await authBoss(a.relay);
+      boss.socket.send({ type: 'message', to: employee.id, payload: 'question', msg_id: 'c-1' });
+      const firstAck = await boss.socket.next('delivery_ack');
+      assert.deepEqual(firstAck.delivered, [employee.id]);
+      await employee.socket.next('message');
+      // Newest first needs two different milliseconds.
+      await eventually('the clock moved on', () => Date.now() > Number(firstAck.timestamp) + 1);
+      employee.socket.send({ type: 'message', to: boss.id, payload: 'answer', msg_id: 'c-2' });
+      assert.deepEqual((await employee.socket.next('delivery_ack')).delivered, [boss.id]);
+      await eventually('both nodes see each other', async () => {
+        const body = (await http(a.relay, 'GET', '/admin/communications')).body;
+        return (body.nodes as { answered: number }).answered === 2;
+      });
+      for (const node of [a, b]) {
+        const body = (await http(node.relay, 'GET', `/admin/communications?employee_id=${employee.id}`)).body;
+        assert.equal(body.total, 2);
+        const rows = body.rows as { msg_id: string; direction: string; delivery: { status: string } }[];
+        assert.deepEqual(rows.map((row) => row.msg_id), ['c-2', 'c-1']);
+        assert.deepEqual(rows.map((row) => row.direction), ['employee_to_boss', 'boss_to_employee']);
+        assert.ok(rows.every((row) => row.delivery.status === 'delivered'));
+        const paged = (await http(node.relay, 'GET', `/admin/communications?employee_id=${employee.id}&offset=1&limit=1`)).body;
+        assert.deepEqual((paged.rows as { msg_id: string }[]).map((row) => row.msg_id), ['c-1']);
+      }
+      const metrics = await fetch(`${b.relay.httpUrl}/metrics`).then((res) => res.text());
+      assert.match(metrics, /mimiclaw_connections\{[^}]*node="node-1"/);
+      await Promise.all([boss.socket.close(), employee.socket.close()]);
+    } finally {
+      await cluster.dispose();
+    }
+  });
+
+  test('an identity active on one node is seen as active on the others (heartbeat staleness is cluster-wide)', async () => {
+    const cluster = await startCluster(2);
+    try {
+      const [a, b] = cluster.nodes as [TestRelay, TestRelay];
+      const employee = await authEmployee(a.relay, 'Busy', ['ops']);
+      const lastSeenOn = async (node: TestRelay) =>
+        ((await http(node.relay, 'GET', '/employees')).body.employees as { id: string; last_seen: number }[]).find((e) => e.id === employee.id)?.last_seen ?? 0;
+      await eventually('node-1 knows the employee', async () => (await lastSeenOn(b)) > 0);
+      const connectedSeen = await lastSeenOn(b);
+      await eventually('the clock moved on', () => Date.now() > connectedSeen + 5);
+      employee.socket.send({ type: 'ping' });
+      await employee.socket.next('pong');
+      const pingedAt = await lastSeenOn(a);
+      assert.ok(pingedAt > connectedSeen);
+      await eventually('node-1 sees the ping', async () => (await lastSeenOn(b)) >= pingedAt, 20_000);
+      await employee.socket.close();
+    } finally {
+      await cluster.dispose();
+    }
+  });
+
+  test('a second node with the same node id is refused with a clear message', async () => {
+    const cluster = await startCluster(1);
+    try {
+      const refused = await startRefused({ redisUrl: redis.url, clusterName: cluster.name, nodeId: 'node-0' });
+      assert.match(refused.message, /Node id "node-0" is in use by another running node/);
+    } finally {
+      await cluster.dispose();
+    }
+  });
+
+  test('two relays on one data dir: the second is refused', async () => {
+    const first = await startTestRelay();
+    try {
+      const refused = await startRefused({}, first.dataDir);
+      assert.match(refused.message, /is in use by another relay/);
+    } finally {
+      await first.dispose();
+    }
+  });
+});
+
+describe('cluster: faults', () => {
+  test('a killed node: its identities go offline within the bound, and a message to them is never acked as delivered', async () => {
+    const name = `t${process.pid}-${clusterSeq++}`;
+    const survivor = await startTracked({ redisUrl: redis.url, clusterName: name, nodeId: 'survivor', authkey: CHILD_AUTHKEY });
+    const dir = await makeTempDir();
+    const doomed = await startChild(dir, ['--redis', redis.url, '--cluster', name, '--node-id', 'doomed']);
+    try {
+      const employee = await authEmployee(doomed, 'Doomed', ['ops']);
+      await presenceIs(name, employee.id, 'doomed');
+      doomed.child.child.kill('SIGKILL');
+      await doomed.child.exited;
+      const boss = await authBoss(survivor.relay, CHILD_AUTHKEY);
+      // In flight to a dead node: failed, never delivered.
+      boss.socket.send({ type: 'message', to: employee.id, payload: 'anyone?' });
+      const ack = await boss.socket.next('delivery_ack', 10_000);
+      assert.deepEqual(ack.delivered, []);
+      assert.deepEqual(ack.failed, [{ id: employee.id, reason: 'target_offline' }]);
+      const killedAt = Date.now();
+      await presenceIs(name, employee.id, null);
+      assert.ok(Date.now() - killedAt < 15_000);
+      assert.equal(await redis.client.sismember(`${name}:nodes`, 'doomed'), 0);
+      // Its client reconnects to the surviving node with the same identity.
+      const back = await reconnect(survivor.relay, employee, 'employee');
+      assert.equal(back.ok.type, 'auth_ok');
+      await Promise.all([boss.socket.close(), back.socket.close()]);
+    } finally {
+      doomed.child.child.kill('SIGKILL');
+      await survivor.dispose();
+      await fs.rm(dir, { recursive: true, force: true });
+    }
+  });
+
+  test('a node restarted after a kill under the same node id clears the presence its old process left', async () => {
+    const name = `t${process.pid}-${clusterSeq++}`;
+    const dir = await makeTempDir();
+    const args = ['--redis', redis.url, '--cluster', name, '--node-id', 'phoenix'];
+    const first = await startChild(dir, args);
+    let second: Awaited<ReturnType<typeof startRelayProcess>> | null = null;
+    try {
+      const employee = await authEmployee(first, 'Orphan', ['ops']);
+      await presenceIs(name, employee.id, 'phoenix');
+      first.child.child.kill('SIGKILL');
+      await first.child.exited;
+      // No other node is there to bury the dead one: the restarted node must not inherit it.
+      second = await startChild(dir, args);
+      assert.equal(await redis.client.hget(`${name}:presence`, employee.id), null);
+      const list = (await http(second, 'GET', '/employees')).body.employees as { id: string; online: boolean }[];
+      assert.equal(list.find((e) => e.id === employee.id)?.online, false);
+    } finally {
+      first.child.child.kill('SIGKILL');
+      second?.child.child.kill('SIGKILL');
+      await second?.child.exited;
+      await fs.rm(dir, { recursive: true, force: true });
+    }
+  });
+
+  test('nodes as separate processes: routing across them, and a SIGTERMed node hands its identities over at once', async () => {
+    const name = `t${process.pid}-${clusterSeq++}`;
+    const [dirA, dirB] = [await makeTempDir(), await makeTempDir()];
+    const a = await startChild(dirA, ['--redis', redis.url, '--cluster', name, '--node-id', 'proc-a']);
+    const b = await startChild(dirB, ['--redis', redis.url, '--cluster', name, '--node-id', 'proc-b']);
+    try {
+      const employee = await authEmployee(a, 'Proc', ['ops']);
+      const boss = await authBoss(b, CHILD_AUTHKEY);
+      boss.socket.send({ type: 'message', to: employee.id, payload: 'over there', msg_id: 'p-1' });
+      assert.equal((await employee.socket.next('message')).payload, 'over there');
+      assert.deepEqual((await boss.socket.next('delivery_ack')).delivered, [employee.id]);
+      a.child.child.kill('SIGTERM');
+      assert.equal((await employee.socket.closed).code, 1001);
+      assert.equal((await a.child.exited).code, 0);
+      // A clean stop removes its presence and its node key itself, without waiting for the bound.
+      assert.equal(await redis.client.hget(`${name}:presence`, employee.id), null);
+      assert.equal(await redis.client.exists(`${name}:node:proc-a`), 0);
+      boss.socket.send({ type: 'message', to: employee.id, payload: 'kept', queue: true, msg_id: 'p-2' });
+      assert.deepEqual((await boss.socket.next('delivery_ack')).queued, [employee.id]);
+      const back = await reconnect(b, employee, 'employee');
+      assert.equal(back.ok.type, 'auth_ok');
+      assert.equal((await back.socket.next('message')).payload, 'kept');
+      await Promise.all([boss.socket.close(), back.socket.close()]);
+    } finally {
+      a.child.child.kill('SIGKILL');
+      b.child.child.kill('SIGKILL');
+      await Promise.all([a.child.exited, b.child.exited]);
+      await Promise.all([dirA, dirB].map((dir) => fs.rm(dir, { recursive: true, force: true })));
+    }
+  });
+
+  test('three processes behind a round-robin balancer are one relay; a killed node\'s client gets its queued messages once, in order, on another node', async () => {
+    const name = `t${process.pid}-${clusterSeq++}`;
+    const dirs = [await makeTempDir(), await makeTempDir(), await makeTempDir()];
+    const nodes = await Promise.all(dirs.map((dir, i) => startChild(dir, ['--redis', redis.url, '--cluster', name, '--node-id', `lb-${i}`])));
+    const balancer = await startBalancer(nodes.map((node) => ({ host: '127.0.0.1', port: node.child.port })));
+    try {
+      const employees: Authed[] = [];
+      for (const n of [0, 1, 2]) employees.push(await authEmployee(balancer, `W${n}`, ['pool']));
+      const boss = await authBoss(balancer, CHILD_AUTHKEY);
+      const holders = async () => {
+        const list = (await http(balancer, 'GET', '/employees')).body.employees as { id: string; node: string | null }[];
+        return employees.map((e) => list.find((entry) => entry.id === e.id)?.node ?? null);
+      };
+      // Round robin spread the employees over the three nodes.
+      assert.deepEqual([...(await holders())].sort(), ['lb-0', 'lb-1', 'lb-2']);
+      boss.socket.send({ type: 'message', to: employees.map((e) => e.id), payload: 'all of you', msg_id: 'lb-1' });
+      assert.deepEqual([...((await boss.socket.next('delivery_ack')).delivered as string[])].sort(), employees.map((e) => e.id).sort());
+      for (const e of employees) assert.equal((await e.socket.next('message')).payload, 'all of you');
+      boss.socket.send({ type: 'message', to: 'tag:pool', payload: 'by tag' });
+      assert.equal(((await boss.socket.next('delivery_ack')).delivered as string[]).length, 3);
+      for (const e of employees) assert.equal((await e.socket.next('message')).payload, 'by tag');
+
+      // Kill the node of an employee that is not on the boss's node.
+      const bossNode = ((await http(balancer, 'GET', '/connections')).body.connections as { id: string; node: string | null }[]).find((c) => c.id === boss.id)?.node;
+      const where = await holders();
+      const victim = where.findIndex((node) => node !== bossNode);
+      const doomed = nodes[Number(where[victim]!.slice(3))]!;
+      const employee = employees[victim]!;
+      doomed.child.child.kill('SIGKILL');
+      await doomed.child.exited;
+      await employee.socket.closed;
+      for (const n of [1, 2, 3]) {
+        boss.socket.send({ type: 'message', to: employee.id, payload: { n }, queue: true, msg_id: `kept-${n}` });
+        const ack = await boss.socket.next('delivery_ack', 10_000);
+        assert.deepEqual(ack.delivered, [], 'never delivered to a dead node');
+        assert.deepEqual(ack.queued, [employee.id]);
+      }
+      // It reconnects through the balancer, which skips the dead node.
+      const back = await reconnect(balancer, employee, 'employee');
+      assert.equal(back.ok.type, 'auth_ok');
+      for (const n of [1, 2, 3]) assert.deepEqual((await back.socket.next('message')).payload, { n });
+      for (const n of [1, 2, 3]) assert.equal((await boss.socket.next((f) => f.type === 'delivery_update' && f.msg_id === `kept-${n}`)).status, 'delivered');
+      // Once: the next message it gets is a new one.
+      boss.socket.send({ type: 'message', to: employee.id, payload: 'after' });
+      assert.equal((await back.socket.next('message')).payload, 'after');
+      await Promise.all([boss.socket.close(), back.socket.close(), ...employees.filter((e) => e !== employee).map((e) => e.socket.close())]);
+    } finally {
+      await balancer.close();
+      for (const node of nodes) node.child.child.kill('SIGKILL');
+      await Promise.all(nodes.map((node) => node.child.exited));
+      await Promise.all(dirs.map((dir) => fs.rm(dir, { recursive: true, force: true })));
+    }
+  });
+
+  test('Redis unreachable at start: one clear line and a non-zero exit, not a hang', async () => {
+    const deadPort = await freePort();
+    const dir = await makeTempDir();
+    const port = await freePort();
+    const child = spawn(process.execPath, [CLI, String(port), 'secret', dir, '--host', '127.0.0.1', '--redis', `redis://127.0.0.1:${deadPort}`], {
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    let stderr = '';
+    child.stderr.setEncoding('utf8').on('data', (chunk: string) => (stderr += chunk));
+    const code = await new Promise<number | null>((resolve) => child.once('exit', (exitCode) => resolve(exitCode)));
+    assert.notEqual(code, 0);
+    const lines = stderr.trim().split('\n');
+    assert.equal(lines.length, 1, stderr);
+    assert.match(lines[0]!, new RegExp(`Cannot reach Redis at redis://127\\.0\\.0\\.1:${deadPort}`));
+    await fs.rm(dir, { recursive: true, force: true });
+  });
+
+  test('Redis restarts with appendonly: nodes re-sync by themselves and route across again', async () => {
+    const durable = await startRedis({ appendonly: true });
+    leftovers.redises.push(durable);
+    const name = `restart-${process.pid}`;
+    const a = await startTracked({ redisUrl: durable.url, clusterName: name, nodeId: 'a' });
+    const b = await startTracked({ redisUrl: durable.url, clusterName: name, nodeId: 'b' });
+    let client: RelayClient | null = null;
+    try {
+      const employee = await authEmployee(a.relay, 'Steady', ['ops']);
+      const boss = await authBoss(b.relay);
+      client = new RelayClient({ url: b.relay.url, role: 'boss', authkey: TEST_AUTHKEY, heartbeatIntervalMs: 0 });
+      await client.connect();
+      await durableHas(durable, `${name}:presence`, employee.id, 'a');
+      await durable.kill();
+      // While Redis is away, what needs it answers with a retryable code.
+      boss.socket.send({ type: 'message', to: employee.id, payload: 'now?', msg_id: 'while-down' });
+      const refused = await boss.socket.next('error', 10_000);
+      assert.equal(refused.code, 'cluster_unavailable');
+      assert.deepEqual((await http(b.relay, 'GET', '/health')).body.cluster, { name, store: 'down' });
+      assert.equal(refused.msg_id, 'while-down');
+      // RelayClient takes that code as "retry": its send is acked once Redis is back.
+      const clientAck = client.send(employee.id, 'from the client');
+      clientAck.catch(() => undefined); // awaited below, after the restart
+      await durable.restart();
+      assert.deepEqual((await clientAck).delivered, [employee.id]);
+      assert.equal((await employee.socket.next((f) => f.type === 'message' && f.payload === 'from the client')).from_id, client.identity?.id);
+      await eventually('the cluster routes again', async () => {
+        boss.socket.send({ type: 'message', to: employee.id, payload: 'again' });
+        const answer = await boss.socket.next((f) => f.type === 'delivery_ack' || f.type === 'error', 10_000);
+        return answer.type === 'delivery_ack' && (answer.delivered as string[]).includes(employee.id);
+      }, 20_000);
+      assert.equal((await employee.socket.next((f) => f.type === 'message' && f.payload === 'again')).payload, 'again');
+      await Promise.all([boss.socket.close(), employee.socket.close()]);
+    } finally {
+      await client?.close();
+      await a.dispose();
+      await b.dispose();
+      await durable.stop();
+    }
+  });
+});
+
+/** A start that must be refused; a relay that starts anyway is closed (so a failing test ends) and fails the test. */
+async function startRefused(options: Partial<RelayOptions>, dataDir?: string): Promise<Error> {
+  const outcome = await startTestRelay(options, dataDir).then(
+    (started) => started,
+    (error: Error) => error,
+  );
+  if (outcome instanceof Error) return outcome;
+  await outcome.dispose();
+  return assert.fail('the relay started; it should have been refused');
+}
+
+async function durableHas(server: TestRedis, key: string, field: string, value: string): Promise<void> {
+  await eventually(`${key}[${field}] = ${value}`, async () => (await server.client.hget(key, field)) === value);
+}

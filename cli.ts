@@ -1,12 +1,13 @@
 #!/usr/bin/env node
-// The `mimiclaw-ws` command: runs the relay until SIGINT/SIGTERM; SIGHUP rereads the boss keys
-// file. Startup problems end with one line on stderr that names the cause and what to do, and a
-// non-zero exit at once. `node dist/server.js …` runs this same command.
+// The `mimiclaw-ws` command: runs the relay until SIGINT/SIGTERM; SIGHUP reloads the key files,
+// the TLS certificate and the boss keys file. Startup problems end with one line on stderr that
+// names the cause and what to do, and a non-zero exit at once. `node dist/server.js …` runs this same command.
 
 import { BossKeysError } from './lib/boss-keys';
 import { helpText, parseCommandLine, UsageError } from './lib/cli-args';
 import { runBackup, runRestore, runVerify } from './lib/cli-admin-tools';
 import { runConnect, runSend } from './lib/cli-client';
+import { runHealth } from './lib/health-check';
 import { OptionsError } from './lib/options';
 import { DataDirError } from './lib/start-errors';
 import { packageVersion } from './lib/version';
@@ -61,9 +62,10 @@ async function runRelay(argv: string[]): Promise<number> {
 }
 
 async function main(argv: string[]): Promise<number> {
-  // Subcommands (connect, send, verify, backup, restore) are dispatched here; a plain number stays the port.
+  // Subcommands (connect, send, health, verify, backup, restore) are dispatched here; a plain number stays the port.
   if (argv[0] === 'connect') return runConnect(argv.slice(1));
   if (argv[0] === 'send') return runSend(argv.slice(1));
+  if (argv[0] === 'health') return runHealth(argv.slice(1));
   if (argv[0] === 'verify') return runVerify(argv.slice(1));
   if (argv[0] === 'backup') return runBackup(argv.slice(1));
   if (argv[0] === 'restore') return runRestore(argv.slice(1));

@@ -36,8 +36,13 @@ export type * from './lib/protocol';
 export type { StoredIdentity } from './lib/identity-file';
 
 export interface RelayClientOptions {
-  /** ws://HOST:PORT/ws */
+  /** ws://HOST:PORT/ws, or wss:// for a relay with TLS */
   url: string;
+  /**
+   * For wss://: the PEM certificate(s) to trust instead of the system's CAs, e.g. a relay's
+   * self-signed certificate. Env NODE_EXTRA_CA_CERTS adds to the system's CAs instead.
+   */
+  ca?: string | Buffer;
   role: Role;
   /** Required for a boss; optional for an employee (checked when given). */
   authkey?: string;
@@ -478,7 +483,7 @@ export class RelayClient {
   private dial(): void {
     this.reconnectTimer = null;
     this.setStatus({ status: 'connecting' });
-    const ws = new WebSocket(this.options.url, { handshakeTimeout: this.options.authTimeoutMs });
+    const ws = new WebSocket(this.options.url, { handshakeTimeout: this.options.authTimeoutMs, ...(this.options.ca === undefined ? {} : { ca: this.options.ca }) });
     this.ws = ws;
     ws.on('open', () => ws === this.ws && this.onOpen());
     ws.on('message', (data, isBinary) => ws === this.ws && this.onData(data.toString(), isBinary));

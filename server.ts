@@ -3,6 +3,7 @@
 // run several relays.
 
 import http from 'node:http';
+import https from 'node:https';
 import path from 'node:path';
 import { BossKeys, type BossKeysReloadResult } from './lib/boss-keys';
 import type { ClusterLink } from './lib/cluster-link';
@@ -26,9 +27,11 @@ import { loadNodeId } from './lib/node-id';
 import { resolveOptions, type RelayOptions, type ResolvedOptions } from './lib/options';
 import { RedisCluster } from './lib/redis-cluster';
 import { Router } from './lib/router';
+import { loadKeyFiles, reloadKeyFiles, type KeyReloadResult } from './lib/secret-files';
 import { SingleNode } from './lib/single-node';
 import { assertNotDirectory, dataDirError } from './lib/start-errors';
 import { NedbTaskStore } from './lib/task-store';
+import { CertificateReloader, type CertificateReloadResult } from './lib/tls';
 import { packageVersion } from './lib/version';
 import { WsGateway } from './lib/ws-gateway';
 
@@ -38,9 +41,9 @@ export type { RelayEvent } from './lib/events';
 export * from './lib/protocol';
 
 export interface RelayHandle {
-  /** ws://HOST:PORT/ws (loopback address when listening on all interfaces). */
+  /** ws://HOST:PORT/ws, or wss:// with TLS (loopback address when listening on all interfaces). */
   url: string;
-  /** http://HOST:PORT */
+  /** http://HOST:PORT, or https:// with TLS */
   httpUrl: string;
   port: number;
   dataDir: string;
@@ -50,9 +53,9 @@ export interface RelayHandle {
   clusterName: string | null;
   events: EventBus;
   /**
-   * What SIGHUP does: reads the boss keys file again. New keys apply to auths from then on;
-   * sessions of a boss whose key was removed or changed are closed (4009). A file that fails
-   * to read or parse keeps the keys in use.
+   * What SIGHUP does: reads the key files, the TLS files and the boss keys file again. New keys
+   * apply to auths from then on (sessions of a boss whose named key was removed or changed are
+   * closed, 4009); a renewed certificate to handshakes from then on. A file that fails keeps what is in use.
    */
   reload(): Promise<ReloadResult>;
   /** Closes every socket with 1001, finishes pending writes, closes the stores. */
@@ -60,6 +63,9 @@ export interface RelayHandle {
 }
 
 export interface ReloadResult {
+  keys: KeyReloadResult;
+  /** 'off' without TLS. */
+  certificate: CertificateReloadResult | 'off';
   /** 'off' without --boss-keys-file. */
   bossKeys: BossKeysReloadResult | 'off';
 }
@@ -143,7 +149,7 @@ async function restoreDedupe(dedupe: DedupeCache, messageLog: MessageLog, queue:
   }
 }
 
-function listen(server: http.Server, port: number, host: string): Promise<void> {
+function listen(server: http.Server | https.Server, port: number, host: string): Promise<void> {
   return new Promise((resolve, reject) => {
     const onError = (error: Error) => reject(error);
     server.once('error', onError);
@@ -158,6 +164,8 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
   const options = resolveOptions(relayOptions);
   const logger = relayOptions.logger ?? createLogger(options.logLevel);
   const startedAt = Date.now();
+  await loadKeyFiles(options, logger);
+  const tlsPair = options.tls ? await CertificateReloader.load(options.tls, logger) : null;
   const bossKeys = options.bossKeysFile === undefined ? null : await BossKeys.load(options.bossKeysFile, logger);
   const asDataDirError = async (error: unknown): Promise<never> => {
     throw await dataDirError(options.dataDir, error);
@@ -260,7 +268,8 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
     ...(cluster.clustered && { cluster: () => ({ name: options.clusterName, store: cluster.available ? ('up' as const) : ('down' as const) }) }),
   });
 
-  const server = http.createServer((req, res) => api.handle(req, res));
+  const onRequest: http.RequestListener = (req, res) => api.handle(req, res);
+  const server = tlsPair ? https.createServer({ cert: tlsPair.credentials.cert, key: tlsPair.credentials.key }, onRequest) : http.createServer(onRequest);
   // Expect: 100-continue comes to the API too, so it can refuse a body too large before it is sent.
   server.on('checkContinue', (req, res) => api.handle(req, res));
   server.on('upgrade', (req, socket, head) => gateway.handleUpgrade(req, socket, head));
@@ -301,11 +310,12 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
     metrics.close();
     throw error;
   }
+  const certificates = tlsPair?.attach(server as https.Server, options.tlsReloadIntervalMs) ?? null;
   const address = server.address();
   const port = typeof address === 'object' && address !== null ? address.port : options.port;
   const reachableHost = options.host === '0.0.0.0' || options.host === '::' ? '127.0.0.1' : options.host;
   const hostForUrl = reachableHost.includes(':') ? `[${reachableHost}]` : reachableHost;
-  const httpUrl = `http://${hostForUrl}:${port}`;
+  const httpUrl = `${tlsPair ? 'https' : 'http'}://${hostForUrl}:${port}`;
   logger.info('relay_listening', {
     host: options.host,
     port,
@@ -313,12 +323,15 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
     data_dir: options.dataDir,
     node: cluster.nodeId,
     cluster: cluster.clustered ? options.clusterName : null,
+    tls: tlsPair !== null,
+    cert_valid_to: tlsPair?.credentials.validTo,
   });
 
   let closing: Promise<void> | null = null;
   const close = () =>
     (closing ??= (async () => {
       stopTimers();
+      certificates?.stop();
       server.close();
       gateway.closeAll();
       const grace = setTimeout(() => gateway.terminateAll(), CLOSE_HANDSHAKE_GRACE_MS);
@@ -330,10 +343,13 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
       logger.info('relay_closed', {});
     })());
 
-  const reload = async (): Promise<ReloadResult> => ({ bossKeys: bossKeys ? await bossKeys.reload() : 'off' });
-
+  const reload = async (): Promise<ReloadResult> => {
+    const [keys, certificate, bossKeyFile] = await Promise.all([reloadKeyFiles(options, logger), certificates?.reload() ?? ('off' as const), bossKeys ? bossKeys.reload() : ('off' as const)]);
+    logger.info('relay_reloaded', { keys_changed: keys.changed, keys_error: keys.error !== null, certificate });
+    return { keys, certificate, bossKeys: bossKeyFile };
+  };
   return {
-    url: `ws://${hostForUrl}:${port}${options.wsPath}`,
+    url: `${tlsPair ? 'wss' : 'ws'}://${hostForUrl}:${port}${options.wsPath}`,
     httpUrl,
     port,
     dataDir: options.dataDir,

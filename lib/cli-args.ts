@@ -2,13 +2,13 @@
 // says what to fix. Kept apart from cli.ts so it is tested without spawning processes.
 
 import { isLogLevel, LOG_LEVELS } from './logger';
-import { checkRedisUrl, defaultDataDir, OptionsError, parseDuration, resolveOptions, type RelayOptions } from './options';
+import { checkRedisUrl, defaultDataDir, normaliseOrigin, OptionsError, parseDuration, resolveOptions, type RelayOptions } from './options';
 
 export class UsageError extends Error {}
 
 export type ParsedCommand = { kind: 'help' } | { kind: 'version' } | { kind: 'run'; options: RelayOptions };
 
-type Kind = 'duration' | 'bytes' | 'count' | 'mode' | 'string' | 'boolean';
+type Kind = 'duration' | 'bytes' | 'count' | 'mode' | 'string' | 'boolean' | 'origins';
 
 /** Every flag: its kind, the option it sets, and its help line. */
 const FLAGS: Record<string, { kind: Kind; option: keyof RelayOptions; help: string }> = {
@@ -47,6 +47,12 @@ const FLAGS: Record<string, { kind: Kind; option: keyof RelayOptions; help: stri
   'node-id': { kind: 'string', option: 'nodeId', help: 'this node\'s id (default: kept in <data-dir>/node-id)' },
   'task-timeout': { kind: 'duration', option: 'taskTimeoutMs', help: 'lease of a task sent to any:<tag> without task_timeout_ms (default 10m)' },
   'max-attempts': { kind: 'count', option: 'maxAttempts', help: 'assignments a dispatched task gets before it fails (default 3)' },
+  'authkey-file': { kind: 'string', option: 'authkeyFile', help: 'read the authkey from this file, at start and on SIGHUP (else env MIMICLAW_AUTHKEY_FILE)' },
+  'employee-key-file': { kind: 'string', option: 'employeeKeyFile', help: 'read the employee key from this file, at start and on SIGHUP (else env MIMICLAW_EMPLOYEE_KEY_FILE)' },
+  'tls-cert': { kind: 'string', option: 'tlsCertFile', help: 'PEM certificate chain: serve wss:// and https:// (needs --tls-key)' },
+  'tls-key': { kind: 'string', option: 'tlsKeyFile', help: 'PEM private key of --tls-cert' },
+  'tls-reload-interval': { kind: 'duration', option: 'tlsReloadIntervalMs', help: 'how often the TLS files are checked for a renewal (default 1m; 0 = only on SIGHUP)' },
+  'allowed-origins': { kind: 'origins', option: 'allowedOrigins', help: 'comma-separated origins whose browser pages may open WebSockets; another Origin gets 403 (default: any)' },
 };
 
 const BYTE_UNITS: Record<string, number> = { '': 1, b: 1, kb: 1000, kib: 1024, mb: 1e6, mib: 1024 ** 2, gb: 1e9, gib: 1024 ** 3 };
@@ -71,10 +77,19 @@ const EXAMPLES: Record<Exclude<Kind, 'boolean'>, string> = {
   count: 'a whole number like 10',
   mode: 'an octal mode such as 600 or 640',
   string: 'a value',
+  origins: 'a comma-separated list of origins such as https://app.example.com,http://localhost:3000 (scheme, host, optional port; no path)',
 };
 
-function convert(name: string, kind: Exclude<Kind, 'boolean'>, text: string): string | number {
+function parseOrigins(name: string, text: string): string[] {
+  const entries = text.split(',').map((entry) => entry.trim()).filter((entry) => entry !== '');
+  const bad = entries.find((entry) => normaliseOrigin(entry) === undefined);
+  if (entries.length === 0 || bad !== undefined) throw new UsageError(`--${name} must be ${EXAMPLES.origins}; got "${bad ?? text}".`);
+  return entries;
+}
+
+function convert(name: string, kind: Exclude<Kind, 'boolean'>, text: string): string | number | string[] {
   if (kind === 'string') return text;
+  if (kind === 'origins') return parseOrigins(name, text);
   if (kind === 'mode') {
     if (!/^(0o?)?[0-7]{3}$/i.test(text)) throw new UsageError(`--${name} must be ${EXAMPLES.mode}; got "${text}".`);
     return parseInt(text.slice(-3), 8);
@@ -107,7 +122,7 @@ function flagRangeError(error: OptionsError, given: Map<string, string>): UsageE
   const [name, spec] = entry;
   const typed = given.get(name) ?? '';
   if (name === 'ws-path') return new UsageError(`--ws-path must be a path starting with "/" (no spaces, ? or #), like /ws; got "${typed}".`);
-  if (!error.range || spec.kind === 'boolean' || spec.kind === 'string' || spec.kind === 'mode') {
+  if (!error.range || spec.kind === 'boolean' || spec.kind === 'string' || spec.kind === 'mode' || spec.kind === 'origins') {
     return new UsageError(error.message.replace(`${spec.option} must`, `--${name} must`).replace(/, got ([^.;]+)\.$/, `; got "${typed}".`));
   }
   const show = spec.kind === 'bytes' ? formatBytes : spec.kind === 'duration' ? formatDuration : String;
@@ -156,7 +171,7 @@ function splitArgs(argv: string[]): { flags: Map<string, string | boolean>; posi
     if (negated !== undefined) throw new UsageError(`Unknown option --no-${name}: --${name} is not a switch; run mimiclaw-ws --help for the list.`);
     const value = inline ?? argv[i + 1];
     if (value === undefined || value === '' || (inline === undefined && value.startsWith('--'))) {
-      const example = spec.kind === 'duration' ? '30s' : spec.kind === 'bytes' ? '1MiB' : spec.kind === 'count' ? '10' : spec.kind === 'mode' ? '600' : '<text>';
+      const example = spec.kind === 'duration' ? '30s' : spec.kind === 'bytes' ? '1MiB' : spec.kind === 'count' ? '10' : spec.kind === 'mode' ? '600' : spec.kind === 'origins' ? 'https://app.example.com' : '<text>';
       throw new UsageError(`--${name} needs a value${spec.kind === 'string' ? '' : `, ${EXAMPLES[spec.kind]}`}, e.g. --${name} ${example}.`);
     }
     if (inline === undefined) i++;
@@ -194,15 +209,25 @@ export function parseCommandLine(argv: string[], env: NodeJS.ProcessEnv = proces
     if (flags.has('data-dir')) twice('data dir', 'data-dir', dataDir);
     options.dataDir = dataDir;
   }
-  options.authkey ??= env.MIMICLAW_AUTHKEY;
-  options.employeeKey ??= env.MIMICLAW_EMPLOYEE_KEY;
+  keyFromEnv(options, env, 'authkey', 'authkeyFile', 'MIMICLAW_AUTHKEY');
+  keyFromEnv(options, env, 'employeeKey', 'employeeKeyFile', 'MIMICLAW_EMPLOYEE_KEY');
   if (options.redisUrl === undefined && env.MIMICLAW_REDIS_URL) {
     if (checkRedisUrlText(env.MIMICLAW_REDIS_URL)) options.redisUrl = env.MIMICLAW_REDIS_URL;
     else throw new UsageError(`MIMICLAW_REDIS_URL must be a redis:// or rediss:// URL such as redis://127.0.0.1:6379; got "${env.MIMICLAW_REDIS_URL.slice(0, 80)}".`);
   }
   options.dataDir ??= defaultDataDir(env);
-  if (typeof options.authkey !== 'string' || options.authkey === '') {
-    throw new UsageError('No authkey: pass it as the second argument (mimiclaw-ws 8787 <authkey>), with --authkey <key>, or in env MIMICLAW_AUTHKEY.');
+  if ((typeof options.authkey !== 'string' || options.authkey === '') && options.authkeyFile === undefined) {
+    throw new UsageError('No authkey: pass it as the second argument (mimiclaw-ws 8787 <authkey>), with --authkey <key> or --authkey-file <path>, or in env MIMICLAW_AUTHKEY or MIMICLAW_AUTHKEY_FILE.');
+  }
+  if (options.authkey !== undefined && options.authkeyFile !== undefined) {
+    throw new UsageError('Give the authkey once: --authkey (or the second argument) or --authkey-file, not both.');
+  }
+  if (options.employeeKey !== undefined && options.employeeKeyFile !== undefined) {
+    throw new UsageError('Give the employee key once: --employee-key or --employee-key-file, not both.');
+  }
+  if ((options.tlsCertFile === undefined) !== (options.tlsKeyFile === undefined)) {
+    const [given, missing] = options.tlsCertFile === undefined ? ['--tls-key', '--tls-cert'] : ['--tls-cert', '--tls-key'];
+    throw new UsageError(`${given} needs ${missing} <file> too: TLS takes the certificate and its key.`);
   }
   if (options.logLevel !== undefined && !isLogLevel(options.logLevel)) {
     throw new UsageError(`--log-level must be one of ${LOG_LEVELS.join(', ')}; got "${String(options.logLevel)}".`);
@@ -218,6 +243,16 @@ export function parseCommandLine(argv: string[], env: NodeJS.ProcessEnv = proces
   return { kind: 'run', options: relayOptions };
 }
 
+/** A key not given on the command line comes from env NAME or env NAME_FILE (one of them). */
+function keyFromEnv(options: Record<string, unknown>, env: NodeJS.ProcessEnv, key: string, fileKey: string, name: string): void {
+  if (options[key] !== undefined || options[fileKey] !== undefined) return;
+  const value = env[name] || undefined;
+  const file = env[`${name}_FILE`] || undefined;
+  if (value !== undefined && file !== undefined) throw new UsageError(`Set ${name} or ${name}_FILE, not both.`);
+  if (value !== undefined) options[key] = value;
+  if (file !== undefined) options[fileKey] = file;
+}
+
 function checkRedisUrlText(text: string): boolean {
   try {
     checkRedisUrl(text);
@@ -230,7 +265,7 @@ function checkRedisUrlText(text: string): boolean {
 export function helpText(version: string): string {
   const width = Math.max(...Object.keys(FLAGS).map((name) => name.length)) + 10;
   const lines = Object.entries(FLAGS).map(([name, spec]) => {
-    const value = spec.kind === 'boolean' ? '' : spec.kind === 'duration' ? ' <dur>' : spec.kind === 'bytes' ? ' <size>' : spec.kind === 'count' ? ' <n>' : spec.kind === 'mode' ? ' <octal>' : ' <text>';
+    const value = spec.kind === 'boolean' ? '' : spec.kind === 'duration' ? ' <dur>' : spec.kind === 'bytes' ? ' <size>' : spec.kind === 'count' ? ' <n>' : spec.kind === 'mode' ? ' <octal>' : spec.kind === 'origins' ? ' <list>' : ' <text>';
     return `  --${(name + value).padEnd(width)} ${spec.help}`;
   });
   return [
@@ -240,6 +275,7 @@ export function helpText(version: string): string {
     '  mimiclaw-ws [port] [authkey] [data-dir] [options]',
     '  mimiclaw-ws connect <ws-url> [options]     (mimiclaw-ws connect --help)',
     '  mimiclaw-ws send <ws-url> [options]        (mimiclaw-ws send --help)',
+    '  mimiclaw-ws health [--url <http-url>]      (mimiclaw-ws health --help)',
     '  mimiclaw-ws verify [--data-dir DIR]        check the audit trail (mimiclaw-ws verify --help)',
     '  mimiclaw-ws backup --out FILE              copy the data dir, also while the relay runs',
     '  mimiclaw-ws restore --in FILE [--force]    put a backup back (the relay stopped)',

@@ -2,6 +2,7 @@
 // inbound frame as a JSON line on stdout and sends every JSON line of stdin; send delivers one
 // message and exits with what happened to it. Exit codes: 0 ok, 1 failed, 2 bad arguments.
 
+import fs from 'node:fs';
 import readline from 'node:readline';
 import minimist from 'minimist';
 import { RelayClient, RelayClientError, type RelayClientOptions, type SendOptions } from '../client';
@@ -35,6 +36,8 @@ Exit 1 when the relay refuses the auth for good (wrong authkey, banned, unknown 
   --name N, --tags a,b    an employee's registration (not needed with a saved identity)
   --employee-key K        registration key of a relay started with --employee-key
   --identity-file F       keep the identity in F (JSON, mode 0600) and reuse it next time
+  --ca FILE               for wss://: trust the PEM certificate(s) in FILE (e.g. self-signed)
+                          instead of the system's CAs (env NODE_EXTRA_CA_CERTS adds to them)
   --capacity N            an employee's tasks at once for any:<tag> dispatch (default 1)
   --keep-open             a boss too stays connected after end of input, until SIGINT/SIGTERM
   --drain-timeout 10s     longest wait for acks at end of input
@@ -57,8 +60,13 @@ auth within --timeout (the reason is one line on stderr); 2 on bad arguments.
   --msg-id ID             your msg_id: sending again with the same one is not delivered twice
   --role boss|employee    default boss; an employee needs --name/--tags or --identity-file
   --authkey K             the relay's authkey (else env MIMICLAW_AUTHKEY)
+<<<<<<< HEAD
   --identity-file F       send as the identity kept in F; without it each run registers an
                           ephemeral identity that the relay forgets when the run ends
+=======
+  --identity-file F       send as the identity kept in F instead of a new one each run
+  --ca FILE               for wss://: trust the PEM certificate(s) in FILE (e.g. self-signed)
+>>>>>>> main
   --timeout 10s           give up after this long (with --wait-reply: on the reply too)
 `;
 
@@ -66,7 +74,7 @@ class ArgsError extends Error {}
 
 type Args = minimist.ParsedArgs;
 
-const COMMON_STRINGS = ['role', 'authkey', 'employee-key', 'name', 'tags', 'identity-file'];
+const COMMON_STRINGS = ['role', 'authkey', 'employee-key', 'name', 'tags', 'identity-file', 'ca'];
 
 function parseArgs(argv: string[], strings: string[], booleans: string[]): { url: string; args: Args } {
   const unknown: string[] = [];
@@ -86,7 +94,7 @@ function parseArgs(argv: string[], strings: string[], booleans: string[]): { url
   const positional = args._.map(String);
   if (positional.length !== 1) throw new ArgsError(positional.length === 0 ? 'missing <ws-url>' : `unexpected argument ${positional[1]!}`);
   const url = positional[0]!;
-  if (!/^wss?:\/\/[^/\s]+/.test(url)) throw new ArgsError(`"${url}" is not a WebSocket URL; give e.g. ws://127.0.0.1:8787/ws`);
+  if (!/^wss?:\/\/[^/\s]+/.test(url)) throw new ArgsError(`"${url}" is not a WebSocket URL; give e.g. ws://127.0.0.1:8787/ws or wss://relay.example.com/ws`);
   return { url, args };
 }
 
@@ -121,10 +129,20 @@ function clientOptions(url: string, args: Args, defaultRole?: Role): RelayClient
   if (tags !== undefined) options.tags = tags.split(',').map((t) => t.trim()).filter((t) => t !== '');
   const identityFile = single(args, 'identity-file');
   if (identityFile) options.identityFile = identityFile;
+  const ca = single(args, 'ca');
+  if (ca) options.ca = readCaFile(ca);
   if (role === 'employee' && !identityFile && (!options.name || !options.tags?.length)) {
     throw new ArgsError('an employee needs --name N and --tags a,b (or --identity-file F holding a saved identity)');
   }
   return options;
+}
+
+function readCaFile(file: string): Buffer {
+  try {
+    return fs.readFileSync(file);
+  } catch (error) {
+    throw new ArgsError(`--ca ${file} cannot be read (${(error as NodeJS.ErrnoException).code ?? 'error'}): give the PEM certificate to trust`);
+  }
 }
 
 function usageFailure(command: 'connect' | 'send', error: unknown): number {

@@ -12,8 +12,8 @@ export interface RelayOptions {
   host?: string;
   /** Default /ws. */
   wsPath?: string;
-  /** Required: the boss (and admin write) key. */
-  authkey: string;
+  /** The boss (and admin write) key. Required unless authkeyFile is given. */
+  authkey?: string;
   /** Default ~/.mimiclaw-relay or MIMICLAW_RELAY_HOME. */
   dataDir?: string;
   /** Permission bits of the data files (e.g. 0o640); a dir the relay creates gets them plus search bits. Default 0o600. */
@@ -78,6 +78,20 @@ export interface RelayOptions {
   taskTimeoutMs?: number;
   /** Assignments a dispatched task gets before it fails. Default 3. */
   maxAttempts?: number;
+
+  // ---- running in production (see README "Running in production") ----
+  /** Read the authkey from this file, at start and on reload(), instead of passing `authkey`. */
+  authkeyFile?: string;
+  /** Read the employee key from this file, at start and on reload(), instead of passing `employeeKey`. */
+  employeeKeyFile?: string;
+  /** PEM certificate (chain) file; with tlsKeyFile the port serves wss:// and https:// instead of ws:// and http://. */
+  tlsCertFile?: string;
+  /** PEM private key file of that certificate. */
+  tlsKeyFile?: string;
+  /** How often the TLS files are checked for a renewal, ms; 0 = only on reload(). Default 1 minute. */
+  tlsReloadIntervalMs?: number;
+  /** Origins (e.g. https://app.example.com) whose pages may open WebSockets; an upgrade with another Origin header gets 403. Empty (default): any. */
+  allowedOrigins?: string[];
   // ---- identity lifecycle and boss keys (see README "Admin API" and "Secrets") ----
   /** Remove identities offline and not seen for this long, ms, checked at each maintenance run; 0 = keep them. Default 0. */
   forgetOfflineAfterMs?: number;
@@ -85,10 +99,16 @@ export interface RelayOptions {
   bossKeysFile?: string;
 }
 
-export type ResolvedOptions = Required<Omit<RelayOptions, 'logger' | 'employeeKey' | 'redisUrl' | 'nodeId' | 'bossKeysFile'>> & {
+type OptionalSettings = 'logger' | 'employeeKey' | 'redisUrl' | 'nodeId' | 'authkeyFile' | 'employeeKeyFile' | 'tlsCertFile' | 'tlsKeyFile' | 'bossKeysFile';
+
+export type ResolvedOptions = Required<Omit<RelayOptions, OptionalSettings>> & {
   employeeKey: string | undefined;
   redisUrl: string | undefined;
   nodeId: string | undefined;
+  authkeyFile: string | undefined;
+  employeeKeyFile: string | undefined;
+  /** Both TLS files, or null for plain ws:// and http://. */
+  tls: { certFile: string; keyFile: string } | null;
   bossKeysFile: string | undefined;
 };
 
@@ -128,6 +148,7 @@ export const DEFAULTS = {
   clusterName: 'mimiclaw',
   taskTimeoutMs: 10 * MINUTE,
   maxAttempts: 3,
+  tlsReloadIntervalMs: MINUTE,
 } as const;
 
 export function defaultDataDir(env: NodeJS.ProcessEnv = process.env): string {
@@ -171,10 +192,56 @@ function fileModeOption(value: number | undefined): number {
   return mode;
 }
 
-/** Fills defaults and rejects impossible values with a message that names the option. */
+/** "https://app.example.com" (scheme, host and port, as browsers send it), or "null". */
+export function normaliseOrigin(text: string): string | undefined {
+  const trimmed = text.trim();
+  if (trimmed === 'null') return 'null';
+  let url: URL;
+  try {
+    url = new URL(trimmed);
+  } catch {
+    return undefined;
+  }
+  if ((url.protocol !== 'http:' && url.protocol !== 'https:') || url.pathname !== '/' || url.search !== '' || url.hash !== '' || url.username !== '') {
+    return undefined;
+  }
+  return url.origin;
+}
+
+function allowedOriginsOption(value: string[] | undefined): string[] {
+  return (value ?? []).map((entry) => {
+    const origin = normaliseOrigin(entry);
+    if (origin === undefined) {
+      throw new OptionsError(`allowedOrigins entries must be origins such as https://app.example.com or http://localhost:3000 (scheme, host, optional port; no path), got "${entry}".`, 'allowedOrigins');
+    }
+    return origin;
+  });
+}
+
+function tlsOption(options: RelayOptions): ResolvedOptions['tls'] {
+  const { tlsCertFile: certFile, tlsKeyFile: keyFile } = options;
+  if (!certFile && !keyFile) return null;
+  if (!certFile || !keyFile) {
+    throw new OptionsError('TLS needs both files: give the certificate with --tls-cert <file> (tlsCertFile) and its key with --tls-key <file> (tlsKeyFile).');
+  }
+  return { certFile: path.resolve(certFile), keyFile: path.resolve(keyFile) };
+}
+
+/**
+ * Fills defaults and rejects impossible values with a message that names the option. A key
+ * given by file is left empty here: startRelay reads the file (lib/secret-files.ts).
+ */
 export function resolveOptions(options: RelayOptions): ResolvedOptions {
-  if (typeof options.authkey !== 'string' || options.authkey === '') {
-    throw new OptionsError('An authkey is required: pass --authkey <key>, the second positional argument, or set MIMICLAW_AUTHKEY.');
+  const authkeyFile = options.authkeyFile || undefined;
+  const employeeKeyFile = options.employeeKeyFile || undefined;
+  if (authkeyFile !== undefined && options.authkey) {
+    throw new OptionsError('Give the authkey once: either --authkey <key> (authkey) or --authkey-file <path> (authkeyFile), not both.');
+  }
+  if (employeeKeyFile !== undefined && options.employeeKey) {
+    throw new OptionsError('Give the employee key once: either --employee-key <key> (employeeKey) or --employee-key-file <path> (employeeKeyFile), not both.');
+  }
+  if (authkeyFile === undefined && (typeof options.authkey !== 'string' || options.authkey === '')) {
+    throw new OptionsError('An authkey is required: pass --authkey <key>, --authkey-file <path>, the second positional argument, or set MIMICLAW_AUTHKEY or MIMICLAW_AUTHKEY_FILE.');
   }
   const wsPath = options.wsPath ?? DEFAULTS.wsPath;
   if (!wsPath.startsWith('/') || /[?#\s]/.test(wsPath)) {
@@ -186,7 +253,7 @@ export function resolveOptions(options: RelayOptions): ResolvedOptions {
     port: wholeNumber('port', options.port ?? DEFAULTS.port, 0, 65535),
     host: options.host ?? DEFAULTS.host,
     wsPath,
-    authkey: options.authkey,
+    authkey: options.authkey ?? '',
     dataDir: path.resolve(options.dataDir ?? defaultDataDir()),
     fileMode: fileModeOption(options.fileMode),
     authTimeoutMs: ms('authTimeoutMs', options.authTimeoutMs, DEFAULTS.authTimeoutMs, 1, MAX_TIMER_MS),
@@ -218,6 +285,11 @@ export function resolveOptions(options: RelayOptions): ResolvedOptions {
     nodeId: options.nodeId === undefined ? undefined : checkName('nodeId', options.nodeId),
     taskTimeoutMs: ms('taskTimeoutMs', options.taskTimeoutMs, DEFAULTS.taskTimeoutMs, 1, MAX_TIMER_MS),
     maxAttempts: wholeNumber('maxAttempts', options.maxAttempts ?? DEFAULTS.maxAttempts, 1, 1000),
+    authkeyFile: authkeyFile && path.resolve(authkeyFile),
+    employeeKeyFile: employeeKeyFile && path.resolve(employeeKeyFile),
+    tls: tlsOption(options),
+    tlsReloadIntervalMs: ms('tlsReloadIntervalMs', options.tlsReloadIntervalMs, DEFAULTS.tlsReloadIntervalMs, 0, MAX_TIMER_MS),
+    allowedOrigins: allowedOriginsOption(options.allowedOrigins),
   };
   return resolved;
 }

@@ -10,7 +10,7 @@ import { WebSocketServer, type RawData, type WebSocket } from 'ws';
 import { AUTH_FAILURE_WINDOW_MS, AuthThrottle, describeTarget, guessTargets } from './auth-throttle';
 import type { EventBus } from './events';
 import type { Logger } from './logger';
-import type { ResolvedOptions } from './options';
+import { normaliseOrigin, type ResolvedOptions } from './options';
 import { CLOSE_CODES, decodeFrame } from './protocol';
 import type { Router } from './router';
 import { Session } from './session';
@@ -73,6 +73,14 @@ export class WsGateway {
     const path = (request.url ?? '/').split('?')[0];
     if (path !== this.options.wsPath) {
       socket.end(`HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\nWebSocket endpoint is ${this.options.wsPath}\n`);
+      return;
+    }
+    const origin = request.headers.origin;
+    if (origin !== undefined && this.options.allowedOrigins.length > 0 && !this.options.allowedOrigins.includes(normaliseOrigin(origin) ?? '')) {
+      // Browsers always send Origin; agents send none, so they are never refused here.
+      this.logger.info('origin_refused', { origin: origin.slice(0, 200), address: request.socket.remoteAddress ?? 'unknown' });
+      const body = JSON.stringify({ error: 'origin_not_allowed', code: 'origin_not_allowed', message: `Origin ${origin.slice(0, 200)} may not open WebSockets here: add it to the relay's --allowed-origins.` });
+      socket.end(`HTTP/1.1 403 Forbidden\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`);
       return;
     }
     this.wss.handleUpgrade(request, socket, head, (ws) => this.accept(ws, request.socket.remoteAddress ?? 'unknown'));

@@ -1,8 +1,9 @@
 #!/usr/bin/env node
-// The `mimiclaw-ws` command: runs the relay until SIGINT/SIGTERM; SIGHUP reloads the key files
-// and the TLS certificate. Startup problems end with one line on stderr that names the cause and
-// what to do, and a non-zero exit at once. `node dist/server.js …` runs this same command.
+// The `mimiclaw-ws` command: runs the relay until SIGINT/SIGTERM; SIGHUP reloads the key files,
+// the TLS certificate and the boss keys file. Startup problems end with one line on stderr that
+// names the cause and what to do, and a non-zero exit at once. `node dist/server.js …` runs this same command.
 
+import { BossKeysError } from './lib/boss-keys';
 import { helpText, parseCommandLine, UsageError } from './lib/cli-args';
 import { runBackup, runRestore, runVerify } from './lib/cli-admin-tools';
 import { runConnect, runSend } from './lib/cli-client';
@@ -42,7 +43,7 @@ async function runRelay(argv: string[]): Promise<number> {
   try {
     relay = await startRelay(options);
   } catch (error) {
-    if (error instanceof DataDirError) throw new StartFailure(error.message);
+    if (error instanceof DataDirError || error instanceof BossKeysError) throw new StartFailure(error.message);
     throw listenFailure(error, options.port ?? 8787, options.host) ?? error;
   }
   process.stdout.write(`mimiclaw-ws ${packageVersion()} ready: ${relay.url} ${relay.httpUrl} (data: ${relay.dataDir}, node: ${relay.nodeId}${relay.clusterName === null ? '' : `, cluster: ${relay.clusterName}`})\n`);

@@ -56,6 +56,11 @@ export interface RelayClientOptions {
   identity?: IdentityCredentials;
   /** JSON file {id,key,role}: read at start when it exists, written (mode 0600) after registering. */
   identityFile?: string;
+  /**
+   * Register a new identity that the relay forgets when the connection ends (nothing left
+   * behind by a one-off client); each reconnect registers a new one. Not with identity/identityFile.
+   */
+  ephemeral?: boolean;
   /** First reconnect delay; doubles per failed attempt up to maxReconnectDelayMs, with jitter. Default 1000. */
   minReconnectDelayMs?: number;
   /** Default 30000. */
@@ -233,6 +238,9 @@ export class RelayClient {
     };
     this.inboundSeen = new DedupeCache(this.options.inboundDedupeWindowMs, this.options.inboundDedupeMaxEntries);
     if (options.identity) this.credentials = { ...options.identity, role: options.role };
+    if (options.ephemeral && (options.identity || options.identityFile)) {
+      throw new TypeError('An ephemeral client registers a new identity each time: leave out identity and identityFile.');
+    }
   }
 
   /** connecting, open, authenticated, reconnecting or closed. */
@@ -496,7 +504,8 @@ export class RelayClient {
     const frame: AuthFrame = { type: 'auth', role };
     if (authkey !== undefined) frame.authkey = authkey;
     if (employeeKey !== undefined) frame.employee_key = employeeKey;
-    if (this.credentials) frame.identity = { id: this.credentials.id, key: this.credentials.key };
+    if (this.options.ephemeral) frame.ephemeral = true;
+    else if (this.credentials) frame.identity = { id: this.credentials.id, key: this.credentials.key };
     if (name !== undefined) frame.name = name;
     if (tags !== undefined) frame.tags = tags;
     if (meta !== undefined) frame.meta = meta;

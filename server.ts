@@ -5,6 +5,7 @@
 import http from 'node:http';
 import https from 'node:https';
 import path from 'node:path';
+import { BossKeys, type BossKeysReloadResult } from './lib/boss-keys';
 import type { ClusterLink } from './lib/cluster-link';
 import { communicationsPage, readPage, readQuery, type CommunicationsPage } from './lib/communications';
 import { ConnectionLog } from './lib/connection-log';
@@ -52,8 +53,9 @@ export interface RelayHandle {
   clusterName: string | null;
   events: EventBus;
   /**
-   * What SIGHUP does: reads the key files and the TLS files again. New keys apply to auths from
-   * then on; a renewed certificate to handshakes from then on. A file that fails keeps what is in use.
+   * What SIGHUP does: reads the key files, the TLS files and the boss keys file again. New keys
+   * apply to auths from then on (sessions of a boss whose named key was removed or changed are
+   * closed, 4009); a renewed certificate to handshakes from then on. A file that fails keeps what is in use.
    */
   reload(): Promise<ReloadResult>;
   /** Closes every socket with 1001, finishes pending writes, closes the stores. */
@@ -64,6 +66,8 @@ export interface ReloadResult {
   keys: KeyReloadResult;
   /** 'off' without TLS. */
   certificate: CertificateReloadResult | 'off';
+  /** 'off' without --boss-keys-file. */
+  bossKeys: BossKeysReloadResult | 'off';
 }
 
 /** The most recent msg_ids remembered for dedupe, whatever the window. */
@@ -162,6 +166,7 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
   const startedAt = Date.now();
   await loadKeyFiles(options, logger);
   const tlsPair = options.tls ? await CertificateReloader.load(options.tls, logger) : null;
+  const bossKeys = options.bossKeysFile === undefined ? null : await BossKeys.load(options.bossKeysFile, logger);
   const asDataDirError = async (error: unknown): Promise<never> => {
     throw await dataDirError(options.dataDir, error);
   };
@@ -197,7 +202,7 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
   };
   const dispatcher = new Dispatcher({ store: stores.tasks, bus, logger, link, maxAttempts: options.maxAttempts, maxQueueTtlMs: options.maxQueueTtlMs });
   dispatcher.restore(Date.now());
-  const router: Router = new Router({ options, ...stores, dedupe, cluster, dispatcher, bus, logger });
+  const router: Router = new Router({ options, ...stores, dedupe, cluster, dispatcher, bus, logger, bossKeys });
   const gateway = new WsGateway(options, router, bus, logger);
   // /api/events streams the whole cluster: this node's events and those other nodes share.
   // Metrics and the log keep to this node's own bus.
@@ -278,9 +283,14 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
   }, 1000);
   expiry.unref();
   const prune = () =>
-    stores.connectionLog
-      .prune({ retentionMs: options.retentionMs, maxEvents: options.maxMessages })
-      .catch((error: Error) => logger.error('connection_log_prune_failed', { error: error.message }));
+    Promise.all([
+      stores.connectionLog
+        .prune({ retentionMs: options.retentionMs, maxEvents: options.maxMessages })
+        .catch((error: Error) => logger.error('connection_log_prune_failed', { error: error.message })),
+      options.forgetOfflineAfterMs > 0
+        ? router.forgetOffline(options.forgetOfflineAfterMs).catch((error: Error) => logger.error('forget_offline_failed', { error: error.message }))
+        : undefined,
+    ]);
   const maintenance = setInterval(() => void prune(), options.maintenanceIntervalMs);
   maintenance.unref();
   void prune();
@@ -334,9 +344,9 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
     })());
 
   const reload = async (): Promise<ReloadResult> => {
-    const [keys, certificate] = await Promise.all([reloadKeyFiles(options, logger), certificates?.reload() ?? ('off' as const)]);
+    const [keys, certificate, bossKeyFile] = await Promise.all([reloadKeyFiles(options, logger), certificates?.reload() ?? ('off' as const), bossKeys ? bossKeys.reload() : ('off' as const)]);
     logger.info('relay_reloaded', { keys_changed: keys.changed, keys_error: keys.error !== null, certificate });
-    return { keys, certificate };
+    return { keys, certificate, bossKeys: bossKeyFile };
   };
   return {
     url: `${tlsPair ? 'wss' : 'ws'}://${hostForUrl}:${port}${options.wsPath}`,

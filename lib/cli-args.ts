@@ -40,6 +40,8 @@ const FLAGS: Record<string, { kind: Kind; option: keyof RelayOptions; help: stri
   fsync: { kind: 'boolean', option: 'fsync', help: 'fsync the logs after each write batch (default off)' },
   'employee-key': { kind: 'string', option: 'employeeKey', help: 'key employees must send as "employee_key" to register (else env MIMICLAW_EMPLOYEE_KEY; default none)' },
   'public-reads': { kind: 'boolean', option: 'publicReads', help: 'let non-loopback clients read without the authkey (default off)' },
+  'forget-offline-after': { kind: 'duration', option: 'forgetOfflineAfterMs', help: 'remove identities offline and unseen this long, checked each maintenance run (default 0 = off)' },
+  'boss-keys-file': { kind: 'string', option: 'bossKeysFile', help: 'named boss keys, one name:key or name:sha256:<hex> a line, beside the authkey; reread on SIGHUP' },
   redis: { kind: 'string', option: 'redisUrl', help: 'join a cluster whose store is this Redis, e.g. redis://127.0.0.1:6379 (else env MIMICLAW_REDIS_URL; default none: one node)' },
   cluster: { kind: 'string', option: 'clusterName', help: 'cluster name prefixing every Redis key and channel (default mimiclaw)' },
   'node-id': { kind: 'string', option: 'nodeId', help: 'this node\'s id (default: kept in <data-dir>/node-id)' },

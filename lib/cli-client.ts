@@ -60,8 +60,13 @@ auth within --timeout (the reason is one line on stderr); 2 on bad arguments.
   --msg-id ID             your msg_id: sending again with the same one is not delivered twice
   --role boss|employee    default boss; an employee needs --name/--tags or --identity-file
   --authkey K             the relay's authkey (else env MIMICLAW_AUTHKEY)
+<<<<<<< HEAD
+  --identity-file F       send as the identity kept in F; without it each run registers an
+                          ephemeral identity that the relay forgets when the run ends
+=======
   --identity-file F       send as the identity kept in F instead of a new one each run
   --ca FILE               for wss://: trust the PEM certificate(s) in FILE (e.g. self-signed)
+>>>>>>> main
   --timeout 10s           give up after this long (with --wait-reply: on the reply too)
 `;
 
@@ -166,6 +171,9 @@ function parseSend(argv: string[]): SendCommand | 'help' {
   const { url, args } = parseArgs(argv, ['to', 'payload', 'ttl', 'msg-id', 'timeout', 'priority', 'task-timeout'], ['queue', 'wait-reply']);
   if (args.help) return 'help';
   const client = clientOptions(url, args, 'boss');
+  // A one-off sender leaves nothing behind: no identity pile-up, and two runs at once do not
+  // replace each other as a shared saved identity would.
+  if (client.identityFile === undefined) client.ephemeral = true;
   const rawTo: unknown = args.to;
   const targets = (Array.isArray(rawTo) ? rawTo : rawTo === undefined ? [] : [rawTo]).map(String).filter((t) => t !== '');
   if (targets.length === 0) throw new ArgsError('missing --to ID|tag:NAME|*');

@@ -1,4 +1,4 @@
-// connections.db: auth, reconnect, disconnect, ban, unban and auth_fail events. Events are
+// connections.db: auth, reconnect, disconnect, ban, unban, auth_fail, delete and rotate_key events. Events are
 // buffered and inserted once per tick in one NeDB append; retention keeps the file bounded.
 //
 // Each event is a link of the audit chain (audit-chain.ts): it gets the next `seq` and a `hash`
@@ -14,7 +14,7 @@ import type { Logger } from './logger';
 import { openDatastore } from './nedb-file';
 import type { Role } from './protocol';
 
-export type ConnectionEventKind = 'auth_ok' | 'reconnect' | 'disconnect' | 'ban' | 'unban' | 'auth_fail';
+export type ConnectionEventKind = 'auth_ok' | 'reconnect' | 'disconnect' | 'ban' | 'unban' | 'auth_fail' | 'delete' | 'rotate_key';
 
 export interface ConnectionEvent {
   identityId: string;
@@ -27,6 +27,8 @@ export interface ConnectionEvent {
   code?: number;
   /** Peer address for auth attempts. */
   address?: string;
+  /** For a boss's auth_ok or reconnect: the name of the credential it presented ("authkey" or a --boss-keys-file name). */
+  credential?: string;
 }
 
 export interface RetentionPolicy {

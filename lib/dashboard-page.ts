@@ -32,6 +32,7 @@ select { max-width:14em; text-overflow:ellipsis; }
 button { cursor:pointer; background:var(--chip); }
 button:hover { border-color:var(--accent); }
 button.danger { color:var(--bad); }
+.actions { display:flex; flex-wrap:wrap; gap:4px; }
 :focus-visible { outline:2px solid var(--focus); outline-offset:1px; }
 .scroll { max-height:460px; overflow:auto; }
 table { border-collapse:collapse; width:100%; }
@@ -118,7 +119,7 @@ function updateKeyButton() { $('key-button').textContent = getKey() ? 'Forget ad
 async function api(method, path, body) {
   // Writes always need the key, even from loopback: ask before sending, not after a 401.
   if (method !== 'GET' && !getKey()) {
-    const key = await askKey('Banning and unbanning need the relay authkey.');
+    const key = await askKey('Changes (ban, rotate key, delete) need the relay authkey.');
     if (!key) throw new Error('No admin key given.');
   }
   for (let attempt = 0; attempt < 2; attempt++) {
@@ -163,7 +164,7 @@ function workCell(node) {
 function signature(node) {
   const h = node.health || {};
   const d = node.dispatch || {};
-  return [node.name, node.tags.join(','), node.status, node.node || '', h.overall, (h.reasons || []).join(','), node.last_seen, d.status, d.in_progress, d.capacity].join('|');
+  return [node.name, node.tags.join(','), node.status, node.node || '', h.overall, (h.reasons || []).join(','), node.last_seen, d.status, d.in_progress, d.capacity, node.credential || ''].join('|');
 }
 function buildRow(node) {
   const tr = el('tr', { 'data-id': node.id });
@@ -183,13 +184,19 @@ function fillRow(tr, node) {
   if (node.role === 'employee') cells.push(el('td', null, [workCell(node)]));
   cells.push(el('td', null, [healthCell(node)]),
     el('td', { text: fmtTime(node.last_seen), title: new Date(node.last_seen || 0).toISOString() }));
+  const who = node.name || node.id;
+  const actions = [];
   if (node.role === 'employee') {
     const banned = node.status === 'banned';
-    cells.push(el('td', null, [el('button', { type: 'button', class: banned ? '' : 'danger', 'data-action': banned ? 'unban' : 'ban',
-      'aria-label': (banned ? 'Unban ' : 'Ban ') + (node.name || node.id), text: banned ? 'Unban' : 'Ban' })]));
+    actions.push(el('button', { type: 'button', class: banned ? '' : 'danger', 'data-action': banned ? 'unban' : 'ban',
+      'aria-label': (banned ? 'Unban ' : 'Ban ') + who, text: banned ? 'Unban' : 'Ban' }));
   } else {
+    cells.splice(1, 0, el('td', { text: node.credential || '-', title: 'Boss key used at its last auth' }));
     cells.push(el('td', { class: 'mono', text: node.id }));
   }
+  actions.push(el('button', { type: 'button', 'data-action': 'rotate', 'aria-label': 'Rotate the key of ' + who, text: 'Rotate key' }),
+    el('button', { type: 'button', class: 'danger', 'data-action': 'delete', 'aria-label': 'Delete ' + who, text: 'Delete' }));
+  cells.push(el('td', null, [el('div', { class: 'actions' }, actions)]));
   tr.replaceChildren(...cells);
   applyFilter(tr);
 }
@@ -320,6 +327,7 @@ function patchNode(id, status, at, ref, report, holder) {
   const known = state.nodes.get(id);
   if (!known && !ref) return;
   const node = Object.assign({ created_at: at || Date.now(), meta: null, health: null }, known, ref ? { name: ref.name, tags: ref.tags, role: ref.role, id: ref.id } : null);
+  if (ref && ref.credential) node.credential = ref.credential;
   node.status = status;
   node.online = status === 'online';
   node.banned = status === 'banned';
@@ -339,9 +347,15 @@ function onRelayEvent(type, ev) {
     const known = state.nodes.get(ev.node.id);
     // A ban closes the socket: its disconnect must not turn the row back to offline.
     const status = type === 'connect' ? 'online' : type === 'ban' ? 'banned' : type === 'disconnect' && known && known.status === 'banned' ? 'banned' : 'offline';
-    patchNode(ev.node.id, status, ev.at, ev.node, undefined, type === 'connect' ? ev.relay_node || null : type === 'disconnect' ? null : undefined);
+    patchNode(ev.node.id, status, ev.at, ev.credential ? Object.assign({ credential: ev.credential }, ev.node) : ev.node, undefined, type === 'connect' ? ev.relay_node || null : type === 'disconnect' ? null : undefined);
     const what = type === 'connect' ? (ev.reconnected ? 'reconnected' : 'connected') : type === 'disconnect' ? 'disconnected (code ' + ev.code + ')' : (type === 'ban' ? 'banned' : 'unbanned') + ' by ' + ev.by;
     feedItem(type, nameOf(ev.node) + ' (' + ev.node.role + ') ' + what, { at: ev.at });
+  } else if (type === 'identity_removed') {
+    removeNode(ev.node.id);
+    const why = ev.reason === 'forgotten' ? 'forgotten after being offline too long' : ev.reason === 'ephemeral' ? 'gone (ephemeral)' : 'deleted by ' + ev.by;
+    if (ev.reason !== 'ephemeral') feedItem('removed', nameOf(ev.node) + ' (' + ev.node.role + ') ' + why + (ev.dropped ? ', ' + ev.dropped + ' queued dropped' : ''), { at: ev.at });
+  } else if (type === 'key_rotated') {
+    feedItem('key', nameOf(ev.node) + ' (' + ev.node.role + ') key rotated by ' + ev.by, { at: ev.at });
   } else if (type === 'health') {
     const known = state.nodes.get(ev.node.id);
     patchNode(ev.node.id, known ? known.status : 'online', ev.at, ev.node, ev.valid);
@@ -416,11 +430,61 @@ async function loadComms() {
   } catch (error) { $('comms-range').textContent = 'Could not load: ' + error.message; }
 }
 
+function removeNode(id) {
+  state.nodes.delete(id);
+  state.eventAt.delete(id);
+  const tr = state.rows.get(id);
+  if (tr) { tr.remove(); state.rows.delete(id); }
+  later('summary', renderSummary, 100);
+  later('filter', applyFilters, 150);
+}
+
+// ---- confirmation before a change that cannot be undone ----
+function confirmAction(title, text, label) {
+  const dialog = $('confirm-dialog');
+  $('confirm-title').textContent = title;
+  $('confirm-text').textContent = text;
+  $('confirm-ok').textContent = label;
+  dialog.returnValue = '';
+  return new Promise((resolve) => {
+    dialog.addEventListener('close', () => resolve(dialog.returnValue === 'ok'), { once: true });
+    dialog.showModal();
+  });
+}
+
+// ---- rotate key / delete ----
+async function rotateOrDelete(button, id) {
+  const node = state.nodes.get(id) || { id: id, name: null, role: 'node' };
+  const who = (node.name || id) + ' (' + node.role + ')';
+  const rotate = button.dataset.action === 'rotate';
+  const agreed = rotate
+    ? await confirmAction('Rotate key', 'Give ' + who + ' a new key? Its current key stops working at once and an open connection is closed (code 4009). The new key is shown once.', 'Rotate key')
+    : await confirmAction('Delete identity', 'Delete ' + who + '? An open connection is closed (code 4010), messages queued for it are dropped, and it cannot come back with its key.', 'Delete');
+  if (!agreed) return;
+  button.disabled = true;
+  try {
+    const path = '/api/identities/' + encodeURIComponent(id) + (rotate ? '/rotate-key' : '');
+    const result = await api(rotate ? 'POST' : 'DELETE', path);
+    if (rotate) {
+      $('rotated-who').textContent = who;
+      $('rotated-key').value = result.key;
+      $('rotated-dialog').showModal();
+      $('rotated-key').select();
+      $('announce').textContent = 'New key for ' + who;
+    } else {
+      removeNode(id);
+      $('announce').textContent = who + ' deleted' + (result.dropped_queued ? ', ' + result.dropped_queued + ' queued messages dropped' : '');
+    }
+  } catch (error) { notice((rotate ? 'Rotate key' : 'Delete') + ' failed: ' + error.message); }
+  finally { button.disabled = false; }
+}
+
 // ---- ban / unban ----
-async function onEmployeeClick(event) {
+async function onNodeClick(event) {
   const button = event.target.closest('button[data-action]');
   if (!button) return;
   const id = button.closest('tr').dataset.id;
+  if (button.dataset.action === 'rotate' || button.dataset.action === 'delete') return rotateOrDelete(button, id);
   const ban = button.dataset.action === 'ban';
   button.disabled = true;
   try {
@@ -453,7 +517,7 @@ function connectEvents() {
     }, wait);
   };
   const remember = (e) => { if (e.lastEventId) state.lastEventId = e.lastEventId; };
-  for (const type of ['connect', 'disconnect', 'message', 'delivery_update', 'ban', 'unban', 'health', 'availability', 'task_assigned', 'task_done', 'task_retried', 'task_failed']) {
+  for (const type of ['connect', 'disconnect', 'message', 'delivery_update', 'ban', 'unban', 'health', 'availability', 'task_assigned', 'task_done', 'task_retried', 'task_failed', 'identity_removed', 'key_rotated']) {
     source.addEventListener(type, (e) => { remember(e); onRelayEvent(type, JSON.parse(e.data)); });
   }
   source.addEventListener('missed', (e) => {
@@ -469,7 +533,8 @@ function init() {
   });
   for (const id of ['tag-filter', 'status-filter']) $(id).addEventListener('change', applyFilters);
   $('name-filter').addEventListener('input', () => later('filter', applyFilters, 150));
-  $('employees-body').addEventListener('click', onEmployeeClick);
+  $('employees-body').addEventListener('click', onNodeClick);
+  $('bosses-body').addEventListener('click', onNodeClick);
   $('comms-form').addEventListener('submit', (e) => { e.preventDefault(); state.commsOffset = 0; loadComms(); });
   $('comms-prev').addEventListener('click', () => { state.commsOffset = Math.max(0, state.commsOffset - Number($('comms-limit').value)); loadComms(); });
   $('comms-next').addEventListener('click', () => { state.commsOffset += Number($('comms-limit').value); loadComms(); });
@@ -501,7 +566,7 @@ const BODY = `
     </div>
     <div class="scroll">
       <table aria-describedby="employees-title">
-        <thead><tr><th scope="col">Name</th><th scope="col">Tags</th><th scope="col">Status</th><th scope="col">Work</th><th scope="col">Health</th><th scope="col">Last seen</th><th scope="col">Action</th></tr></thead>
+        <thead><tr><th scope="col">Name</th><th scope="col">Tags</th><th scope="col">Status</th><th scope="col">Work</th><th scope="col">Health</th><th scope="col">Last seen</th><th scope="col">Actions</th></tr></thead>
         <tbody id="employees-body"></tbody>
       </table>
     </div>
@@ -523,7 +588,7 @@ const BODY = `
     <h2 id="bosses-title">Bosses</h2>
     <div class="scroll">
       <table aria-describedby="bosses-title">
-        <thead><tr><th scope="col">Name</th><th scope="col">Status</th><th scope="col">Health</th><th scope="col">Last seen</th><th scope="col">Id</th></tr></thead>
+        <thead><tr><th scope="col">Name</th><th scope="col">Boss key</th><th scope="col">Status</th><th scope="col">Health</th><th scope="col">Last seen</th><th scope="col">Id</th><th scope="col">Actions</th></tr></thead>
         <tbody id="bosses-body"></tbody>
       </table>
     </div>
@@ -554,6 +619,21 @@ const BODY = `
     <p id="key-reason"></p>
     <label>Relay authkey <input id="key-input" type="password" autocomplete="off" required></label>
     <p><button value="ok">Use key</button> <button value="cancel" formnovalidate>Cancel</button></p>
+  </form>
+</dialog>
+<dialog id="confirm-dialog" aria-labelledby="confirm-title">
+  <form method="dialog">
+    <h2 id="confirm-title">Confirm</h2>
+    <p id="confirm-text"></p>
+    <p><button id="confirm-ok" class="danger" value="ok">Confirm</button> <button value="cancel" autofocus>Cancel</button></p>
+  </form>
+</dialog>
+<dialog id="rotated-dialog" aria-labelledby="rotated-title">
+  <form method="dialog">
+    <h2 id="rotated-title">New key</h2>
+    <p>The new key of <b id="rotated-who"></b>. It is shown only this once: copy it now into the client's identity file.</p>
+    <label>Identity key <input id="rotated-key" class="mono" readonly size="52"></label>
+    <p><button value="close">Done</button></p>
   </form>
 </dialog>
 <dialog id="payload-dialog" aria-labelledby="payload-title">

@@ -1,5 +1,6 @@
-// Turns relay events into log lines: connects, disconnects, auth failures, bans and dispatched
-// tasks sent back or given up at info, routed messages at debug (metadata only, never the payload).
+// Turns relay events into log lines: connects (with a boss's credential name), disconnects, auth
+// failures, bans, identity removals, key rotations and dispatched tasks sent back or given up at
+// info, routed messages at debug (metadata only, never the payload).
 
 import type { RelayEvent } from './events';
 import type { Logger } from './logger';
@@ -9,7 +10,11 @@ export function logRelayEvents(logger: Logger): (event: RelayEvent) => void {
   return (event) => {
     switch (event.type) {
       case 'connect':
-        logger.info(event.reconnected ? 'reconnect' : 'auth_ok', { id: event.node.id, role: event.node.role });
+        logger.info(event.reconnected ? 'reconnect' : 'auth_ok', {
+          id: event.node.id,
+          role: event.node.role,
+          ...(event.credential !== undefined && { credential: event.credential }),
+        });
         return;
       case 'disconnect':
         logger.info('disconnect', { id: event.node.id, role: event.node.role, close_code: event.code });
@@ -20,6 +25,13 @@ export function logRelayEvents(logger: Logger): (event: RelayEvent) => void {
       case 'ban':
       case 'unban':
         logger.info(event.type, { id: event.node.id, by: event.by });
+        return;
+      case 'identity_removed':
+        // Ephemeral identities come and go with every `send`: their disconnect line says enough.
+        if (event.reason !== 'ephemeral') logger.info('identity_removed', { id: event.node.id, role: event.node.role, reason: event.reason, by: event.by, dropped_queued: event.dropped });
+        return;
+      case 'key_rotated':
+        logger.info('key_rotated', { id: event.node.id, role: event.node.role, by: event.by });
         return;
       case 'task_retried':
         logger.info('task_retried', { msg_id: event.msg_id, target: event.target, employee_id: event.employee_id, attempt: event.attempt, reason: event.reason });

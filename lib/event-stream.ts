@@ -33,6 +33,8 @@ export const STREAMED_EVENT_TYPES: readonly RelayEventType[] = [
   'task_done',
   'task_retried',
   'task_failed',
+  'identity_removed',
+  'key_rotated',
 ];
 
 /** Sent first on a resumed stream when events it asked for are no longer in the ring. */

@@ -12,8 +12,8 @@ export interface NodeRef {
 }
 
 export type RelayEvent =
-  /** `relay_node`: the relay node that holds the new socket (docs/CLUSTER.md). */
-  | { type: 'connect'; node: NodeRef; reconnected: boolean; relay_node?: string; at: number }
+  /** `relay_node`: the relay node that holds the new socket (docs/CLUSTER.md); `credential`: for a boss, the name of the credential it presented ("authkey" or a --boss-keys-file name). */
+  | { type: 'connect'; node: NodeRef; reconnected: boolean; relay_node?: string; at: number; credential?: string }
   | { type: 'disconnect'; node: NodeRef; code: number; at: number }
   | { type: 'auth_fail'; code: string; role: string | null; at: number }
   | {
@@ -34,6 +34,9 @@ export type RelayEvent =
   | { type: 'ban'; node: NodeRef; by: string; at: number }
   | { type: 'unban'; node: NodeRef; by: string; at: number }
   | { type: 'health'; node: NodeRef; valid: boolean; at: number }
+  /** `dropped`: messages that were queued for it. */
+  | { type: 'identity_removed'; node: NodeRef; by: string; reason: 'deleted' | 'forgotten' | 'ephemeral'; dropped: number; at: number }
+  | { type: 'key_rotated'; node: NodeRef; by: string; at: number }
   | { type: 'frame_error'; code: string; at: number }
   // Part C: an employee declared its status or capacity (a status frame).
   | { type: 'availability'; node: NodeRef; status: 'idle' | 'working' | 'dnd'; capacity: number; in_progress: number; at: number }

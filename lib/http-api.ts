@@ -155,6 +155,15 @@ function textParam(url: URL, name: string): string | null {
   return raw === null || raw.trim() === '' ? null : raw.trim();
 }
 
+/** An id from the path; malformed %-escapes are refused as a 400 rather than failing as a 500. */
+function decodePathId(raw: string): string {
+  try {
+    return decodeURIComponent(raw);
+  } catch {
+    throw new HttpError(400, 'invalid_id', `The id in the path is not valid percent-encoding: "${raw.slice(0, 80)}"; encode it with encodeURIComponent.`);
+  }
+}
+
 /** The page is served at these paths too, so a bookmark or a habit from other tools finds it. */
 const DASHBOARD_PATHS = new Set(['/', '/admin', '/admin/', '/index.html']);
 
@@ -201,6 +210,11 @@ export class HttpApi {
     }
     const banMatch = /^\/employees\/([^/]+)\/ban$/.exec(path);
     if (banMatch) return this.ban(req, res, url, method, decodeURIComponent(banMatch[1]!));
+    const identityMatch = /^\/identities\/([^/]+)(\/rotate-key)?$/.exec(path);
+    if (identityMatch) {
+      const id = decodePathId(identityMatch[1]!);
+      return identityMatch[2] ? this.rotateKey(req, res, url, method, id) : this.deleteIdentity(req, res, url, method, id);
+    }
 
     const reads: Record<string, () => unknown> = {
       '/employees': () => ({ employees: listNodes(this.deps.identities, this.liveness, 'employee') }),
@@ -320,6 +334,28 @@ export class HttpApi {
     const [own, others] = await Promise.all([communicationsPage(messageLog, identities, window), otherNodes.communications(window)]);
     const page = mergePages([own, ...others.pages], offset, limit);
     return { total: page.total, offset, limit, filters, rows: page.rows, nodes: { answered: others.pages.length + 1, missing: others.missing }, timestamp: Date.now() };
+  }
+
+  /** DELETE /identities/:id: answers once the removal is on disk. */
+  private async deleteIdentity(req: IncomingMessage, res: ServerResponse, url: URL, method: string, id: string): Promise<void> {
+    this.allow(method, ['DELETE']);
+    this.requireWriteAccess(req, url);
+    const result = this.deps.router.deleteIdentity(id, 'admin-http');
+    if (!result.ok) throw new HttpError(result.status, result.code, result.message);
+    await result.written;
+    const { identity } = result;
+    sendJson(res, 200, { id: identity.id, role: identity.role, name: identity.name, deleted: true, was_online: result.wasOnline, dropped_queued: result.droppedQueued });
+  }
+
+  /** POST /identities/:id/rotate-key: the new key is in this answer only, sent once its hash is on disk. */
+  private async rotateKey(req: IncomingMessage, res: ServerResponse, url: URL, method: string, id: string): Promise<void> {
+    this.allow(method, ['POST']);
+    this.requireWriteAccess(req, url);
+    const result = this.deps.router.rotateKey(id, 'admin-http');
+    if (!result.ok) throw new HttpError(result.status, result.code, result.message);
+    await result.written;
+    const { identity } = result;
+    sendJson(res, 200, { id: identity.id, role: identity.role, name: identity.name, key: result.key, was_online: result.wasOnline });
   }
 
   private async ban(req: IncomingMessage, res: ServerResponse, url: URL, method: string, id: string): Promise<void> {

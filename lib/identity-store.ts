@@ -4,6 +4,7 @@
 // written is an IdentityPersistence: identities.db on a single node, Redis in a cluster (where
 // this store is the node's replica, and changes made on other nodes arrive through apply()).
 // Keys are stored only as SHA-256 hashes; data dirs with clear keys are migrated at open.
+// An ephemeral identity lives in memory only: it is never written, so no restart brings it back.
 
 import { createHash, randomBytes, randomUUID, timingSafeEqual } from 'node:crypto';
 import type { Logger } from './logger';
@@ -25,23 +26,33 @@ export interface Identity {
   lastHeartbeatAt: number | null;
   lastSelfReportAt: number | null;
   selfReportValid: boolean | null;
+  /** The name of the boss credential (--authkey or a --boss-keys-file entry) of the last boss auth. */
+  credential: string | null;
+  /** Forgotten when its connection ends; kept in memory only. */
+  ephemeral: boolean;
 }
 
 /** Where identities are written: one document per identity, keyed by id. */
 export interface IdentityPersistence {
   write(doc: IdentityDoc): Promise<void>;
+  /** Deletes the identity's document (an admin's delete, --forget-offline-after). */
+  remove(id: string): Promise<void>;
   close(): Promise<void>;
 }
 
 /** On disk; meta is kept as JSON text because NeDB refuses field names with "." or "$". */
-export type IdentityDoc = Omit<Identity, 'meta'> & { _id: string; meta_json: string | null; key?: string };
+export type IdentityDoc = Omit<Identity, 'meta' | 'ephemeral'> & { _id: string; meta_json: string | null; key?: string };
+
+function newKey(): string {
+  return randomBytes(24).toString('hex');
+}
 
 export function hashKey(key: string): string {
   return createHash('sha256').update(key).digest('hex');
 }
 
 export function toDoc(identity: Identity): IdentityDoc {
-  const { meta, ...rest } = identity;
+  const { meta, ephemeral: _ephemeral, ...rest } = identity;
   return { _id: identity.id, ...rest, meta_json: meta === null ? null : JSON.stringify(meta) };
 }
 
@@ -81,6 +92,8 @@ export function fromDoc(doc: Record<string, unknown>): Identity | null {
     lastHeartbeatAt: num(doc.lastHeartbeatAt),
     lastSelfReportAt: num(doc.lastSelfReportAt),
     selfReportValid: typeof doc.selfReportValid === 'boolean' ? doc.selfReportValid : null,
+    credential: typeof doc.credential === 'string' ? doc.credential : null,
+    ephemeral: false,
   };
 }
 
@@ -112,6 +125,9 @@ export class IdentityStore {
     const persistence: IdentityPersistence = {
       write: async (doc) => {
         await db.updateAsync({ _id: doc._id }, doc, { upsert: true });
+      },
+      remove: async (id) => {
+        await db.removeAsync({ _id: id }, {});
       },
       close: async () => db.stopAutocompaction(),
     };
@@ -173,8 +189,8 @@ export class IdentityStore {
     return this.employeesByTag.get(tag) ?? new Set();
   }
 
-  create(role: Role, profile: EmployeeProfile | null, meta: Record<string, unknown> | null): { identity: Identity; key: string } {
-    const key = randomBytes(24).toString('hex');
+  create(role: Role, profile: EmployeeProfile | null, meta: Record<string, unknown> | null, ephemeral = false): { identity: Identity; key: string } {
+    const key = newKey();
     const now = Date.now();
     const identity: Identity = {
       id: `${role}-${randomUUID()}`,
@@ -191,6 +207,8 @@ export class IdentityStore {
       lastHeartbeatAt: null,
       lastSelfReportAt: null,
       selfReportValid: null,
+      credential: null,
+      ephemeral,
     };
     this.index(identity);
     this.save(identity);
@@ -212,8 +230,47 @@ export class IdentityStore {
     this.save(identity);
   }
 
-  /** Marks the identity for the next coalesced write. */
+  /** Gives the identity a new key and returns it; the old key stops matching at once. */
+  rotateKey(identity: Identity): string {
+    const key = newKey();
+    identity.keyHash = hashKey(key);
+    this.save(identity);
+    return key;
+  }
+
+  /**
+   * Forgets the identity: gone from memory now, from identities.db once the returned promise
+   * resolves. The removal queues behind any write of it already under way, so a write in flight
+   * cannot bring the document back.
+   */
+  remove(identity: Identity): Promise<void> {
+    if (this.byId.get(identity.id) !== identity) return this.flushing;
+    this.byId.delete(identity.id);
+    this.unindexTags(identity);
+    this.dirty.delete(identity.id);
+    if (identity.ephemeral) return this.flushing;
+    this.flushing = this.flushing.then(async () => {
+      try {
+        await this.persistence.remove(identity.id);
+      } catch (error) {
+        this.logger.error('identity_remove_failed', { id: identity.id, error: (error as Error).message });
+      }
+    });
+    return this.flushing;
+  }
+
+  /** Identities not seen since `cutoff` (ms) for which `isOnline` says no. */
+  offlineSince(cutoff: number, isOnline: (id: string) => boolean): Identity[] {
+    const stale: Identity[] = [];
+    for (const identity of this.byId.values()) {
+      if (identity.lastSeen < cutoff && !isOnline(identity.id)) stale.push(identity);
+    }
+    return stale;
+  }
+
+  /** Marks the identity for the next coalesced write (an ephemeral one is never written). */
   save(identity: Identity): void {
+    if (identity.ephemeral) return;
     this.dirty.add(identity.id);
     if (this.flushScheduled) return;
     this.flushScheduled = true;

@@ -92,9 +92,14 @@ export interface RelayOptions {
   tlsReloadIntervalMs?: number;
   /** Origins (e.g. https://app.example.com) whose pages may open WebSockets; an upgrade with another Origin header gets 403. Empty (default): any. */
   allowedOrigins?: string[];
+  // ---- identity lifecycle and boss keys (see README "Admin API" and "Secrets") ----
+  /** Remove identities offline and not seen for this long, ms, checked at each maintenance run; 0 = keep them. Default 0. */
+  forgetOfflineAfterMs?: number;
+  /** File of named boss credentials (`name:key` or `name:sha256:<hex>` per line), accepted beside the authkey; read again on reload. */
+  bossKeysFile?: string;
 }
 
-type OptionalSettings = 'logger' | 'employeeKey' | 'redisUrl' | 'nodeId' | 'authkeyFile' | 'employeeKeyFile' | 'tlsCertFile' | 'tlsKeyFile';
+type OptionalSettings = 'logger' | 'employeeKey' | 'redisUrl' | 'nodeId' | 'authkeyFile' | 'employeeKeyFile' | 'tlsCertFile' | 'tlsKeyFile' | 'bossKeysFile';
 
 export type ResolvedOptions = Required<Omit<RelayOptions, OptionalSettings>> & {
   employeeKey: string | undefined;
@@ -104,6 +109,7 @@ export type ResolvedOptions = Required<Omit<RelayOptions, OptionalSettings>> & {
   employeeKeyFile: string | undefined;
   /** Both TLS files, or null for plain ws:// and http://. */
   tls: { certFile: string; keyFile: string } | null;
+  bossKeysFile: string | undefined;
 };
 
 const NAME_PATTERN = /^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/;
@@ -138,6 +144,7 @@ export const DEFAULTS = {
   fsync: false,
   publicReads: false,
   maintenanceIntervalMs: 10 * MINUTE,
+  forgetOfflineAfterMs: 0,
   clusterName: 'mimiclaw',
   taskTimeoutMs: 10 * MINUTE,
   maxAttempts: 3,
@@ -271,6 +278,8 @@ export function resolveOptions(options: RelayOptions): ResolvedOptions {
     employeeKey: options.employeeKey === '' ? undefined : options.employeeKey,
     publicReads: options.publicReads ?? DEFAULTS.publicReads,
     maintenanceIntervalMs: ms('maintenanceIntervalMs', options.maintenanceIntervalMs, DEFAULTS.maintenanceIntervalMs, 1000, MAX_TIMER_MS),
+    forgetOfflineAfterMs: ms('forgetOfflineAfterMs', options.forgetOfflineAfterMs, DEFAULTS.forgetOfflineAfterMs),
+    bossKeysFile: options.bossKeysFile ? path.resolve(options.bossKeysFile) : undefined,
     redisUrl: checkRedisUrl(options.redisUrl),
     clusterName: checkName('clusterName', options.clusterName ?? DEFAULTS.clusterName),
     nodeId: options.nodeId === undefined ? undefined : checkName('nodeId', options.nodeId),

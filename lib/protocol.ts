@@ -50,6 +50,10 @@ export const CLOSE_CODES = {
   authTimeout: 4001,
   authRejected: 4003,
   banned: 4008,
+  /** Part B: an admin rotated this identity's key, or the boss key this session used was revoked or changed. */
+  credentialsChanged: 4009,
+  /** Part B: an admin deleted this identity. */
+  identityDeleted: 4010,
   serverFull: 4013,
 } as const;
 
@@ -89,6 +93,8 @@ export interface AuthFrame {
   tags?: string[];
   meta?: Record<string, unknown>;
   identity?: IdentityCredentials;
+  /** Part B: a new identity that the relay forgets when this connection ends (never written to disk). */
+  ephemeral?: boolean;
   /** Part C: tasks this employee takes at once (default 1). */
   capacity?: number;
 }

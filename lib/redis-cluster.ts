@@ -127,7 +127,7 @@ export class RedisCluster implements ClusterLink {
     this.dedupe = new SharedDedupe(redis, this.prefix, options.dedupeWindowMs, options.logger);
     this.identities = IdentityStore.fromDocs(
       docs,
-      { write: (doc) => this.writeIdentity(doc), close: () => Promise.resolve() },
+      { write: (doc) => this.writeIdentity(doc), remove: async (id) => void (await this.redis.hdel(this.key('identities'), id)), close: () => Promise.resolve() },
       options.logger,
     );
   }

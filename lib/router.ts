@@ -4,6 +4,7 @@
 
 import { createHash, randomUUID, timingSafeEqual } from 'node:crypto';
 import { presented, type GuessTarget } from './auth-throttle';
+import { AUTHKEY_CREDENTIAL, type BossKeys } from './boss-keys';
 import type { ClusterHandlers, ClusterLink, DedupeClaim, FramePieces, QueuedOutcome, RemoteOutcome, SharedQueuedEntry } from './cluster-link';
 import type { ConnectionLog } from './connection-log';
 import type { DedupeCache, Remembered } from './dedupe-cache';
@@ -59,6 +60,8 @@ export interface RouterDeps {
   dispatcher: Dispatcher;
   bus: EventBus;
   logger: Logger;
+  /** Named boss credentials (--boss-keys-file), accepted beside the authkey. */
+  bossKeys?: BossKeys | null;
 }
 
 /** Called once an auth is decided: accepted (the session has its identity) or not. */
@@ -74,6 +77,15 @@ export interface FrameArrival {
   /** performance.now() at receipt, for the routing-latency histogram. */
   startedAt: number;
 }
+
+/** Why an identity was removed: an admin's delete, --forget-offline-after, or the end of an ephemeral one's connection. */
+export type RemovalReason = 'deleted' | 'forgotten' | 'ephemeral';
+
+export type AdminFailure = { ok: false; status: 404; code: string; message: string };
+
+export type DeleteResult = { ok: true; identity: Identity; wasOnline: boolean; droppedQueued: number; written: Promise<void> } | AdminFailure;
+
+export type RotateResult = { ok: true; identity: Identity; key: string; wasOnline: boolean; written: Promise<void> } | AdminFailure;
 
 export type BanResult =
   | { ok: true; identity: Identity; online: boolean }
@@ -95,6 +107,14 @@ function digest(text: string): Buffer {
 
 /** A rejected auth; `wrong` names the secret it got wrong, when that is why it was rejected. */
 type AuthRejection = FrameError & { wrong?: GuessTarget };
+
+interface AuthAccepted {
+  identity: Identity;
+  key: string;
+  reconnected: boolean;
+  /** The boss credential the auth presented (AUTHKEY_CREDENTIAL or a --boss-keys-file name); null for an employee. */
+  credential: string | null;
+}
 
 /** A message to `any:<tag>` as routing has read it. */
 interface TaskMessage {
@@ -144,6 +164,7 @@ export class Router implements ClusterHandlers {
       for (const session of this.pausedForLog) session.ws.resume();
       this.pausedForLog.clear();
     });
+    deps.bossKeys?.onRevoked((names) => this.closeRevokedBosses(names));
     deps.cluster.attach(this);
   }
 
@@ -195,7 +216,7 @@ export class Router implements ClusterHandlers {
       return;
     }
     const capacity = checkCapacity(frame.capacity);
-    const outcome: AuthRejection | { identity: Identity; key: string; reconnected: boolean } = capacity.ok ? this.decideAuth(frame) : capacity.error;
+    const outcome: AuthRejection | AuthAccepted = capacity.ok ? this.decideAuth(frame) : capacity.error;
     if ('code' in outcome) {
       const unknownId = outcome.code === 'identity_not_found' && isPlainObject(frame.identity) ? frame.identity.id : undefined;
       if (this.clustered && typeof unknownId === 'string') {
@@ -207,9 +228,10 @@ export class Router implements ClusterHandlers {
       settled(false, outcome.wrong ?? null);
       return;
     }
-    const { identity, key, reconnected } = outcome;
+    const { identity, key, reconnected, credential } = outcome;
     const declared = capacity.ok ? capacity.value : undefined;
     session.identity = identity;
+    this.noteCredential(identity, credential);
     settled(true, null);
     if (reconnected) {
       this.goOnline(session, identity, key, true, declared);
@@ -219,13 +241,21 @@ export class Router implements ClusterHandlers {
     // crash cannot forget an identity its client was already told about.
     this.deps.identities.flush().then(
       () => {
-        if (session.isOpen) this.goOnline(session, identity, key, false, declared);
+        // An admin may have deleted it meanwhile (it is listed from creation on).
+        if (session.isOpen && this.deps.identities.get(identity.id) === identity) this.goOnline(session, identity, key, false, declared);
       },
       () => {
         session.sendError('cluster_unavailable', CLUSTER_UNAVAILABLE);
         session.close(CLOSE_CODES.tryAgainLater, 'cluster_unavailable');
       },
     );
+  }
+
+  /** Records which boss credential this auth used (the log, the admin views, revocation). */
+  private noteCredential(identity: Identity, credential: string | null): void {
+    if (credential === null || identity.credential === credential) return;
+    identity.credential = credential;
+    this.deps.identities.save(identity);
   }
 
   private authAfterFetch(session: Session, frame: Record<string, unknown>, id: string, settled: AuthSettled): void {
@@ -240,6 +270,7 @@ export class Router implements ClusterHandlers {
           return;
         }
         session.identity = outcome.identity;
+        this.noteCredential(outcome.identity, outcome.credential);
         settled(true, null);
         const declared = checkCapacity(frame.capacity);
         this.goOnline(session, outcome.identity, outcome.key, outcome.reconnected, declared.ok ? declared.value : undefined);
@@ -270,6 +301,7 @@ export class Router implements ClusterHandlers {
       timestamp: now,
       online: true,
       address: session.address,
+      ...(identity.role === 'boss' && identity.credential !== null && { credential: identity.credential }),
     });
     if (!this.clustered) {
       this.welcome(session, identity, key, reconnected, now, capacity);
@@ -298,15 +330,30 @@ export class Router implements ClusterHandlers {
       reconnected,
       timestamp: now,
     });
-    this.deps.bus.publish({ type: 'connect', node: session.ref!, reconnected, relay_node: this.nodeId, at: now });
+    this.deps.bus.publish({
+      type: 'connect',
+      node: session.ref!,
+      reconnected,
+      relay_node: this.nodeId,
+      at: now,
+      ...(identity.role === 'boss' && identity.credential !== null && { credential: identity.credential }),
+    });
     if (this.clustered) this.drainShared(session);
     this.deliverQueued(session);
     this.deps.dispatcher.online(identity, capacity);
   }
 
-  private decideAuth(
-    frame: Record<string, unknown>,
-  ): { identity: Identity; key: string; reconnected: boolean } | AuthRejection {
+  /**
+   * The boss credential `given` is: AUTHKEY_CREDENTIAL for the relay's authkey, the name of a
+   * --boss-keys-file entry, or null. Both are always checked, so the time taken does not tell which.
+   */
+  private bossCredential(given: unknown): string | null {
+    const isAuthkey = secretMatches(given, this.deps.options.authkey);
+    const named = typeof given === 'string' ? (this.deps.bossKeys?.match(given) ?? null) : null;
+    return isAuthkey ? AUTHKEY_CREDENTIAL : named;
+  }
+
+  private decideAuth(frame: Record<string, unknown>): AuthAccepted | AuthRejection {
     const { options, identities } = this.deps;
     const role = checkRole(frame);
     if (!role.ok) return role.error;
@@ -316,10 +363,11 @@ export class Router implements ClusterHandlers {
         message: 'The authkey is missing: a boss must send the relay\'s authkey as "authkey", also when it reconnects with its identity.',
       };
     }
-    if (role.value === 'boss' && !secretMatches(frame.authkey, options.authkey)) {
-      return { code: 'invalid_authkey', message: 'The authkey is not right: a boss must send the relay\'s authkey.', wrong: 'authkey' };
+    const credential = role.value === 'boss' ? this.bossCredential(frame.authkey) : null;
+    if (role.value === 'boss' && credential === null) {
+      return { code: 'invalid_authkey', message: 'The authkey is not right: a boss must send the relay\'s authkey or its own boss key.', wrong: 'authkey' };
     }
-    if (role.value === 'employee' && frame.authkey !== undefined && !secretMatches(frame.authkey, options.authkey)) {
+    if (role.value === 'employee' && frame.authkey !== undefined && this.bossCredential(frame.authkey) === null) {
       return {
         code: 'invalid_authkey',
         message: 'The authkey is not right: send the relay\'s authkey or leave it out.',
@@ -331,11 +379,20 @@ export class Router implements ClusterHandlers {
     const meta = checkedMeta.value;
     const credentials = checkIdentity(frame);
     if (!credentials.ok) return credentials.error;
+    if (frame.ephemeral !== undefined && typeof frame.ephemeral !== 'boolean') {
+      return { code: 'invalid_frame', message: 'Field "ephemeral" must be true or false.' };
+    }
+    if (frame.ephemeral === true && credentials.value !== undefined) {
+      return { code: 'invalid_frame', message: '"ephemeral" applies to a new identity: leave it out when reconnecting with "identity".' };
+    }
     const replacing = credentials.value !== undefined && this.online.has(credentials.value.id);
     if (!replacing && this.online.size >= options.maxConnections) {
       return { code: 'server_full', message: `The relay is at its limit of ${options.maxConnections} connections; try again later.` };
     }
-    if (credentials.value === undefined) return this.register(role.value, frame, meta);
+    if (credentials.value === undefined) {
+      const registered = this.register(role.value, frame, meta, frame.ephemeral === true);
+      return 'code' in registered ? registered : { ...registered, credential };
+    }
     const identity = identities.get(credentials.value.id);
     if (!identity) {
       return { code: 'identity_not_found', message: 'No identity has this id: register again without "identity".' };
@@ -360,17 +417,18 @@ export class Router implements ClusterHandlers {
       identity.meta = meta;
       identities.save(identity);
     }
-    return { identity, key: credentials.value.key, reconnected: true };
+    return { identity, key: credentials.value.key, reconnected: true, credential };
   }
 
   private register(
     role: Role,
     frame: Record<string, unknown>,
     meta: Record<string, unknown> | null,
+    ephemeral: boolean,
   ): { identity: Identity; key: string; reconnected: boolean } | AuthRejection {
     const { options, identities } = this.deps;
     if (role === 'boss') {
-      const created = identities.create('boss', null, meta);
+      const created = identities.create('boss', null, meta, ephemeral);
       return { ...created, reconnected: false };
     }
     const profile = checkEmployeeProfile(frame);
@@ -381,7 +439,7 @@ export class Router implements ClusterHandlers {
     if (options.employeeKey !== undefined && !secretMatches(frame.employee_key, options.employeeKey)) {
       return { code: 'invalid_employee_key', message: 'The employee key is not right: send the relay\'s employee registration key as "employee_key".', wrong: 'employee_key' };
     }
-    const created = identities.create('employee', profile.value, meta);
+    const created = identities.create('employee', profile.value, meta, ephemeral);
     return { ...created, reconnected: false };
   }
 
@@ -426,9 +484,17 @@ export class Router implements ClusterHandlers {
 
   disconnect(session: Session, code: number): void {
     const identity = session.identity;
+    const wasOnline = this.goOffline(session, code);
+    // An ephemeral identity is forgotten with its connection, also one that ended before auth_ok.
+    if (identity?.ephemeral && (wasOnline || !this.online.has(identity.id))) this.forget(identity, 'relay', 'ephemeral');
+  }
+
+  /** Takes the session out of the online set and records its disconnect; false when it was not the identity's current session. */
+  private goOffline(session: Session, code: number): boolean {
+    const identity = session.identity;
     this.pausedForLog.delete(session);
     this.draining.delete(session);
-    if (!identity || this.online.get(identity.id) !== session) return;
+    if (!identity || this.online.get(identity.id) !== session) return false;
     this.online.delete(identity.id);
     if (this.clustered) this.deps.cluster.left(identity.id);
     this.deps.dispatcher.offline(identity.id);
@@ -446,8 +512,9 @@ export class Router implements ClusterHandlers {
     });
     // Replaced by a session on another node: the identity is still online there (as on one
     // node, where a replaced session is no disconnect).
-    if (code === CLOSE_CODES.replaced && this.clustered) return;
+    if (code === CLOSE_CODES.replaced && this.clustered) return true;
     this.deps.bus.publish({ type: 'disconnect', node: nodeRef(identity), code, at: now });
+    return true;
   }
 
   // ---- frames after auth ---------------------------------------------------------------------
@@ -1103,6 +1170,91 @@ export class Router implements ClusterHandlers {
     void this.finishQueued(this.deps.queue.expired(now), 'expired');
   }
 
+  // ---- identity lifecycle --------------------------------------------------------------------
+
+  /**
+   * Removes an identity: an online one is told (system frame "identity_deleted") and closed with
+   * 4010 first. Messages queued for it are dropped (their senders hear delivery_update "expired");
+   * `written` resolves once the identity and the queue removals are on disk.
+   */
+  deleteIdentity(id: string, by: string): DeleteResult {
+    const identity = this.deps.identities.get(id);
+    if (!identity) return notFound(id);
+    const session = this.online.get(id);
+    if (session) {
+      // Offline first, so its disconnect is recorded before the removal, not after.
+      session.send({ type: 'system', event: 'identity_deleted', by, timestamp: Date.now() });
+      this.goOffline(session, CLOSE_CODES.identityDeleted);
+      session.close(CLOSE_CODES.identityDeleted, 'Identity deleted by an admin');
+    }
+    const { dropped, written } = this.forget(identity, by, 'deleted');
+    return { ok: true, identity, wasOnline: session !== undefined, droppedQueued: dropped, written };
+  }
+
+  /**
+   * Gives an identity a new key, answered once: the old key is refused from now on, and an online
+   * session is told (system frame "key_rotated") and closed with 4009, so only a holder of the new
+   * key can come back. `written` resolves once the new key's hash is on disk.
+   */
+  rotateKey(id: string, by: string): RotateResult {
+    const identity = this.deps.identities.get(id);
+    if (!identity) return notFound(id);
+    const key = this.deps.identities.rotateKey(identity);
+    const written = this.deps.identities.flush();
+    const session = this.online.get(id);
+    const now = Date.now();
+    this.deps.connectionLog.record({ identityId: id, role: identity.role, event: 'rotate_key', timestamp: now, online: session !== undefined, reason: by });
+    this.deps.bus.publish({ type: 'key_rotated', node: nodeRef(identity), by, at: now });
+    if (session) {
+      session.send({ type: 'system', event: 'key_rotated', by, timestamp: now });
+      session.close(CLOSE_CODES.credentialsChanged, 'Identity key rotated by an admin');
+    }
+    return { ok: true, identity, key, wasOnline: session !== undefined, written };
+  }
+
+  /** Removes identities offline and not seen for `maxAgeMs`; resolves to how many, once on disk. */
+  async forgetOffline(maxAgeMs: number, now = Date.now()): Promise<number> {
+    const stale = this.deps.identities.offlineSince(now - maxAgeMs, (id) => this.online.has(id));
+    if (stale.length === 0) return 0;
+    let dropped = 0;
+    const writes: Promise<void>[] = [];
+    for (const identity of stale) {
+      const removal = this.forget(identity, 'forget-offline-after', 'forgotten');
+      dropped += removal.dropped;
+      writes.push(removal.written);
+    }
+    await Promise.all(writes);
+    this.deps.logger.info('identities_forgotten', { count: stale.length, dropped_queued: dropped, offline_for_ms: maxAgeMs });
+    return stale.length;
+  }
+
+  /** Drops an identity and the messages queued for it; a second call for the same one does nothing. */
+  private forget(identity: Identity, by: string, reason: RemovalReason): { dropped: number; written: Promise<void> } {
+    const { identities, queue, connectionLog, bus } = this.deps;
+    if (identities.get(identity.id) !== identity) return { dropped: 0, written: Promise.resolve() };
+    const pending = [...queue.pendingFor(identity.id)];
+    const queueWritten = this.finishQueued(pending, 'expired');
+    const removed = identities.remove(identity);
+    const now = Date.now();
+    // An ephemeral identity's disconnect is logged already; one line per `send` is enough.
+    if (reason !== 'ephemeral') {
+      connectionLog.record({ identityId: identity.id, role: identity.role, event: 'delete', timestamp: now, online: false, reason: `${reason} by ${by}` });
+    }
+    bus.publish({ type: 'identity_removed', node: nodeRef(identity), by, reason, dropped: pending.length, at: now });
+    return { dropped: pending.length, written: Promise.all([queueWritten, removed]).then(() => undefined) };
+  }
+
+  /** Closes the sessions of bosses that authenticated with a credential that was revoked or changed. */
+  private closeRevokedBosses(names: ReadonlySet<string>): void {
+    const now = Date.now();
+    for (const session of this.online.values()) {
+      const identity = session.identity!;
+      if (identity.role !== 'boss' || identity.credential === null || !names.has(identity.credential)) continue;
+      session.send({ type: 'system', event: 'credentials_revoked', by: 'boss-keys-file', timestamp: now });
+      session.close(CLOSE_CODES.credentialsChanged, 'Boss key revoked');
+    }
+  }
+
   // ---- bans ----------------------------------------------------------------------------------
 
   async setBan(id: string, banned: boolean, by: string): Promise<BanResult> {
@@ -1292,4 +1444,8 @@ export class Router implements ClusterHandlers {
 
 function queuedOutcomeOf(entry: SharedQueuedEntry, status: 'delivered' | 'expired'): QueuedOutcome {
   return { origin: entry.origin, record_id: entry.record_id, msg_id: entry.msg_id, from_id: entry.from_id, target_id: entry.target_id, status };
+}
+
+function notFound(id: string): AdminFailure {
+  return { ok: false, status: 404, code: 'not_found', message: `No identity has id "${id.slice(0, 100)}"; list them with GET /api/connections.` };
 }

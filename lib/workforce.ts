@@ -51,6 +51,8 @@ export interface NodeView {
   created_at: number;
   last_seen: number;
   meta: Record<string, unknown> | null;
+  /** Bosses only: the credential of its last auth ("authkey" or a --boss-keys-file name); null before any since it was recorded. */
+  credential?: string | null;
   /** The relay node holding its socket; null while offline. */
   node: string | null;
 }
@@ -77,6 +79,7 @@ export function nodeView(identity: Identity, online: boolean, lastActivityAt: nu
     created_at: identity.createdAt,
     last_seen: lastSeen(identity, lastActivityAt),
     meta: identity.meta,
+    ...(identity.role === 'boss' && { credential: identity.credential }),
     node: online ? node : null,
   };
 }

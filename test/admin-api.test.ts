@@ -268,7 +268,7 @@ describe('workforce health and listing', () => {
     const now = 1_000_000;
     const identity = (role: 'boss' | 'employee', lastSeen: number) => ({
       id: `${role}-x`, role, keyHash: '', banned: false, name: null, tags: [], meta: null, createdAt: 0, lastSeen,
-      lastConnectedAt: 0, lastDisconnectedAt: null, lastHeartbeatAt: null, lastSelfReportAt: null, selfReportValid: null,
+      lastConnectedAt: 0, lastDisconnectedAt: null, lastHeartbeatAt: null, lastSelfReportAt: null, selfReportValid: null, credential: null, ephemeral: false,
     });
     const fresh = nodeHealth(identity('boss', now - 10), true, now, 1000);
     assert.deepEqual(fresh.reasons, []);

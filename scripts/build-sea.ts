@@ -135,14 +135,15 @@ export async function ensureRuntime(target: SeaTarget, nodeVersion: string, cach
 }
 
 /**
- * ws loads the optional native addons bufferutil and utf-8-validate inside try/catch. A SEA's
- * require() only knows builtins and prints a warning for anything else, so the bundle gets a
- * module that throws instead, and ws falls back to its JavaScript code silently.
+ * ws loads the optional native addons bufferutil and utf-8-validate inside try/catch, and
+ * debug (under ioredis) loads the optional supports-color the same way. A SEA's require() only
+ * knows builtins and prints a warning for anything else, so the bundle gets a module that throws
+ * instead, and each falls back silently.
  */
 const optionalNativeAddons: Plugin = {
   name: 'optional-native-addons',
   setup(builder) {
-    builder.onResolve({ filter: /^(bufferutil|utf-8-validate)$/ }, (args) => ({ path: args.path, namespace: 'optional-native-addon' }));
+    builder.onResolve({ filter: /^(bufferutil|utf-8-validate|supports-color)$/ }, (args) => ({ path: args.path, namespace: 'optional-native-addon' }));
     builder.onLoad({ filter: /.*/, namespace: 'optional-native-addon' }, (args) => ({
       contents: `throw Object.assign(new Error(${JSON.stringify(`${args.path} is not part of the standalone executable`)}), { code: 'MODULE_NOT_FOUND' });`,
       loader: 'js',

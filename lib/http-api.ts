@@ -209,7 +209,7 @@ export class HttpApi {
       return sendJson(res, 200, this.health());
     }
     const banMatch = /^\/employees\/([^/]+)\/ban$/.exec(path);
-    if (banMatch) return this.ban(req, res, url, method, decodeURIComponent(banMatch[1]!));
+    if (banMatch) return this.ban(req, res, url, method, decodePathId(banMatch[1]!));
     const identityMatch = /^\/identities\/([^/]+)(\/rotate-key)?$/.exec(path);
     if (identityMatch) {
       const id = decodePathId(identityMatch[1]!);

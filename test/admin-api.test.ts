@@ -175,6 +175,9 @@ describe('admin API', () => {
     assert.equal(unknown.status, 404);
     const aBoss = await http(env.relay, 'POST', `/employees/${boss.id}/ban?authkey=${TEST_AUTHKEY}`);
     assert.equal(aBoss.status, 409);
+    const badEscape = await http(env.relay, 'POST', '/api/employees/%E0%A4%A/ban', { authkey: TEST_AUTHKEY });
+    assert.equal(badEscape.status, 400, 'a broken %-escape in the id is the client\'s mistake, not a 500');
+    assert.equal(badEscape.body.code, 'invalid_id');
   });
 
   test('ban closes the socket with 4008 after a system frame; reconnects are refused; unban restores', async () => {

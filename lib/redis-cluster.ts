@@ -62,6 +62,7 @@ type ControlMessage =
   | { t: 'replace'; node: string; id: string }
   | { t: 'left'; node: string; id: string }
   | { t: 'buried'; node: string }
+  | { t: 'node_up'; node: string }
   | { t: 'seen'; node: string; seen: unknown }
   | { t: 'identity'; node: string; doc: Record<string, unknown> }
   | { t: 'ban'; node: string; id: string; banned: boolean; by: string }
@@ -158,6 +159,8 @@ export class RedisCluster implements ClusterLink {
       await cluster.claimNodeId();
       await cluster.subscribe();
       await cluster.loadPresence();
+      // The nodes already running, before the first client can route through this one.
+      await cluster.findDeadNodes();
       cluster.start();
       return cluster;
     } catch (error) {
@@ -226,6 +229,9 @@ export class RedisCluster implements ClusterLink {
     // After Redis comes back (a restart, a network cut), write this node's part of the shared
     // state again: its key and the presence of every socket it holds.
     this.redis.on('ready', () => void this.resync());
+    // The running nodes count this one at once, not at their next sweep: a broadcast from them
+    // in the meantime would miss its sockets.
+    this.publish('control', { t: 'node_up', node: this.nodeId });
     void this.tick();
   }
 
@@ -500,6 +506,9 @@ export class RedisCluster implements ClusterLink {
             ),
           );
         }
+        return;
+      case 'node_up':
+        if (typeof message.node === 'string' && message.node !== this.nodeId && !this.liveNodes.includes(message.node)) this.liveNodes = [...this.liveNodes, message.node];
         return;
       case 'buried':
         for (const [id, node] of this.presence) if (node === message.node) this.presence.delete(id);

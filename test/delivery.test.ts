@@ -3,7 +3,7 @@
 
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
-import { authBoss, authEmployee, connect, http, reconnect, startTestRelay, TEST_AUTHKEY, type Frame } from './support';
+import { authBoss, authEmployee, connect, http, reconnect, singleRelayOnly, startTestRelay, TEST_AUTHKEY, type Frame } from './support';
 
 type Row = { msg_id: string; delivery: { status: string } };
 
@@ -222,7 +222,7 @@ describe('limits', () => {
     }
   });
 
-  test('server_full at auth time past maxConnections; a replacing reconnect still works', async () => {
+  test('server_full at auth time past maxConnections; a replacing reconnect still works', singleRelayOnly('maxConnections counts the sockets of one process'), async () => {
     const env = await startTestRelay({ maxConnections: 1 });
     try {
       const boss = await authBoss(env.relay);
@@ -238,7 +238,7 @@ describe('limits', () => {
     }
   });
 
-  test('repeated auth failures from one address are refused for a while', async () => {
+  test('repeated auth failures from one address are refused for a while', singleRelayOnly('the auth-failure throttle counts per process'), async () => {
     const env = await startTestRelay({ maxAuthFailures: 3, throttleLoopback: true });
     try {
       for (let i = 0; i < 3; i++) {
@@ -277,7 +277,7 @@ describe('employee registration key', () => {
 });
 
 describe('crash between the log write and the queue write', () => {
-  test('a resend of a message whose queued copy never reached queue.db is routed again, not answered as a duplicate', async () => {
+  test('a resend of a message whose queued copy never reached queue.db is routed again, not answered as a duplicate', singleRelayOnly('writes into the data dir of one relay'), async () => {
     let env = await startTestRelay();
     try {
       const boss = await authBoss(env.relay);

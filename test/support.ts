@@ -1,11 +1,15 @@
 // Shared test helpers: a real relay on a free loopback port with a temp data dir, and a
 // WebSocket client that collects frames so a test can await the next one of a type.
+// With MIMICLAW_TEST_CLUSTER=N (npm run test:cluster) startTestRelay gives N relay nodes on one
+// redis-server behind a round-robin balancer instead, so the protocol tests run against a cluster.
 
 import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import WebSocket from 'ws';
 import { startRelay, type RelayHandle, type RelayOptions } from '../server';
+import { startRedis, type TestRedis } from './redis-harness';
+import { startBalancer } from './tcp-balancer';
 
 export const TEST_AUTHKEY = 'test-secret';
 
@@ -23,7 +27,31 @@ export async function makeTempDir(prefix = 'mimiclaw-test-'): Promise<string> {
   return fs.mkdtemp(path.join(os.tmpdir(), prefix));
 }
 
+/** MIMICLAW_TEST_CLUSTER: how many cluster nodes startTestRelay starts; 0 (unset) means one plain relay. */
+export const TEST_CLUSTER_NODES = clusterNodesFromEnv(process.env.MIMICLAW_TEST_CLUSTER);
+
+function clusterNodesFromEnv(value: string | undefined): number {
+  if (value === undefined || value === '' || value === '0') return 0;
+  const count = Number(value);
+  if (!Number.isInteger(count) || count < 1 || count > 9) throw new Error(`MIMICLAW_TEST_CLUSTER must be a node count from 1 to 9 (or unset for one plain relay), got "${value}"`);
+  return count;
+}
+
+/**
+ * For a test that looks inside one relay (its data dir files, its in-process event bus, its
+ * per-process limits): skipped, with the reason, when the tests run against a cluster.
+ */
+export function singleRelayOnly(reason: string): { skip?: string } {
+  return TEST_CLUSTER_NODES > 0 ? { skip: `single relay only: ${reason}` } : {};
+}
+
+/** For a test a cluster does not pass yet (a known cluster defect, named in the reason): skipped against a cluster. */
+export function clusterKnownGap(reason: string): { skip?: string } {
+  return TEST_CLUSTER_NODES > 0 ? { skip: `known cluster gap: ${reason}` } : {};
+}
+
 export async function startTestRelay(overrides: Partial<RelayOptions> = {}, dataDir?: string): Promise<TestRelay> {
+  if (TEST_CLUSTER_NODES > 0) return startTestCluster(TEST_CLUSTER_NODES, overrides, dataDir);
   const dir = dataDir ?? (await makeTempDir());
   const options: RelayOptions = {
     port: 0,
@@ -51,6 +79,77 @@ export async function startTestRelay(overrides: Partial<RelayOptions> = {}, data
     },
     async dispose() {
       await close();
+      await fs.rm(dir, { recursive: true, force: true });
+    },
+  };
+}
+
+/**
+ * `count` relays on one redis-server, each with its own data dir (`<dataDir>/node-<i>`), behind a
+ * round-robin TCP balancer. The handle looks like one relay's: url and httpUrl are the
+ * balancer's, close() stops the balancer and every node; dispose() also stops Redis.
+ * restart() restarts the nodes on the same dirs and the same Redis, as one relay restarts on its
+ * data dir. `events` is node 0's bus only, so tests that watch it are single-relay tests.
+ */
+async function startTestCluster(count: number, overrides: Partial<RelayOptions>, dataDir?: string, sharedRedis?: TestRedis): Promise<TestRelay> {
+  const dir = dataDir ?? (await makeTempDir('mimiclaw-cluster-test-'));
+  const redis = sharedRedis ?? (await startRedis());
+  const nodes: RelayHandle[] = [];
+  const closeNodes = async () => {
+    for (const node of nodes.splice(0)) await node.close();
+  };
+  let options: RelayOptions | undefined;
+  let balancer: Awaited<ReturnType<typeof startBalancer>>;
+  try {
+    for (let i = 0; i < count; i++) {
+      const nodeDir = path.join(dir, `node-${i}`);
+      await fs.mkdir(nodeDir, { recursive: true });
+      const nodeOptions: RelayOptions = {
+        port: 0,
+        host: '127.0.0.1',
+        authkey: TEST_AUTHKEY,
+        dataDir: nodeDir,
+        logLevel: 'silent',
+        ...overrides,
+        redisUrl: redis.url,
+        nodeId: `node-${i}`,
+      };
+      options ??= nodeOptions;
+      nodes.push(await startRelay(nodeOptions));
+    }
+    balancer = await startBalancer(nodes.map((node) => ({ host: '127.0.0.1', port: node.port })));
+  } catch (error) {
+    await closeNodes().catch(() => undefined);
+    if (sharedRedis === undefined) await redis.stop().catch(() => undefined);
+    throw error;
+  }
+  const first = nodes[0]!;
+  let closed = false;
+  const close = async () => {
+    if (closed) return;
+    closed = true;
+    await balancer.close();
+    await closeNodes();
+  };
+  const relay: RelayHandle = {
+    ...first,
+    url: balancer.wsUrl(overrides.wsPath),
+    httpUrl: balancer.httpUrl,
+    port: balancer.port,
+    dataDir: dir,
+    close,
+  };
+  return {
+    relay,
+    dataDir: dir,
+    options: options!,
+    async restart(more = {}) {
+      await close();
+      return startTestCluster(count, { ...overrides, ...more }, dir, redis);
+    },
+    async dispose() {
+      await close();
+      await redis.stop();
       await fs.rm(dir, { recursive: true, force: true });
     },
   };

@@ -851,6 +851,8 @@ export class Router implements ClusterHandlers {
         },
         (error: Error) => {
           this.deps.logger.error('queue_store_failed', { msg_id: msgId, error: error.message });
+          // The sender is told to send it again: that resend must be routed, not answered as a duplicate.
+          if (clientGaveId) dedupe.forget(sender.id, msgId);
           if (claimed) this.deps.cluster.releaseMsgId(sender.id, msgId);
           session.sendError('store_failed', 'The relay could not store this message for offline targets (see its log); send it again.', { msg_id: msgId });
         },
@@ -866,6 +868,7 @@ export class Router implements ClusterHandlers {
           () => session.sendText(finishAck(prefix, false)),
           (error: Error) => {
             this.deps.logger.error('queue_store_failed', { msg_id: msgId, error: error.message });
+            if (clientGaveId) dedupe.forget(sender.id, msgId);
             session.sendError('store_failed', 'The relay could not store this message for offline targets (see its log); send it again.', { msg_id: msgId });
           },
         )

@@ -60,6 +60,8 @@ function readEntry(doc: Record<string, unknown>): QueuedEntry | null {
   return entry;
 }
 
+const NO_ENTRIES: readonly QueuedEntry[] = Object.freeze([]);
+
 export class DeliveryQueue {
   private readonly byTarget = new Map<string, QueuedEntry[]>();
   private nextSeq = 1;
@@ -106,7 +108,8 @@ export class DeliveryQueue {
   }
 
   pendingFor(targetId: string): readonly QueuedEntry[] {
-    return this.byTarget.get(targetId) ?? [];
+    // Asked for every queueable message's online targets: no new array when there is no backlog.
+    return this.byTarget.get(targetId) ?? NO_ENTRIES;
   }
 
   /**

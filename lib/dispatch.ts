@@ -414,7 +414,8 @@ export class Dispatcher {
   private activate(task: Task, recordId: string | null): void {
     const now = Date.now();
     if (task.state === 'in_progress' && task.employee !== null) {
-      this.send(task, now);
+      // Unless a lost lease already handed it to another employee while it was being written.
+      if (task.lease === null) this.send(task, now);
       return;
     }
     if (task.state === 'waiting') return; // sent back while being written (its employee left)
@@ -429,6 +430,9 @@ export class Dispatcher {
   }
 
   private abandon(task: Task): void {
+    if (task.state === 'settled') return; // expired while being written: already removed
+    // Its write failed, but the store holds it in memory: remove it, or a compaction would write it.
+    this.options.store.remove(task.stored._id, Math.max(task.attempt, 0));
     const worker = task.employee;
     if (task.state === 'in_progress' && worker !== null) this.release(task, worker);
     if (task.state === 'waiting') this.queueOf(task.stored.tag).waiting--;

@@ -177,6 +177,7 @@ export class NedbTaskStore implements TaskStore {
   }
 
   remove(taskId: string, attempts: number): void {
+    if (!this.live.has(taskId)) return;
     this.count--;
     this.loose += deletedLine(taskId);
     this.live.delete(taskId);

@@ -174,6 +174,47 @@ describe('cluster: one relay across nodes', () => {
     }
   });
 
+  test('a late replace announcement of an older session closes neither the newer session nor moves its presence back', async () => {
+    const cluster = await startCluster(3);
+    const control = redis.client.duplicate();
+    try {
+      const [a, b, c] = cluster.nodes as [TestRelay, TestRelay, TestRelay];
+      const announced: string[] = [];
+      control.on('message', (_channel: string, text: string) => announced.push(text));
+      await control.subscribe(`${cluster.name}:control`);
+      const first = await authEmployee(a.relay, 'Early', ['ops']);
+      const isFirstJoin = (text: string) => {
+        const message = JSON.parse(text) as Record<string, unknown>;
+        return message.t === 'replace' && message.id === first.id && message.node === 'node-0';
+      };
+      await eventually('node-0 announced its session', () => announced.some(isFirstJoin));
+      const second = await reconnect(b.relay, first, 'employee');
+      assert.equal(second.ok.type, 'auth_ok');
+      assert.equal((await first.socket.closed).code, 4000);
+      await presenceIs(cluster.name, first.id, 'node-1');
+      // node-0's announcement arrives once more, late (as when Redis hands it over after the
+      // newer session went online): it is older than the session on node-1.
+      await redis.client.publish(`${cluster.name}:control`, announced.find(isFirstJoin)!);
+      // An announcement published after it: once the nodes act on this one, they had that one.
+      const marker = await authEmployee(b.relay, 'Marker', ['ops']);
+      assert.equal((await http(a.relay, 'POST', `/employees/${marker.id}/ban`, { authkey: TEST_AUTHKEY })).status, 200);
+      assert.equal((await marker.socket.closed).code, 4008);
+      const listed = async () => (await http(c.relay, 'GET', '/employees')).body.employees as { id: string; banned: boolean; node: string | null }[];
+      await eventually('node-2 knows the ban', async () => (await listed()).some((e) => e.id === marker.id && e.banned));
+      assert.equal((await listed()).find((e) => e.id === first.id)?.node, 'node-1', 'node-2 still places the identity on node-1');
+      second.socket.send({ type: 'ping' });
+      assert.equal((await second.socket.next()).type, 'pong', 'the newer session is still open');
+      const boss = await authBoss(c.relay);
+      boss.socket.send({ type: 'message', to: first.id, payload: 'still there?' });
+      assert.equal((await second.socket.next('message')).payload, 'still there?');
+      assert.deepEqual((await boss.socket.next('delivery_ack')).delivered, [first.id]);
+      await Promise.all([boss.socket.close(), second.socket.close()]);
+    } finally {
+      control.disconnect();
+      await cluster.dispose();
+    }
+  });
+
   test('a ban on one node closes the employee on another with 4008; routes and reconnects are refused everywhere', async () => {
     const cluster = await startCluster(2);
     try {

@@ -71,7 +71,7 @@ type ControlMessage =
   | ({ t: 'queued_outcome' } & QueuedOutcome);
 
 type InboxMessage =
-  | { t: 'deliver'; req: string; reply: string; head: string; tail: string; ids: string[] }
+  | { t: 'deliver'; req: string; reply: string; head: string; tail: string; ids: string[]; queueable?: boolean }
   | { t: 'broadcast'; req: string; reply: string; head: string; tail: string; sender: string }
   | { t: 'query'; req: string; reply: string; kind: string; query: unknown };
 
@@ -401,7 +401,7 @@ export class RedisCluster implements ClusterLink {
     await Promise.all(
       [...byNode].map(async ([node, targets]) => {
         for (const id of targets) asked.set(id, node);
-        const reply = await this.request(node, (req) => ({ t: 'deliver', req, reply: this.nodeId, head: pieces.head, tail: pieces.tail, ids: targets }));
+        const reply = await this.request(node, (req) => ({ t: 'deliver', req, reply: this.nodeId, head: pieces.head, tail: pieces.tail, ids: targets, queueable: pieces.queueable }));
         // Only what the holder says it wrote counts as delivered; no answer leaves them offline.
         for (const id of targets) {
           const outcome = reply?.outcomes?.[id];

@@ -618,6 +618,11 @@ export class RedisCluster implements ClusterLink {
     this.publish('control', { t: 'queued', ids: [...new Set(ids)] });
   }
 
+  /** The queued copies the cluster store holds (for /metrics). */
+  queuedCopies(): Promise<number> {
+    return this.queue.depth();
+  }
+
   takeQueued(id: string): Promise<SharedQueuedEntry[]> {
     return this.queue.take(id);
   }

@@ -60,6 +60,13 @@ local excess = redis.call('LLEN', KEYS[1]) - tonumber(ARGV[2])
 if excess > 0 then return redis.call('LPOP', KEYS[1], excess) end
 return {}`;
 
+// How many queued copies the store holds: every target with copies is in the expiry index
+// (KEYS[1]); ARGV[1] is the prefix of the targets' lists. O(targets with copies), for a scrape.
+export const DEPTH_SCRIPT = `
+local total = 0
+for _, target in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do total = total + redis.call('LLEN', ARGV[1] .. target) end
+return total`;
+
 // Removes a target's expired copies (returned) and keeps the rest in order; the expiry index
 // then holds the earliest remaining expiry, or forgets the target.
 export const EXPIRE_SCRIPT = `

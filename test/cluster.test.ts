@@ -328,6 +328,51 @@ describe('cluster: one relay across nodes', () => {
     }
   });
 
+  test('a newer queued message waits behind a backlog drained on another node, from the sender\'s node and from the holder\'s', async () => {
+    // ~2 KB copies against a 64 KiB bound: the holder drains in many pieces, each through Redis.
+    const cluster = await startCluster(3, { maxBufferedBytes: 64 * 1024 });
+    try {
+      const [a, b, c] = cluster.nodes as [TestRelay, TestRelay, TestRelay];
+      const employee = await authEmployee(a.relay, 'Behind', ['ops']);
+      await employee.socket.close();
+      await presenceIs(cluster.name, employee.id, null);
+      const boss = await authBoss(b.relay);
+      const count = 300;
+      const pad = 'x'.repeat(2000);
+      for (let n = 0; n < count; n++) boss.socket.send({ type: 'message', to: employee.id, payload: { n, pad }, queue: true, msg_id: `old-${n}` });
+      for (let n = 0; n < count; n++) assert.deepEqual((await boss.socket.next('delivery_ack', 15_000)).queued, [employee.id]);
+      // The queue is the cluster's: every node reports it, without a node label.
+      const depth = async (node: TestRelay) => /^mimiclaw_queue_depth (\d+)$/m.exec(await (await fetch(`${node.relay.httpUrl}/metrics`)).text())?.[1];
+      assert.equal(await depth(c), String(count));
+
+      const back = await reconnect(a.relay, employee, 'employee');
+      assert.equal(back.ok.type, 'auth_ok');
+      const local = await authBoss(a.relay);
+      await back.socket.next('message', 15_000);
+      // The holder (node-0) is writing the backlog: a queued message from node-1 goes behind it...
+      boss.socket.send({ type: 'message', to: employee.id, payload: 'newer', queue: true, msg_id: 'newer' });
+      const newer = await boss.socket.next((f) => f.type === 'delivery_ack' && f.msg_id === 'newer', 15_000);
+      assert.deepEqual([newer.delivered, newer.queued, newer.failed], [[], [employee.id], []], 'queued behind the backlog');
+      // ...and so does one from a sender on node-0 itself.
+      local.socket.send({ type: 'message', to: employee.id, payload: 'local', queue: true, msg_id: 'local' });
+      assert.deepEqual((await local.socket.next('delivery_ack', 15_000)).queued, [employee.id]);
+      // A message that may not be queued is written at once, as on one node.
+      boss.socket.send({ type: 'message', to: employee.id, payload: 'live', msg_id: 'live' });
+      assert.deepEqual((await boss.socket.next((f) => f.type === 'delivery_ack' && f.msg_id === 'live', 15_000)).delivered, [employee.id]);
+
+      // Once 'local' arrives, everything before it has: the frames taken so far, in arrival order.
+      await back.socket.next((f) => f.type === 'message' && f.msg_id === 'local', 30_000);
+      const arrived = [...back.socket.frames.filter((f) => f.type === 'message').map((f) => String(f.msg_id)), 'local'];
+      const queued = arrived.filter((id) => id !== 'live');
+      assert.deepEqual(queued.slice(-2), ['newer', 'local'], 'the newer messages come last');
+      assert.deepEqual(queued.slice(0, -2), Array.from({ length: count - 1 }, (_, n) => `old-${n + 1}`), 'the backlog arrives whole and in order');
+      await eventually('the cluster store is empty', async () => (await depth(c)) === '0');
+      await Promise.all([boss.socket.close(), local.socket.close(), back.socket.close()]);
+    } finally {
+      await cluster.dispose();
+    }
+  });
+
   test('queued copies in the cluster store expire on time, and past --max-queued the oldest expire', async () => {
     const cluster = await startCluster(2, { maxQueuedPerTarget: 2 });
     try {

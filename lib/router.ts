@@ -791,7 +791,14 @@ export class Router implements ClusterHandlers {
       () => this.finishRoute(session, frame, arrival, context, payloadJson, clientGaveId, claimed),
       (error: Error) => {
         this.deps.logger.error('cluster_route_failed', { msg_id: msgId, error: error.message });
-        this.refuseMessage(session, sender.id, msgId, clientGaveId, claimed, 'cluster_unavailable', CLUSTER_UNAVAILABLE);
+        // Nothing written here yet: refused, the sender retries (cluster_unavailable is retryable).
+        if (context.delivered.length === 0) {
+          this.refuseMessage(session, sender.id, msgId, clientGaveId, claimed, 'cluster_unavailable', CLUSTER_UNAVAILABLE);
+          return;
+        }
+        // Targets here have it: a refusal would invite a resend that writes it to them twice.
+        this.notDeliveredElsewhere(context);
+        this.finishRoute(session, frame, arrival, context, payloadJson, clientGaveId, claimed);
       },
     );
   }
@@ -807,6 +814,25 @@ export class Router implements ClusterHandlers {
     return target.kind === 'ids' && target.ids.every((id) => this.online.has(id));
   }
 
+  /** Cluster: the targets elsewhere whose outcome the route could not learn (the store failed mid-route) were not delivered. */
+  private notDeliveredElsewhere(context: RouteContext): void {
+    const settled = new Set([...context.delivered, ...context.queued, ...context.failed.map((failure) => failure.id)]);
+    for (const id of context.elsewhere ?? []) if (!settled.has(id)) this.notDelivered(context, id, 'target_offline');
+  }
+
+  /**
+   * Cluster, the store down: copies to queue cannot be stored. Once a target has the message, a
+   * store_failed error would invite a resend that writes it to that target again, so the targets
+   * to queue fail instead and the ack stays true.
+   */
+  private failUnstorable(context: RouteContext): void {
+    for (const entry of context.toQueue) {
+      context.failed.push({ id: entry.target_id, reason: this.online.has(entry.target_id) ? 'target_slow' : 'target_offline' });
+    }
+    context.queued.length = 0;
+    context.toQueue.length = 0;
+  }
+
   /** Logs the routed message, then acks it (once its queued copies are stored). */
   private finishRoute(
     session: Session,
@@ -817,6 +843,7 @@ export class Router implements ClusterHandlers {
     clientGaveId: boolean,
     claimed: boolean,
   ): void {
+    if (this.clustered && context.toQueue.length > 0 && context.delivered.length > 0 && !this.deps.cluster.available) this.failUnstorable(context);
     const { dedupe } = this.deps;
     const { sender, msgId, now } = context;
     const { receivedAt } = arrival;

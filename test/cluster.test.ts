@@ -682,6 +682,41 @@ describe('cluster: faults', () => {
     }
   });
 
+  test('Redis lost mid-route: targets on the sender\'s node keep their delivery, the ack comes and fails the other node\'s target', async () => {
+    const durable = await startRedis();
+    leftovers.redises.push(durable);
+    const name = `t${process.pid}-${clusterSeq++}`;
+    const a = await startTracked({ redisUrl: durable.url, clusterName: name, nodeId: 'a' });
+    const dirB = await makeTempDir();
+    const b = await startChild(dirB, ['--redis', durable.url, '--cluster', name, '--node-id', 'b']);
+    try {
+      const near = await authEmployee(a.relay, 'Near', ['ops']);
+      const far = await authEmployee(b, 'Far', ['ops']);
+      const boss = await authBoss(a.relay);
+      await eventually('node a routes to node b', async () => {
+        boss.socket.send({ type: 'message', to: far.id, payload: 'warm-up' });
+        return ((await boss.socket.next('delivery_ack')).delivered as string[]).includes(far.id);
+      });
+      // Node b does not answer (stopped), and Redis goes away while node a waits for it.
+      b.child.child.kill('SIGSTOP');
+      boss.socket.send({ type: 'message', to: [near.id, far.id], payload: 'both', queue: true, msg_id: 'mid-route' });
+      assert.equal((await near.socket.next('message')).msg_id, 'mid-route');
+      await durable.kill();
+      const answer = await boss.socket.next((f) => f.msg_id === 'mid-route', 15_000);
+      assert.equal(answer.type, 'delivery_ack', `a true ack, not ${String(answer.code)}: ${near.id} has the message already`);
+      assert.deepEqual(answer.delivered, [near.id]);
+      assert.deepEqual(answer.queued, []);
+      assert.deepEqual(answer.failed, [{ id: far.id, reason: 'target_offline' }]);
+      await Promise.all([boss.socket.close(), near.socket.close()]);
+    } finally {
+      b.child.child.kill('SIGKILL');
+      await b.child.exited;
+      await a.dispose();
+      await durable.stop();
+      await fs.rm(dirB, { recursive: true, force: true });
+    }
+  });
+
   test('Redis unreachable at start: one clear line and a non-zero exit, not a hang', async () => {
     const deadPort = await freePort();
     const dir = await makeTempDir();

@@ -340,7 +340,7 @@ export class HttpApi {
   private async deleteIdentity(req: IncomingMessage, res: ServerResponse, url: URL, method: string, id: string): Promise<void> {
     this.allow(method, ['DELETE']);
     this.requireWriteAccess(req, url);
-    const result = this.deps.router.deleteIdentity(id, 'admin-http');
+    const result = await this.deps.router.deleteIdentity(id, 'admin-http');
     if (!result.ok) throw new HttpError(result.status, result.code, result.message);
     await result.written;
     const { identity } = result;
@@ -351,7 +351,7 @@ export class HttpApi {
   private async rotateKey(req: IncomingMessage, res: ServerResponse, url: URL, method: string, id: string): Promise<void> {
     this.allow(method, ['POST']);
     this.requireWriteAccess(req, url);
-    const result = this.deps.router.rotateKey(id, 'admin-http');
+    const result = await this.deps.router.rotateKey(id, 'admin-http');
     if (!result.ok) throw new HttpError(result.status, result.code, result.message);
     await result.written;
     const { identity } = result;

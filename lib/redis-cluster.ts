@@ -21,6 +21,7 @@ import type { Logger } from './logger';
 import { isPlainObject } from './protocol';
 import { ClusterStartError, connectRedis } from './redis-connection';
 import { SharedDedupe } from './redis-dedupe';
+import { SharedLifecycle, WRITE_IDENTITY_SCRIPT, type LifecycleMessage, type SharedRemoval } from './redis-lifecycle';
 import { SharedQueue } from './redis-queue';
 import { BURY_SCRIPT, HEARTBEAT_SCRIPT, JOIN_SCRIPT, LEAVE_SCRIPT, RELEASE_SCRIPT } from './redis-scripts';
 
@@ -67,7 +68,8 @@ type ControlMessage =
   | { t: 'identity'; node: string; doc: Record<string, unknown> }
   | { t: 'ban'; node: string; id: string; banned: boolean; by: string }
   | { t: 'queued'; ids: string[] }
-  | ({ t: 'queued_outcome' } & QueuedOutcome);
+  | ({ t: 'queued_outcome' } & QueuedOutcome)
+  | LifecycleMessage;
 
 type InboxMessage =
   | { t: 'deliver'; req: string; reply: string; head: string; tail: string; ids: string[] }
@@ -100,6 +102,7 @@ export class RedisCluster implements ClusterLink {
   private readonly pending = new Map<string, PendingRequest>();
   private readonly queue: SharedQueue;
   private readonly dedupe: SharedDedupe;
+  private readonly lifecycle: SharedLifecycle;
   private requestSeq = 0;
   /** Mirror of the shared presence (id → node), kept by the control channel; admin reads use it. */
   private readonly presence = new Map<string, string>();
@@ -126,6 +129,12 @@ export class RedisCluster implements ClusterLink {
     this.prefix = clusterPrefix(options.clusterName);
     this.queue = new SharedQueue(redis, this.prefix, options.nodeId, options.maxQueuedPerTarget, options.logger, (outcome) => this.finishQueued(outcome));
     this.dedupe = new SharedDedupe(redis, this.prefix, options.dedupeWindowMs, options.logger);
+    this.lifecycle = new SharedLifecycle(
+      redis,
+      { identities: this.key(IDENTITIES_KEY), banned: this.key(BANNED_KEY), presence: this.key('presence'), control: this.key('control'), removedPrefix: this.key('removed:') },
+      options.nodeId,
+      (id) => this.queue.take(id),
+    );
     this.identities = IdentityStore.fromDocs(
       docs,
       { write: (doc) => this.writeIdentity(doc), remove: async (id) => void (await this.redis.hdel(this.key('identities'), id)), close: () => Promise.resolve() },
@@ -244,6 +253,7 @@ export class RedisCluster implements ClusterLink {
       await this.findDeadNodes();
       await this.followEvents();
       await this.queue.expireDue();
+      this.lifecycle.sweep();
       this.shareSeen();
     } catch (error) {
       this.options.logger.warn('cluster_heartbeat_failed', { error: (error as Error).message });
@@ -316,14 +326,27 @@ export class RedisCluster implements ClusterLink {
 
   // ---- identities ----------------------------------------------------------------------------
 
-  /** Bans are kept apart (set `banned`), so a stale replica's write can never undo one. */
+  /**
+   * Bans are kept apart (set `banned`), so a stale replica's write can never undo one; a removed
+   * identity's tombstone refuses the write (lib/redis-lifecycle.ts).
+   */
   private async writeIdentity(doc: IdentityDoc): Promise<void> {
+    if (this.lifecycle.isBuried(doc._id)) return;
     const record = identityRecord(doc);
-    const json = JSON.stringify(record);
-    await this.redis.multi().hset(this.key(IDENTITIES_KEY), doc._id, json).publish(this.key('control'), JSON.stringify({ t: 'identity', node: this.nodeId, doc: record })).exec();
+    const announcement = JSON.stringify({ t: 'identity', node: this.nodeId, doc: record });
+    await this.redis.eval(WRITE_IDENTITY_SCRIPT, 2, this.key(IDENTITIES_KEY), this.lifecycle.tombstoneKey(doc._id), doc._id, JSON.stringify(record), this.key('control'), announcement);
+  }
+
+  removeIdentity(id: string, by: string, onlyOffline: boolean): Promise<SharedRemoval | null> {
+    return this.lifecycle.remove(id, by, onlyOffline);
+  }
+
+  keyRotated(id: string, by: string): Promise<string | null> {
+    return this.lifecycle.rotated(id, by);
   }
 
   async fetchIdentity(id: string): Promise<Identity | undefined> {
+    if (this.lifecycle.isBuried(id)) return undefined;
     const [json, banned] = await Promise.all([this.redis.hget(this.key(IDENTITIES_KEY), id), this.redis.sismember(this.key(BANNED_KEY), id)]);
     const doc = json === null ? null : parseObject(json);
     if (doc === null) return undefined;
@@ -514,7 +537,15 @@ export class RedisCluster implements ClusterLink {
         for (const [id, node] of this.presence) if (node === message.node) this.presence.delete(id);
         return;
       case 'identity':
-        if (message.node !== this.nodeId && isPlainObject(message.doc)) handlers.identityWritten(message.doc);
+        if (message.node !== this.nodeId && isPlainObject(message.doc) && !this.lifecycle.isBuried(String(message.doc._id))) handlers.identityWritten(message.doc);
+        return;
+      case 'removed':
+        if (typeof message.id !== 'string') return;
+        this.lifecycle.bury(message.id);
+        if (message.node !== this.nodeId) handlers.identityRemoved(message.id, String(message.by));
+        return;
+      case 'rotated':
+        if (message.node !== this.nodeId && typeof message.id === 'string') handlers.keyRotatedElsewhere(message.id, String(message.by));
         return;
       case 'ban':
         if (message.node !== this.nodeId && typeof message.id === 'string') handlers.banChanged(message.id, message.banned === true, String(message.by));

@@ -24,6 +24,12 @@ export class SingleNode implements ClusterLink {
   setBanned(): Promise<void> {
     return Promise.resolve();
   }
+  removeIdentity(): Promise<null> {
+    return Promise.resolve(null);
+  }
+  keyRotated(): Promise<null> {
+    return Promise.resolve(null);
+  }
   deliverElsewhere(_pieces: unknown, ids: readonly string[]): Promise<Record<string, RemoteOutcome>> {
     return Promise.resolve(Object.fromEntries(ids.map((id) => [id, 'offline' as const])));
   }

@@ -455,6 +455,104 @@ describe('cluster: one relay across nodes', () => {
   });
 });
 
+describe('cluster: identity delete and key rotation across nodes', () => {
+  /** The auth answer of `who` with `key` on each node: every node must give the same one. */
+  async function authOnEach(nodes: TestRelay[], who: { id: string; key: string }): Promise<string[]> {
+    const answers: string[] = [];
+    for (const node of nodes) {
+      const back = await reconnect(node.relay, who, 'employee');
+      answers.push(back.ok.type === 'auth_ok' ? 'auth_ok' : String(back.ok.code));
+      await back.socket.close();
+    }
+    return answers;
+  }
+
+  test('DELETE on one node: the node holding the session closes it with 4010, every node refuses the id, the queue is dropped and counted', async () => {
+    const cluster = await startCluster(3);
+    try {
+      const [a, b, c] = cluster.nodes as [TestRelay, TestRelay, TestRelay];
+      const online = await authEmployee(a.relay, 'Held', ['ops']);
+      await presenceIs(cluster.name, online.id, 'node-0');
+      const deleted = await http(b.relay, 'DELETE', `/api/identities/${online.id}`, { authkey: TEST_AUTHKEY });
+      assert.equal(deleted.status, 200, JSON.stringify(deleted.body));
+      assert.equal(deleted.body.was_online, true);
+      const notice = await online.socket.next('system');
+      assert.equal(notice.event, 'identity_deleted');
+      assert.equal((await online.socket.closed).code, 4010);
+      await presenceIs(cluster.name, online.id, null);
+      assert.equal(await redis.client.hexists(`${cluster.name}:identities`, online.id), 0);
+      assert.deepEqual(await authOnEach(cluster.nodes, online), ['identity_not_found', 'identity_not_found', 'identity_not_found']);
+
+      const away = await authEmployee(a.relay, 'Away', ['ops']);
+      await away.socket.close();
+      await presenceIs(cluster.name, away.id, null);
+      const boss = await authBoss(c.relay);
+      for (const msgId of ['q-1', 'q-2']) {
+        boss.socket.send({ type: 'message', to: away.id, payload: msgId, msg_id: msgId, queue: true });
+        assert.deepEqual((await boss.socket.next('delivery_ack')).queued, [away.id]);
+      }
+      const dropped = await http(a.relay, 'DELETE', `/api/identities/${away.id}`, { authkey: TEST_AUTHKEY });
+      assert.equal(dropped.status, 200, JSON.stringify(dropped.body));
+      assert.deepEqual([dropped.body.was_online, dropped.body.dropped_queued], [false, 2]);
+      for (const msgId of ['q-1', 'q-2']) {
+        const update = await boss.socket.next((f) => f.type === 'delivery_update' && f.msg_id === msgId);
+        assert.equal(update.status, 'expired');
+      }
+      assert.equal(await redis.client.llen(`${cluster.name}:queue:${away.id}`), 0);
+      assert.deepEqual(await authOnEach(cluster.nodes, away), ['identity_not_found', 'identity_not_found', 'identity_not_found']);
+      for (const node of cluster.nodes) {
+        const ids = ((await http(node.relay, 'GET', '/api/connections')).body.connections as { id: string }[]).map((n) => n.id);
+        assert.ok(!ids.includes(away.id) && !ids.includes(online.id), `${node.relay.nodeId} still lists a deleted identity`);
+      }
+      await boss.socket.close();
+    } finally {
+      await cluster.dispose();
+    }
+  });
+
+  test('rotate-key on one node: the node holding the session closes it with 4009; the new key works on every node, the old one on none', async () => {
+    const cluster = await startCluster(3);
+    try {
+      const [a, b] = cluster.nodes as [TestRelay, TestRelay];
+      const worker = await authEmployee(a.relay, 'Rotated', ['ops']);
+      await presenceIs(cluster.name, worker.id, 'node-0');
+      const answer = await http(b.relay, 'POST', `/api/identities/${worker.id}/rotate-key`, { authkey: TEST_AUTHKEY });
+      assert.equal(answer.status, 200, JSON.stringify(answer.body));
+      assert.equal(answer.body.was_online, true);
+      assert.equal((await worker.socket.next('system')).event, 'key_rotated');
+      assert.equal((await worker.socket.closed).code, 4009);
+      const fresh = { id: worker.id, key: String(answer.body.key) };
+      assert.deepEqual(await authOnEach(cluster.nodes, worker), ['invalid_identity_key', 'invalid_identity_key', 'invalid_identity_key']);
+      assert.deepEqual(await authOnEach(cluster.nodes, fresh), ['auth_ok', 'auth_ok', 'auth_ok']);
+      // The holder's last write of the identity (its disconnect) did not bring the old key back.
+      assert.deepEqual(await authOnEach(cluster.nodes, worker), ['invalid_identity_key', 'invalid_identity_key', 'invalid_identity_key']);
+    } finally {
+      await cluster.dispose();
+    }
+  });
+
+  test('--forget-offline-after on one node keeps an identity online on another node', async () => {
+    const name = `t${process.pid}-${clusterSeq++}`;
+    const holder = await startTracked({ redisUrl: redis.url, clusterName: name, nodeId: 'node-0' });
+    const pruner = await startTracked({ redisUrl: redis.url, clusterName: name, nodeId: 'node-1', forgetOfflineAfterMs: 300, maintenanceIntervalMs: 1000 });
+    try {
+      const stays = await authEmployee(holder.relay, 'Stays', ['ops']);
+      await presenceIs(name, stays.id, 'node-0');
+      const gone = await authEmployee(holder.relay, 'Gone', ['ops']);
+      await gone.socket.close();
+      // The prune that takes `gone` (offline since after `stays` connected) had `stays` as a candidate too.
+      await eventually('node-1 prunes the offline identity', async () => (await redis.client.hexists(`${name}:identities`, gone.id)) === 0);
+      assert.equal(await redis.client.hexists(`${name}:identities`, stays.id), 1, 'an identity online on node-0 was pruned by node-1');
+      const listed = ((await http(pruner.relay, 'GET', '/api/connections')).body.connections as { id: string }[]).map((n) => n.id);
+      assert.ok(listed.includes(stays.id));
+      await stays.socket.close();
+    } finally {
+      await pruner.dispose();
+      await holder.dispose();
+    }
+  });
+});
+
 describe('cluster: faults', () => {
   test('a killed node: its identities go offline within the bound, and a message to them is never acked as delivered', async () => {
     const name = `t${process.pid}-${clusterSeq++}`;

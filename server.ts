@@ -262,10 +262,13 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
     logger,
     startedAt,
     version: packageVersion(),
-    activeConnections: () => router.online.size,
+    // A cluster answers for every node, so two identical calls through a balancer agree.
+    activeConnections: cluster.clustered ? () => Math.max(router.online.size, cluster.onlineCount()) : () => router.online.size,
     extensions,
     ...(otherNodes !== undefined && { otherNodes }),
-    ...(cluster.clustered && { cluster: () => ({ name: options.clusterName, store: cluster.available ? ('up' as const) : ('down' as const) }) }),
+    ...(cluster.clustered && {
+      cluster: () => ({ name: options.clusterName, store: cluster.available ? ('up' as const) : ('down' as const), node_connections: router.online.size }),
+    }),
   });
 
   const onRequest: http.RequestListener = (req, res) => api.handle(req, res);

@@ -76,6 +76,10 @@ export interface ClusterLink {
   // ---- cluster ----
   /** The node holding `id`'s session as this node last heard (a mirror of the shared presence), if any. */
   locate(id: string): string | undefined;
+  /** Identities online on any node, as the presence mirror has them (this node's included). */
+  onlineIds(): Iterable<string>;
+  /** How many identities are online on all nodes together (the presence mirror's size). */
+  onlineCount(): number;
   /** This node now holds `id`'s session: record it and close any older one elsewhere (4000). */
   joined(id: string): Promise<void>;
   /** This node no longer holds `id`'s session (only removes the presence that names this node). */

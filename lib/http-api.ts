@@ -34,8 +34,8 @@ export interface HttpApiDeps {
   version: string;
   activeConnections: () => number;
   extensions: HttpExtensions;
-  /** Cluster: its name and whether this node reaches the cluster store now (in /health). */
-  cluster?: () => { name: string; store: 'up' | 'down' };
+  /** Cluster: its name, whether this node reaches the cluster store now, and the sessions this node holds (in /health). */
+  cluster?: () => { name: string; store: 'up' | 'down'; node_connections: number };
   /** Cluster: the other nodes' answers to reads that span the cluster. */
   otherNodes?: OtherNodes;
 }
@@ -288,7 +288,7 @@ export class HttpApi {
   }
 
   private health() {
-    const counts = this.deps.router.countOnline();
+    const counts = this.deps.router.countOnlineEverywhere();
     return {
       ok: true,
       service: 'mimiclaw-websocket',

@@ -232,6 +232,14 @@ export class RedisCluster implements ClusterLink {
     return this.presence.get(id);
   }
 
+  onlineIds(): Iterable<string> {
+    return this.presence.keys();
+  }
+
+  onlineCount(): number {
+    return this.presence.size;
+  }
+
   private start(): void {
     this.heartbeat = setInterval(() => void this.tick(), HEARTBEAT_MS);
     this.heartbeat.unref();

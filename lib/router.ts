@@ -182,6 +182,22 @@ export class Router implements ClusterHandlers {
     return counts;
   }
 
+  /** Online identities of the whole relay: in a cluster, of every node (the presence mirror), roles from the replica. */
+  countOnlineEverywhere(): { boss: number; employee: number } {
+    if (!this.clustered) return this.countOnline();
+    const counts = { boss: 0, employee: 0 };
+    for (const id of this.deps.cluster.onlineIds()) {
+      const role = this.deps.identities.get(id)?.role;
+      if (role !== undefined) counts[role]++;
+    }
+    return counts;
+  }
+
+  /** Sessions of the whole relay, what --max-connections caps: in a cluster, every node's (the presence mirror; no round trip). */
+  private sessionCount(): number {
+    return this.clustered ? Math.max(this.online.size, this.deps.cluster.onlineCount()) : this.online.size;
+  }
+
   /** The node holding `id`'s session: this one, (cluster) another, or null when offline. */
   locate(id: string): string | null {
     if (this.online.has(id)) return this.deps.cluster.nodeId;
@@ -385,8 +401,8 @@ export class Router implements ClusterHandlers {
     if (frame.ephemeral === true && credentials.value !== undefined) {
       return { code: 'invalid_frame', message: '"ephemeral" applies to a new identity: leave it out when reconnecting with "identity".' };
     }
-    const replacing = credentials.value !== undefined && this.online.has(credentials.value.id);
-    if (!replacing && this.online.size >= options.maxConnections) {
+    const replacing = credentials.value !== undefined && this.isOnline(credentials.value.id);
+    if (!replacing && this.sessionCount() >= options.maxConnections) {
       return { code: 'server_full', message: `The relay is at its limit of ${options.maxConnections} connections; try again later.` };
     }
     if (credentials.value === undefined) {

@@ -14,6 +14,12 @@ export class SingleNode implements ClusterLink {
   locate(): undefined {
     return undefined;
   }
+  onlineIds(): Iterable<string> {
+    return [];
+  }
+  onlineCount(): number {
+    return 0;
+  }
   joined(): Promise<void> {
     return Promise.resolve();
   }

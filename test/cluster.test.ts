@@ -97,7 +97,7 @@ describe('cluster: one relay across nodes', () => {
       assert.equal(a.relay.clusterName, cluster.name);
       const health = (await http(a.relay, 'GET', '/health')).body;
       assert.equal(health.node, 'node-0');
-      assert.deepEqual(health.cluster, { name: cluster.name, store: 'up' });
+      assert.deepEqual(health.cluster, { name: cluster.name, store: 'up', node_connections: 0 });
       assert.equal((await http(b.relay, 'GET', '/health')).body.node, 'node-1');
       // Who is online is answered for the whole cluster on every node.
       const employee = await authEmployee(a.relay, 'Seen', ['ops']);
@@ -106,6 +106,11 @@ describe('cluster: one relay across nodes', () => {
         return list.find((e) => e.id === employee.id)?.online;
       };
       await eventually('node-1 shows the employee online', async () => (await onlineOn(b)) === true);
+      // /health counts the whole cluster's sessions on every node; each node's own under cluster.
+      for (const [node, own] of [[a, 1], [b, 0]] as const) {
+        const body = (await http(node.relay, 'GET', '/health')).body;
+        assert.deepEqual([body.active_connections, body.online, (body.cluster as { node_connections: number }).node_connections], [1, { boss: 0, employee: 1 }, own]);
+      }
       // And which node holds it, in /employees and /admin/workforce.
       const listed = ((await http(b.relay, 'GET', '/employees')).body.employees as { id: string; node: string | null }[]).find((e) => e.id === employee.id);
       assert.equal(listed?.node, 'node-0');
@@ -161,7 +166,7 @@ describe('cluster: one relay across nodes', () => {
       assert.equal((await first.socket.closed).code, 4000);
       await presenceIs(cluster.name, first.id, 'node-1');
       // Still online (on node-1): node-0 does not announce a disconnect for the replaced socket.
-      await eventually('node-0 let the replaced socket go', async () => (await http(a.relay, 'GET', '/health')).body.active_connections === 0);
+      await eventually('node-0 let the replaced socket go', async () => ((await http(a.relay, 'GET', '/health')).body.cluster as { node_connections: number }).node_connections === 0);
       assert.deepEqual(disconnects, []);
       // The old node's disconnect did not take the new node's presence away.
       const boss = await authBoss(a.relay);
@@ -729,7 +734,7 @@ describe('cluster: faults', () => {
       boss.socket.send({ type: 'message', to: employee.id, payload: 'now?', msg_id: 'while-down' });
       const refused = await boss.socket.next('error', 10_000);
       assert.equal(refused.code, 'cluster_unavailable');
-      assert.deepEqual((await http(b.relay, 'GET', '/health')).body.cluster, { name, store: 'down' });
+      assert.deepEqual((await http(b.relay, 'GET', '/health')).body.cluster, { name, store: 'down', node_connections: 2 });
       assert.equal(refused.msg_id, 'while-down');
       // RelayClient takes that code as "retry": its send is acked once Redis is back.
       const clientAck = client.send(employee.id, 'from the client');

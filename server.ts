@@ -204,6 +204,7 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
   dispatcher.restore(Date.now());
   const router: Router = new Router({ options, ...stores, dedupe, cluster, dispatcher, bus, logger, bossKeys });
   const gateway = new WsGateway(options, router, bus, logger);
+  if (cluster instanceof RedisCluster) gateway.shareAuthFailures(cluster.authFailures);
   // /api/events streams the whole cluster: this node's events and those other nodes share.
   // Metrics and the log keep to this node's own bus.
   let streamBus = bus;

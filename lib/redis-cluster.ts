@@ -23,6 +23,7 @@ import { ClusterStartError, connectRedis } from './redis-connection';
 import { SharedDedupe } from './redis-dedupe';
 import { SharedLifecycle, WRITE_IDENTITY_SCRIPT, type LifecycleMessage, type SharedRemoval } from './redis-lifecycle';
 import { SharedQueue } from './redis-queue';
+import { SharedThrottle, type ThrottledMessage } from './redis-throttle';
 import { BURY_SCRIPT, HEARTBEAT_SCRIPT, JOIN_SCRIPT, LEAVE_SCRIPT, RELEASE_SCRIPT } from './redis-scripts';
 
 /** A node's liveness key lives this long unless refreshed. */
@@ -69,7 +70,8 @@ type ControlMessage =
   | { t: 'ban'; node: string; id: string; banned: boolean; by: string }
   | { t: 'queued'; ids: string[] }
   | ({ t: 'queued_outcome' } & QueuedOutcome)
-  | LifecycleMessage;
+  | LifecycleMessage
+  | ThrottledMessage;
 
 type InboxMessage =
   | { t: 'deliver'; req: string; reply: string; head: string; tail: string; ids: string[] }
@@ -103,6 +105,8 @@ export class RedisCluster implements ClusterLink {
   private readonly queue: SharedQueue;
   private readonly dedupe: SharedDedupe;
   private readonly lifecycle: SharedLifecycle;
+  /** Wrong auth secrets counted across the nodes (lib/redis-throttle.ts). */
+  readonly authFailures: SharedThrottle;
   private requestSeq = 0;
   /** Mirror of the shared presence (id → node), kept by the control channel; admin reads use it. */
   private readonly presence = new Map<string, string>();
@@ -135,6 +139,7 @@ export class RedisCluster implements ClusterLink {
       options.nodeId,
       (id) => this.queue.take(id),
     );
+    this.authFailures = new SharedThrottle(redis, this.prefix, (message) => this.redis.publish(this.key('control'), JSON.stringify(message)), options.logger);
     this.identities = IdentityStore.fromDocs(
       docs,
       { write: (doc) => this.writeIdentity(doc), remove: async (id) => void (await this.redis.hdel(this.key('identities'), id)), close: () => Promise.resolve() },
@@ -551,6 +556,9 @@ export class RedisCluster implements ClusterLink {
         if (typeof message.id !== 'string') return;
         this.lifecycle.bury(message.id);
         if (message.node !== this.nodeId) handlers.identityRemoved(message.id, String(message.by));
+        return;
+      case 'throttled':
+        this.authFailures.heard(message);
         return;
       case 'rotated':
         if (message.node !== this.nodeId && typeof message.id === 'string') handlers.keyRotatedElsewhere(message.id, String(message.by));

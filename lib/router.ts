@@ -64,8 +64,11 @@ export interface RouterDeps {
   bossKeys?: BossKeys | null;
 }
 
-/** Called once an auth is decided: accepted (the session has its identity) or not. */
-export type AuthSettled = (accepted: boolean, wrong: GuessTarget | null) => void;
+/**
+ * Called once an auth is decided: accepted (the session has its identity) or not. A promise
+ * holds a rejection's answer until it resolves (a cluster counting the wrong secret across nodes).
+ */
+export type AuthSettled = (accepted: boolean, wrong: GuessTarget | null) => Promise<void> | undefined;
 
 const CLUSTER_UNAVAILABLE = 'The cluster store (Redis) cannot be reached from this node right now; retry in a few seconds.';
 
@@ -240,8 +243,7 @@ export class Router implements ClusterHandlers {
         this.authAfterFetch(session, frame, unknownId, settled);
         return;
       }
-      this.rejectAuth(session, frame, outcome);
-      settled(false, outcome.wrong ?? null);
+      this.refuseAuth(session, frame, outcome, settled);
       return;
     }
     const { identity, key, reconnected, credential } = outcome;
@@ -281,8 +283,7 @@ export class Router implements ClusterHandlers {
         if (found && !this.deps.identities.get(id)) this.deps.identities.apply(toDoc(found));
         const outcome = this.decideAuth(frame);
         if ('code' in outcome) {
-          this.rejectAuth(session, frame, outcome);
-          settled(false, outcome.wrong ?? null);
+          this.refuseAuth(session, frame, outcome, settled);
           return;
         }
         session.identity = outcome.identity;
@@ -297,6 +298,13 @@ export class Router implements ClusterHandlers {
         settled(false, null);
       },
     );
+  }
+
+  /** Rejects the auth once `settled` has counted a wrong secret (at once on a single node). */
+  private refuseAuth(session: Session, frame: Record<string, unknown>, outcome: AuthRejection, settled: AuthSettled): void {
+    const counted = settled(false, outcome.wrong ?? null);
+    if (counted === undefined) this.rejectAuth(session, frame, outcome);
+    else void counted.then(() => this.rejectAuth(session, frame, outcome));
   }
 
   private goOnline(session: Session, identity: Identity, key: string, reconnected: boolean, capacity: number | undefined): void {

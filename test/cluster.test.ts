@@ -15,7 +15,7 @@ import { freePort } from './child-relay';
 import { CHILD_AUTHKEY, eventually, startRelayProcess, type RelayProcess } from './fault-support';
 import { startRedis, type TestRedis } from './redis-harness';
 import { startBalancer } from './tcp-balancer';
-import { authBoss, authEmployee, http, makeTempDir, reconnect, startTestRelay, TEST_AUTHKEY, type Authed, type TestRelay } from './support';
+import { authBoss, authEmployee, connect, http, makeTempDir, reconnect, startTestRelay, TEST_AUTHKEY, type Authed, type TestRelay } from './support';
 
 const CLI = path.join(__dirname, '..', 'cli.js');
 
@@ -554,6 +554,53 @@ describe('cluster: identity delete and key rotation across nodes', () => {
     } finally {
       await pruner.dispose();
       await holder.dispose();
+    }
+  });
+});
+
+describe('cluster: limits', () => {
+  test('wrong secrets spread over the nodes are throttled as on one relay; good auths write nothing to Redis', async () => {
+    const cluster = await startCluster(3, { throttleLoopback: true, maxAuthFailures: 3 });
+    try {
+      const [a, b, c] = cluster.nodes as [TestRelay, TestRelay, TestRelay];
+      const good = await authBoss(a.relay);
+      await good.socket.close();
+      assert.deepEqual(await redis.client.keys(`${cluster.name}:auth-fail:*`), [], 'a good auth must not cost a Redis write');
+      // One wrong authkey on each node: three in the cluster, one per node.
+      for (const node of [a, b, c]) {
+        const socket = await connect(node.relay);
+        socket.send({ type: 'auth', role: 'boss', authkey: 'wrong' });
+        assert.equal((await socket.next('error')).code, 'invalid_authkey');
+      }
+      for (const node of [a, b, c]) {
+        const socket = await connect(node.relay);
+        socket.send({ type: 'auth', role: 'boss', authkey: TEST_AUTHKEY });
+        const refused = await socket.next('error');
+        assert.equal(refused.code, 'auth_throttled', `${node.relay.nodeId} let the guesser in`);
+        assert.ok(Number(refused.retry_after_ms) > 0);
+      }
+    } finally {
+      await cluster.dispose();
+    }
+  });
+
+  test('--max-connections caps the sessions of the whole cluster; a reconnect of an identity online elsewhere still works', async () => {
+    const cluster = await startCluster(2, { maxConnections: 2 });
+    try {
+      const [a, b] = cluster.nodes as [TestRelay, TestRelay];
+      const first = await authEmployee(a.relay, 'One', ['ops']);
+      const second = await authEmployee(a.relay, 'Two', ['ops']);
+      await presenceIs(cluster.name, second.id, 'node-0');
+      await eventually('node-1 counts both sessions', async () => (await http(b.relay, 'GET', '/health')).body.active_connections === 2);
+      const extra = await connect(b.relay);
+      extra.send({ type: 'auth', role: 'boss', authkey: TEST_AUTHKEY });
+      assert.equal((await extra.next('error')).code, 'server_full');
+      assert.equal((await extra.closed).code, 4013);
+      const moved = await reconnect(b.relay, first, 'employee');
+      assert.equal(moved.ok.type, 'auth_ok');
+      await Promise.all([moved.socket.close(), second.socket.close()]);
+    } finally {
+      await cluster.dispose();
     }
   });
 });

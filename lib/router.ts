@@ -1244,9 +1244,11 @@ export class Router implements ClusterHandlers {
     return { ok: true, identity, wasOnline: session !== undefined || removal.holder !== null, droppedQueued: dropped, written };
   }
 
-  /** Cluster: the identity from this node's replica, else from the shared store; null when that cannot be read. */
+  /** Cluster: the identity from this node's replica, else from the shared store; null while the shared store cannot be reached. */
   private async sharedIdentity(id: string): Promise<Identity | undefined | null> {
     const { identities, cluster } = this.deps;
+    // Nothing is changed here that could not also be changed in the shared store.
+    if (!cluster.available) return null;
     const known = identities.get(id);
     if (known) return known;
     const found = await cluster.fetchIdentity(id).catch(() => null);

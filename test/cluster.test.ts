@@ -782,6 +782,11 @@ describe('cluster: faults', () => {
       const refused = await boss.socket.next('error', 10_000);
       assert.equal(refused.code, 'cluster_unavailable');
       assert.deepEqual((await http(b.relay, 'GET', '/health')).body.cluster, { name, store: 'down', node_connections: 2 });
+      // A delete or key rotation that could not reach every node changes nothing, and says so.
+      for (const [method, route] of [['DELETE', `/api/identities/${employee.id}`], ['POST', `/api/identities/${employee.id}/rotate-key`]] as const) {
+        const answer = await http(b.relay, method, route, { authkey: TEST_AUTHKEY });
+        assert.deepEqual([answer.status, answer.body.code], [503, 'cluster_unavailable'], `${method} ${route}`);
+      }
       assert.equal(refused.msg_id, 'while-down');
       // RelayClient takes that code as "retry": its send is acked once Redis is back.
       const clientAck = client.send(employee.id, 'from the client');
@@ -796,6 +801,10 @@ describe('cluster: faults', () => {
       }, 20_000);
       assert.equal((await employee.socket.next((f) => f.type === 'message' && f.payload === 'again')).payload, 'again');
       await Promise.all([boss.socket.close(), employee.socket.close()]);
+      // The refused key rotation left the key as it was, on the node asked too.
+      const back = await reconnect(b.relay, employee, 'employee');
+      assert.equal(back.ok.type, 'auth_ok', JSON.stringify(back.ok));
+      await back.socket.close();
     } finally {
       await client?.close();
       await a.dispose();

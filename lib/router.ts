@@ -190,7 +190,8 @@ export class Router implements ClusterHandlers {
     if (!this.clustered) return this.countOnline();
     const counts = { boss: 0, employee: 0 };
     for (const id of this.deps.cluster.onlineIds()) {
-      const role = this.deps.identities.get(id)?.role;
+      // An ephemeral identity of another node is not in this replica: its id names its role.
+      const role = this.deps.identities.get(id)?.role ?? (id.startsWith('boss-') ? 'boss' : id.startsWith('employee-') ? 'employee' : undefined);
       if (role !== undefined) counts[role]++;
     }
     return counts;

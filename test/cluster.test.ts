@@ -111,6 +111,13 @@ describe('cluster: one relay across nodes', () => {
         const body = (await http(node.relay, 'GET', '/health')).body;
         assert.deepEqual([body.active_connections, body.online, (body.cluster as { node_connections: number }).node_connections], [1, { boss: 0, employee: 1 }, own]);
       }
+      // An ephemeral boss is known only to its node, and counted on the others too.
+      const passing = await connect(a.relay);
+      passing.send({ type: 'auth', role: 'boss', authkey: TEST_AUTHKEY, ephemeral: true });
+      await passing.next('auth_ok');
+      await eventually('node-1 counts the ephemeral boss', async () => (await http(b.relay, 'GET', '/health')).body.active_connections === 2);
+      assert.deepEqual((await http(b.relay, 'GET', '/health')).body.online, { boss: 1, employee: 1 });
+      await passing.close();
       // And which node holds it, in /employees and /admin/workforce.
       const listed = ((await http(b.relay, 'GET', '/employees')).body.employees as { id: string; node: string | null }[]).find((e) => e.id === employee.id);
       assert.equal(listed?.node, 'node-0');

@@ -57,6 +57,8 @@ export interface RedisClusterOptions {
   dedupeWindowMs: number;
   /** Most queued copies kept for one target; the oldest past it expire. */
   maxQueuedPerTarget: number;
+  /** How often identities' last activity is shared (SEEN_SHARE_MS, or less to stay well inside a shorter heartbeat staleness). */
+  seenShareMs?: number;
   logger: Logger;
 }
 
@@ -123,6 +125,8 @@ export class RedisCluster implements ClusterLink {
   private closed = false;
   private ticking = false;
   private seenSharedAt = 0;
+  /** Shares identities' last activity, on its own cadence (a heartbeat staleness can be shorter than the heartbeat). */
+  private seenTimer: NodeJS.Timeout | null = null;
 
   private constructor(
     private readonly options: RedisClusterOptions,
@@ -149,6 +153,10 @@ export class RedisCluster implements ClusterLink {
 
   get nodeId(): string {
     return this.options.nodeId;
+  }
+
+  private get seenShareMs(): number {
+    return this.options.seenShareMs ?? SEEN_SHARE_MS;
   }
 
   get available(): boolean {
@@ -248,6 +256,8 @@ export class RedisCluster implements ClusterLink {
   private start(): void {
     this.heartbeat = setInterval(() => void this.tick(), HEARTBEAT_MS);
     this.heartbeat.unref();
+    this.seenTimer = setInterval(() => this.shareSeen(), this.seenShareMs);
+    this.seenTimer.unref();
     // After Redis comes back (a restart, a network cut), write this node's part of the shared
     // state again: its key and the presence of every socket it holds.
     this.redis.on('ready', () => void this.resync());
@@ -267,7 +277,6 @@ export class RedisCluster implements ClusterLink {
       await this.followEvents();
       await this.queue.expireDue();
       this.lifecycle.sweep();
-      this.shareSeen();
     } catch (error) {
       this.options.logger.warn('cluster_heartbeat_failed', { error: (error as Error).message });
     } finally {
@@ -278,7 +287,7 @@ export class RedisCluster implements ClusterLink {
   /** Identities active here are seen as active on every node's /admin/workforce (heartbeat staleness). */
   private shareSeen(): void {
     const now = Date.now();
-    if (now - this.seenSharedAt < SEEN_SHARE_MS || this.handlers === null) return;
+    if (now - this.seenSharedAt < this.seenShareMs || this.handlers === null || this.closed || this.redis.status !== 'ready') return;
     this.seenSharedAt = now;
     const seen = this.handlers.recentlySeen();
     if (seen.length > 0) this.publish('control', { t: 'seen', node: this.nodeId, seen });
@@ -668,6 +677,7 @@ export class RedisCluster implements ClusterLink {
   async close(): Promise<void> {
     if (this.closed) return;
     if (this.heartbeat) clearInterval(this.heartbeat);
+    if (this.seenTimer) clearInterval(this.seenTimer);
     for (const request of [...this.pending.values()]) request.answer({ req: '' });
     try {
       if (this.redis.status === 'ready') {

@@ -18,6 +18,8 @@ export interface BalancerOptions {
   connectTimeoutMs?: number;
   /** After one side has closed, how long the other may take to finish writing. Default 5000 ms. */
   closeGraceMs?: number;
+  /** The port to listen on (127.0.0.1); default 0, a free one. */
+  port?: number;
 }
 
 export interface Balancer {
@@ -148,7 +150,7 @@ export async function startBalancer(initial: Backend[], options: BalancerOptions
 
   await new Promise<void>((resolve, reject) => {
     server.once('error', reject);
-    server.listen(0, '127.0.0.1', () => {
+    server.listen(options.port ?? 0, '127.0.0.1', () => {
       server.off('error', reject);
       resolve();
     });

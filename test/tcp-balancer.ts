@@ -99,6 +99,10 @@ export async function startBalancer(initial: Backend[], options: BalancerOptions
 
   /** Either side closing ends the other; an error, or a side that will not finish, destroys both. */
   function join(client: net.Socket, upstream: net.Socket): void {
+    // As nginx (tcp_nodelay) and HAProxy do: forwarded bytes go out at once, not held back by
+    // Nagle's algorithm until the peer's delayed ACK (tens of ms on a loopback socket).
+    client.setNoDelay(true);
+    upstream.setNoDelay(true);
     let grace: NodeJS.Timeout | undefined;
     const destroyBoth = () => {
       clearTimeout(grace);

@@ -913,6 +913,8 @@ export class Router implements ClusterHandlers {
     unknown.forEach((id, index) => {
       const found = fetched[index];
       if (found === null) this.notDelivered(context, id, 'target_offline');
+      // An ephemeral identity is never in the shared store, but its node is in the presence.
+      else if (!found && cluster.locate(id) !== undefined) known.push(id);
       else if (!found) context.failed.push({ id, reason: 'target_not_found' });
       else if (found.banned) context.failed.push({ id, reason: 'target_banned' });
       else known.push(id);

@@ -409,11 +409,11 @@ export class ClusterDispatch implements TaskDispatch {
     try {
       const now = Date.now();
       const swept = await this.run(SWEEP_SCRIPT, []);
-      for (const gone of list<{ body: string }>(swept.expired)) {
+      for (const gone of list<{ body: string; attempt?: number }>(swept.expired)) {
         const body = parseBody(gone.body);
         if (body === null) continue;
         this.notifySender(body, anyTargetName(body.tag), 'expired', null, now);
-        this.options.bus.publish({ type: 'task_failed', ...eventBase(body), attempt: 0, reason: 'expired', at: now });
+        this.options.bus.publish({ type: 'task_failed', ...eventBase(body), attempt: typeof gone.attempt === 'number' ? gone.attempt : 0, reason: 'expired', at: now });
       }
       for (const end of list<Ended>(swept.lost)) this.ended(end, now);
       this.handOut(list<Assignment>(swept.assignments));
@@ -451,9 +451,12 @@ export class ClusterDispatch implements TaskDispatch {
 
   /** A safety net for a hand-out lost on the way (a node gone between a script and its channel message). */
   private async pumpIdle(): Promise<void> {
-    if (!Object.values(this.cachedCounts).some((counts) => counts.waiting > 0)) return;
+    const waiting = Object.keys(this.cachedCounts).filter((tag) => this.cachedCounts[tag]!.waiting > 0);
+    if (waiting.length === 0) return;
+    const anyone = waiting.includes('*');
     for (const [id, worker] of this.workers) {
       if (worker.status === 'dnd' || worker.tasks.size >= worker.capacity) continue;
+      if (!anyone && !worker.identity.tags.some((tag) => waiting.includes(tag))) continue;
       const result = await this.run(PUMP_SCRIPT, [id]);
       this.handOut(list<Assignment>(result.assignments));
     }

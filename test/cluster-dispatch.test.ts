@@ -149,6 +149,23 @@ describe('cluster dispatch', () => {
     });
   });
 
+  test('a queued task past its ttl_ms expires once in the cluster: the boss gets expired, the task leaves /admin/tasks', async () => {
+    const { nodes } = await startCluster(3);
+    const boss = await authBoss(nodes[0]!.relay);
+    boss.socket.send({ type: 'message', to: 'any:gone', payload: 'x', msg_id: 'e1', queue: true, ttl_ms: 300 });
+    assert.deepEqual((await boss.socket.next('delivery_ack')).queued, ['any:gone']);
+    // A later one, so that several sweeps of every node run before the test looks again.
+    boss.socket.send({ type: 'message', to: 'any:gone', payload: 'y', msg_id: 'e2', queue: true, ttl_ms: 2500 });
+    assert.deepEqual((await boss.socket.next('delivery_ack')).queued, ['any:gone']);
+    const expired = await boss.socket.next(update('e1', 'expired'), 10_000);
+    assert.deepEqual([expired.id, expired.dispatch], ['any:gone', 'any:gone']);
+    await boss.socket.next(update('e2', 'expired'), 10_000);
+    // Each node sweeps, but a task expires once: no second update.
+    assert.equal(boss.socket.frames.filter(update('e1', 'expired')).length, 0);
+    const { body } = await http(nodes[2]!.relay, 'GET', '/api/admin/tasks');
+    assert.deepEqual([body.tags, body.tasks], [{}, []]);
+  });
+
   test('an employee that disconnects loses its task to a free employee on another node, with attempt 2', async () => {
     const { nodes, name } = await startCluster(3);
     const boss = await authBoss(nodes[0]!.relay);

@@ -278,7 +278,9 @@ export class ClusterDispatch implements TaskDispatch {
     const task: LocalTask = { id: assignment.id, body, target: anyTargetName(body.tag), attempt: assignment.attempt, lease: null };
     const frame = `${body.head}${assignment.emp}","dispatch":${JSON.stringify(task.target)},"attempt":${task.attempt}${body.rest}`;
     if (!worker || !this.options.link.write(assignment.emp, frame)) {
-      // Its session ended before the task reached it: the task goes back for someone else.
+      // Its session ended before the task reached it: the task goes back for someone else. Its
+      // availability goes too, in case its departure did not reach the store (Redis was away).
+      if (!worker) this.runAndHandOut('offline', OFFLINE_SCRIPT, [assignment.emp, this.nodeId]);
       this.finish(task, assignment.emp, 'lost', 'disconnected');
       return;
     }

@@ -420,6 +420,7 @@ export class ClusterDispatch implements TaskDispatch {
       for (const end of list<Ended>(swept.lost)) this.ended(end, now);
       this.handOut(list<Assignment>(swept.assignments));
       await this.reapDead();
+      await this.rejoinIfReaped();
       await this.refreshCounts();
       await this.pumpIdle();
     } catch (error) {
@@ -435,6 +436,20 @@ export class ClusterDispatch implements TaskDispatch {
     if (nodes.length === 0) return;
     const alive = await this.redis.mget(nodes.map((node) => `${this.options.clusterName}:node:${node}`));
     for (const [index, node] of nodes.entries()) if (alive[index] === null) await this.reap(node, false);
+  }
+
+  /**
+   * A node paused past its TTL was reaped as dead by the others: its tasks went back to the
+   * queues (the leases here are void) and its employees left. It writes them again.
+   */
+  private async rejoinIfReaped(): Promise<void> {
+    if (this.workers.size === 0 || (await this.redis.sismember(`${this.prefix}nodes`, this.nodeId)) === 1) return;
+    this.options.logger.warn('dispatch_node_rejoined', { node: this.nodeId, employees: this.workers.size });
+    for (const worker of this.workers.values()) {
+      for (const task of worker.tasks.values()) if (task.lease) clearTimeout(task.lease);
+      worker.tasks.clear();
+    }
+    await this.resync();
   }
 
   private async reap(node: string, force: boolean): Promise<void> {

@@ -16,6 +16,9 @@ local PRIOS = {'high', 'normal', 'low'}
 local RETRIED = 1e15
 -- A lease not ended by its node (the node died or never got the task) is swept this long after its timeout.
 local GRACE = 2000
+-- Until the employee's node says it wrote the task, its lease in Redis is at most this long:
+-- an assignment lost on the way (its node died, a dropped publish) is swept soon, not after the whole lease.
+local START = 10000
 
 local function emp(e) return redis.call('HMGET', P .. 'emp:' .. e, 'node', 'status', 'capacity', 'inprog', 'tags') end
 
@@ -49,7 +52,7 @@ local function reserve(id, e, attempt)
   rescore(e)
   redis.call('HSET', key, 'state', 'in_progress', 'emp', e, 'node', node, 'attempt', attempt)
   redis.call('SADD', P .. 'held:' .. node, id)
-  redis.call('ZADD', P .. 'leases', NOW + tonumber(t[2]) + GRACE, id)
+  redis.call('ZADD', P .. 'leases', NOW + math.min(tonumber(t[2]), START) + GRACE, id)
   redis.call('HINCRBY', P .. 'count', 'p:' .. t[1], 1)
   return node
 end
@@ -229,15 +232,15 @@ r.assignments = out
 return cjson.encode(r)
 `);
 
-/** An employee authenticated on a node. ARGV[6..]: id, node, capacity or '', tags JSON (with "*"), tasks it holds there. */
+/** An employee authenticated on a node (or is written again). ARGV[6..]: id, node, capacity or '', tags JSON (with "*"), tasks it holds there, status. */
 export const ONLINE_SCRIPT = script(`
-local e, node, capacity, tags, inprog = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
+local e, node, capacity, tags, inprog, status = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10], ARGV[11]
 local key = P .. 'emp:' .. e
 local old = redis.call('HMGET', key, 'tags', 'capacity', 'node')
 if old[1] then for _, tag in ipairs(cjson.decode(old[1])) do redis.call('ZREM', P .. 'tag:' .. tag, e) end end
 if old[3] and old[3] ~= '' and old[3] ~= node then redis.call('SREM', P .. 'emps:' .. old[3], e) end
 if capacity == '' then capacity = old[2] or '1' end
-redis.call('HSET', key, 'node', node, 'status', 'idle', 'capacity', capacity, 'inprog', inprog, 'tags', tags)
+redis.call('HSET', key, 'node', node, 'status', status, 'capacity', capacity, 'inprog', inprog, 'tags', tags)
 redis.call('SADD', P .. 'emps:' .. node, e)
 redis.call('SADD', P .. 'nodes', node)
 rescore(e)

@@ -32,6 +32,8 @@ import type { SharedDispatchReads, TaskDispatch, TaskList } from './task-dispatc
 
 /** How often a node sweeps expired tasks and orphaned leases, looks for dead nodes and refreshes its counts. */
 export const DISPATCH_TICK_MS = 1000;
+/** A lease in the store runs this much past its timeout, so the node holding it ends it first (GRACE in the scripts). */
+const LEASE_GRACE_MS = 2000;
 
 export interface ClusterDispatchOptions {
   url: string;
@@ -186,7 +188,7 @@ export class ClusterDispatch implements TaskDispatch {
     };
     this.workers.set(identity.id, worker);
     const tags = JSON.stringify([...identity.tags, '*']);
-    this.run(ONLINE_SCRIPT, [identity.id, this.nodeId, capacity ?? '', tags, worker.tasks.size]).then(
+    this.run(ONLINE_SCRIPT, [identity.id, this.nodeId, capacity ?? '', tags, worker.tasks.size, 'idle']).then(
       (result) => {
         // Its last capacity (perhaps set on another node) when it gave none.
         if (capacity === undefined && typeof result.capacity === 'number' && this.workers.get(identity.id) === worker) worker.capacity = result.capacity;
@@ -290,6 +292,8 @@ export class ClusterDispatch implements TaskDispatch {
     }, body.timeout_ms);
     task.lease.unref();
     const now = Date.now();
+    // The store's backstop for this lease now runs its whole length (see START in the scripts).
+    this.redis.zadd(`${this.prefix}leases`, 'XX', now + body.timeout_ms + LEASE_GRACE_MS, assignment.id).catch(() => undefined);
     if (assignment.record !== '') this.settle(assignment.origin, assignment.record, task.target, 'delivered');
     this.notifySender(body, assignment.emp, 'assigned', task.attempt, now);
     this.options.bus.publish({
@@ -484,8 +488,8 @@ export class ClusterDispatch implements TaskDispatch {
     if (this.closing) return;
     for (const [id, worker] of this.workers) {
       const tags = JSON.stringify([...worker.identity.tags, '*']);
-      await this.run(ONLINE_SCRIPT, [id, this.nodeId, worker.capacity, tags, worker.tasks.size]).catch(() => undefined);
-      if (worker.status !== 'idle') await this.run(STATUS_SCRIPT, [id, this.nodeId, worker.status, '']).catch(() => undefined);
+      const result = await this.run(ONLINE_SCRIPT, [id, this.nodeId, worker.capacity, tags, worker.tasks.size, worker.status]).catch(() => null);
+      if (result !== null) this.handOut(list<Assignment>(result.assignments));
     }
   }
 

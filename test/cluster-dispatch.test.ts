@@ -240,6 +240,29 @@ describe('cluster dispatch: faults', () => {
     assert.equal((await a.socket.next('message')).msg_id, 'p2');
   });
 
+  test('an assignment lost on the way (the node that made it vanished before handing it over) is swept and handed out again', async () => {
+    const { nodes, name } = await startCluster(2);
+    const boss = await authBoss(nodes[0]!.relay);
+    const a = await authEmployee(nodes[1]!.relay, 'Gone', ['lost']);
+    await availableOn(redis, name, a, 'node-1');
+    boss.socket.send({ type: 'message', to: 'any:lost', payload: 'job', msg_id: 'l1', task_timeout_ms: 600_000 });
+    assert.deepEqual((await boss.socket.next('delivery_ack')).delivered, [a.id]);
+    await a.socket.next('message');
+    const b = await authEmployee(nodes[0]!.relay, 'Free', ['lost']);
+    await availableOn(redis, name, b, 'node-0');
+    // A takes nothing more (its node writes it back after the reap below, dnd included).
+    a.socket.send({ type: 'status', status: 'dnd' });
+    await a.socket.next('status_ack');
+    await eventually('A is dnd in the store', async () => (await redis.client.hget(`${name}:dispatch:emp:${a.id}`, 'status')) === 'dnd');
+    // A reaper that reserves B for the task and is gone before it tells node-0: nobody writes it.
+    const args = [`${name}:dispatch:`, `${name}:banned`, Date.now(), 3, `${name}:node:`, 'node-1', '1'];
+    await redis.client.eval(REAP_SCRIPT, 0, ...args);
+    // Its lease in the store is short until a node reports the task written: it is swept and handed out.
+    const moved = await b.socket.next('message', 30_000);
+    assert.deepEqual([moved.msg_id, moved.attempt], ['l1', 3]);
+    assert.equal((await boss.socket.next(update('l1', 'assigned', 3))).id, b.id);
+  });
+
   test('Redis away: a task is refused with cluster_unavailable and nothing crashes; with appendonly the task in progress survives a Redis restart', async () => {
     const durable = await startRedis({ appendonly: true });
     leftovers.redises.push(durable);

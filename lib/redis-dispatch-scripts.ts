@@ -310,11 +310,11 @@ return cjson.encode({result = 'reaped', lost = lost, assignments = out})
 export const SWEEP_SCRIPT = script(`
 local expired, lost, out = {}, {}, {}
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'expiry', '-inf', NOW, 'LIMIT', 0, 100)) do
-  local t = redis.call('HMGET', P .. 'task:' .. id, 'state', 'body', 'attempt')
+  local t = redis.call('HMGET', P .. 'task:' .. id, 'state', 'body', 'attempt', 'record', 'origin')
   if t[1] == 'waiting' then
     take(id)
     drop(id)
-    table.insert(expired, {id = id, body = t[2], attempt = tonumber(t[3])})
+    table.insert(expired, {id = id, body = t[2], attempt = tonumber(t[3]), record = t[4] or '', origin = t[5]})
   else
     redis.call('ZREM', P .. 'expiry', id)
   end

@@ -268,8 +268,21 @@ export class ClusterDispatch implements TaskDispatch {
   private handOut(assignments: Assignment[]): void {
     for (const assignment of assignments) {
       if (assignment.node === this.nodeId) this.start(assignment);
-      else this.publish(assignment.node, { t: 'task', a: assignment });
+      else this.sendTask(assignment);
     }
+  }
+
+  /** To the employee's node; when no node listens there (it died a moment ago) the task goes back at once. */
+  private sendTask(assignment: Assignment): void {
+    this.redis.publish(this.channel(assignment.node), JSON.stringify({ t: 'task', a: assignment } satisfies ChannelMessage)).then(
+      (receivers) => {
+        const body = receivers === 0 ? parseBody(assignment.body) : null;
+        if (body === null) return;
+        this.finish({ id: assignment.id, body, target: anyTargetName(body.tag), attempt: assignment.attempt, lease: null }, assignment.emp, 'lost', 'disconnected');
+      },
+      // The store is away: the lease's short first deadline in Redis hands it out again.
+      (error: Error) => this.options.logger.warn('dispatch_publish_failed', { node: assignment.node, error: error.message }),
+    );
   }
 
   /** Writes the task to its employee here and starts the lease. */
@@ -415,9 +428,11 @@ export class ClusterDispatch implements TaskDispatch {
     try {
       const now = Date.now();
       const swept = await this.run(SWEEP_SCRIPT, []);
-      for (const gone of list<{ body: string; attempt?: number }>(swept.expired)) {
+      for (const gone of list<{ body: string; attempt?: number; record?: string; origin?: string }>(swept.expired)) {
         const body = parseBody(gone.body);
         if (body === null) continue;
+        // Never assigned: the sender's record still lists the target as queued.
+        if (typeof gone.record === 'string' && gone.record !== '' && typeof gone.origin === 'string') this.settle(gone.origin, gone.record, anyTargetName(body.tag), 'expired');
         this.notifySender(body, anyTargetName(body.tag), 'expired', null, now);
         this.options.bus.publish({ type: 'task_failed', ...eventBase(body), attempt: typeof gone.attempt === 'number' ? gone.attempt : 0, reason: 'expired', at: now });
       }

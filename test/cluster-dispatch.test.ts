@@ -53,6 +53,13 @@ async function availableOn(server: TestRedis, name: string, who: Authed, node: s
   await eventually(`${who.id} available on ${node}`, async () => (await server.client.hget(`${name}:dispatch:emp:${who.id}`, 'node')) === node);
 }
 
+/** How the last version of a message's record in a node's messages.db settled a queued target, if it did. */
+async function settledIn(node: TestRelay, msgId: string, target: string): Promise<string | undefined> {
+  const lines = (await fs.readFile(path.join(node.dataDir, 'messages.db'), 'utf8')).split('\n').filter((line) => line.includes(`"msg_id":${JSON.stringify(msgId)}`));
+  const last = lines.length > 0 ? (JSON.parse(lines[lines.length - 1]!) as { settled?: Record<string, string> }) : undefined;
+  return last?.settled?.[target];
+}
+
 const update = (msgId: string, status: string, attempt?: number) => (f: Frame) =>
   f.type === 'delivery_update' && f.msg_id === msgId && f.status === status && (attempt === undefined || f.attempt === attempt);
 
@@ -144,10 +151,7 @@ describe('cluster dispatch', () => {
     worker.socket.send({ type: 'task_done', msg_id: 'q2' });
     assert.equal((await worker.socket.next('message')).msg_id, 'q1');
     // The boss's node logged the queued target; the first assignment on another node settled it.
-    await eventually('q2 is delivered in the boss node\'s messages.db', async () => {
-      const lines = (await fs.readFile(path.join(nodes[0]!.dataDir, 'messages.db'), 'utf8')).split('\n').filter((line) => line.includes('"msg_id":"q2"'));
-      return lines.some((line) => (JSON.parse(line) as { settled?: Record<string, string> }).settled?.['any:later'] === 'delivered');
-    });
+    await eventually('q2 is delivered in the boss node\'s messages.db', async () => (await settledIn(nodes[0]!, 'q2', 'any:later')) === 'delivered');
   });
 
   test('a queued task past its ttl_ms expires once in the cluster: the boss gets expired, the task leaves /admin/tasks', async () => {
@@ -165,6 +169,8 @@ describe('cluster dispatch', () => {
     assert.equal(boss.socket.frames.filter(update('e1', 'expired')).length, 0);
     const { body } = await http(nodes[2]!.relay, 'GET', '/api/admin/tasks');
     assert.deepEqual([body.tags, body.tasks], [{}, []]);
+    // The boss's node logged the target as queued; the expiry settled it there, whichever node swept it.
+    await eventually('e1 is expired in the boss node\'s messages.db', async () => (await settledIn(nodes[0]!, 'e1', 'any:gone')) === 'expired');
   });
 
   test('an employee that disconnects loses its task to a free employee on another node, with attempt 2', async () => {

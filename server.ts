@@ -263,6 +263,7 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
   }
   const metrics = new RelayMetrics({
     bus,
+    ...(cluster instanceof RedisCluster && { clusterQueueDepth: () => cluster.queuedCopies() }),
     stats: () => ({
       connections: { ...router.countOnline(), unauthenticated: gateway.unauthenticatedCount },
       queueDepth: stores.queue.depth,

@@ -7,13 +7,18 @@
 import type { NewQueuedEntry } from './delivery-queue';
 import type { Identity } from './identity-store';
 
-/** A target's outcome on the node that holds (or held) its socket. */
-export type RemoteOutcome = 'delivered' | 'offline' | 'slow' | 'banned';
+/**
+ * A target's outcome on the node that holds (or held) its socket. 'backlog': the message may be
+ * queued and the holder is writing the target's queued copies: the asking node queues it behind them.
+ */
+export type RemoteOutcome = 'delivered' | 'offline' | 'slow' | 'banned' | 'backlog';
 
 /** A forwarded message as its head and tail: the frame for a target is head + target id + tail. */
 export interface FramePieces {
   head: string;
   tail: string;
+  /** The message may be queued: a target with queued copies still to write gets it behind them. */
+  queueable?: boolean;
 }
 
 /** A queued copy as stored outside this node: the entry plus the node whose log holds its record. */

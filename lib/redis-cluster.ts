@@ -18,6 +18,7 @@ import type { NewQueuedEntry } from './delivery-queue';
 import type { RelayEvent } from './events';
 import { fromDoc, IdentityStore, toDoc, type Identity, type IdentityDoc } from './identity-store';
 import type { Logger } from './logger';
+import { PresenceOrder } from './presence-order';
 import { isPlainObject } from './protocol';
 import { ClusterStartError, connectRedis } from './redis-connection';
 import { SharedDedupe } from './redis-dedupe';
@@ -59,8 +60,8 @@ export interface RedisClusterOptions {
 }
 
 type ControlMessage =
-  | { t: 'replace'; node: string; id: string }
-  | { t: 'left'; node: string; id: string }
+  | { t: 'replace'; node: string; id: string; token?: number }
+  | { t: 'left'; node: string; id: string; token?: number }
   | { t: 'buried'; node: string }
   | { t: 'node_up'; node: string }
   | { t: 'seen'; node: string; seen: unknown }
@@ -70,7 +71,7 @@ type ControlMessage =
   | ({ t: 'queued_outcome' } & QueuedOutcome);
 
 type InboxMessage =
-  | { t: 'deliver'; req: string; reply: string; head: string; tail: string; ids: string[] }
+  | { t: 'deliver'; req: string; reply: string; head: string; tail: string; ids: string[]; queueable?: boolean }
   | { t: 'broadcast'; req: string; reply: string; head: string; tail: string; sender: string }
   | { t: 'query'; req: string; reply: string; kind: string; query: unknown };
 
@@ -103,6 +104,8 @@ export class RedisCluster implements ClusterLink {
   private requestSeq = 0;
   /** Mirror of the shared presence (id → node), kept by the control channel; admin reads use it. */
   private readonly presence = new Map<string, string>();
+  /** Join tokens: which of an identity's sessions is the newest (lib/presence-order.ts). */
+  private readonly order = new PresenceOrder();
   /** Other nodes alive at the last check. */
   private liveNodes: string[] = [];
   private heartbeat: NodeJS.Timeout | null = null;
@@ -297,20 +300,34 @@ export class RedisCluster implements ClusterLink {
 
   async joined(id: string): Promise<void> {
     this.presence.set(id, this.nodeId);
+    const attempt = this.order.joining(id);
+    let token: number;
     try {
-      await this.redis.eval(JOIN_SCRIPT, 2, this.key('presence'), this.key(`presence:${this.nodeId}`), id, this.nodeId, this.key('presence:'));
+      const presenceKeys = [this.key('presence'), this.key(`presence:${this.nodeId}`), this.key('presence-token')];
+      token = Number(await this.redis.eval(JOIN_SCRIPT, 3, ...presenceKeys, id, this.nodeId, this.key('presence:')));
     } catch (error) {
+      this.order.failed(id, attempt);
       this.options.logger.warn('cluster_presence_failed', { id, error: (error as Error).message });
       throw error;
     }
-    this.publish('control', { t: 'replace', node: this.nodeId, id });
+    const standing = this.order.joinedAs(id, attempt, token);
+    // A later join of this node took over: it announces itself.
+    if (standing === 'stale') return;
+    // A newer session on another node was announced while this join was on its way.
+    if (standing === 'replaced') {
+      this.handlers?.replacedElsewhere(id);
+      return;
+    }
+    this.presence.set(id, this.nodeId);
+    this.publish('control', { t: 'replace', node: this.nodeId, id, token });
   }
 
   left(id: string): void {
     if (this.presence.get(id) === this.nodeId) this.presence.delete(id);
+    const token = this.order.left(id);
     this.redis
       .eval(LEAVE_SCRIPT, 2, this.key('presence'), this.key(`presence:${this.nodeId}`), id, this.nodeId)
-      .then(() => this.publish('control', { t: 'left', node: this.nodeId, id }))
+      .then(() => this.publish('control', { t: 'left', node: this.nodeId, id, token }))
       .catch((error: Error) => this.options.logger.warn('cluster_presence_failed', { id, error: error.message }));
   }
 
@@ -384,7 +401,7 @@ export class RedisCluster implements ClusterLink {
     await Promise.all(
       [...byNode].map(async ([node, targets]) => {
         for (const id of targets) asked.set(id, node);
-        const reply = await this.request(node, (req) => ({ t: 'deliver', req, reply: this.nodeId, head: pieces.head, tail: pieces.tail, ids: targets }));
+        const reply = await this.request(node, (req) => ({ t: 'deliver', req, reply: this.nodeId, head: pieces.head, tail: pieces.tail, ids: targets, queueable: pieces.queueable }));
         // Only what the holder says it wrote counts as delivered; no answer leaves them offline.
         for (const id of targets) {
           const outcome = reply?.outcomes?.[id];
@@ -489,13 +506,22 @@ export class RedisCluster implements ClusterLink {
   private onControl(message: ControlMessage): void {
     const handlers = this.handlers!;
     switch (message.t) {
-      case 'replace':
+      case 'replace': {
         if (typeof message.id !== 'string' || typeof message.node !== 'string') return;
-        this.presence.set(message.id, message.node);
-        if (message.node !== this.nodeId) handlers.replacedElsewhere(message.id);
+        const token = typeof message.token === 'number' ? message.token : undefined;
+        if (message.node === this.nodeId) {
+          if (this.order.announcedHere(message.id, token)) this.presence.set(message.id, message.node);
+          return;
+        }
+        // A late announcement of an older session neither closes a newer one here nor moves the mirror back.
+        const verdict = this.order.announcedElsewhere(message.id, token);
+        if (verdict.moveMirror) this.presence.set(message.id, message.node);
+        if (verdict.closeHeld) handlers.replacedElsewhere(message.id);
         return;
+      }
       case 'left':
-        if (typeof message.id === 'string' && this.presence.get(message.id) === message.node) this.presence.delete(message.id);
+        if (typeof message.id !== 'string' || this.presence.get(message.id) !== message.node) return;
+        if (this.order.leftElsewhere(message.id, typeof message.token === 'number' ? message.token : undefined)) this.presence.delete(message.id);
         return;
       case 'seen':
         if (message.node !== this.nodeId && Array.isArray(message.seen)) {
@@ -590,6 +616,11 @@ export class RedisCluster implements ClusterLink {
 
   wake(ids: readonly string[]): void {
     this.publish('control', { t: 'queued', ids: [...new Set(ids)] });
+  }
+
+  /** The queued copies the cluster store holds (for /metrics). */
+  queuedCopies(): Promise<number> {
+    return this.queue.depth();
   }
 
   takeQueued(id: string): Promise<SharedQueuedEntry[]> {

@@ -12,12 +12,20 @@ redis.call('SADD', KEYS[2], ARGV[3])
 return 1`;
 
 // This node now holds the identity: presence points here, the previous holder's set forgets it.
+// Returns the join's token: larger than every earlier join's (Redis time in microseconds, or the
+// last token + 1), so announcements of one identity's sessions can be ordered (lib/presence-order.ts).
+// It is kept in KEYS[3] as '%.0f' text: Lua would write a number that large as 1.7e+15.
 export const JOIN_SCRIPT = `
 local previous = redis.call('HGET', KEYS[1], ARGV[1])
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('SADD', KEYS[2], ARGV[1])
 if previous and previous ~= ARGV[2] then redis.call('SREM', ARGV[3] .. previous, ARGV[1]) end
-return 1`;
+local now = redis.call('TIME')
+local token = tonumber(now[1]) * 1000000 + tonumber(now[2])
+local last = tonumber(redis.call('GET', KEYS[3]) or '0')
+if token <= last then token = last + 1 end
+redis.call('SET', KEYS[3], string.format('%.0f', token))
+return token`;
 
 // Only the node named in the presence entry removes it: a newer session elsewhere stays.
 export const LEAVE_SCRIPT = `
@@ -51,6 +59,13 @@ if not current or tonumber(ARGV[3]) < tonumber(current) then redis.call('ZADD', 
 local excess = redis.call('LLEN', KEYS[1]) - tonumber(ARGV[2])
 if excess > 0 then return redis.call('LPOP', KEYS[1], excess) end
 return {}`;
+
+// How many queued copies the store holds: every target with copies is in the expiry index
+// (KEYS[1]); ARGV[1] is the prefix of the targets' lists. O(targets with copies), for a scrape.
+export const DEPTH_SCRIPT = `
+local total = 0
+for _, target in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do total = total + redis.call('LLEN', ARGV[1] .. target) end
+return total`;
 
 // Removes a target's expired copies (returned) and keeps the rest in order; the expiry index
 // then holds the earliest remaining expiry, or forgets the target.

@@ -37,6 +37,7 @@ import {
   type Role,
 } from './protocol';
 import type { Session } from './session';
+import { SharedBacklogs } from './shared-backlog';
 import type { TaskDispatch } from './task-dispatch';
 import { splitText, type SplitText } from './ws-frame';
 
@@ -158,6 +159,11 @@ export class Router implements ClusterHandlers {
   private readonly draining = new Set<Session>();
   /** Cluster: sessions draining their shared queue; true when another drain was asked meanwhile. */
   private readonly drainingShared = new Map<Session, boolean>();
+  /** Cluster: sessions with queued copies still to write; a new message that may be queued goes behind them. */
+  private readonly sharedBacklogs: SharedBacklogs<Session> = new SharedBacklogs((session) => {
+    if (session.isOpen && this.online.get(session.identity!.id) === session) this.drainShared(session);
+    else this.sharedBacklogs.end(session);
+  });
 
   constructor(private readonly deps: RouterDeps) {
     this.clustered = deps.cluster.clustered;
@@ -495,6 +501,7 @@ export class Router implements ClusterHandlers {
     const identity = session.identity;
     this.pausedForLog.delete(session);
     this.draining.delete(session);
+    if (this.clustered) this.sharedBacklogs.end(session);
     if (!identity || this.online.get(identity.id) !== session) return false;
     this.online.delete(identity.id);
     if (this.clustered) this.deps.cluster.left(identity.id);
@@ -797,7 +804,14 @@ export class Router implements ClusterHandlers {
       () => this.finishRoute(session, frame, arrival, context, payloadJson, clientGaveId, claimed),
       (error: Error) => {
         this.deps.logger.error('cluster_route_failed', { msg_id: msgId, error: error.message });
-        this.refuseMessage(session, sender.id, msgId, clientGaveId, claimed, 'cluster_unavailable', CLUSTER_UNAVAILABLE);
+        // Nothing written here yet: refused, the sender retries (cluster_unavailable is retryable).
+        if (context.delivered.length === 0) {
+          this.refuseMessage(session, sender.id, msgId, clientGaveId, claimed, 'cluster_unavailable', CLUSTER_UNAVAILABLE);
+          return;
+        }
+        // Targets here have it: a refusal would invite a resend that writes it to them twice.
+        this.notDeliveredElsewhere(context);
+        this.finishRoute(session, frame, arrival, context, payloadJson, clientGaveId, claimed);
       },
     );
   }
@@ -813,6 +827,25 @@ export class Router implements ClusterHandlers {
     return target.kind === 'ids' && target.ids.every((id) => this.online.has(id));
   }
 
+  /** Cluster: the targets elsewhere whose outcome the route could not learn (the store failed mid-route) were not delivered. */
+  private notDeliveredElsewhere(context: RouteContext): void {
+    const settled = new Set([...context.delivered, ...context.queued, ...context.failed.map((failure) => failure.id)]);
+    for (const id of context.elsewhere ?? []) if (!settled.has(id)) this.notDelivered(context, id, 'target_offline');
+  }
+
+  /**
+   * Cluster, the store down: copies to queue cannot be stored. Once a target has the message, a
+   * store_failed error would invite a resend that writes it to that target again, so the targets
+   * to queue fail instead and the ack stays true.
+   */
+  private failUnstorable(context: RouteContext): void {
+    for (const entry of context.toQueue) {
+      context.failed.push({ id: entry.target_id, reason: this.online.has(entry.target_id) ? 'target_slow' : 'target_offline' });
+    }
+    context.queued.length = 0;
+    context.toQueue.length = 0;
+  }
+
   /** Logs the routed message, then acks it (once its queued copies are stored). */
   private finishRoute(
     session: Session,
@@ -823,6 +856,7 @@ export class Router implements ClusterHandlers {
     clientGaveId: boolean,
     claimed: boolean,
   ): void {
+    if (this.clustered && context.toQueue.length > 0 && context.delivered.length > 0 && !this.deps.cluster.available) this.failUnstorable(context);
     const { dedupe } = this.deps;
     const { sender, msgId, now } = context;
     const { receivedAt } = arrival;
@@ -920,7 +954,7 @@ export class Router implements ClusterHandlers {
       else known.push(id);
       if (found && !identities.get(id)) identities.apply(toDoc(found));
     });
-    const pieces: FramePieces = { head: context.head, tail: context.tail };
+    const pieces: FramePieces = { head: context.head, tail: context.tail, ...(context.queueTtlMs > 0 && { queueable: true }) };
     const [outcomes, reached] = await Promise.all([
       known.length > 0 ? cluster.deliverElsewhere(pieces, known) : ({} as Record<string, RemoteOutcome>),
       context.broadcast ? cluster.broadcastElsewhere(pieces, context.sender.id) : [],
@@ -1063,7 +1097,10 @@ export class Router implements ClusterHandlers {
     const open = session !== undefined && session.isOpen;
     // A message that may be queued goes behind the target's backlog while that drains, so
     // queued messages arrive in send order; one that may not is written at once as before.
-    const behindBacklog = open && context.queueTtlMs > 0 && this.deps.queue.pendingFor(targetId).length > 0;
+    // (A cluster's backlog is in the cluster store, known here while this node drains it.)
+    const behindBacklog =
+      open && context.queueTtlMs > 0 && (this.clustered ? this.sharedBacklogs.has(session) : this.deps.queue.pendingFor(targetId).length > 0);
+    if (behindBacklog && this.clustered) this.sharedBacklogs.sentBehind(session, context.now);
     if (open && !behindBacklog) {
       if (session.ws.bufferedAmount <= this.deps.options.maxBufferedBytes) {
         session.sendSplit((context.split ??= splitText(context.head, context.tail)), targetId);
@@ -1323,7 +1360,11 @@ export class Router implements ClusterHandlers {
       const session = this.online.get(id);
       if (session === undefined || !session.isOpen) outcomes[id] = 'offline';
       else if (session.identity!.banned) outcomes[id] = 'banned';
-      else if (session.ws.bufferedAmount > this.deps.options.maxBufferedBytes) outcomes[id] = 'slow';
+      else if (pieces.queueable === true && this.sharedBacklogs.has(session)) {
+        // The asking node queues it: behind the copies this node is writing.
+        this.sharedBacklogs.sentBehind(session, Date.now());
+        outcomes[id] = 'backlog';
+      } else if (session.ws.bufferedAmount > this.deps.options.maxBufferedBytes) outcomes[id] = 'slow';
       else {
         session.sendSplit((split ??= splitText(pieces.head, pieces.tail)), id);
         outcomes[id] = 'delivered';
@@ -1393,7 +1434,9 @@ export class Router implements ClusterHandlers {
 
   queuedFor(id: string): void {
     const session = this.online.get(id);
-    if (session?.isOpen) this.drainShared(session);
+    if (session === undefined) return;
+    this.sharedBacklogs.announced(session);
+    if (session.isOpen) this.drainShared(session);
   }
 
   queuedOutcome(outcome: QueuedOutcome): void {
@@ -1420,13 +1463,17 @@ export class Router implements ClusterHandlers {
       return;
     }
     this.drainingShared.set(session, false);
+    this.sharedBacklogs.begin(session);
     const { cluster, logger, options } = this.deps;
     const room = options.maxBufferedBytes / 2;
     const holds = () => session.isOpen && this.online.get(id) === session;
     let moreLater = false;
+    let took = false;
+    let failed = false;
     const drain = async () => {
       const entries = await cluster.takeQueued(id);
       if (entries.length === 0) return;
+      took = true;
       const now = Date.now();
       const written: SharedQueuedEntry[] = [];
       const writes: Promise<boolean>[] = [];
@@ -1449,13 +1496,19 @@ export class Router implements ClusterHandlers {
       moreLater = firstLost < 0 && rest.length > 0;
     };
     drain()
-      .catch((error: Error) => logger.warn('queue_drain_failed', { id, error: error.message }))
+      .catch((error: Error) => {
+        failed = true;
+        logger.warn('queue_drain_failed', { id, error: error.message });
+      })
       .finally(() => {
         const again = this.drainingShared.get(session) === true;
         this.drainingShared.delete(session);
+        if (!holds() || failed) this.sharedBacklogs.end(session);
         if (!holds()) return;
         if (moreLater) session.whenWritable(room, () => this.drainShared(session));
-        else if (again) this.drainShared(session);
+        // After a drain that wrote copies, one more finds whether others came meanwhile.
+        else if (again || took) this.drainShared(session);
+        else if (!failed) this.sharedBacklogs.drained(session, Date.now());
       });
   }
 }

@@ -174,6 +174,47 @@ describe('cluster: one relay across nodes', () => {
     }
   });
 
+  test('a late replace announcement of an older session closes neither the newer session nor moves its presence back', async () => {
+    const cluster = await startCluster(3);
+    const control = redis.client.duplicate();
+    try {
+      const [a, b, c] = cluster.nodes as [TestRelay, TestRelay, TestRelay];
+      const announced: string[] = [];
+      control.on('message', (_channel: string, text: string) => announced.push(text));
+      await control.subscribe(`${cluster.name}:control`);
+      const first = await authEmployee(a.relay, 'Early', ['ops']);
+      const isFirstJoin = (text: string) => {
+        const message = JSON.parse(text) as Record<string, unknown>;
+        return message.t === 'replace' && message.id === first.id && message.node === 'node-0';
+      };
+      await eventually('node-0 announced its session', () => announced.some(isFirstJoin));
+      const second = await reconnect(b.relay, first, 'employee');
+      assert.equal(second.ok.type, 'auth_ok');
+      assert.equal((await first.socket.closed).code, 4000);
+      await presenceIs(cluster.name, first.id, 'node-1');
+      // node-0's announcement arrives once more, late (as when Redis hands it over after the
+      // newer session went online): it is older than the session on node-1.
+      await redis.client.publish(`${cluster.name}:control`, announced.find(isFirstJoin)!);
+      // An announcement published after it: once the nodes act on this one, they had that one.
+      const marker = await authEmployee(b.relay, 'Marker', ['ops']);
+      assert.equal((await http(a.relay, 'POST', `/employees/${marker.id}/ban`, { authkey: TEST_AUTHKEY })).status, 200);
+      assert.equal((await marker.socket.closed).code, 4008);
+      const listed = async () => (await http(c.relay, 'GET', '/employees')).body.employees as { id: string; banned: boolean; node: string | null }[];
+      await eventually('node-2 knows the ban', async () => (await listed()).some((e) => e.id === marker.id && e.banned));
+      assert.equal((await listed()).find((e) => e.id === first.id)?.node, 'node-1', 'node-2 still places the identity on node-1');
+      second.socket.send({ type: 'ping' });
+      assert.equal((await second.socket.next()).type, 'pong', 'the newer session is still open');
+      const boss = await authBoss(c.relay);
+      boss.socket.send({ type: 'message', to: first.id, payload: 'still there?' });
+      assert.equal((await second.socket.next('message')).payload, 'still there?');
+      assert.deepEqual((await boss.socket.next('delivery_ack')).delivered, [first.id]);
+      await Promise.all([boss.socket.close(), second.socket.close()]);
+    } finally {
+      control.disconnect();
+      await cluster.dispose();
+    }
+  });
+
   test('a ban on one node closes the employee on another with 4008; routes and reconnects are refused everywhere', async () => {
     const cluster = await startCluster(2);
     try {
@@ -282,6 +323,51 @@ describe('cluster: one relay across nodes', () => {
       boss.socket.send({ type: 'message', to: employee.id, payload: { n: 'last' } });
       assert.deepEqual(((await back.socket.next('message')).payload as { n: string }).n, 'last');
       await Promise.all([boss.socket.close(), back.socket.close()]);
+    } finally {
+      await cluster.dispose();
+    }
+  });
+
+  test('a newer queued message waits behind a backlog drained on another node, from the sender\'s node and from the holder\'s', async () => {
+    // ~2 KB copies against a 64 KiB bound: the holder drains in many pieces, each through Redis.
+    const cluster = await startCluster(3, { maxBufferedBytes: 64 * 1024 });
+    try {
+      const [a, b, c] = cluster.nodes as [TestRelay, TestRelay, TestRelay];
+      const employee = await authEmployee(a.relay, 'Behind', ['ops']);
+      await employee.socket.close();
+      await presenceIs(cluster.name, employee.id, null);
+      const boss = await authBoss(b.relay);
+      const count = 300;
+      const pad = 'x'.repeat(2000);
+      for (let n = 0; n < count; n++) boss.socket.send({ type: 'message', to: employee.id, payload: { n, pad }, queue: true, msg_id: `old-${n}` });
+      for (let n = 0; n < count; n++) assert.deepEqual((await boss.socket.next('delivery_ack', 15_000)).queued, [employee.id]);
+      // The queue is the cluster's: every node reports it, without a node label.
+      const depth = async (node: TestRelay) => /^mimiclaw_queue_depth (\d+)$/m.exec(await (await fetch(`${node.relay.httpUrl}/metrics`)).text())?.[1];
+      assert.equal(await depth(c), String(count));
+
+      const back = await reconnect(a.relay, employee, 'employee');
+      assert.equal(back.ok.type, 'auth_ok');
+      const local = await authBoss(a.relay);
+      await back.socket.next('message', 15_000);
+      // The holder (node-0) is writing the backlog: a queued message from node-1 goes behind it...
+      boss.socket.send({ type: 'message', to: employee.id, payload: 'newer', queue: true, msg_id: 'newer' });
+      const newer = await boss.socket.next((f) => f.type === 'delivery_ack' && f.msg_id === 'newer', 15_000);
+      assert.deepEqual([newer.delivered, newer.queued, newer.failed], [[], [employee.id], []], 'queued behind the backlog');
+      // ...and so does one from a sender on node-0 itself.
+      local.socket.send({ type: 'message', to: employee.id, payload: 'local', queue: true, msg_id: 'local' });
+      assert.deepEqual((await local.socket.next('delivery_ack', 15_000)).queued, [employee.id]);
+      // A message that may not be queued is written at once, as on one node.
+      boss.socket.send({ type: 'message', to: employee.id, payload: 'live', msg_id: 'live' });
+      assert.deepEqual((await boss.socket.next((f) => f.type === 'delivery_ack' && f.msg_id === 'live', 15_000)).delivered, [employee.id]);
+
+      // Once 'local' arrives, everything before it has: the frames taken so far, in arrival order.
+      await back.socket.next((f) => f.type === 'message' && f.msg_id === 'local', 30_000);
+      const arrived = [...back.socket.frames.filter((f) => f.type === 'message').map((f) => String(f.msg_id)), 'local'];
+      const queued = arrived.filter((id) => id !== 'live');
+      assert.deepEqual(queued.slice(-2), ['newer', 'local'], 'the newer messages come last');
+      assert.deepEqual(queued.slice(0, -2), Array.from({ length: count - 1 }, (_, n) => `old-${n + 1}`), 'the backlog arrives whole and in order');
+      await eventually('the cluster store is empty', async () => (await depth(c)) === '0');
+      await Promise.all([boss.socket.close(), local.socket.close(), back.socket.close()]);
     } finally {
       await cluster.dispose();
     }
@@ -593,6 +679,41 @@ describe('cluster: faults', () => {
       for (const node of nodes) node.child.child.kill('SIGKILL');
       await Promise.all(nodes.map((node) => node.child.exited));
       await Promise.all(dirs.map((dir) => fs.rm(dir, { recursive: true, force: true })));
+    }
+  });
+
+  test('Redis lost mid-route: targets on the sender\'s node keep their delivery, the ack comes and fails the other node\'s target', async () => {
+    const durable = await startRedis();
+    leftovers.redises.push(durable);
+    const name = `t${process.pid}-${clusterSeq++}`;
+    const a = await startTracked({ redisUrl: durable.url, clusterName: name, nodeId: 'a' });
+    const dirB = await makeTempDir();
+    const b = await startChild(dirB, ['--redis', durable.url, '--cluster', name, '--node-id', 'b']);
+    try {
+      const near = await authEmployee(a.relay, 'Near', ['ops']);
+      const far = await authEmployee(b, 'Far', ['ops']);
+      const boss = await authBoss(a.relay);
+      await eventually('node a routes to node b', async () => {
+        boss.socket.send({ type: 'message', to: far.id, payload: 'warm-up' });
+        return ((await boss.socket.next('delivery_ack')).delivered as string[]).includes(far.id);
+      });
+      // Node b does not answer (stopped), and Redis goes away while node a waits for it.
+      b.child.child.kill('SIGSTOP');
+      boss.socket.send({ type: 'message', to: [near.id, far.id], payload: 'both', queue: true, msg_id: 'mid-route' });
+      assert.equal((await near.socket.next('message')).msg_id, 'mid-route');
+      await durable.kill();
+      const answer = await boss.socket.next((f) => f.msg_id === 'mid-route', 15_000);
+      assert.equal(answer.type, 'delivery_ack', `a true ack, not ${String(answer.code)}: ${near.id} has the message already`);
+      assert.deepEqual(answer.delivered, [near.id]);
+      assert.deepEqual(answer.queued, []);
+      assert.deepEqual(answer.failed, [{ id: far.id, reason: 'target_offline' }]);
+      await Promise.all([boss.socket.close(), near.socket.close()]);
+    } finally {
+      b.child.child.kill('SIGKILL');
+      await b.child.exited;
+      await a.dispose();
+      await durable.stop();
+      await fs.rm(dirB, { recursive: true, force: true });
     }
   });
 

@@ -514,6 +514,7 @@ export class ClusterDispatch implements TaskDispatch {
     return this.cachedCounts;
   }
 
+  /** Not asked in a cluster: the admin API reads `shared.tasks` (the whole cluster) instead. */
   list(): TaskList {
     return { total: 0, tasks: [] };
   }

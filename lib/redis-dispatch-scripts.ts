@@ -16,9 +16,6 @@ local PRIOS = {'high', 'normal', 'low'}
 local RETRIED = 1e15
 -- A lease not ended by its node (the node died or never got the task) is swept this long after its timeout.
 local GRACE = 2000
--- Until the employee's node says it wrote the task, its lease in Redis is at most this long:
--- an assignment lost on the way (its node died, a dropped publish) is swept soon, not after the whole lease.
-local START = 10000
 
 local function emp(e) return redis.call('HMGET', P .. 'emp:' .. e, 'node', 'status', 'capacity', 'inprog', 'tags') end
 
@@ -50,9 +47,9 @@ local function reserve(id, e, attempt)
   local node = redis.call('HGET', P .. 'emp:' .. e, 'node')
   redis.call('HINCRBY', P .. 'emp:' .. e, 'inprog', 1)
   rescore(e)
-  redis.call('HSET', key, 'state', 'in_progress', 'emp', e, 'node', node, 'attempt', attempt)
+  redis.call('HSET', key, 'state', 'in_progress', 'emp', e, 'node', node, 'attempt', attempt, 'reserved', NOW)
   redis.call('SADD', P .. 'held:' .. node, id)
-  redis.call('ZADD', P .. 'leases', NOW + math.min(tonumber(t[2]), START) + GRACE, id)
+  redis.call('ZADD', P .. 'leases', NOW + tonumber(t[2]) + GRACE, id)
   redis.call('HINCRBY', P .. 'count', 'p:' .. t[1], 1)
   return node
 end

@@ -32,8 +32,12 @@ import type { SharedDispatchReads, TaskDispatch, TaskList } from './task-dispatc
 
 /** How often a node sweeps expired tasks and orphaned leases, looks for dead nodes and refreshes its counts. */
 export const DISPATCH_TICK_MS = 1000;
-/** A lease in the store runs this much past its timeout, so the node holding it ends it first (GRACE in the scripts). */
-const LEASE_GRACE_MS = 2000;
+/**
+ * A task reserved for an employee of this node that has not reached it this long after (its
+ * assignment was lost on the way: the node that made it died, or a publish was dropped) is
+ * taken up by this node from the store.
+ */
+export const ADOPT_AFTER_MS = 5000;
 
 export interface ClusterDispatchOptions {
   url: string;
@@ -290,6 +294,8 @@ export class ClusterDispatch implements TaskDispatch {
     const body = parseBody(assignment.body);
     if (body === null) return;
     const worker = this.workers.get(assignment.emp);
+    // Already here (taken up from the store while its assignment was still on the way).
+    if (worker?.tasks.get(body.msg_id)?.id === assignment.id && worker.tasks.get(body.msg_id)?.attempt === assignment.attempt) return;
     const task: LocalTask = { id: assignment.id, body, target: anyTargetName(body.tag), attempt: assignment.attempt, lease: null };
     const frame = `${body.head}${assignment.emp}","dispatch":${JSON.stringify(task.target)},"attempt":${task.attempt}${body.rest}`;
     if (!worker || !this.options.link.write(assignment.emp, frame)) {
@@ -305,8 +311,6 @@ export class ClusterDispatch implements TaskDispatch {
     }, body.timeout_ms);
     task.lease.unref();
     const now = Date.now();
-    // The store's backstop for this lease now runs its whole length (see START in the scripts).
-    this.redis.zadd(`${this.prefix}leases`, 'XX', now + body.timeout_ms + LEASE_GRACE_MS, assignment.id).catch(() => undefined);
     if (assignment.record !== '') this.settle(assignment.origin, assignment.record, task.target, 'delivered');
     this.notifySender(body, assignment.emp, 'assigned', task.attempt, now);
     this.options.bus.publish({
@@ -440,6 +444,7 @@ export class ClusterDispatch implements TaskDispatch {
       this.handOut(list<Assignment>(swept.assignments));
       await this.reapDead();
       await this.rejoinIfReaped();
+      await this.adoptOrphans(now);
       await this.refreshCounts();
       await this.pumpIdle();
     } catch (error) {
@@ -455,6 +460,24 @@ export class ClusterDispatch implements TaskDispatch {
     if (nodes.length === 0) return;
     const alive = await this.redis.mget(nodes.map((node) => `${this.options.clusterName}:node:${node}`));
     for (const [index, node] of nodes.entries()) if (alive[index] === null) await this.reap(node, false);
+  }
+
+  /** Tasks the store says are in progress here that never reached this node: written now (see ADOPT_AFTER_MS). */
+  private async adoptOrphans(now: number): Promise<void> {
+    const known = new Set<string>();
+    for (const worker of this.workers.values()) for (const task of worker.tasks.values()) known.add(task.id);
+    const ids = (await this.redis.smembers(`${this.prefix}held:${this.nodeId}`)).filter((id) => !known.has(id));
+    if (ids.length === 0) return;
+    const pipeline = this.redis.pipeline();
+    for (const id of ids) pipeline.hmget(`${this.prefix}task:${id}`, 'state', 'node', 'emp', 'attempt', 'body', 'since', 'reserved', 'origin');
+    const rows = (await pipeline.exec()) ?? [];
+    rows.forEach(([error, row], index) => {
+      if (error || !Array.isArray(row)) return;
+      const [state, node, emp, attempt, body, since, reserved, origin] = row as (string | null)[];
+      if (state !== 'in_progress' || node !== this.nodeId || !emp || body === null || now - Number(reserved ?? now) < ADOPT_AFTER_MS) return;
+      this.options.logger.warn('dispatch_task_adopted', { task: ids[index] });
+      this.start({ id: ids[index]!, emp, node, attempt: Number(attempt), body, since: Number(since ?? now), record: '', origin: origin ?? '' });
+    });
   }
 
   /**

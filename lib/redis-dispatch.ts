@@ -38,6 +38,8 @@ export const DISPATCH_TICK_MS = 1000;
  * taken up by this node from the store.
  */
 export const ADOPT_AFTER_MS = 5000;
+/** How long an assignment whose end is written stays remembered (a read of the store from before its end may still be answered). */
+const ENDED_KEPT_MS = 5000;
 
 export interface ClusterDispatchOptions {
   url: string;
@@ -112,6 +114,10 @@ type LeaseLoss = 'timeout' | 'disconnected' | 'failed' | 'restart';
 export class ClusterDispatch implements TaskDispatch {
   private readonly prefix: string;
   private readonly workers = new Map<string, LocalWorker>();
+  /** Assignments (task id @ attempt) written here: 0 while in progress, then when their end was written. */
+  private readonly started = new Map<string, number>();
+  /** Counts online() calls, so a check of the store that crossed one is not acted on. */
+  private onlineSeq = 0;
   private cachedCounts: Record<string, TagCounts> = {};
   private timer: NodeJS.Timeout | null = null;
   private ticking = false;
@@ -183,6 +189,7 @@ export class ClusterDispatch implements TaskDispatch {
 
   online(identity: Identity, capacity: number | undefined): void {
     if (identity.role !== 'employee') return;
+    this.onlineSeq++;
     const previous = this.workers.get(identity.id);
     const worker: LocalWorker = {
       identity,
@@ -293,9 +300,11 @@ export class ClusterDispatch implements TaskDispatch {
   private start(assignment: Assignment): void {
     const body = parseBody(assignment.body);
     if (body === null) return;
+    // Each assignment is written once, also when it is both taken up from the store and arrives.
+    const key = `${assignment.id}@${assignment.attempt}`;
+    if (this.started.has(key)) return;
+    this.started.set(key, 0);
     const worker = this.workers.get(assignment.emp);
-    // Already here (taken up from the store while its assignment was still on the way).
-    if (worker?.tasks.get(body.msg_id)?.id === assignment.id && worker.tasks.get(body.msg_id)?.attempt === assignment.attempt) return;
     const task: LocalTask = { id: assignment.id, body, target: anyTargetName(body.tag), attempt: assignment.attempt, lease: null };
     const frame = `${body.head}${assignment.emp}","dispatch":${JSON.stringify(task.target)},"attempt":${task.attempt}${body.rest}`;
     if (!worker || !this.options.link.write(assignment.emp, frame)) {
@@ -349,12 +358,18 @@ export class ClusterDispatch implements TaskDispatch {
 
   /** Ends the lease in the store and tells the sender; a store failure leaves it to the lease sweep. */
   private finish(task: LocalTask, employeeId: string, kind: 'done' | 'lost', reason: LeaseLoss | 'done'): void {
+    const key = `${task.id}@${task.attempt}`;
+    const markEnded = () => this.started.has(key) && this.started.set(key, Date.now());
     this.run(FINISH_SCRIPT, [task.id, employeeId, task.attempt, kind, reason]).then(
       (result) => {
+        markEnded();
         this.ended(result as unknown as Ended, Date.now());
         this.handOut(list<Assignment>(result.assignments));
       },
-      (error: Error) => this.options.logger.warn('dispatch_store_failed', { step: 'finish', msg_id: task.body.msg_id, error: error.message }),
+      (error: Error) => {
+        markEnded();
+        this.options.logger.warn('dispatch_store_failed', { step: 'finish', msg_id: task.body.msg_id, error: error.message });
+      },
     );
   }
 
@@ -464,9 +479,8 @@ export class ClusterDispatch implements TaskDispatch {
 
   /** Tasks the store says are in progress here that never reached this node: written now (see ADOPT_AFTER_MS). */
   private async adoptOrphans(now: number): Promise<void> {
-    const known = new Set<string>();
-    for (const worker of this.workers.values()) for (const task of worker.tasks.values()) known.add(task.id);
-    const ids = (await this.redis.smembers(`${this.prefix}held:${this.nodeId}`)).filter((id) => !known.has(id));
+    for (const [key, endedAt] of this.started) if (endedAt !== 0 && now - endedAt > ENDED_KEPT_MS) this.started.delete(key);
+    const ids = await this.redis.smembers(`${this.prefix}held:${this.nodeId}`);
     if (ids.length === 0) return;
     const pipeline = this.redis.pipeline();
     for (const id of ids) pipeline.hmget(`${this.prefix}task:${id}`, 'state', 'node', 'emp', 'attempt', 'body', 'since', 'reserved', 'origin');
@@ -475,6 +489,8 @@ export class ClusterDispatch implements TaskDispatch {
       if (error || !Array.isArray(row)) return;
       const [state, node, emp, attempt, body, since, reserved, origin] = row as (string | null)[];
       if (state !== 'in_progress' || node !== this.nodeId || !emp || body === null || now - Number(reserved ?? now) < ADOPT_AFTER_MS) return;
+      // Written here already (its end may not be in the store yet when it was read).
+      if (this.started.has(`${ids[index]!}@${Number(attempt)}`)) return;
       this.options.logger.warn('dispatch_task_adopted', { task: ids[index] });
       this.start({ id: ids[index]!, emp, node, attempt: Number(attempt), body, since: Number(since ?? now), record: '', origin: origin ?? '' });
     });
@@ -485,10 +501,18 @@ export class ClusterDispatch implements TaskDispatch {
    * queues (the leases here are void) and its employees left. It writes them again.
    */
   private async rejoinIfReaped(): Promise<void> {
-    if (this.workers.size === 0 || (await this.redis.sismember(`${this.prefix}nodes`, this.nodeId)) === 1) return;
+    if (this.workers.size === 0) return;
+    const onlineSeq = this.onlineSeq;
+    const member = await this.redis.sismember(`${this.prefix}nodes`, this.nodeId);
+    // An employee that came online meanwhile wrote this node back already (or is about to).
+    if (member === 1 || onlineSeq !== this.onlineSeq) return;
     this.options.logger.warn('dispatch_node_rejoined', { node: this.nodeId, employees: this.workers.size });
+    const now = Date.now();
     for (const worker of this.workers.values()) {
-      for (const task of worker.tasks.values()) if (task.lease) clearTimeout(task.lease);
+      for (const task of worker.tasks.values()) {
+        if (task.lease) clearTimeout(task.lease);
+        this.started.set(`${task.id}@${task.attempt}`, now);
+      }
       worker.tasks.clear();
     }
     await this.resync();

@@ -37,7 +37,7 @@ export const DISPATCH_TICK_MS = 1000;
  * assignment was lost on the way: the node that made it died, or a publish was dropped) is
  * taken up by this node from the store.
  */
-export const ADOPT_AFTER_MS = 5000;
+export const ADOPT_AFTER_MS = 15_000;
 /** How long an assignment whose end is written stays remembered (a read of the store from before its end may still be answered). */
 const ENDED_KEPT_MS = 5000;
 

@@ -264,7 +264,7 @@ describe('cluster dispatch: faults', () => {
     const args = [`${name}:dispatch:`, `${name}:banned`, Date.now(), 3, `${name}:node:`, 'node-1', '1'];
     await redis.client.eval(REAP_SCRIPT, 0, ...args);
     // B's node finds a task in progress with B in the store that never reached it, and writes it.
-    const moved = await b.socket.next('message', 20_000);
+    const moved = await b.socket.next('message', 40_000);
     assert.deepEqual([moved.msg_id, moved.attempt], ['l1', 2]);
     assert.equal((await boss.socket.next(update('l1', 'assigned', 2))).id, b.id);
     b.socket.send({ type: 'task_done', msg_id: 'l1' });

@@ -16,12 +16,14 @@ import type {
 } from './cluster-link';
 import type { NewQueuedEntry } from './delivery-queue';
 import type { RelayEvent } from './events';
-import { fromDoc, IdentityStore, toDoc, type Identity, type IdentityDoc } from './identity-store';
+import { raiseLiveness, readLiveness } from './identity-liveness';
+import { IdentityStore, type Identity, type IdentityDoc } from './identity-store';
 import type { Logger } from './logger';
 import { PresenceOrder } from './presence-order';
 import { isPlainObject } from './protocol';
 import { ClusterStartError, connectRedis } from './redis-connection';
 import { SharedDedupe } from './redis-dedupe';
+import { IDENTITY_SEEN_KEY, SharedIdentities } from './redis-identities';
 import { SharedQueue } from './redis-queue';
 import { BURY_SCRIPT, HEARTBEAT_SCRIPT, JOIN_SCRIPT, LEAVE_SCRIPT, RELEASE_SCRIPT } from './redis-scripts';
 
@@ -43,11 +45,7 @@ export function clusterPrefix(clusterName: string): string {
 export const IDENTITIES_KEY = 'identities';
 export const BANNED_KEY = 'banned';
 
-/** An identity as hash `identities` holds it: the document without the ban. */
-export function identityRecord(identity: IdentityDoc | Identity): Omit<IdentityDoc, 'banned'> {
-  const { banned: _banned, ...record } = '_id' in identity ? identity : toDoc(identity);
-  return record;
-}
+export { identityRecord } from './redis-identities';
 
 export interface RedisClusterOptions {
   url: string;
@@ -66,6 +64,7 @@ type ControlMessage =
   | { t: 'node_up'; node: string }
   | { t: 'seen'; node: string; seen: unknown }
   | { t: 'identity'; node: string; doc: Record<string, unknown> }
+  | { t: 'identity_seen'; node: string; id: string; seen: unknown }
   | { t: 'ban'; node: string; id: string; banned: boolean; by: string }
   | { t: 'queued'; ids: string[] }
   | ({ t: 'queued_outcome' } & QueuedOutcome);
@@ -124,14 +123,15 @@ export class RedisCluster implements ClusterLink {
     private readonly options: RedisClusterOptions,
     private readonly redis: Redis,
     private readonly sub: Redis,
-    docs: Record<string, unknown>[],
+    private readonly sharedIdentities: SharedIdentities,
+    docs: IdentityDoc[],
   ) {
     this.prefix = clusterPrefix(options.clusterName);
     this.queue = new SharedQueue(redis, this.prefix, options.nodeId, options.maxQueuedPerTarget, options.logger, (outcome) => this.finishQueued(outcome));
     this.dedupe = new SharedDedupe(redis, this.prefix, options.dedupeWindowMs, options.logger);
     this.identities = IdentityStore.fromDocs(
       docs,
-      { write: (doc) => this.writeIdentity(doc), remove: async (id) => void (await this.redis.hdel(this.key('identities'), id)), close: () => Promise.resolve() },
+      { write: (doc) => this.writeIdentity(doc), remove: (id) => this.sharedIdentities.remove(id), close: () => Promise.resolve() },
       options.logger,
     );
   }
@@ -151,14 +151,9 @@ export class RedisCluster implements ClusterLink {
     try {
       sub = await connectRedis(options.url, `mimiclaw:${options.nodeId}:sub`);
       const prefix = clusterPrefix(options.clusterName);
-      const [entries, banned] = await Promise.all([redis.hgetall(prefix + IDENTITIES_KEY), redis.smembers(prefix + BANNED_KEY)]);
-      const bannedIds = new Set(banned);
-      const docs: Record<string, unknown>[] = [];
-      for (const [id, json] of Object.entries(entries)) {
-        const doc = parseObject(json);
-        if (doc) docs.push({ ...doc, _id: id, id, banned: bannedIds.has(id) });
-      }
-      const cluster = new RedisCluster(options, redis, sub, docs);
+      const keys = { identities: prefix + IDENTITIES_KEY, seen: prefix + IDENTITY_SEEN_KEY, banned: prefix + BANNED_KEY, control: prefix + 'control' };
+      const sharedIdentities = new SharedIdentities(redis, keys, options.nodeId);
+      const cluster = new RedisCluster(options, redis, sub, sharedIdentities, await sharedIdentities.readAll());
       await cluster.claimNodeId();
       await cluster.subscribe();
       await cluster.loadPresence();
@@ -333,18 +328,17 @@ export class RedisCluster implements ClusterLink {
 
   // ---- identities ----------------------------------------------------------------------------
 
-  /** Bans are kept apart (set `banned`), so a stale replica's write can never undo one. */
+  /**
+   * A document change with its revision, or only liveness (lib/redis-identities.ts); announced
+   * from Redis. Bans are kept apart (set `banned`), so a stale replica's write can never undo one.
+   */
   private async writeIdentity(doc: IdentityDoc): Promise<void> {
-    const record = identityRecord(doc);
-    const json = JSON.stringify(record);
-    await this.redis.multi().hset(this.key(IDENTITIES_KEY), doc._id, json).publish(this.key('control'), JSON.stringify({ t: 'identity', node: this.nodeId, doc: record })).exec();
+    const overtaken = await this.sharedIdentities.write(doc);
+    if (overtaken !== null) this.handlers?.identityWritten(overtaken);
   }
 
-  async fetchIdentity(id: string): Promise<Identity | undefined> {
-    const [json, banned] = await Promise.all([this.redis.hget(this.key(IDENTITIES_KEY), id), this.redis.sismember(this.key(BANNED_KEY), id)]);
-    const doc = json === null ? null : parseObject(json);
-    if (doc === null) return undefined;
-    return fromDoc({ ...doc, _id: id, id, banned: banned === 1 }) ?? undefined;
+  fetchIdentity(id: string): Promise<Identity | undefined> {
+    return this.sharedIdentities.read(id);
   }
 
   async setBanned(identity: Identity, banned: boolean, by: string): Promise<void> {
@@ -540,8 +534,14 @@ export class RedisCluster implements ClusterLink {
         for (const [id, node] of this.presence) if (node === message.node) this.presence.delete(id);
         return;
       case 'identity':
-        if (message.node !== this.nodeId && isPlainObject(message.doc)) handlers.identityWritten(message.doc);
+        // Only a revision newer than the replica's: an older change announced late is not taken back in.
+        if (message.node !== this.nodeId && isPlainObject(message.doc) && this.sharedIdentities.accept(message.doc)) handlers.identityWritten(message.doc);
         return;
+      case 'identity_seen': {
+        const identity = message.node !== this.nodeId && typeof message.id === 'string' ? this.identities.get(message.id) : undefined;
+        if (identity !== undefined && isPlainObject(message.seen)) raiseLiveness(identity, readLiveness(message.seen));
+        return;
+      }
       case 'ban':
         if (message.node !== this.nodeId && typeof message.id === 'string') handlers.banChanged(message.id, message.banned === true, String(message.by));
         return;

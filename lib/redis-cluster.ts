@@ -23,7 +23,7 @@ import { PresenceOrder } from './presence-order';
 import { isPlainObject } from './protocol';
 import { ClusterStartError, connectRedis } from './redis-connection';
 import { SharedDedupe } from './redis-dedupe';
-import { IDENTITY_SEEN_KEY, SharedIdentities } from './redis-identities';
+import { IDENTITY_REVISION_KEY, IDENTITY_SEEN_KEY, SharedIdentities } from './redis-identities';
 import { SharedQueue } from './redis-queue';
 import { BURY_SCRIPT, HEARTBEAT_SCRIPT, JOIN_SCRIPT, LEAVE_SCRIPT, RELEASE_SCRIPT } from './redis-scripts';
 
@@ -151,7 +151,7 @@ export class RedisCluster implements ClusterLink {
     try {
       sub = await connectRedis(options.url, `mimiclaw:${options.nodeId}:sub`);
       const prefix = clusterPrefix(options.clusterName);
-      const keys = { identities: prefix + IDENTITIES_KEY, seen: prefix + IDENTITY_SEEN_KEY, banned: prefix + BANNED_KEY, control: prefix + 'control' };
+      const keys = { identities: prefix + IDENTITIES_KEY, seen: prefix + IDENTITY_SEEN_KEY, revision: prefix + IDENTITY_REVISION_KEY, banned: prefix + BANNED_KEY, control: prefix + 'control' };
       const sharedIdentities = new SharedIdentities(redis, keys, options.nodeId);
       const cluster = new RedisCluster(options, redis, sub, sharedIdentities, await sharedIdentities.readAll());
       await cluster.claimNodeId();

@@ -9,6 +9,7 @@
 // Which kind a write is follows from what changed: the replica remembers, per identity, the
 // revision and document it holds, and a document equal to it is a liveness-only write.
 
+import { createHash } from 'node:crypto';
 import type Redis from 'ioredis';
 import { LIVENESS_FIELDS, livenessOf, raiseLiveness, readLiveness } from './identity-liveness';
 import { fromDoc, toDoc, type Identity, type IdentityDoc } from './identity-store';
@@ -17,16 +18,19 @@ import { IDENTITY_SEEN_SCRIPT, IDENTITY_WRITE_SCRIPT } from './redis-scripts';
 
 /** Hash id → the identity's liveness times as merged from every node's writes. */
 export const IDENTITY_SEEN_KEY = 'identity-seen';
+/** The last revision handed out to an identity document (one counter for all identities). */
+export const IDENTITY_REVISION_KEY = 'identity-revision';
 
 /** The full names of the keys and the channel identities use. */
 export interface IdentityKeys {
   identities: string;
   seen: string;
+  revision: string;
   banned: string;
   control: string;
 }
 
-/** What this node's replica holds of an identity's document: the store's revision and the document's text. */
+/** What this node's replica holds of an identity's document: the store's revision and a digest of the document. */
 interface Held {
   revision: number;
   document: string;
@@ -38,11 +42,11 @@ export function revisionOf(doc: Record<string, unknown>): number {
   return typeof revision === 'number' && Number.isSafeInteger(revision) && revision > 0 ? revision : 0;
 }
 
-/** The identity without its liveness and ban, as comparable text: what only a document change moves. */
+/** A digest of the identity without its liveness and ban: what only a document change moves. */
 function documentText(doc: IdentityDoc): string {
   const rest: Record<string, unknown> = {};
   for (const [field, value] of Object.entries(doc)) if (field !== 'banned' && !LIVENESS_FIELDS.includes(field)) rest[field] = value;
-  return JSON.stringify(rest);
+  return createHash('sha256').update(JSON.stringify(rest)).digest('base64');
 }
 
 /** An identity as hash `identities` holds it: the document without the ban (kept in set `banned`). */
@@ -119,7 +123,7 @@ export class SharedIdentities {
       return null;
     }
     const record = identityRecord(doc);
-    const revision = Number(await this.redis.eval(IDENTITY_WRITE_SCRIPT, 2, identities, control, doc._id, JSON.stringify(record), JSON.stringify(this.nodeId)));
+    const revision = Number(await this.redis.eval(IDENTITY_WRITE_SCRIPT, 3, identities, this.keys.revision, control, doc._id, JSON.stringify(record), JSON.stringify(this.nodeId)));
     const now = this.held.get(doc._id);
     // A newer change from another node is already here: the replica shows it, as does the store.
     if (now !== undefined && now.revision > revision) return null;

@@ -90,21 +90,25 @@ if earliest then redis.call('ZADD', KEYS[2], earliest, ARGV[1]) else redis.call(
 return expired`;
 
 // A change of an identity's document (name, tags, meta, key, ...): stored whole with the next
-// revision, made here so two nodes' changes are numbered in the order Redis took them, and
-// announced from here so announcements go out in that order. ARGV[2] is the document's JSON
-// object without a revision (never empty); ARGV[3] the writing node's id as a JSON string.
-// A document without a revision (written by `migrate`) counts as revision 0. Returns the revision.
+// revision, made here so changes are numbered in the order Redis took them, and announced from
+// here so announcements go out in that order. Revisions come from one counter (KEYS[2]) for all
+// identities, so a document `migrate` wrote over (it has no revision: 0) or a deleted and written
+// again one still gets a revision above any a node holds. ARGV[2] is the document's JSON object
+// without a revision (never empty); ARGV[3] the writing node's id as a JSON string.
 export const IDENTITY_WRITE_SCRIPT = `
-local revision = 0
+local revision = redis.call('INCR', KEYS[2])
 local current = redis.call('HGET', KEYS[1], ARGV[1])
 if current then
   local ok, doc = pcall(cjson.decode, current)
-  if ok and type(doc) == 'table' then revision = tonumber(doc.revision) or 0 end
+  local stored = ok and type(doc) == 'table' and tonumber(doc.revision) or 0
+  if stored >= revision then
+    revision = stored + 1
+    redis.call('SET', KEYS[2], string.format('%d', revision))
+  end
 end
-revision = revision + 1
 local record = '{"revision":' .. string.format('%d', revision) .. ',' .. string.sub(ARGV[2], 2)
 redis.call('HSET', KEYS[1], ARGV[1], record)
-redis.call('PUBLISH', KEYS[2], '{"t":"identity","node":' .. ARGV[3] .. ',"doc":' .. record .. '}')
+redis.call('PUBLISH', KEYS[3], '{"t":"identity","node":' .. ARGV[3] .. ',"doc":' .. record .. '}')
 return revision`;
 
 // An identity's liveness (ARGV[2]: JSON of times): merged field by field into its entry in

@@ -161,4 +161,20 @@ describe('cluster: identity writes never go back in time', () => {
       monitor.disconnect();
     }
   });
+  test('a document without a revision, as migrate writes it, counts as revision 0: a change written over it reaches every node', async () => {
+    const { name, nodes } = await startCluster(2);
+    const [a, b] = nodes as [TestRelay, TestRelay];
+    const first = await authEmployee(a.relay, 'Old', ['one']);
+    await first.socket.close();
+    await eventually('node-1 knows the employee', async () => (await employeeOn(b, first.id))?.name === 'Old');
+    // Written over as `migrate --overwrite` writes it: the document without a revision.
+    const identitiesKey = `${name}:identities`;
+    const { revision: _revision, ...migrated } = JSON.parse((await redis.client.hget(identitiesKey, first.id))!) as Record<string, unknown>;
+    await redis.client.hset(identitiesKey, first.id, JSON.stringify({ ...migrated, tags: ['migrated'] }));
+    const again = await reconnect(b.relay, first, 'employee', { name: 'New', tags: ['two'] });
+    assert.equal(again.ok.name, 'New');
+    for (const node of nodes) await eventually(`${node.relay.nodeId} took in the change`, async () => (await employeeOn(node, first.id))?.name === 'New');
+    assert.equal(JSON.parse((await redis.client.hget(identitiesKey, first.id))!).name, 'New');
+    await again.socket.close();
+  });
 });

@@ -20,7 +20,7 @@ import { raiseLiveness, readLiveness } from './identity-liveness';
 import { IdentityStore, type Identity, type IdentityDoc } from './identity-store';
 import type { Logger } from './logger';
 import { PresenceOrder } from './presence-order';
-import { isPlainObject } from './protocol';
+import { isPlainObject, parseObject } from './protocol';
 import { ClusterStartError, connectRedis } from './redis-connection';
 import { SharedDedupe } from './redis-dedupe';
 import { IDENTITY_REVISION_KEY, IDENTITY_SEEN_KEY, SharedIdentities } from './redis-identities';
@@ -671,15 +671,6 @@ async function quit(client: Redis): Promise<void> {
     else client.disconnect();
   } catch {
     client.disconnect();
-  }
-}
-
-function parseObject(text: string): Record<string, unknown> | null {
-  try {
-    const value: unknown = JSON.parse(text);
-    return isPlainObject(value) ? value : null;
-  } catch {
-    return null;
   }
 }
 

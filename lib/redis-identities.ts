@@ -13,7 +13,7 @@ import { createHash } from 'node:crypto';
 import type Redis from 'ioredis';
 import { LIVENESS_FIELDS, livenessOf, raiseLiveness, readLiveness } from './identity-liveness';
 import { fromDoc, toDoc, type Identity, type IdentityDoc } from './identity-store';
-import { isPlainObject } from './protocol';
+import { parseObject } from './protocol';
 import { IDENTITY_SEEN_SCRIPT, IDENTITY_WRITE_SCRIPT } from './redis-scripts';
 
 /** Hash id → the identity's liveness times as merged from every node's writes. */
@@ -136,14 +136,5 @@ export class SharedIdentities {
   async remove(id: string): Promise<void> {
     this.held.delete(id);
     await this.redis.multi().hdel(this.keys.identities, id).hdel(this.keys.seen, id).exec();
-  }
-}
-
-function parseObject(text: string): Record<string, unknown> | null {
-  try {
-    const value: unknown = JSON.parse(text);
-    return isPlainObject(value) ? value : null;
-  } catch {
-    return null;
   }
 }

@@ -66,8 +66,11 @@ export interface RouterDeps {
   bossKeys?: BossKeys | null;
 }
 
-/** Called once an auth is decided: accepted (the session has its identity) or not. */
-export type AuthSettled = (accepted: boolean, wrong: GuessTarget | null) => void;
+/**
+ * Called once an auth is decided: accepted (the session has its identity) or not. A promise
+ * holds a rejection's answer until it resolves (a cluster counting the wrong secret across nodes).
+ */
+export type AuthSettled = (accepted: boolean, wrong: GuessTarget | null) => Promise<void> | undefined;
 
 const CLUSTER_UNAVAILABLE = 'The cluster store (Redis) cannot be reached from this node right now; retry in a few seconds.';
 
@@ -83,7 +86,7 @@ export interface FrameArrival {
 /** Why an identity was removed: an admin's delete, --forget-offline-after, or the end of an ephemeral one's connection. */
 export type RemovalReason = 'deleted' | 'forgotten' | 'ephemeral';
 
-export type AdminFailure = { ok: false; status: 404; code: string; message: string };
+export type AdminFailure = { ok: false; status: 404 | 503; code: string; message: string };
 
 export type DeleteResult = { ok: true; identity: Identity; wasOnline: boolean; droppedQueued: number; written: Promise<void> } | AdminFailure;
 
@@ -189,6 +192,23 @@ export class Router implements ClusterHandlers {
     return counts;
   }
 
+  /** Online identities of the whole relay: in a cluster, of every node (the presence mirror), roles from the replica. */
+  countOnlineEverywhere(): { boss: number; employee: number } {
+    if (!this.clustered) return this.countOnline();
+    const counts = { boss: 0, employee: 0 };
+    for (const id of this.deps.cluster.onlineIds()) {
+      // An ephemeral identity of another node is not in this replica: its id names its role.
+      const role = this.deps.identities.get(id)?.role ?? (id.startsWith('boss-') ? 'boss' : id.startsWith('employee-') ? 'employee' : undefined);
+      if (role !== undefined) counts[role]++;
+    }
+    return counts;
+  }
+
+  /** Sessions of the whole relay, what --max-connections caps: in a cluster, every node's (the presence mirror; no round trip). */
+  private sessionCount(): number {
+    return this.clustered ? Math.max(this.online.size, this.deps.cluster.onlineCount()) : this.online.size;
+  }
+
   /** The node holding `id`'s session: this one, (cluster) another, or null when offline. */
   locate(id: string): string | null {
     if (this.online.has(id)) return this.deps.cluster.nodeId;
@@ -231,8 +251,7 @@ export class Router implements ClusterHandlers {
         this.authAfterFetch(session, frame, unknownId, settled);
         return;
       }
-      this.rejectAuth(session, frame, outcome);
-      settled(false, outcome.wrong ?? null);
+      this.refuseAuth(session, frame, outcome, settled);
       return;
     }
     const { identity, key, reconnected, credential } = outcome;
@@ -272,8 +291,7 @@ export class Router implements ClusterHandlers {
         if (found && !this.deps.identities.get(id)) this.deps.identities.apply(toDoc(found));
         const outcome = this.decideAuth(frame);
         if ('code' in outcome) {
-          this.rejectAuth(session, frame, outcome);
-          settled(false, outcome.wrong ?? null);
+          this.refuseAuth(session, frame, outcome, settled);
           return;
         }
         session.identity = outcome.identity;
@@ -288,6 +306,13 @@ export class Router implements ClusterHandlers {
         settled(false, null);
       },
     );
+  }
+
+  /** Rejects the auth once `settled` has counted a wrong secret (at once on a single node). */
+  private refuseAuth(session: Session, frame: Record<string, unknown>, outcome: AuthRejection, settled: AuthSettled): void {
+    const counted = settled(false, outcome.wrong ?? null);
+    if (counted === undefined) this.rejectAuth(session, frame, outcome);
+    else void counted.then(() => this.rejectAuth(session, frame, outcome));
   }
 
   private goOnline(session: Session, identity: Identity, key: string, reconnected: boolean, capacity: number | undefined): void {
@@ -392,8 +417,8 @@ export class Router implements ClusterHandlers {
     if (frame.ephemeral === true && credentials.value !== undefined) {
       return { code: 'invalid_frame', message: '"ephemeral" applies to a new identity: leave it out when reconnecting with "identity".' };
     }
-    const replacing = credentials.value !== undefined && this.online.has(credentials.value.id);
-    if (!replacing && this.online.size >= options.maxConnections) {
+    const replacing = credentials.value !== undefined && this.isOnline(credentials.value.id);
+    if (!replacing && this.sessionCount() >= options.maxConnections) {
       return { code: 'server_full', message: `The relay is at its limit of ${options.maxConnections} connections; try again later.` };
     }
     if (credentials.value === undefined) {
@@ -1232,18 +1257,56 @@ export class Router implements ClusterHandlers {
    * 4010 first. Messages queued for it are dropped (their senders hear delivery_update "expired");
    * `written` resolves once the identity and the queue removals are on disk.
    */
-  deleteIdentity(id: string, by: string): DeleteResult {
+  async deleteIdentity(id: string, by: string): Promise<DeleteResult> {
     const identity = this.deps.identities.get(id);
+    // An ephemeral identity lives on its node only, like a single node's.
+    if (this.clustered && identity?.ephemeral !== true) return this.deleteShared(id, by);
     if (!identity) return notFound(id);
     const session = this.online.get(id);
-    if (session) {
-      // Offline first, so its disconnect is recorded before the removal, not after.
-      session.send({ type: 'system', event: 'identity_deleted', by, timestamp: Date.now() });
-      this.goOffline(session, CLOSE_CODES.identityDeleted);
-      session.close(CLOSE_CODES.identityDeleted, 'Identity deleted by an admin');
-    }
+    if (session) this.closeDeleted(session, by);
     const { dropped, written } = this.forget(identity, by, 'deleted');
     return { ok: true, identity, wasOnline: session !== undefined, droppedQueued: dropped, written };
+  }
+
+  /** Offline first, so its disconnect is recorded before the removal, not after. */
+  private closeDeleted(session: Session, by: string): void {
+    session.send({ type: 'system', event: 'identity_deleted', by, timestamp: Date.now() });
+    this.goOffline(session, CLOSE_CODES.identityDeleted);
+    session.close(CLOSE_CODES.identityDeleted, 'Identity deleted by an admin');
+  }
+
+  /**
+   * Cluster: out of the shared store first (with its queued copies, reported expired to their
+   * senders), then here; the node holding the session closes it when it hears the announcement.
+   */
+  private async deleteShared(id: string, by: string): Promise<DeleteResult> {
+    const identity = await this.sharedIdentity(id);
+    if (identity === null) return clusterUnavailable();
+    if (!identity) return notFound(id);
+    let removal: Awaited<ReturnType<ClusterLink['removeIdentity']>>;
+    try {
+      removal = await this.deps.cluster.removeIdentity(id, by, false);
+    } catch {
+      return clusterUnavailable();
+    }
+    if (removal === null) return notFound(id);
+    const session = this.online.get(id);
+    if (session) this.closeDeleted(session, by);
+    for (const entry of removal.dropped) this.deps.cluster.finishQueued(queuedOutcomeOf(entry, 'expired'));
+    const { dropped, written } = this.forget(identity, by, 'deleted', removal.dropped.length);
+    return { ok: true, identity, wasOnline: session !== undefined || removal.holder !== null, droppedQueued: dropped, written };
+  }
+
+  /** Cluster: the identity from this node's replica, else from the shared store; null while the shared store cannot be reached. */
+  private async sharedIdentity(id: string): Promise<Identity | undefined | null> {
+    const { identities, cluster } = this.deps;
+    // Nothing is changed here that could not also be changed in the shared store.
+    if (!cluster.available) return null;
+    const known = identities.get(id);
+    if (known) return known;
+    const found = await cluster.fetchIdentity(id).catch(() => null);
+    if (!found) return found;
+    return identities.apply(toDoc(found)) ?? undefined;
   }
 
   /**
@@ -1251,52 +1314,81 @@ export class Router implements ClusterHandlers {
    * session is told (system frame "key_rotated") and closed with 4009, so only a holder of the new
    * key can come back. `written` resolves once the new key's hash is on disk.
    */
-  rotateKey(id: string, by: string): RotateResult {
-    const identity = this.deps.identities.get(id);
+  async rotateKey(id: string, by: string): Promise<RotateResult> {
+    const identity = this.clustered ? await this.sharedIdentity(id) : this.deps.identities.get(id);
+    if (identity === null) return clusterUnavailable();
     if (!identity) return notFound(id);
     const key = this.deps.identities.rotateKey(identity);
     const written = this.deps.identities.flush();
-    const session = this.online.get(id);
-    const now = Date.now();
-    this.deps.connectionLog.record({ identityId: id, role: identity.role, event: 'rotate_key', timestamp: now, online: session !== undefined, reason: by });
-    this.deps.bus.publish({ type: 'key_rotated', node: nodeRef(identity), by, at: now });
-    if (session) {
-      session.send({ type: 'system', event: 'key_rotated', by, timestamp: now });
-      session.close(CLOSE_CODES.credentialsChanged, 'Identity key rotated by an admin');
+    let holder: string | null = null;
+    if (this.clustered) {
+      // The new hash reaches every replica before the announcement that closes the session.
+      await written;
+      try {
+        holder = await this.deps.cluster.keyRotated(id, by);
+      } catch {
+        return clusterUnavailable();
+      }
     }
-    return { ok: true, identity, key, wasOnline: session !== undefined, written };
+    const session = this.online.get(id);
+    const online = session !== undefined || holder !== null;
+    const now = Date.now();
+    this.deps.connectionLog.record({ identityId: id, role: identity.role, event: 'rotate_key', timestamp: now, online, reason: by });
+    this.deps.bus.publish({ type: 'key_rotated', node: nodeRef(identity), by, at: now });
+    if (session) this.closeRotated(session, by);
+    return { ok: true, identity, key, wasOnline: online, written };
   }
 
-  /** Removes identities offline and not seen for `maxAgeMs`; resolves to how many, once on disk. */
+  private closeRotated(session: Session, by: string): void {
+    session.send({ type: 'system', event: 'key_rotated', by, timestamp: Date.now() });
+    session.close(CLOSE_CODES.credentialsChanged, 'Identity key rotated by an admin');
+  }
+
+  /**
+   * Removes identities offline and not seen for `maxAgeMs`; resolves to how many, once on disk.
+   * In a cluster an identity online on any node is kept (checked in the shared store, at the
+   * removal), and of several nodes pruning the same identity one removes it.
+   */
   async forgetOffline(maxAgeMs: number, now = Date.now()): Promise<number> {
-    const stale = this.deps.identities.offlineSince(now - maxAgeMs, (id) => this.online.has(id));
+    const stale = this.deps.identities.offlineSince(now - maxAgeMs, (id) => this.isOnline(id));
     if (stale.length === 0) return 0;
     let dropped = 0;
+    let count = 0;
     const writes: Promise<void>[] = [];
-    for (const identity of stale) {
-      const removal = this.forget(identity, 'forget-offline-after', 'forgotten');
+    const by = 'forget-offline-after';
+    const removals = this.clustered ? await Promise.all(stale.map((identity) => this.deps.cluster.removeIdentity(identity.id, by, true))) : null;
+    for (const [index, identity] of stale.entries()) {
+      const shared = removals?.[index];
+      if (shared === null) continue;
+      for (const entry of shared?.dropped ?? []) this.deps.cluster.finishQueued(queuedOutcomeOf(entry, 'expired'));
+      const removal = this.forget(identity, by, 'forgotten', shared?.dropped.length ?? 0);
       dropped += removal.dropped;
+      count++;
       writes.push(removal.written);
     }
     await Promise.all(writes);
-    this.deps.logger.info('identities_forgotten', { count: stale.length, dropped_queued: dropped, offline_for_ms: maxAgeMs });
-    return stale.length;
+    if (count > 0) this.deps.logger.info('identities_forgotten', { count, dropped_queued: dropped, offline_for_ms: maxAgeMs });
+    return count;
   }
 
-  /** Drops an identity and the messages queued for it; a second call for the same one does nothing. */
-  private forget(identity: Identity, by: string, reason: RemovalReason): { dropped: number; written: Promise<void> } {
+  /**
+   * Drops an identity and the messages queued for it; a second call for the same one does nothing.
+   * `droppedElsewhere`: its copies the cluster store dropped (reported by the caller).
+   */
+  private forget(identity: Identity, by: string, reason: RemovalReason, droppedElsewhere = 0): { dropped: number; written: Promise<void> } {
     const { identities, queue, connectionLog, bus } = this.deps;
     if (identities.get(identity.id) !== identity) return { dropped: 0, written: Promise.resolve() };
     const pending = [...queue.pendingFor(identity.id)];
     const queueWritten = this.finishQueued(pending, 'expired');
     const removed = identities.remove(identity);
     const now = Date.now();
+    const dropped = pending.length + droppedElsewhere;
     // An ephemeral identity's disconnect is logged already; one line per `send` is enough.
     if (reason !== 'ephemeral') {
       connectionLog.record({ identityId: identity.id, role: identity.role, event: 'delete', timestamp: now, online: false, reason: `${reason} by ${by}` });
     }
-    bus.publish({ type: 'identity_removed', node: nodeRef(identity), by, reason, dropped: pending.length, at: now });
-    return { dropped: pending.length, written: Promise.all([queueWritten, removed]).then(() => undefined) };
+    bus.publish({ type: 'identity_removed', node: nodeRef(identity), by, reason, dropped, at: now });
+    return { dropped, written: Promise.all([queueWritten, removed]).then(() => undefined) };
   }
 
   /** Closes the sessions of bosses that authenticated with a credential that was revoked or changed. */
@@ -1432,6 +1524,19 @@ export class Router implements ClusterHandlers {
     if (banned && session) this.closeBanned(session, by);
   }
 
+  identityRemoved(id: string, by: string): void {
+    const session = this.online.get(id);
+    if (session) this.closeDeleted(session, by);
+    const identity = this.deps.identities.get(id);
+    // The removing node logged and announced the removal; the replica forgets it quietly.
+    if (identity) void this.deps.identities.remove(identity);
+  }
+
+  keyRotatedElsewhere(id: string, by: string): void {
+    const session = this.online.get(id);
+    if (session) this.closeRotated(session, by);
+  }
+
   queuedFor(id: string): void {
     const session = this.online.get(id);
     if (session === undefined) return;
@@ -1515,6 +1620,10 @@ export class Router implements ClusterHandlers {
 
 function queuedOutcomeOf(entry: SharedQueuedEntry, status: 'delivered' | 'expired'): QueuedOutcome {
   return { origin: entry.origin, record_id: entry.record_id, msg_id: entry.msg_id, from_id: entry.from_id, target_id: entry.target_id, status };
+}
+
+function clusterUnavailable(): AdminFailure {
+  return { ok: false, status: 503, code: 'cluster_unavailable', message: CLUSTER_UNAVAILABLE };
 }
 
 function notFound(id: string): AdminFailure {

@@ -16,13 +16,15 @@ import type {
 } from './cluster-link';
 import type { NewQueuedEntry } from './delivery-queue';
 import type { RelayEvent } from './events';
-import { fromDoc, IdentityStore, toDoc, type Identity, type IdentityDoc } from './identity-store';
+import { raiseLiveness, readLiveness } from './identity-liveness';
+import { IdentityStore, type Identity, type IdentityDoc } from './identity-store';
 import type { Logger } from './logger';
 import { PresenceOrder } from './presence-order';
-import { isPlainObject } from './protocol';
+import { isPlainObject, parseObject } from './protocol';
 import { ClusterStartError, connectRedis } from './redis-connection';
 import { SharedDedupe } from './redis-dedupe';
-import { SharedLifecycle, WRITE_IDENTITY_SCRIPT, type LifecycleMessage, type SharedRemoval } from './redis-lifecycle';
+import { IDENTITY_REVISION_KEY, IDENTITY_SEEN_KEY, SharedIdentities } from './redis-identities';
+import { SharedLifecycle, type LifecycleMessage, type SharedRemoval } from './redis-lifecycle';
 import { SharedQueue } from './redis-queue';
 import { SharedThrottle, type ThrottledMessage } from './redis-throttle';
 import { BURY_SCRIPT, HEARTBEAT_SCRIPT, JOIN_SCRIPT, LEAVE_SCRIPT, RELEASE_SCRIPT } from './redis-scripts';
@@ -45,11 +47,7 @@ export function clusterPrefix(clusterName: string): string {
 export const IDENTITIES_KEY = 'identities';
 export const BANNED_KEY = 'banned';
 
-/** An identity as hash `identities` holds it: the document without the ban. */
-export function identityRecord(identity: IdentityDoc | Identity): Omit<IdentityDoc, 'banned'> {
-  const { banned: _banned, ...record } = '_id' in identity ? identity : toDoc(identity);
-  return record;
-}
+export { identityRecord } from './redis-identities';
 
 export interface RedisClusterOptions {
   url: string;
@@ -71,6 +69,7 @@ type ControlMessage =
   | { t: 'events_on'; node: string }
   | { t: 'seen'; node: string; seen: unknown }
   | { t: 'identity'; node: string; doc: Record<string, unknown> }
+  | { t: 'identity_seen'; node: string; id: string; seen: unknown }
   | { t: 'ban'; node: string; id: string; banned: boolean; by: string }
   | { t: 'queued'; ids: string[] }
   | ({ t: 'queued_outcome' } & QueuedOutcome)
@@ -138,21 +137,22 @@ export class RedisCluster implements ClusterLink {
     private readonly options: RedisClusterOptions,
     private readonly redis: Redis,
     private readonly sub: Redis,
-    docs: Record<string, unknown>[],
+    private readonly sharedIdentities: SharedIdentities,
+    docs: IdentityDoc[],
   ) {
     this.prefix = clusterPrefix(options.clusterName);
     this.queue = new SharedQueue(redis, this.prefix, options.nodeId, options.maxQueuedPerTarget, options.logger, (outcome) => this.finishQueued(outcome));
     this.dedupe = new SharedDedupe(redis, this.prefix, options.dedupeWindowMs, options.logger);
     this.lifecycle = new SharedLifecycle(
       redis,
-      { identities: this.key(IDENTITIES_KEY), banned: this.key(BANNED_KEY), presence: this.key('presence'), control: this.key('control'), removedPrefix: this.key('removed:') },
+      { identities: this.key(IDENTITIES_KEY), seen: this.key(IDENTITY_SEEN_KEY), banned: this.key(BANNED_KEY), presence: this.key('presence'), control: this.key('control'), removedPrefix: this.key('removed:') },
       options.nodeId,
       (id) => this.queue.take(id),
     );
     this.authFailures = new SharedThrottle(redis, this.prefix, (message) => this.redis.publish(this.key('control'), JSON.stringify(message)), options.logger);
     this.identities = IdentityStore.fromDocs(
       docs,
-      { write: (doc) => this.writeIdentity(doc), remove: async (id) => void (await this.redis.hdel(this.key('identities'), id)), close: () => Promise.resolve() },
+      { write: (doc) => this.writeIdentity(doc), remove: (id) => this.sharedIdentities.remove(id), close: () => Promise.resolve() },
       options.logger,
     );
   }
@@ -176,14 +176,9 @@ export class RedisCluster implements ClusterLink {
     try {
       sub = await connectRedis(options.url, `mimiclaw:${options.nodeId}:sub`);
       const prefix = clusterPrefix(options.clusterName);
-      const [entries, banned] = await Promise.all([redis.hgetall(prefix + IDENTITIES_KEY), redis.smembers(prefix + BANNED_KEY)]);
-      const bannedIds = new Set(banned);
-      const docs: Record<string, unknown>[] = [];
-      for (const [id, json] of Object.entries(entries)) {
-        const doc = parseObject(json);
-        if (doc) docs.push({ ...doc, _id: id, id, banned: bannedIds.has(id) });
-      }
-      const cluster = new RedisCluster(options, redis, sub, docs);
+      const keys = { identities: prefix + IDENTITIES_KEY, seen: prefix + IDENTITY_SEEN_KEY, revision: prefix + IDENTITY_REVISION_KEY, banned: prefix + BANNED_KEY, control: prefix + 'control', removedPrefix: prefix + 'removed:' };
+      const sharedIdentities = new SharedIdentities(redis, keys, options.nodeId);
+      const cluster = new RedisCluster(options, redis, sub, sharedIdentities, await sharedIdentities.readAll());
       await cluster.claimNodeId();
       await cluster.subscribe();
       await cluster.loadPresence();
@@ -369,14 +364,14 @@ export class RedisCluster implements ClusterLink {
   // ---- identities ----------------------------------------------------------------------------
 
   /**
-   * Bans are kept apart (set `banned`), so a stale replica's write can never undo one; a removed
-   * identity's tombstone refuses the write (lib/redis-lifecycle.ts).
+   * A document change with its revision, or only liveness (lib/redis-identities.ts); announced
+   * from Redis. Bans are kept apart (set `banned`), so a stale replica's write can never undo one;
+   * a removed identity's tombstone refuses the write (lib/redis-lifecycle.ts).
    */
   private async writeIdentity(doc: IdentityDoc): Promise<void> {
     if (this.lifecycle.isBuried(doc._id)) return;
-    const record = identityRecord(doc);
-    const announcement = JSON.stringify({ t: 'identity', node: this.nodeId, doc: record });
-    await this.redis.eval(WRITE_IDENTITY_SCRIPT, 2, this.key(IDENTITIES_KEY), this.lifecycle.tombstoneKey(doc._id), doc._id, JSON.stringify(record), this.key('control'), announcement);
+    const overtaken = await this.sharedIdentities.write(doc);
+    if (overtaken !== null) this.handlers?.identityWritten(overtaken);
   }
 
   removeIdentity(id: string, by: string, onlyOffline: boolean): Promise<SharedRemoval | null> {
@@ -389,10 +384,7 @@ export class RedisCluster implements ClusterLink {
 
   async fetchIdentity(id: string): Promise<Identity | undefined> {
     if (this.lifecycle.isBuried(id)) return undefined;
-    const [json, banned] = await Promise.all([this.redis.hget(this.key(IDENTITIES_KEY), id), this.redis.sismember(this.key(BANNED_KEY), id)]);
-    const doc = json === null ? null : parseObject(json);
-    if (doc === null) return undefined;
-    return fromDoc({ ...doc, _id: id, id, banned: banned === 1 }) ?? undefined;
+    return this.sharedIdentities.read(id);
   }
 
   async setBanned(identity: Identity, banned: boolean, by: string): Promise<void> {
@@ -592,11 +584,14 @@ export class RedisCluster implements ClusterLink {
         for (const [id, node] of this.presence) if (node === message.node) this.presence.delete(id);
         return;
       case 'identity':
-        if (message.node !== this.nodeId && isPlainObject(message.doc) && !this.lifecycle.isBuried(String(message.doc._id))) handlers.identityWritten(message.doc);
+        // Only a revision newer than the replica's (an older change announced late is not taken back
+        // in), and never a removed identity's.
+        if (message.node !== this.nodeId && isPlainObject(message.doc) && !this.lifecycle.isBuried(String(message.doc._id)) && this.sharedIdentities.accept(message.doc)) handlers.identityWritten(message.doc);
         return;
       case 'removed':
         if (typeof message.id !== 'string') return;
         this.lifecycle.bury(message.id);
+        this.sharedIdentities.forget(message.id);
         if (message.node !== this.nodeId) handlers.identityRemoved(message.id, String(message.by));
         return;
       case 'throttled':
@@ -605,6 +600,11 @@ export class RedisCluster implements ClusterLink {
       case 'rotated':
         if (message.node !== this.nodeId && typeof message.id === 'string') handlers.keyRotatedElsewhere(message.id, String(message.by));
         return;
+      case 'identity_seen': {
+        const identity = message.node !== this.nodeId && typeof message.id === 'string' ? this.identities.get(message.id) : undefined;
+        if (identity !== undefined && isPlainObject(message.seen)) raiseLiveness(identity, readLiveness(message.seen));
+        return;
+      }
       case 'ban':
         if (message.node !== this.nodeId && typeof message.id === 'string') handlers.banChanged(message.id, message.banned === true, String(message.by));
         return;
@@ -747,15 +747,6 @@ async function quit(client: Redis): Promise<void> {
     else client.disconnect();
   } catch {
     client.disconnect();
-  }
-}
-
-function parseObject(text: string): Record<string, unknown> | null {
-  try {
-    const value: unknown = JSON.parse(text);
-    return isPlainObject(value) ? value : null;
-  } catch {
-    return null;
   }
 }
 

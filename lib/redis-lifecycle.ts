@@ -21,19 +21,13 @@ local holder = redis.call('HGET', KEYS[3], ARGV[1])
 if holder and ARGV[5] == '1' then return {0, holder} end
 local removed = redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('SREM', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[5], ARGV[1])
 if removed == 1 then
   redis.call('SET', KEYS[4], '1', 'PX', ARGV[4])
   redis.call('PUBLISH', ARGV[2], ARGV[3])
 end
 return {removed, holder}`;
 
-// Writes an identity record unless the identity was removed (a write already on its way when it
-// was): the announcement goes with it, so a replica never learns a removed identity again.
-export const WRITE_IDENTITY_SCRIPT = `
-if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('PUBLISH', ARGV[3], ARGV[4])
-return 1`;
 
 /** What the removal found: the node holding the identity's session (null when offline) and its dropped queued copies. */
 export interface SharedRemoval {
@@ -44,6 +38,8 @@ export interface SharedRemoval {
 /** The full names of the keys and the channel the lifecycle touches (lib/redis-cluster.ts owns them). */
 export interface LifecycleKeys {
   identities: string;
+  /** Identities' merged liveness times (lib/redis-identities.ts). */
+  seen: string;
   banned: string;
   presence: string;
   control: string;
@@ -67,7 +63,7 @@ export class SharedLifecycle {
     private readonly takeQueued: (id: string) => Promise<SharedQueuedEntry[]>,
   ) {}
 
-  /** The Redis key marking a removed identity (checked by WRITE_IDENTITY_SCRIPT). */
+  /** The Redis key marking a removed identity (checked by IDENTITY_WRITE_SCRIPT). */
   tombstoneKey(id: string): string {
     return this.keys.removedPrefix + id;
   }
@@ -81,11 +77,12 @@ export class SharedLifecycle {
     const announcement: LifecycleMessage = { t: 'removed', node: this.nodeId, id, by };
     const answer = (await this.redis.eval(
       REMOVE_SCRIPT,
-      4,
+      5,
       this.keys.identities,
       this.keys.banned,
       this.keys.presence,
       this.tombstoneKey(id),
+      this.keys.seen,
       id,
       this.keys.control,
       JSON.stringify(announcement),

@@ -88,3 +88,54 @@ if #expired > 0 then
 end
 if earliest then redis.call('ZADD', KEYS[2], earliest, ARGV[1]) else redis.call('ZREM', KEYS[2], ARGV[1]) end
 return expired`;
+
+// A change of an identity's document (name, tags, meta, key, ...): stored whole with the next
+// revision, made here so changes are numbered in the order Redis took them, and announced from
+// here so announcements go out in that order. Revisions come from one counter (KEYS[2]) for all
+// identities, so a document `migrate` wrote over (it has no revision: 0) or a deleted and written
+// again one still gets a revision above any a node holds. ARGV[2] is the document's JSON object
+// without a revision (never empty); ARGV[3] the writing node's id as a JSON string. A removed
+// identity (its tombstone KEYS[4] is set) is not written: answers 0.
+export const IDENTITY_WRITE_SCRIPT = `
+if redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
+local revision = redis.call('INCR', KEYS[2])
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if current then
+  local ok, doc = pcall(cjson.decode, current)
+  local stored = ok and type(doc) == 'table' and tonumber(doc.revision) or 0
+  if stored >= revision then
+    revision = stored + 1
+    redis.call('SET', KEYS[2], string.format('%d', revision))
+  end
+end
+local record = '{"revision":' .. string.format('%d', revision) .. ',' .. string.sub(ARGV[2], 2)
+redis.call('HSET', KEYS[1], ARGV[1], record)
+redis.call('PUBLISH', KEYS[3], '{"t":"identity","node":' .. ARGV[3] .. ',"doc":' .. record .. '}')
+return revision`;
+
+// An identity's liveness (ARGV[2]: JSON of times): merged field by field into its entry in
+// KEYS[2] by taking the later time, so a write that arrives late never moves a time back and
+// never touches the document. An identity no longer in KEYS[1] (deleted) gets no entry.
+// Announces the merged times; returns 0 when the identity is gone, else 1.
+export const IDENTITY_SEEN_SCRIPT = `
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
+local incoming = cjson.decode(ARGV[2])
+local merged = {}
+local held = redis.call('HGET', KEYS[2], ARGV[1])
+if held then
+  local ok, doc = pcall(cjson.decode, held)
+  if ok and type(doc) == 'table' then merged = doc end
+end
+for _, field in ipairs({'lastSeen', 'lastConnectedAt', 'lastDisconnectedAt', 'lastHeartbeatAt'}) do
+  local time = incoming[field]
+  if type(time) == 'number' and (type(merged[field]) ~= 'number' or time > merged[field]) then merged[field] = time end
+end
+local reported = incoming.lastSelfReportAt
+if type(reported) == 'number' and (type(merged.lastSelfReportAt) ~= 'number' or reported > merged.lastSelfReportAt) then
+  merged.lastSelfReportAt = reported
+  merged.selfReportValid = incoming.selfReportValid
+end
+local text = cjson.encode(merged)
+redis.call('HSET', KEYS[2], ARGV[1], text)
+redis.call('PUBLISH', KEYS[3], '{"t":"identity_seen","node":' .. ARGV[3] .. ',"id":' .. cjson.encode(ARGV[1]) .. ',"seen":' .. text .. '}')
+return 1`;

@@ -60,13 +60,9 @@ auth within --timeout (the reason is one line on stderr); 2 on bad arguments.
   --msg-id ID             your msg_id: sending again with the same one is not delivered twice
   --role boss|employee    default boss; an employee needs --name/--tags or --identity-file
   --authkey K             the relay's authkey (else env MIMICLAW_AUTHKEY)
-<<<<<<< HEAD
   --identity-file F       send as the identity kept in F; without it each run registers an
                           ephemeral identity that the relay forgets when the run ends
-=======
-  --identity-file F       send as the identity kept in F instead of a new one each run
   --ca FILE               for wss://: trust the PEM certificate(s) in FILE (e.g. self-signed)
->>>>>>> main
   --timeout 10s           give up after this long (with --wait-reply: on the reply too)
 `;
 

@@ -19,6 +19,7 @@ import type { RelayEvent } from './events';
 import { fromDoc, IdentityStore, toDoc, type Identity, type IdentityDoc } from './identity-store';
 import type { Logger } from './logger';
 import { isPlainObject } from './protocol';
+import { RedisBatch, splitItems } from './redis-batch';
 import { ClusterStartError, connectRedis } from './redis-connection';
 import { SharedDedupe } from './redis-dedupe';
 import { SharedQueue } from './redis-queue';
@@ -100,6 +101,8 @@ export class RedisCluster implements ClusterLink {
   private readonly pending = new Map<string, PendingRequest>();
   private readonly queue: SharedQueue;
   private readonly dedupe: SharedDedupe;
+  /** Inbox requests, replies and dedupe commands of one event-loop turn, sent as one pipeline. */
+  private readonly batch: RedisBatch;
   private requestSeq = 0;
   /** Mirror of the shared presence (id → node), kept by the control channel; admin reads use it. */
   private readonly presence = new Map<string, string>();
@@ -125,7 +128,8 @@ export class RedisCluster implements ClusterLink {
   ) {
     this.prefix = clusterPrefix(options.clusterName);
     this.queue = new SharedQueue(redis, this.prefix, options.nodeId, options.maxQueuedPerTarget, options.logger, (outcome) => this.finishQueued(outcome));
-    this.dedupe = new SharedDedupe(redis, this.prefix, options.dedupeWindowMs, options.logger);
+    this.batch = new RedisBatch(redis, options.logger);
+    this.dedupe = new SharedDedupe(this.batch, this.prefix, options.dedupeWindowMs);
     this.identities = IdentityStore.fromDocs(
       docs,
       { write: (doc) => this.writeIdentity(doc), remove: async (id) => void (await this.redis.hdel(this.key('identities'), id)), close: () => Promise.resolve() },
@@ -434,28 +438,42 @@ export class RedisCluster implements ClusterLink {
         },
       });
     });
-    let receivers = 0;
-    try {
-      receivers = await this.redis.publish(this.key(`inbox:${node}`), JSON.stringify(make(req)));
-    } catch {
-      receivers = 0;
-    }
-    // Nobody listens on that inbox: the node is gone, there is nothing to wait for.
-    if (receivers === 0) this.pending.get(req)?.answer({ req });
+    this.batch.publish(this.key(`inbox:${node}`), JSON.stringify(make(req)), (receivers) => {
+      // Nobody listens on that inbox (or Redis did not take it): there is nothing to wait for.
+      if (receivers === 0) this.pending.get(req)?.answer({ req });
+    });
     return answered;
   }
 
   private onMessage(channel: string, text: string): void {
+    if (this.handlers === null) return;
+    if (channel === this.key(`inbox:${this.nodeId}`) || channel === this.key(`reply:${this.nodeId}`)) {
+      // Requests and replies come batched: one message per sending node and event-loop turn.
+      const inbox = channel === this.key(`inbox:${this.nodeId}`);
+      for (const item of splitItems(parseJson(text))) {
+        if (!isPlainObject(item)) continue;
+        try {
+          if (inbox) this.onInbox(item as InboxMessage);
+          else this.onReply(item as unknown as ReplyMessage);
+        } catch (error) {
+          this.options.logger.error('cluster_message_failed', { channel, error: (error as Error).message });
+        }
+      }
+      return;
+    }
     const message = parseObject(text);
-    if (message === null || this.handlers === null) return;
+    if (message === null) return;
     try {
       if (channel === this.key('control')) this.onControl(message as ControlMessage);
-      else if (channel === this.key(`inbox:${this.nodeId}`)) this.onInbox(message as InboxMessage);
-      else if (channel === this.key(`reply:${this.nodeId}`)) this.onReply(message as unknown as ReplyMessage);
       else if (channel === this.key('events')) this.onEvent(message);
     } catch (error) {
       this.options.logger.error('cluster_message_failed', { channel, error: (error as Error).message });
     }
+  }
+
+  /** Answers a request on the asker's reply channel, batched with this turn's other answers. */
+  private answer(asker: string, reply: ReplyMessage): void {
+    this.batch.publish(this.key(`reply:${asker}`), JSON.stringify(reply), () => undefined);
   }
 
   private onInbox(message: InboxMessage): void {
@@ -465,7 +483,7 @@ export class RedisCluster implements ClusterLink {
       const { req, reply: replyTo } = message;
       const answer = this.queryHandler ? this.queryHandler(String(message.kind), message.query) : Promise.reject(new Error('no query handler'));
       answer.then(
-        (result) => this.publish(`reply:${replyTo}`, { req, result }),
+        (result) => this.answer(replyTo, { req, result }),
         (error: Error) => this.options.logger.warn('cluster_query_failed', { kind: String(message.kind), error: error.message }),
       );
       return;
@@ -479,7 +497,7 @@ export class RedisCluster implements ClusterLink {
     } else {
       return;
     }
-    this.publish(`reply:${message.reply}`, reply);
+    this.answer(message.reply, reply);
   }
 
   private onReply(reply: ReplyMessage): void {
@@ -644,9 +662,13 @@ async function quit(client: Redis): Promise<void> {
 }
 
 function parseObject(text: string): Record<string, unknown> | null {
+  const value = parseJson(text);
+  return isPlainObject(value) ? value : null;
+}
+
+function parseJson(text: string): unknown {
   try {
-    const value: unknown = JSON.parse(text);
-    return isPlainObject(value) ? value : null;
+    return JSON.parse(text) as unknown;
   } catch {
     return null;
   }

@@ -1,10 +1,10 @@
 // The msg_id dedupe window shared by every node: <cluster>:dedupe:<sender>:<msg_id>, claimed
 // with SET NX PX <window> ("pending" while its node routes it), then holding the first ack's
-// outcome fields, so a resend through any node is answered with that ack.
+// outcome fields, so a resend through any node is answered with that ack. Claims, outcomes and
+// releases ride in the node's per-turn pipeline (lib/redis-batch.ts).
 
-import type Redis from 'ioredis';
 import type { DedupeClaim } from './cluster-link';
-import type { Logger } from './logger';
+import type { RedisBatch } from './redis-batch';
 
 /** How long a resend waits for another node still routing the same msg_id. */
 const CLAIM_WAIT_MS = 3000;
@@ -12,10 +12,9 @@ const CLAIM_POLL_MS = 50;
 
 export class SharedDedupe {
   constructor(
-    private readonly redis: Redis,
+    private readonly batch: RedisBatch,
     private readonly prefix: string,
     private readonly windowMs: number,
-    private readonly logger: Logger,
   ) {}
 
   private key(senderId: string, msgId: string): string {
@@ -26,11 +25,11 @@ export class SharedDedupe {
     const key = this.key(senderId, msgId);
     const deadline = Date.now() + CLAIM_WAIT_MS;
     for (;;) {
-      const set = await this.redis.set(key, 'pending', 'PX', this.windowMs, 'NX');
-      if (set === 'OK') return { kind: 'new' };
-      const value = await this.redis.get(key);
-      if (value !== null && value !== 'pending') return { kind: 'seen', outcome: value };
-      // Another node is routing this very msg_id now (or it just expired): wait for its ack.
+      // Claims the key, or reads what it holds, in one step.
+      const value = await this.batch.setNxGet(key, 'pending', this.windowMs);
+      if (value === null) return { kind: 'new' };
+      if (value !== 'pending') return { kind: 'seen', outcome: value };
+      // Another node is routing this very msg_id now: wait for its ack.
       if (Date.now() > deadline) throw new Error('another node is still routing this msg_id');
       await new Promise((resolve) => setTimeout(resolve, CLAIM_POLL_MS).unref());
     }
@@ -38,13 +37,11 @@ export class SharedDedupe {
 
   /** Records the first ack's outcome fields for a claimed msg_id. */
   settle(senderId: string, msgId: string, outcome: string): void {
-    this.redis.set(this.key(senderId, msgId), outcome, 'KEEPTTL', 'XX').catch((error: Error) => {
-      this.logger.warn('cluster_dedupe_failed', { error: error.message });
-    });
+    this.batch.send('cluster_dedupe_failed', 'set', this.key(senderId, msgId), outcome, 'KEEPTTL', 'XX');
   }
 
   /** Gives a claim back (the message was not routed). */
   release(senderId: string, msgId: string): void {
-    this.redis.del(this.key(senderId, msgId)).catch(() => undefined);
+    this.batch.send('cluster_dedupe_failed', 'del', this.key(senderId, msgId));
   }
 }

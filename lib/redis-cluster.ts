@@ -86,7 +86,9 @@ interface ReplyMessage {
 }
 
 interface PendingRequest {
-  answer(reply: ReplyMessage): void;
+  /** performance.now() after which the request counts as unanswered. */
+  deadline: number;
+  answer(reply: ReplyMessage | null): void;
 }
 
 export class NodeIdTakenError extends ClusterStartError {}
@@ -98,7 +100,10 @@ export class RedisCluster implements ClusterLink {
   private handlers: ClusterHandlers | null = null;
   private readonly token = randomUUID();
   private readonly prefix: string;
+  /** Requests waiting for their answer, in the order they were sent (so oldest deadline first). */
   private readonly pending = new Map<string, PendingRequest>();
+  /** The one timer that ends the oldest pending request when its answer is late. */
+  private replyTimer: NodeJS.Timeout | null = null;
   private readonly queue: SharedQueue;
   private readonly dedupe: SharedDedupe;
   /** Inbox requests, replies and dedupe commands of one event-loop turn, sent as one pipeline. */
@@ -351,7 +356,25 @@ export class RedisCluster implements ClusterLink {
    * target the mirror sent to the wrong node (it moved a moment ago) comes back "offline" and is
    * looked up and asked once more, so a stale mirror never turns into a false failure.
    */
-  async deliverElsewhere(pieces: FramePieces, ids: readonly string[]): Promise<Record<string, RemoteOutcome>> {
+  deliverElsewhere(pieces: FramePieces, ids: readonly string[]): Promise<Record<string, RemoteOutcome>> {
+    // The usual case: the mirror places every target on one other node. One request, no lookup.
+    const node = ids.length > 0 ? this.presence.get(ids[0]!) : undefined;
+    if (node === undefined || node === this.nodeId || !ids.every((id) => this.presence.get(id) === node)) return this.deliverAnywhere(pieces, ids);
+    const targets = [...ids];
+    return this.request(node, (req) => ({ t: 'deliver', req, reply: this.nodeId, head: pieces.head, tail: pieces.tail, ids: targets })).then((reply) => {
+      const outcomes: Record<string, RemoteOutcome> = {};
+      let missed: string[] | null = null;
+      for (const id of targets) {
+        const outcome = reply?.outcomes?.[id] ?? 'offline';
+        outcomes[id] = outcome;
+        if (outcome === 'offline') (missed ??= []).push(id);
+      }
+      if (missed === null) return outcomes;
+      return this.askMoved(pieces, missed, new Map(missed.map((id) => [id, node])), outcomes).then(() => outcomes);
+    });
+  }
+
+  private async deliverAnywhere(pieces: FramePieces, ids: readonly string[]): Promise<Record<string, RemoteOutcome>> {
     const outcomes: Record<string, RemoteOutcome> = {};
     const byNode = new Map<string, string[]>();
     const unplaced: string[] = [];
@@ -365,12 +388,15 @@ export class RedisCluster implements ClusterLink {
     if (unplaced.length > 0) for (const [node, targets] of await this.locateInStore(unplaced)) for (const id of targets) addTo(byNode, node, id);
     await this.askHolders(pieces, byNode, outcomes, asked);
     const missed = ids.filter((id) => outcomes[id] === 'offline' && asked.has(id) && !unplaced.includes(id));
-    if (missed.length > 0) {
-      const again = new Map<string, string[]>();
-      for (const [node, targets] of await this.locateInStore(missed)) for (const id of targets) if (asked.get(id) !== node) addTo(again, node, id);
-      if (again.size > 0) await this.askHolders(pieces, again, outcomes, asked);
-    }
+    if (missed.length > 0) await this.askMoved(pieces, missed, asked, outcomes);
     return outcomes;
+  }
+
+  /** Targets the mirror placed on a node that answered "offline": asked once more where Redis says they are now. */
+  private async askMoved(pieces: FramePieces, missed: readonly string[], asked: Map<string, string>, outcomes: Record<string, RemoteOutcome>): Promise<void> {
+    const again = new Map<string, string[]>();
+    for (const [node, targets] of await this.locateInStore(missed)) for (const id of targets) if (asked.get(id) !== node) addTo(again, node, id);
+    if (again.size > 0) await this.askHolders(pieces, again, outcomes, asked);
   }
 
   /** Holders from Redis (HMGET presence); none when Redis cannot answer: those targets stay offline. */
@@ -426,23 +452,40 @@ export class RedisCluster implements ClusterLink {
   private async request(node: string, make: (req: string) => InboxMessage): Promise<ReplyMessage | null> {
     const req = `${this.nodeId}:${(this.requestSeq++).toString(36)}`;
     const answered = new Promise<ReplyMessage | null>((resolve) => {
-      const timer = setTimeout(() => {
-        this.pending.delete(req);
-        resolve(null);
-      }, REPLY_TIMEOUT_MS);
-      this.pending.set(req, {
-        answer: (reply) => {
-          clearTimeout(timer);
-          this.pending.delete(req);
-          resolve(reply);
-        },
-      });
+      this.pending.set(req, { deadline: performance.now() + REPLY_TIMEOUT_MS, answer: resolve });
     });
+    this.watchReplies();
     this.batch.publish(this.key(`inbox:${node}`), JSON.stringify(make(req)), (receivers) => {
       // Nobody listens on that inbox (or Redis did not take it): there is nothing to wait for.
-      if (receivers === 0) this.pending.get(req)?.answer({ req });
+      if (receivers === 0) this.settleRequest(req, { req });
     });
     return answered;
+  }
+
+  private settleRequest(req: string, reply: ReplyMessage | null): void {
+    const request = this.pending.get(req);
+    if (request === undefined) return;
+    this.pending.delete(req);
+    request.answer(reply);
+  }
+
+  /**
+   * Every request waits REPLY_TIMEOUT_MS and they are kept in the order sent, so one timer for
+   * the oldest serves them all (no timer set and cleared per message).
+   */
+  private watchReplies(): void {
+    if (this.replyTimer !== null) return;
+    const oldest = this.pending.values().next();
+    if (oldest.done === true) return;
+    this.replyTimer = setTimeout(() => {
+      this.replyTimer = null;
+      const now = performance.now();
+      for (const [req, request] of this.pending) {
+        if (request.deadline > now) break;
+        this.settleRequest(req, null);
+      }
+      this.watchReplies();
+    }, Math.max(0, oldest.value.deadline - performance.now()));
   }
 
   private onMessage(channel: string, text: string): void {
@@ -501,7 +544,7 @@ export class RedisCluster implements ClusterLink {
   }
 
   private onReply(reply: ReplyMessage): void {
-    if (typeof reply.req === 'string') this.pending.get(reply.req)?.answer(reply);
+    if (typeof reply.req === 'string') this.settleRequest(reply.req, reply);
   }
 
   private onControl(message: ControlMessage): void {
@@ -639,7 +682,8 @@ export class RedisCluster implements ClusterLink {
   async close(): Promise<void> {
     if (this.closed) return;
     if (this.heartbeat) clearInterval(this.heartbeat);
-    for (const request of [...this.pending.values()]) request.answer({ req: '' });
+    for (const req of [...this.pending.keys()]) this.settleRequest(req, { req: '' });
+    if (this.replyTimer !== null) clearTimeout(this.replyTimer);
     try {
       if (this.redis.status === 'ready') {
         await this.redis.eval(RELEASE_SCRIPT, 2, this.nodeKey(this.nodeId), this.key('nodes'), this.token, this.nodeId);

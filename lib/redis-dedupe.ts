@@ -26,7 +26,7 @@ export class SharedDedupe {
     const deadline = Date.now() + CLAIM_WAIT_MS;
     for (;;) {
       // Claims the key, or reads what it holds, in one step.
-      const value = await this.batch.setNxGet(key, 'pending', this.windowMs);
+      const value = await this.batch.claim(key, this.windowMs);
       if (value === null) return { kind: 'new' };
       if (value !== 'pending') return { kind: 'seen', outcome: value };
       // Another node is routing this very msg_id now: wait for its ack.
@@ -37,11 +37,11 @@ export class SharedDedupe {
 
   /** Records the first ack's outcome fields for a claimed msg_id. */
   settle(senderId: string, msgId: string, outcome: string): void {
-    this.batch.send('cluster_dedupe_failed', 'set', this.key(senderId, msgId), outcome, 'KEEPTTL', 'XX');
+    this.batch.settle(this.key(senderId, msgId), outcome, 'cluster_dedupe_failed');
   }
 
   /** Gives a claim back (the message was not routed). */
   release(senderId: string, msgId: string): void {
-    this.batch.send('cluster_dedupe_failed', 'del', this.key(senderId, msgId));
+    this.batch.delete(this.key(senderId, msgId), 'cluster_dedupe_failed');
   }
 }

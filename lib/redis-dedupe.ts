@@ -9,6 +9,7 @@ import type { RedisBatch } from './redis-batch';
 /** How long a resend waits for another node still routing the same msg_id. */
 const CLAIM_WAIT_MS = 3000;
 const CLAIM_POLL_MS = 50;
+const NEW: DedupeClaim = Object.freeze({ kind: 'new' });
 
 export class SharedDedupe {
   constructor(
@@ -21,17 +22,21 @@ export class SharedDedupe {
     return `${this.prefix}dedupe:${senderId}:${msgId}`;
   }
 
-  async claim(senderId: string, msgId: string): Promise<DedupeClaim> {
+  claim(senderId: string, msgId: string): Promise<DedupeClaim> {
     const key = this.key(senderId, msgId);
+    // Claims the key, or reads what it holds, in one step; the usual answer needs no more.
+    return this.batch.claim(key, this.windowMs).then((value) => (value === null ? NEW : value === 'pending' ? this.waitForOther(key) : { kind: 'seen', outcome: value }));
+  }
+
+  /** Another node is routing this very msg_id now: wait for its ack (or for the key to free). */
+  private async waitForOther(key: string): Promise<DedupeClaim> {
     const deadline = Date.now() + CLAIM_WAIT_MS;
     for (;;) {
-      // Claims the key, or reads what it holds, in one step.
-      const value = await this.batch.claim(key, this.windowMs);
-      if (value === null) return { kind: 'new' };
-      if (value !== 'pending') return { kind: 'seen', outcome: value };
-      // Another node is routing this very msg_id now: wait for its ack.
       if (Date.now() > deadline) throw new Error('another node is still routing this msg_id');
       await new Promise((resolve) => setTimeout(resolve, CLAIM_POLL_MS).unref());
+      const value = await this.batch.claim(key, this.windowMs);
+      if (value === null) return NEW;
+      if (value !== 'pending') return { kind: 'seen', outcome: value };
     }
   }
 

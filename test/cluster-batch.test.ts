@@ -94,6 +94,28 @@ describe('cluster: the message path to Redis is batched', () => {
     }
   });
 
+  test('keys, values and items that are not ASCII arrive whole', async () => {
+    const connection = redis.client.duplicate();
+    const listener = redis.client.duplicate();
+    try {
+      const prefix = `b${process.pid}-${seq++}:`;
+      const received: string[] = [];
+      await listener.subscribe(`${prefix}inbox:ü`);
+      listener.on('message', (_channel: string, message: string) => received.push(message));
+      const batch = new RedisBatch(connection, createLogger('silent'));
+      const key = `${prefix}dedupe:boss-1:msg:ü✓🚀:12`;
+      assert.equal(await batch.claim(key, 60_000), null);
+      batch.settle(key, '"delivered":["émployé:1"],"failed":[]', 'test_failed');
+      batch.publish(`${prefix}inbox:ü`, JSON.stringify({ head: '{"to":"', tail: '","payload":"→ 3:x 🚀"}' }), () => undefined);
+      assert.equal(await batch.claim(key, 60_000), '"delivered":["émployé:1"],"failed":[]');
+      await eventually('the publication arrives', () => Promise.resolve(received.length > 0));
+      assert.deepEqual(JSON.parse(received[0]!), [{ head: '{"to":"', tail: '","payload":"→ 3:x 🚀"}' }]);
+    } finally {
+      connection.disconnect();
+      listener.disconnect();
+    }
+  });
+
   test('a Redis that lost the script (restarted, flushed) runs it again: the claim is still answered', async () => {
     const connection = redis.client.duplicate();
     try {

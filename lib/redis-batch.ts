@@ -12,7 +12,8 @@ import type Redis from 'ioredis';
 import type { Logger } from './logger';
 
 /**
- * Runs a turn's operations in order. ARGV[1] names them, one letter each; keys come from KEYS
+ * Runs a turn's operations in order. ARGV[1] names them, one letter each (read as its byte:
+ * c 99, s 115, d 100, p 112); keys come from KEYS
  * in order, values from ARGV after the first:
  *   c  claim:   SET key 'pending' PX <ttl> NX GET   (ARGV: ttl)   -> 0 when set, else the value held
  *   s  settle:  SET key <value> KEEPTTL XX          (ARGV: value) -> 0
@@ -25,25 +26,25 @@ local out = {}
 local k = 0
 local a = 1
 for i = 1, #ops do
-  local op = string.sub(ops, i, i)
-  if op == 'c' then
+  local op = string.byte(ops, i)
+  if op == 99 then
     k = k + 1
     a = a + 1
     out[i] = redis.call('SET', KEYS[k], 'pending', 'PX', ARGV[a], 'NX', 'GET') or 0
-  elseif op == 's' then
+  elseif op == 115 then
     k = k + 1
     a = a + 1
     redis.call('SET', KEYS[k], ARGV[a], 'KEEPTTL', 'XX')
     out[i] = 0
-  elseif op == 'd' then
+  elseif op == 100 then
     k = k + 1
     redis.call('DEL', KEYS[k])
     out[i] = 0
-  elseif op == 'p' then
+  elseif op == 112 then
     a = a + 2
     out[i] = redis.call('PUBLISH', ARGV[a - 1], ARGV[a])
   else
-    return redis.error_reply('unknown batch operation ' .. op)
+    return redis.error_reply('unknown batch operation ' .. string.char(op))
   end
 end
 return out

@@ -486,6 +486,8 @@ export class RedisCluster implements ClusterLink {
       }
       this.watchReplies();
     }, Math.max(0, oldest.value.deadline - performance.now()));
+    // A pending request does not keep the process alive by itself (the sockets do).
+    this.replyTimer.unref();
   }
 
   private onMessage(channel: string, text: string): void {

@@ -25,7 +25,7 @@ import { MessageLog } from './lib/message-log';
 import { RelayMetrics } from './lib/metrics';
 import { loadNodeId } from './lib/node-id';
 import { resolveOptions, type RelayOptions, type ResolvedOptions } from './lib/options';
-import { RedisCluster } from './lib/redis-cluster';
+import { RedisCluster, SEEN_SHARE_MS } from './lib/redis-cluster';
 import { Router } from './lib/router';
 import { loadKeyFiles, reloadKeyFiles, type KeyReloadResult } from './lib/secret-files';
 import { SingleNode } from './lib/single-node';
@@ -33,6 +33,7 @@ import { assertNotDirectory, dataDirError } from './lib/start-errors';
 import { NedbTaskStore } from './lib/task-store';
 import { CertificateReloader, type CertificateReloadResult } from './lib/tls';
 import { packageVersion } from './lib/version';
+import { heartbeatStaleMs } from './lib/workforce';
 import { WsGateway } from './lib/ws-gateway';
 
 export type { RelayOptions } from './lib/options';
@@ -91,6 +92,8 @@ async function openClusterLink(options: ResolvedOptions, nodeId: string, logger:
     nodeId,
     dedupeWindowMs: options.dedupeWindowMs,
     maxQueuedPerTarget: options.maxQueuedPerTarget,
+    // Other nodes judge heartbeat staleness from these shares: four per staleness threshold at least.
+    seenShareMs: Math.max(25, Math.min(SEEN_SHARE_MS, heartbeatStaleMs(options.pingIntervalMs) / 4)),
     logger,
   });
   return { link: cluster, identities: cluster.identities };
@@ -204,6 +207,7 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
   dispatcher.restore(Date.now());
   const router: Router = new Router({ options, ...stores, dedupe, cluster, dispatcher, bus, logger, bossKeys });
   const gateway = new WsGateway(options, router, bus, logger);
+  if (cluster instanceof RedisCluster) gateway.shareAuthFailures(cluster.authFailures);
   // /api/events streams the whole cluster: this node's events and those other nodes share.
   // Metrics and the log keep to this node's own bus.
   let streamBus = bus;
@@ -236,6 +240,7 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
   }
   const metrics = new RelayMetrics({
     bus,
+    ...(cluster instanceof RedisCluster && { clusterQueueDepth: () => cluster.queuedCopies() }),
     stats: () => ({
       connections: { ...router.countOnline(), unauthenticated: gateway.unauthenticatedCount },
       queueDepth: stores.queue.depth,
@@ -262,10 +267,13 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
     logger,
     startedAt,
     version: packageVersion(),
-    activeConnections: () => router.online.size,
+    // A cluster answers for every node, so two identical calls through a balancer agree.
+    activeConnections: cluster.clustered ? () => Math.max(router.online.size, cluster.onlineCount()) : () => router.online.size,
     extensions,
     ...(otherNodes !== undefined && { otherNodes }),
-    ...(cluster.clustered && { cluster: () => ({ name: options.clusterName, store: cluster.available ? ('up' as const) : ('down' as const) }) }),
+    ...(cluster.clustered && {
+      cluster: () => ({ name: options.clusterName, store: cluster.available ? ('up' as const) : ('down' as const), node_connections: router.online.size }),
+    }),
   });
 
   const onRequest: http.RequestListener = (req, res) => api.handle(req, res);

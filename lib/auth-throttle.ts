@@ -16,6 +16,16 @@ export const AUTH_FAILURE_WINDOW_MS = 60_000;
 /** Most (address, target) counts held; past it the oldest is forgotten, so memory stays bounded. */
 const MAX_TRACKED = 100_000;
 
+/** What a node's throttle does when the cluster's count for (address, target) reached the limit. */
+export type BlockSink = (address: string, target: GuessTarget, retryAfterMs: number) => void;
+
+/** Wrong guesses counted across nodes (a cluster: lib/redis-throttle.ts); it calls the sink when their count reaches the limit. */
+export interface SharedFailureCount {
+  attach(limit: number, sink: BlockSink): void;
+  /** Resolves once the guess is counted across the nodes. */
+  count(address: string, target: GuessTarget): Promise<void>;
+}
+
 interface FailureCount {
   count: number;
   since: number;
@@ -48,6 +58,7 @@ export function describeTarget(target: GuessTarget): string {
 
 export class AuthThrottle {
   private readonly failures = new Map<string, FailureCount>();
+  private shared: SharedFailureCount | null = null;
 
   /**
    * @param limit wrong guesses per address and target per window before further auths
@@ -74,6 +85,29 @@ export class AuthThrottle {
       if (retryAfterMs > 0 && (worst === null || retryAfterMs > worst.retryAfterMs)) worst = { target, retryAfterMs };
     }
     return worst;
+  }
+
+  /** Counts wrong guesses on the other nodes too (only failures reach it), and refuses what their count refuses. */
+  share(shared: SharedFailureCount): void {
+    this.shared = shared;
+    shared.attach(this.limit, (address, target, retryAfterMs) => this.block(address, target, retryAfterMs, Date.now()));
+  }
+
+  /** The cluster reached the limit for (address, target): refused here for `retryAfterMs`. */
+  block(address: string, target: GuessTarget, retryAfterMs: number, now: number): void {
+    if (!this.applies(address)) return;
+    const key = keyOf(address, target);
+    const since = now - (AUTH_FAILURE_WINDOW_MS - retryAfterMs);
+    const failures = this.failures.get(key);
+    if (failures && failures.count >= this.limit && failures.since >= since) return;
+    this.failures.delete(key);
+    if (this.failures.size >= MAX_TRACKED) this.failures.delete(this.failures.keys().next().value!);
+    this.failures.set(key, { count: this.limit, since });
+  }
+
+  /** Counts one wrong guess on the other nodes' side too; undefined without them (or when the throttle does not apply). */
+  countShared(address: string, target: GuessTarget): Promise<void> | undefined {
+    return this.shared !== null && this.applies(address) ? this.shared.count(address, target) : undefined;
   }
 
   /** Counts one wrong guess at `target`; true when this one reached the limit. */

@@ -7,13 +7,18 @@
 import type { NewQueuedEntry } from './delivery-queue';
 import type { Identity } from './identity-store';
 
-/** A target's outcome on the node that holds (or held) its socket. */
-export type RemoteOutcome = 'delivered' | 'offline' | 'slow' | 'banned';
+/**
+ * A target's outcome on the node that holds (or held) its socket. 'backlog': the message may be
+ * queued and the holder is writing the target's queued copies: the asking node queues it behind them.
+ */
+export type RemoteOutcome = 'delivered' | 'offline' | 'slow' | 'banned' | 'backlog';
 
 /** A forwarded message as its head and tail: the frame for a target is head + target id + tail. */
 export interface FramePieces {
   head: string;
   tail: string;
+  /** The message may be queued: a target with queued copies still to write gets it behind them. */
+  queueable?: boolean;
 }
 
 /** A queued copy as stored outside this node: the entry plus the node whose log holds its record. */
@@ -49,6 +54,10 @@ export interface ClusterHandlers {
   identityWritten(doc: Record<string, unknown>): void;
   /** A node banned or unbanned an identity: close the socket held here with 4008 on a ban. */
   banChanged(id: string, banned: boolean, by: string): void;
+  /** A node removed this identity from the cluster: close the session held here with 4010 and forget it. */
+  identityRemoved(id: string, by: string): void;
+  /** A node gave this identity a new key (the replica has its hash already): close the session held here with 4009. */
+  keyRotatedElsewhere(id: string, by: string): void;
   /** Queued copies for a target held here may be waiting: deliver them. */
   queuedFor(id: string): void;
   /** Every identity whose session this node holds (re-announced after the store comes back). */
@@ -72,6 +81,10 @@ export interface ClusterLink {
   // ---- cluster ----
   /** The node holding `id`'s session as this node last heard (a mirror of the shared presence), if any. */
   locate(id: string): string | undefined;
+  /** Identities online on any node, as the presence mirror has them (this node's included). */
+  onlineIds(): Iterable<string>;
+  /** How many identities are online on all nodes together (the presence mirror's size). */
+  onlineCount(): number;
   /** This node now holds `id`'s session: record it and close any older one elsewhere (4000). */
   joined(id: string): Promise<void>;
   /** This node no longer holds `id`'s session (only removes the presence that names this node). */
@@ -80,6 +93,15 @@ export interface ClusterLink {
   fetchIdentity(id: string): Promise<Identity | undefined>;
   /** Sets the ban in the shared store and tells the node holding the identity. */
   setBanned(identity: Identity, banned: boolean, by: string): Promise<void>;
+  /**
+   * Removes the identity, its ban and its queued copies from the shared store and tells every
+   * node (the holder closes the session with 4010). The holder as the shared presence named it
+   * and the dropped copies; null when another node removed it first or, with `onlyOffline`
+   * (pruning), when it is online on some node.
+   */
+  removeIdentity(id: string, by: string, onlyOffline: boolean): Promise<{ holder: string | null; dropped: SharedQueuedEntry[] } | null>;
+  /** Tells every node the identity's key changed (written already); the node holding its session, if any. */
+  keyRotated(id: string, by: string): Promise<string | null>;
   /** Delivers to targets not held here; each id's outcome ('offline' when no node answered in time). */
   deliverElsewhere(pieces: FramePieces, ids: readonly string[]): Promise<Record<string, RemoteOutcome>>;
   /** Broadcast on every other live node; the ids written to. */

@@ -34,8 +34,8 @@ export interface HttpApiDeps {
   version: string;
   activeConnections: () => number;
   extensions: HttpExtensions;
-  /** Cluster: its name and whether this node reaches the cluster store now (in /health). */
-  cluster?: () => { name: string; store: 'up' | 'down' };
+  /** Cluster: its name, whether this node reaches the cluster store now, and the sessions this node holds (in /health). */
+  cluster?: () => { name: string; store: 'up' | 'down'; node_connections: number };
   /** Cluster: the other nodes' answers to reads that span the cluster. */
   otherNodes?: OtherNodes;
 }
@@ -107,10 +107,38 @@ function refuseEarly(req: IncomingMessage, res: ServerResponse): HttpError | nul
   return null;
 }
 
+/** After a 413 sent while the body still arrives: how long and how much more of it is read and dropped before the socket goes. */
+const LINGER_MS = 2000;
+const LINGER_BYTES = 1024 * 1024;
+
 /**
- * The JSON body, at most MAX_BODY_BYTES. Past the limit it stops reading and rejects with a
- * 413 that closes the connection; the socket is not destroyed here, so the answer reaches the
- * client before the close.
+ * A lingering close, for an answer sent while the request body is still arriving. Node's server
+ * destroys the socket right after a Connection: close answer; the bytes the client is still
+ * sending then meet a closed socket, and the kernel answers with a reset that can take the
+ * answer in flight with it (in the client, or in a balancer in between, which then drops it).
+ * So the socket is only half-closed after the answer, and what still comes is read and dropped
+ * until the client closes its side, or for at most LINGER_MS and LINGER_BYTES.
+ */
+function lingerAfterAnswer(req: IncomingMessage): void {
+  const socket = req.socket as IncomingMessage['socket'] & { destroySoon?: () => void };
+  let dropped = 0;
+  const timer = setTimeout(() => socket.destroy(), LINGER_MS);
+  timer.unref();
+  socket.once('close', () => clearTimeout(timer));
+  socket.destroySoon = () => {
+    if (socket.writable) socket.end();
+  };
+  req.on('data', (chunk: Buffer) => {
+    dropped += chunk.length;
+    if (dropped > LINGER_BYTES) socket.destroy();
+  });
+  req.resume();
+}
+
+/**
+ * The JSON body, at most MAX_BODY_BYTES. Past the limit it rejects with a 413 that closes the
+ * connection, after which the rest of the body is dropped (lingerAfterAnswer), so the answer
+ * reaches the client before the close.
  */
 function readBody(req: IncomingMessage): Promise<unknown> {
   return new Promise((resolve, reject) => {
@@ -120,7 +148,7 @@ function readBody(req: IncomingMessage): Promise<unknown> {
       size += chunk.length;
       if (size > MAX_BODY_BYTES) {
         req.off('data', onData);
-        req.pause();
+        lingerAfterAnswer(req);
         reject(bodyTooLarge());
         return;
       }
@@ -180,7 +208,10 @@ export class HttpApi {
 
   handle(req: IncomingMessage, res: ServerResponse): void {
     const refused = refuseEarly(req, res);
-    if (refused) return sendError(res, refused);
+    if (refused) {
+      lingerAfterAnswer(req);
+      return sendError(res, refused);
+    }
     this.dispatch(req, res).catch((error: unknown) => {
       if (error instanceof HttpError) {
         sendError(res, error);
@@ -288,7 +319,7 @@ export class HttpApi {
   }
 
   private health() {
-    const counts = this.deps.router.countOnline();
+    const counts = this.deps.router.countOnlineEverywhere();
     return {
       ok: true,
       service: 'mimiclaw-websocket',
@@ -340,7 +371,7 @@ export class HttpApi {
   private async deleteIdentity(req: IncomingMessage, res: ServerResponse, url: URL, method: string, id: string): Promise<void> {
     this.allow(method, ['DELETE']);
     this.requireWriteAccess(req, url);
-    const result = this.deps.router.deleteIdentity(id, 'admin-http');
+    const result = await this.deps.router.deleteIdentity(id, 'admin-http');
     if (!result.ok) throw new HttpError(result.status, result.code, result.message);
     await result.written;
     const { identity } = result;
@@ -351,7 +382,7 @@ export class HttpApi {
   private async rotateKey(req: IncomingMessage, res: ServerResponse, url: URL, method: string, id: string): Promise<void> {
     this.allow(method, ['POST']);
     this.requireWriteAccess(req, url);
-    const result = this.deps.router.rotateKey(id, 'admin-http');
+    const result = await this.deps.router.rotateKey(id, 'admin-http');
     if (!result.ok) throw new HttpError(result.status, result.code, result.message);
     await result.written;
     const { identity } = result;

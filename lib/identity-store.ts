@@ -7,6 +7,7 @@
 // An ephemeral identity lives in memory only: it is never written, so no restart brings it back.
 
 import { createHash, randomBytes, randomUUID, timingSafeEqual } from 'node:crypto';
+import { livenessOf, raiseLiveness } from './identity-liveness';
 import type { Logger } from './logger';
 import { openDatastore } from './nedb-file';
 import type { EmployeeProfile, Role } from './protocol';
@@ -171,7 +172,10 @@ export class IdentityStore {
       return incoming;
     }
     this.unindexTags(known);
+    // Liveness only moves forward: a document written earlier elsewhere does not take its times back.
+    const seen = livenessOf(known);
     Object.assign(known, incoming);
+    raiseLiveness(known, seen);
     this.indexTags(known);
     return known;
   }

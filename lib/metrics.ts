@@ -29,6 +29,11 @@ export interface RelayMetricsOptions {
   stats: () => RelayStatsSnapshot;
   /** Metric name prefix. Default "mimiclaw_". */
   prefix?: string;
+  /**
+   * Cluster: the queued copies in the cluster store. mimiclaw_queue_depth then reports it, the
+   * same on every node and so without the node label (queueDepth of the stats is not read).
+   */
+  clusterQueueDepth?: () => Promise<number>;
 }
 
 /**
@@ -64,7 +69,7 @@ function totalCounter(registry: Registry, name: string, help: string, read: () =
 }
 
 /** Gauges and byte totals read from the relay's stats at scrape time. */
-function registerStatsMetrics(register: Registry, p: string, current: () => RelayStatsSnapshot): void {
+function registerStatsMetrics(register: Registry, p: string, current: () => RelayStatsSnapshot, clusterWide: ClusterWideMetrics | null): void {
   new Gauge({
     name: `${p}connections`,
     help: 'Open WebSocket connections by role (unauthenticated: waiting for auth).',
@@ -77,14 +82,28 @@ function registerStatsMetrics(register: Registry, p: string, current: () => Rela
       this.set({ role: 'unauthenticated' }, unauthenticated);
     },
   });
-  new Gauge({
-    name: `${p}queue_depth`,
-    help: 'Messages held in the store-and-forward queue for offline targets.',
-    registers: [register],
-    collect() {
-      this.set(current().queueDepth);
-    },
-  });
+  if (clusterWide === null) {
+    new Gauge({
+      name: `${p}queue_depth`,
+      help: 'Messages held in the store-and-forward queue for offline targets.',
+      registers: [register],
+      collect() {
+        this.set(current().queueDepth);
+      },
+    });
+  } else {
+    const { registry, queueDepth } = clusterWide;
+    new Gauge({
+      name: `${p}queue_depth`,
+      help: 'Messages held in the store-and-forward queue for offline targets (cluster: in the cluster store, the same on every node).',
+      registers: [registry],
+      async collect() {
+        // While the cluster store cannot answer, the last value read stays.
+        const depth = await queueDepth().catch(() => null);
+        if (depth !== null) this.set(depth);
+      },
+    });
+  }
   new Gauge({
     name: `${p}store_documents`,
     help: 'Documents held per store (identities.db, connections.db, messages.db).',
@@ -129,8 +148,15 @@ function registerStatsMetrics(register: Registry, p: string, current: () => Rela
   totalCounter(register, `${p}bytes_out_total`, 'WebSocket bytes sent to clients.', () => current().bytesOut);
 }
 
+/** Cluster: values of the whole cluster, rendered after the node's own metrics without its node label. */
+interface ClusterWideMetrics {
+  registry: Registry;
+  queueDepth: () => Promise<number>;
+}
+
 export class RelayMetrics {
   readonly registry = new Registry();
+  private readonly clusterWide: ClusterWideMetrics | null;
   private readonly unsubscribe: () => void;
   private readonly stats: () => RelayStatsSnapshot;
   private snapshot: RelayStatsSnapshot | null = null;
@@ -155,10 +181,11 @@ export class RelayMetrics {
     const register = this.registry;
     this.stats = options.stats;
     collectDefaultMetrics({ register });
+    this.clusterWide = options.clusterQueueDepth ? { registry: new Registry(), queueDepth: options.clusterQueueDepth } : null;
     // One stats() call per scrape: render() takes the snapshot every gauge of that scrape reads.
     const current = () => this.snapshot ?? this.stats();
 
-    registerStatsMetrics(register, p, current);
+    registerStatsMetrics(register, p, current, this.clusterWide);
 
     this.authSuccesses = new Counter({ name: `${p}auth_successes_total`, help: 'Successful auths by role.', labelNames: ['role', 'reconnected'], registers: [register] });
     this.authFailures = new Counter({ name: `${p}auth_failures_total`, help: 'Rejected auths by error code.', labelNames: ['code'], registers: [register] });
@@ -203,7 +230,8 @@ export class RelayMetrics {
     // prom-client calls every collect() synchronously inside metrics(), before its first await.
     const text = this.registry.metrics();
     this.snapshot = null;
-    return text;
+    if (this.clusterWide === null) return text;
+    return Promise.all([text, this.clusterWide.registry.metrics()]).then(([own, cluster]) => own + cluster);
   }
 
   /** Serves GET /metrics. The caller has already checked read access. */
@@ -224,6 +252,7 @@ export class RelayMetrics {
   close(): void {
     this.unsubscribe();
     this.registry.clear();
+    this.clusterWide?.registry.clear();
   }
 
   private onEvent(event: RelayEvent): void {

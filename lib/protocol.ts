@@ -282,6 +282,16 @@ export function isPlainObject(value: unknown): value is Record<string, unknown> 
   return typeof value === 'object' && value !== null && !Array.isArray(value);
 }
 
+/** JSON text that holds an object (as stored or published by this relay), or null. */
+export function parseObject(text: string): Record<string, unknown> | null {
+  try {
+    const value: unknown = JSON.parse(text);
+    return isPlainObject(value) ? value : null;
+  } catch {
+    return null;
+  }
+}
+
 /**
  * Deepest nesting of objects and arrays a frame may have; the frame object itself is level 1,
  * so a message payload may nest 127 levels. Deeper frames are refused before JSON.parse: parsing

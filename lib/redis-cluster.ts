@@ -16,13 +16,18 @@ import type {
 } from './cluster-link';
 import type { NewQueuedEntry } from './delivery-queue';
 import type { RelayEvent } from './events';
-import { fromDoc, IdentityStore, toDoc, type Identity, type IdentityDoc } from './identity-store';
+import { raiseLiveness, readLiveness } from './identity-liveness';
+import { IdentityStore, type Identity, type IdentityDoc } from './identity-store';
 import type { Logger } from './logger';
-import { isPlainObject } from './protocol';
+import { PresenceOrder } from './presence-order';
+import { isPlainObject, parseObject } from './protocol';
 import { RedisBatch, splitItems } from './redis-batch';
 import { ClusterStartError, connectRedis } from './redis-connection';
 import { SharedDedupe } from './redis-dedupe';
+import { IDENTITY_REVISION_KEY, IDENTITY_SEEN_KEY, SharedIdentities } from './redis-identities';
+import { SharedLifecycle, type LifecycleMessage, type SharedRemoval } from './redis-lifecycle';
 import { SharedQueue } from './redis-queue';
+import { SharedThrottle, type ThrottledMessage } from './redis-throttle';
 import { BURY_SCRIPT, HEARTBEAT_SCRIPT, JOIN_SCRIPT, LEAVE_SCRIPT, RELEASE_SCRIPT } from './redis-scripts';
 
 /** A node's liveness key lives this long unless refreshed. */
@@ -43,11 +48,7 @@ export function clusterPrefix(clusterName: string): string {
 export const IDENTITIES_KEY = 'identities';
 export const BANNED_KEY = 'banned';
 
-/** An identity as hash `identities` holds it: the document without the ban. */
-export function identityRecord(identity: IdentityDoc | Identity): Omit<IdentityDoc, 'banned'> {
-  const { banned: _banned, ...record } = '_id' in identity ? identity : toDoc(identity);
-  return record;
-}
+export { identityRecord } from './redis-identities';
 
 export interface RedisClusterOptions {
   url: string;
@@ -56,22 +57,27 @@ export interface RedisClusterOptions {
   dedupeWindowMs: number;
   /** Most queued copies kept for one target; the oldest past it expire. */
   maxQueuedPerTarget: number;
+  /** How often identities' last activity is shared (SEEN_SHARE_MS, or less to stay well inside a shorter heartbeat staleness). */
+  seenShareMs?: number;
   logger: Logger;
 }
 
 type ControlMessage =
-  | { t: 'replace'; node: string; id: string }
-  | { t: 'left'; node: string; id: string }
+  | { t: 'replace'; node: string; id: string; token?: number }
+  | { t: 'left'; node: string; id: string; token?: number }
   | { t: 'buried'; node: string }
   | { t: 'node_up'; node: string }
   | { t: 'seen'; node: string; seen: unknown }
   | { t: 'identity'; node: string; doc: Record<string, unknown> }
+  | { t: 'identity_seen'; node: string; id: string; seen: unknown }
   | { t: 'ban'; node: string; id: string; banned: boolean; by: string }
   | { t: 'queued'; ids: string[] }
-  | ({ t: 'queued_outcome' } & QueuedOutcome);
+  | ({ t: 'queued_outcome' } & QueuedOutcome)
+  | LifecycleMessage
+  | ThrottledMessage;
 
 type InboxMessage =
-  | { t: 'deliver'; req: string; reply: string; head: string; tail: string; ids: string[] }
+  | { t: 'deliver'; req: string; reply: string; head: string; tail: string; ids: string[]; queueable?: boolean }
   | { t: 'broadcast'; req: string; reply: string; head: string; tail: string; sender: string }
   | { t: 'query'; req: string; reply: string; kind: string; query: unknown };
 
@@ -106,11 +112,16 @@ export class RedisCluster implements ClusterLink {
   private replyTimer: NodeJS.Timeout | null = null;
   private readonly queue: SharedQueue;
   private readonly dedupe: SharedDedupe;
-  /** Inbox requests, replies and dedupe commands of one event-loop turn, sent as one pipeline. */
+  /** Inbox requests, replies and dedupe commands of one event-loop turn, sent as one script call. */
   private readonly batch: RedisBatch;
+  private readonly lifecycle: SharedLifecycle;
+  /** Wrong auth secrets counted across the nodes (lib/redis-throttle.ts). */
+  readonly authFailures: SharedThrottle;
   private requestSeq = 0;
   /** Mirror of the shared presence (id → node), kept by the control channel; admin reads use it. */
   private readonly presence = new Map<string, string>();
+  /** Join tokens: which of an identity's sessions is the newest (lib/presence-order.ts). */
+  private readonly order = new PresenceOrder();
   /** Other nodes alive at the last check. */
   private liveNodes: string[] = [];
   private heartbeat: NodeJS.Timeout | null = null;
@@ -124,26 +135,40 @@ export class RedisCluster implements ClusterLink {
   private closed = false;
   private ticking = false;
   private seenSharedAt = 0;
+  /** Shares identities' last activity, on its own cadence (a heartbeat staleness can be shorter than the heartbeat). */
+  private seenTimer: NodeJS.Timeout | null = null;
 
   private constructor(
     private readonly options: RedisClusterOptions,
     private readonly redis: Redis,
     private readonly sub: Redis,
-    docs: Record<string, unknown>[],
+    private readonly sharedIdentities: SharedIdentities,
+    docs: IdentityDoc[],
   ) {
     this.prefix = clusterPrefix(options.clusterName);
     this.queue = new SharedQueue(redis, this.prefix, options.nodeId, options.maxQueuedPerTarget, options.logger, (outcome) => this.finishQueued(outcome));
     this.batch = new RedisBatch(redis, options.logger);
     this.dedupe = new SharedDedupe(this.batch, this.prefix, options.dedupeWindowMs);
+    this.lifecycle = new SharedLifecycle(
+      redis,
+      { identities: this.key(IDENTITIES_KEY), seen: this.key(IDENTITY_SEEN_KEY), banned: this.key(BANNED_KEY), presence: this.key('presence'), control: this.key('control'), removedPrefix: this.key('removed:') },
+      options.nodeId,
+      (id) => this.queue.take(id),
+    );
+    this.authFailures = new SharedThrottle(redis, this.prefix, (message) => this.redis.publish(this.key('control'), JSON.stringify(message)), options.logger);
     this.identities = IdentityStore.fromDocs(
       docs,
-      { write: (doc) => this.writeIdentity(doc), remove: async (id) => void (await this.redis.hdel(this.key('identities'), id)), close: () => Promise.resolve() },
+      { write: (doc) => this.writeIdentity(doc), remove: (id) => this.sharedIdentities.remove(id), close: () => Promise.resolve() },
       options.logger,
     );
   }
 
   get nodeId(): string {
     return this.options.nodeId;
+  }
+
+  private get seenShareMs(): number {
+    return this.options.seenShareMs ?? SEEN_SHARE_MS;
   }
 
   get available(): boolean {
@@ -157,14 +182,9 @@ export class RedisCluster implements ClusterLink {
     try {
       sub = await connectRedis(options.url, `mimiclaw:${options.nodeId}:sub`);
       const prefix = clusterPrefix(options.clusterName);
-      const [entries, banned] = await Promise.all([redis.hgetall(prefix + IDENTITIES_KEY), redis.smembers(prefix + BANNED_KEY)]);
-      const bannedIds = new Set(banned);
-      const docs: Record<string, unknown>[] = [];
-      for (const [id, json] of Object.entries(entries)) {
-        const doc = parseObject(json);
-        if (doc) docs.push({ ...doc, _id: id, id, banned: bannedIds.has(id) });
-      }
-      const cluster = new RedisCluster(options, redis, sub, docs);
+      const keys = { identities: prefix + IDENTITIES_KEY, seen: prefix + IDENTITY_SEEN_KEY, revision: prefix + IDENTITY_REVISION_KEY, banned: prefix + BANNED_KEY, control: prefix + 'control', removedPrefix: prefix + 'removed:' };
+      const sharedIdentities = new SharedIdentities(redis, keys, options.nodeId);
+      const cluster = new RedisCluster(options, redis, sub, sharedIdentities, await sharedIdentities.readAll());
       await cluster.claimNodeId();
       await cluster.subscribe();
       await cluster.loadPresence();
@@ -232,9 +252,19 @@ export class RedisCluster implements ClusterLink {
     return this.presence.get(id);
   }
 
+  onlineIds(): Iterable<string> {
+    return this.presence.keys();
+  }
+
+  onlineCount(): number {
+    return this.presence.size;
+  }
+
   private start(): void {
     this.heartbeat = setInterval(() => void this.tick(), HEARTBEAT_MS);
     this.heartbeat.unref();
+    this.seenTimer = setInterval(() => this.shareSeen(), this.seenShareMs);
+    this.seenTimer.unref();
     // After Redis comes back (a restart, a network cut), write this node's part of the shared
     // state again: its key and the presence of every socket it holds.
     this.redis.on('ready', () => void this.resync());
@@ -253,7 +283,7 @@ export class RedisCluster implements ClusterLink {
       await this.findDeadNodes();
       await this.followEvents();
       await this.queue.expireDue();
-      this.shareSeen();
+      this.lifecycle.sweep();
     } catch (error) {
       this.options.logger.warn('cluster_heartbeat_failed', { error: (error as Error).message });
     } finally {
@@ -264,7 +294,7 @@ export class RedisCluster implements ClusterLink {
   /** Identities active here are seen as active on every node's /admin/workforce (heartbeat staleness). */
   private shareSeen(): void {
     const now = Date.now();
-    if (now - this.seenSharedAt < SEEN_SHARE_MS || this.handlers === null) return;
+    if (now - this.seenSharedAt < this.seenShareMs || this.handlers === null || this.closed || this.redis.status !== 'ready') return;
     this.seenSharedAt = now;
     const seen = this.handlers.recentlySeen();
     if (seen.length > 0) this.publish('control', { t: 'seen', node: this.nodeId, seen });
@@ -306,37 +336,61 @@ export class RedisCluster implements ClusterLink {
 
   async joined(id: string): Promise<void> {
     this.presence.set(id, this.nodeId);
+    const attempt = this.order.joining(id);
+    let token: number;
     try {
-      await this.redis.eval(JOIN_SCRIPT, 2, this.key('presence'), this.key(`presence:${this.nodeId}`), id, this.nodeId, this.key('presence:'));
+      const presenceKeys = [this.key('presence'), this.key(`presence:${this.nodeId}`), this.key('presence-token')];
+      token = Number(await this.redis.eval(JOIN_SCRIPT, 3, ...presenceKeys, id, this.nodeId, this.key('presence:')));
     } catch (error) {
+      this.order.failed(id, attempt);
       this.options.logger.warn('cluster_presence_failed', { id, error: (error as Error).message });
       throw error;
     }
-    this.publish('control', { t: 'replace', node: this.nodeId, id });
+    const standing = this.order.joinedAs(id, attempt, token);
+    // A later join of this node took over: it announces itself.
+    if (standing === 'stale') return;
+    // A newer session on another node was announced while this join was on its way.
+    if (standing === 'replaced') {
+      this.handlers?.replacedElsewhere(id);
+      return;
+    }
+    this.presence.set(id, this.nodeId);
+    this.publish('control', { t: 'replace', node: this.nodeId, id, token });
   }
 
   left(id: string): void {
     if (this.presence.get(id) === this.nodeId) this.presence.delete(id);
+    const token = this.order.left(id);
     this.redis
       .eval(LEAVE_SCRIPT, 2, this.key('presence'), this.key(`presence:${this.nodeId}`), id, this.nodeId)
-      .then(() => this.publish('control', { t: 'left', node: this.nodeId, id }))
+      .then(() => this.publish('control', { t: 'left', node: this.nodeId, id, token }))
       .catch((error: Error) => this.options.logger.warn('cluster_presence_failed', { id, error: error.message }));
   }
 
   // ---- identities ----------------------------------------------------------------------------
 
-  /** Bans are kept apart (set `banned`), so a stale replica's write can never undo one. */
+  /**
+   * A document change with its revision, or only liveness (lib/redis-identities.ts); announced
+   * from Redis. Bans are kept apart (set `banned`), so a stale replica's write can never undo one;
+   * a removed identity's tombstone refuses the write (lib/redis-lifecycle.ts).
+   */
   private async writeIdentity(doc: IdentityDoc): Promise<void> {
-    const record = identityRecord(doc);
-    const json = JSON.stringify(record);
-    await this.redis.multi().hset(this.key(IDENTITIES_KEY), doc._id, json).publish(this.key('control'), JSON.stringify({ t: 'identity', node: this.nodeId, doc: record })).exec();
+    if (this.lifecycle.isBuried(doc._id)) return;
+    const overtaken = await this.sharedIdentities.write(doc);
+    if (overtaken !== null) this.handlers?.identityWritten(overtaken);
+  }
+
+  removeIdentity(id: string, by: string, onlyOffline: boolean): Promise<SharedRemoval | null> {
+    return this.lifecycle.remove(id, by, onlyOffline);
+  }
+
+  keyRotated(id: string, by: string): Promise<string | null> {
+    return this.lifecycle.rotated(id, by);
   }
 
   async fetchIdentity(id: string): Promise<Identity | undefined> {
-    const [json, banned] = await Promise.all([this.redis.hget(this.key(IDENTITIES_KEY), id), this.redis.sismember(this.key(BANNED_KEY), id)]);
-    const doc = json === null ? null : parseObject(json);
-    if (doc === null) return undefined;
-    return fromDoc({ ...doc, _id: id, id, banned: banned === 1 }) ?? undefined;
+    if (this.lifecycle.isBuried(id)) return undefined;
+    return this.sharedIdentities.read(id);
   }
 
   async setBanned(identity: Identity, banned: boolean, by: string): Promise<void> {
@@ -361,7 +415,7 @@ export class RedisCluster implements ClusterLink {
     const node = ids.length > 0 ? this.presence.get(ids[0]!) : undefined;
     if (node === undefined || node === this.nodeId || !ids.every((id) => this.presence.get(id) === node)) return this.deliverAnywhere(pieces, ids);
     const targets = [...ids];
-    return this.request(node, (req) => ({ t: 'deliver', req, reply: this.nodeId, head: pieces.head, tail: pieces.tail, ids: targets })).then((reply) => {
+    return this.request(node, (req) => ({ t: 'deliver', req, reply: this.nodeId, head: pieces.head, tail: pieces.tail, ids: targets, queueable: pieces.queueable })).then((reply) => {
       const outcomes: Record<string, RemoteOutcome> = {};
       let missed: string[] | null = null;
       for (const id of targets) {
@@ -414,7 +468,7 @@ export class RedisCluster implements ClusterLink {
     await Promise.all(
       [...byNode].map(async ([node, targets]) => {
         for (const id of targets) asked.set(id, node);
-        const reply = await this.request(node, (req) => ({ t: 'deliver', req, reply: this.nodeId, head: pieces.head, tail: pieces.tail, ids: targets }));
+        const reply = await this.request(node, (req) => ({ t: 'deliver', req, reply: this.nodeId, head: pieces.head, tail: pieces.tail, ids: targets, queueable: pieces.queueable }));
         // Only what the holder says it wrote counts as delivered; no answer leaves them offline.
         for (const id of targets) {
           const outcome = reply?.outcomes?.[id];
@@ -552,13 +606,22 @@ export class RedisCluster implements ClusterLink {
   private onControl(message: ControlMessage): void {
     const handlers = this.handlers!;
     switch (message.t) {
-      case 'replace':
+      case 'replace': {
         if (typeof message.id !== 'string' || typeof message.node !== 'string') return;
-        this.presence.set(message.id, message.node);
-        if (message.node !== this.nodeId) handlers.replacedElsewhere(message.id);
+        const token = typeof message.token === 'number' ? message.token : undefined;
+        if (message.node === this.nodeId) {
+          if (this.order.announcedHere(message.id, token)) this.presence.set(message.id, message.node);
+          return;
+        }
+        // A late announcement of an older session neither closes a newer one here nor moves the mirror back.
+        const verdict = this.order.announcedElsewhere(message.id, token);
+        if (verdict.moveMirror) this.presence.set(message.id, message.node);
+        if (verdict.closeHeld) handlers.replacedElsewhere(message.id);
         return;
+      }
       case 'left':
-        if (typeof message.id === 'string' && this.presence.get(message.id) === message.node) this.presence.delete(message.id);
+        if (typeof message.id !== 'string' || this.presence.get(message.id) !== message.node) return;
+        if (this.order.leftElsewhere(message.id, typeof message.token === 'number' ? message.token : undefined)) this.presence.delete(message.id);
         return;
       case 'seen':
         if (message.node !== this.nodeId && Array.isArray(message.seen)) {
@@ -577,8 +640,27 @@ export class RedisCluster implements ClusterLink {
         for (const [id, node] of this.presence) if (node === message.node) this.presence.delete(id);
         return;
       case 'identity':
-        if (message.node !== this.nodeId && isPlainObject(message.doc)) handlers.identityWritten(message.doc);
+        // Only a revision newer than the replica's (an older change announced late is not taken back
+        // in), and never a removed identity's.
+        if (message.node !== this.nodeId && isPlainObject(message.doc) && !this.lifecycle.isBuried(String(message.doc._id)) && this.sharedIdentities.accept(message.doc)) handlers.identityWritten(message.doc);
         return;
+      case 'removed':
+        if (typeof message.id !== 'string') return;
+        this.lifecycle.bury(message.id);
+        this.sharedIdentities.forget(message.id);
+        if (message.node !== this.nodeId) handlers.identityRemoved(message.id, String(message.by));
+        return;
+      case 'throttled':
+        this.authFailures.heard(message);
+        return;
+      case 'rotated':
+        if (message.node !== this.nodeId && typeof message.id === 'string') handlers.keyRotatedElsewhere(message.id, String(message.by));
+        return;
+      case 'identity_seen': {
+        const identity = message.node !== this.nodeId && typeof message.id === 'string' ? this.identities.get(message.id) : undefined;
+        if (identity !== undefined && isPlainObject(message.seen)) raiseLiveness(identity, readLiveness(message.seen));
+        return;
+      }
       case 'ban':
         if (message.node !== this.nodeId && typeof message.id === 'string') handlers.banChanged(message.id, message.banned === true, String(message.by));
         return;
@@ -655,6 +737,11 @@ export class RedisCluster implements ClusterLink {
     this.publish('control', { t: 'queued', ids: [...new Set(ids)] });
   }
 
+  /** The queued copies the cluster store holds (for /metrics). */
+  queuedCopies(): Promise<number> {
+    return this.queue.depth();
+  }
+
   takeQueued(id: string): Promise<SharedQueuedEntry[]> {
     return this.queue.take(id);
   }
@@ -684,6 +771,7 @@ export class RedisCluster implements ClusterLink {
   async close(): Promise<void> {
     if (this.closed) return;
     if (this.heartbeat) clearInterval(this.heartbeat);
+    if (this.seenTimer) clearInterval(this.seenTimer);
     for (const req of [...this.pending.keys()]) this.settleRequest(req, { req: '' });
     if (this.replyTimer !== null) clearTimeout(this.replyTimer);
     try {
@@ -705,11 +793,6 @@ async function quit(client: Redis): Promise<void> {
   } catch {
     client.disconnect();
   }
-}
-
-function parseObject(text: string): Record<string, unknown> | null {
-  const value = parseJson(text);
-  return isPlainObject(value) ? value : null;
 }
 
 function parseJson(text: string): unknown {

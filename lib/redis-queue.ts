@@ -7,7 +7,7 @@ import type { QueuedOutcome, SharedQueuedEntry } from './cluster-link';
 import type { NewQueuedEntry } from './delivery-queue';
 import type { Logger } from './logger';
 import { isPlainObject } from './protocol';
-import { ENQUEUE_SCRIPT, EXPIRE_SCRIPT } from './redis-scripts';
+import { DEPTH_SCRIPT, ENQUEUE_SCRIPT, EXPIRE_SCRIPT } from './redis-scripts';
 
 /** Targets whose due copies one node expires per heartbeat. */
 const EXPIRE_BATCH = 100;
@@ -56,6 +56,11 @@ export class SharedQueue {
     for (const target of due) {
       this.reportExpired(await this.redis.eval(EXPIRE_SCRIPT, 2, this.listKey(target), this.expiryKey, target, Date.now()));
     }
+  }
+
+  /** How many queued copies the store holds for every target together. */
+  async depth(): Promise<number> {
+    return Number(await this.redis.eval(DEPTH_SCRIPT, 1, this.expiryKey, `${this.prefix}queue:`));
   }
 
   /** The messages.db records `target` already has copies of (a second migration skips them). */

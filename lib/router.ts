@@ -37,6 +37,7 @@ import {
   type Role,
 } from './protocol';
 import type { Session } from './session';
+import { SharedBacklogs } from './shared-backlog';
 import { splitText, type SplitText } from './ws-frame';
 
 /**
@@ -64,8 +65,11 @@ export interface RouterDeps {
   bossKeys?: BossKeys | null;
 }
 
-/** Called once an auth is decided: accepted (the session has its identity) or not. */
-export type AuthSettled = (accepted: boolean, wrong: GuessTarget | null) => void;
+/**
+ * Called once an auth is decided: accepted (the session has its identity) or not. A promise
+ * holds a rejection's answer until it resolves (a cluster counting the wrong secret across nodes).
+ */
+export type AuthSettled = (accepted: boolean, wrong: GuessTarget | null) => Promise<void> | undefined;
 
 const CLUSTER_UNAVAILABLE = 'The cluster store (Redis) cannot be reached from this node right now; retry in a few seconds.';
 
@@ -81,7 +85,7 @@ export interface FrameArrival {
 /** Why an identity was removed: an admin's delete, --forget-offline-after, or the end of an ephemeral one's connection. */
 export type RemovalReason = 'deleted' | 'forgotten' | 'ephemeral';
 
-export type AdminFailure = { ok: false; status: 404; code: string; message: string };
+export type AdminFailure = { ok: false; status: 404 | 503; code: string; message: string };
 
 export type DeleteResult = { ok: true; identity: Identity; wasOnline: boolean; droppedQueued: number; written: Promise<void> } | AdminFailure;
 
@@ -157,6 +161,11 @@ export class Router implements ClusterHandlers {
   private readonly draining = new Set<Session>();
   /** Cluster: sessions draining their shared queue; true when another drain was asked meanwhile. */
   private readonly drainingShared = new Map<Session, boolean>();
+  /** Cluster: sessions with queued copies still to write; a new message that may be queued goes behind them. */
+  private readonly sharedBacklogs: SharedBacklogs<Session> = new SharedBacklogs((session) => {
+    if (session.isOpen && this.online.get(session.identity!.id) === session) this.drainShared(session);
+    else this.sharedBacklogs.end(session);
+  });
 
   constructor(private readonly deps: RouterDeps) {
     this.clustered = deps.cluster.clustered;
@@ -180,6 +189,23 @@ export class Router implements ClusterHandlers {
     const counts = { boss: 0, employee: 0 };
     for (const session of this.online.values()) counts[session.identity!.role]++;
     return counts;
+  }
+
+  /** Online identities of the whole relay: in a cluster, of every node (the presence mirror), roles from the replica. */
+  countOnlineEverywhere(): { boss: number; employee: number } {
+    if (!this.clustered) return this.countOnline();
+    const counts = { boss: 0, employee: 0 };
+    for (const id of this.deps.cluster.onlineIds()) {
+      // An ephemeral identity of another node is not in this replica: its id names its role.
+      const role = this.deps.identities.get(id)?.role ?? (id.startsWith('boss-') ? 'boss' : id.startsWith('employee-') ? 'employee' : undefined);
+      if (role !== undefined) counts[role]++;
+    }
+    return counts;
+  }
+
+  /** Sessions of the whole relay, what --max-connections caps: in a cluster, every node's (the presence mirror; no round trip). */
+  private sessionCount(): number {
+    return this.clustered ? Math.max(this.online.size, this.deps.cluster.onlineCount()) : this.online.size;
   }
 
   /** The node holding `id`'s session: this one, (cluster) another, or null when offline. */
@@ -224,8 +250,7 @@ export class Router implements ClusterHandlers {
         this.authAfterFetch(session, frame, unknownId, settled);
         return;
       }
-      this.rejectAuth(session, frame, outcome);
-      settled(false, outcome.wrong ?? null);
+      this.refuseAuth(session, frame, outcome, settled);
       return;
     }
     const { identity, key, reconnected, credential } = outcome;
@@ -265,8 +290,7 @@ export class Router implements ClusterHandlers {
         if (found && !this.deps.identities.get(id)) this.deps.identities.apply(toDoc(found));
         const outcome = this.decideAuth(frame);
         if ('code' in outcome) {
-          this.rejectAuth(session, frame, outcome);
-          settled(false, outcome.wrong ?? null);
+          this.refuseAuth(session, frame, outcome, settled);
           return;
         }
         session.identity = outcome.identity;
@@ -281,6 +305,13 @@ export class Router implements ClusterHandlers {
         settled(false, null);
       },
     );
+  }
+
+  /** Rejects the auth once `settled` has counted a wrong secret (at once on a single node). */
+  private refuseAuth(session: Session, frame: Record<string, unknown>, outcome: AuthRejection, settled: AuthSettled): void {
+    const counted = settled(false, outcome.wrong ?? null);
+    if (counted === undefined) this.rejectAuth(session, frame, outcome);
+    else void counted.then(() => this.rejectAuth(session, frame, outcome));
   }
 
   private goOnline(session: Session, identity: Identity, key: string, reconnected: boolean, capacity: number | undefined): void {
@@ -385,8 +416,8 @@ export class Router implements ClusterHandlers {
     if (frame.ephemeral === true && credentials.value !== undefined) {
       return { code: 'invalid_frame', message: '"ephemeral" applies to a new identity: leave it out when reconnecting with "identity".' };
     }
-    const replacing = credentials.value !== undefined && this.online.has(credentials.value.id);
-    if (!replacing && this.online.size >= options.maxConnections) {
+    const replacing = credentials.value !== undefined && this.isOnline(credentials.value.id);
+    if (!replacing && this.sessionCount() >= options.maxConnections) {
       return { code: 'server_full', message: `The relay is at its limit of ${options.maxConnections} connections; try again later.` };
     }
     if (credentials.value === undefined) {
@@ -494,6 +525,7 @@ export class Router implements ClusterHandlers {
     const identity = session.identity;
     this.pausedForLog.delete(session);
     this.draining.delete(session);
+    if (this.clustered) this.sharedBacklogs.end(session);
     if (!identity || this.online.get(identity.id) !== session) return false;
     this.online.delete(identity.id);
     if (this.clustered) this.deps.cluster.left(identity.id);
@@ -784,7 +816,14 @@ export class Router implements ClusterHandlers {
       () => this.finishRoute(session, frame, arrival, context, payloadJson, clientGaveId, claimed),
       (error: Error) => {
         this.deps.logger.error('cluster_route_failed', { msg_id: msgId, error: error.message });
-        this.refuseMessage(session, sender.id, msgId, clientGaveId, claimed, 'cluster_unavailable', CLUSTER_UNAVAILABLE);
+        // Nothing written here yet: refused, the sender retries (cluster_unavailable is retryable).
+        if (context.delivered.length === 0) {
+          this.refuseMessage(session, sender.id, msgId, clientGaveId, claimed, 'cluster_unavailable', CLUSTER_UNAVAILABLE);
+          return;
+        }
+        // Targets here have it: a refusal would invite a resend that writes it to them twice.
+        this.notDeliveredElsewhere(context);
+        this.finishRoute(session, frame, arrival, context, payloadJson, clientGaveId, claimed);
       },
     );
   }
@@ -800,6 +839,25 @@ export class Router implements ClusterHandlers {
     return target.kind === 'ids' && target.ids.every((id) => this.online.has(id));
   }
 
+  /** Cluster: the targets elsewhere whose outcome the route could not learn (the store failed mid-route) were not delivered. */
+  private notDeliveredElsewhere(context: RouteContext): void {
+    const settled = new Set([...context.delivered, ...context.queued, ...context.failed.map((failure) => failure.id)]);
+    for (const id of context.elsewhere ?? []) if (!settled.has(id)) this.notDelivered(context, id, 'target_offline');
+  }
+
+  /**
+   * Cluster, the store down: copies to queue cannot be stored. Once a target has the message, a
+   * store_failed error would invite a resend that writes it to that target again, so the targets
+   * to queue fail instead and the ack stays true.
+   */
+  private failUnstorable(context: RouteContext): void {
+    for (const entry of context.toQueue) {
+      context.failed.push({ id: entry.target_id, reason: this.online.has(entry.target_id) ? 'target_slow' : 'target_offline' });
+    }
+    context.queued.length = 0;
+    context.toQueue.length = 0;
+  }
+
   /** Logs the routed message, then acks it (once its queued copies are stored). */
   private finishRoute(
     session: Session,
@@ -810,6 +868,7 @@ export class Router implements ClusterHandlers {
     clientGaveId: boolean,
     claimed: boolean,
   ): void {
+    if (this.clustered && context.toQueue.length > 0 && context.delivered.length > 0 && !this.deps.cluster.available) this.failUnstorable(context);
     const { dedupe } = this.deps;
     const { sender, msgId, now } = context;
     const { receivedAt } = arrival;
@@ -905,7 +964,7 @@ export class Router implements ClusterHandlers {
       else known.push(id);
       if (found && !identities.get(id)) identities.apply(toDoc(found));
     });
-    const pieces: FramePieces = { head: context.head, tail: context.tail };
+    const pieces: FramePieces = { head: context.head, tail: context.tail, ...(context.queueTtlMs > 0 && { queueable: true }) };
     const [outcomes, reached] = context.broadcast
       ? await Promise.all([known.length > 0 ? cluster.deliverElsewhere(pieces, known) : ({} as Record<string, RemoteOutcome>), cluster.broadcastElsewhere(pieces, context.sender.id)])
       : [known.length > 0 ? await cluster.deliverElsewhere(pieces, known) : ({} as Record<string, RemoteOutcome>), []];
@@ -1047,7 +1106,10 @@ export class Router implements ClusterHandlers {
     const open = session !== undefined && session.isOpen;
     // A message that may be queued goes behind the target's backlog while that drains, so
     // queued messages arrive in send order; one that may not is written at once as before.
-    const behindBacklog = open && context.queueTtlMs > 0 && this.deps.queue.pendingFor(targetId).length > 0;
+    // (A cluster's backlog is in the cluster store, known here while this node drains it.)
+    const behindBacklog =
+      open && context.queueTtlMs > 0 && (this.clustered ? this.sharedBacklogs.has(session) : this.deps.queue.pendingFor(targetId).length > 0);
+    if (behindBacklog && this.clustered) this.sharedBacklogs.sentBehind(session, context.now);
     if (open && !behindBacklog) {
       if (session.ws.bufferedAmount <= this.deps.options.maxBufferedBytes) {
         session.sendSplit((context.split ??= splitText(context.head, context.tail)), targetId);
@@ -1179,18 +1241,56 @@ export class Router implements ClusterHandlers {
    * 4010 first. Messages queued for it are dropped (their senders hear delivery_update "expired");
    * `written` resolves once the identity and the queue removals are on disk.
    */
-  deleteIdentity(id: string, by: string): DeleteResult {
+  async deleteIdentity(id: string, by: string): Promise<DeleteResult> {
     const identity = this.deps.identities.get(id);
+    // An ephemeral identity lives on its node only, like a single node's.
+    if (this.clustered && identity?.ephemeral !== true) return this.deleteShared(id, by);
     if (!identity) return notFound(id);
     const session = this.online.get(id);
-    if (session) {
-      // Offline first, so its disconnect is recorded before the removal, not after.
-      session.send({ type: 'system', event: 'identity_deleted', by, timestamp: Date.now() });
-      this.goOffline(session, CLOSE_CODES.identityDeleted);
-      session.close(CLOSE_CODES.identityDeleted, 'Identity deleted by an admin');
-    }
+    if (session) this.closeDeleted(session, by);
     const { dropped, written } = this.forget(identity, by, 'deleted');
     return { ok: true, identity, wasOnline: session !== undefined, droppedQueued: dropped, written };
+  }
+
+  /** Offline first, so its disconnect is recorded before the removal, not after. */
+  private closeDeleted(session: Session, by: string): void {
+    session.send({ type: 'system', event: 'identity_deleted', by, timestamp: Date.now() });
+    this.goOffline(session, CLOSE_CODES.identityDeleted);
+    session.close(CLOSE_CODES.identityDeleted, 'Identity deleted by an admin');
+  }
+
+  /**
+   * Cluster: out of the shared store first (with its queued copies, reported expired to their
+   * senders), then here; the node holding the session closes it when it hears the announcement.
+   */
+  private async deleteShared(id: string, by: string): Promise<DeleteResult> {
+    const identity = await this.sharedIdentity(id);
+    if (identity === null) return clusterUnavailable();
+    if (!identity) return notFound(id);
+    let removal: Awaited<ReturnType<ClusterLink['removeIdentity']>>;
+    try {
+      removal = await this.deps.cluster.removeIdentity(id, by, false);
+    } catch {
+      return clusterUnavailable();
+    }
+    if (removal === null) return notFound(id);
+    const session = this.online.get(id);
+    if (session) this.closeDeleted(session, by);
+    for (const entry of removal.dropped) this.deps.cluster.finishQueued(queuedOutcomeOf(entry, 'expired'));
+    const { dropped, written } = this.forget(identity, by, 'deleted', removal.dropped.length);
+    return { ok: true, identity, wasOnline: session !== undefined || removal.holder !== null, droppedQueued: dropped, written };
+  }
+
+  /** Cluster: the identity from this node's replica, else from the shared store; null while the shared store cannot be reached. */
+  private async sharedIdentity(id: string): Promise<Identity | undefined | null> {
+    const { identities, cluster } = this.deps;
+    // Nothing is changed here that could not also be changed in the shared store.
+    if (!cluster.available) return null;
+    const known = identities.get(id);
+    if (known) return known;
+    const found = await cluster.fetchIdentity(id).catch(() => null);
+    if (!found) return found;
+    return identities.apply(toDoc(found)) ?? undefined;
   }
 
   /**
@@ -1198,52 +1298,81 @@ export class Router implements ClusterHandlers {
    * session is told (system frame "key_rotated") and closed with 4009, so only a holder of the new
    * key can come back. `written` resolves once the new key's hash is on disk.
    */
-  rotateKey(id: string, by: string): RotateResult {
-    const identity = this.deps.identities.get(id);
+  async rotateKey(id: string, by: string): Promise<RotateResult> {
+    const identity = this.clustered ? await this.sharedIdentity(id) : this.deps.identities.get(id);
+    if (identity === null) return clusterUnavailable();
     if (!identity) return notFound(id);
     const key = this.deps.identities.rotateKey(identity);
     const written = this.deps.identities.flush();
-    const session = this.online.get(id);
-    const now = Date.now();
-    this.deps.connectionLog.record({ identityId: id, role: identity.role, event: 'rotate_key', timestamp: now, online: session !== undefined, reason: by });
-    this.deps.bus.publish({ type: 'key_rotated', node: nodeRef(identity), by, at: now });
-    if (session) {
-      session.send({ type: 'system', event: 'key_rotated', by, timestamp: now });
-      session.close(CLOSE_CODES.credentialsChanged, 'Identity key rotated by an admin');
+    let holder: string | null = null;
+    if (this.clustered) {
+      // The new hash reaches every replica before the announcement that closes the session.
+      await written;
+      try {
+        holder = await this.deps.cluster.keyRotated(id, by);
+      } catch {
+        return clusterUnavailable();
+      }
     }
-    return { ok: true, identity, key, wasOnline: session !== undefined, written };
+    const session = this.online.get(id);
+    const online = session !== undefined || holder !== null;
+    const now = Date.now();
+    this.deps.connectionLog.record({ identityId: id, role: identity.role, event: 'rotate_key', timestamp: now, online, reason: by });
+    this.deps.bus.publish({ type: 'key_rotated', node: nodeRef(identity), by, at: now });
+    if (session) this.closeRotated(session, by);
+    return { ok: true, identity, key, wasOnline: online, written };
   }
 
-  /** Removes identities offline and not seen for `maxAgeMs`; resolves to how many, once on disk. */
+  private closeRotated(session: Session, by: string): void {
+    session.send({ type: 'system', event: 'key_rotated', by, timestamp: Date.now() });
+    session.close(CLOSE_CODES.credentialsChanged, 'Identity key rotated by an admin');
+  }
+
+  /**
+   * Removes identities offline and not seen for `maxAgeMs`; resolves to how many, once on disk.
+   * In a cluster an identity online on any node is kept (checked in the shared store, at the
+   * removal), and of several nodes pruning the same identity one removes it.
+   */
   async forgetOffline(maxAgeMs: number, now = Date.now()): Promise<number> {
-    const stale = this.deps.identities.offlineSince(now - maxAgeMs, (id) => this.online.has(id));
+    const stale = this.deps.identities.offlineSince(now - maxAgeMs, (id) => this.isOnline(id));
     if (stale.length === 0) return 0;
     let dropped = 0;
+    let count = 0;
     const writes: Promise<void>[] = [];
-    for (const identity of stale) {
-      const removal = this.forget(identity, 'forget-offline-after', 'forgotten');
+    const by = 'forget-offline-after';
+    const removals = this.clustered ? await Promise.all(stale.map((identity) => this.deps.cluster.removeIdentity(identity.id, by, true))) : null;
+    for (const [index, identity] of stale.entries()) {
+      const shared = removals?.[index];
+      if (shared === null) continue;
+      for (const entry of shared?.dropped ?? []) this.deps.cluster.finishQueued(queuedOutcomeOf(entry, 'expired'));
+      const removal = this.forget(identity, by, 'forgotten', shared?.dropped.length ?? 0);
       dropped += removal.dropped;
+      count++;
       writes.push(removal.written);
     }
     await Promise.all(writes);
-    this.deps.logger.info('identities_forgotten', { count: stale.length, dropped_queued: dropped, offline_for_ms: maxAgeMs });
-    return stale.length;
+    if (count > 0) this.deps.logger.info('identities_forgotten', { count, dropped_queued: dropped, offline_for_ms: maxAgeMs });
+    return count;
   }
 
-  /** Drops an identity and the messages queued for it; a second call for the same one does nothing. */
-  private forget(identity: Identity, by: string, reason: RemovalReason): { dropped: number; written: Promise<void> } {
+  /**
+   * Drops an identity and the messages queued for it; a second call for the same one does nothing.
+   * `droppedElsewhere`: its copies the cluster store dropped (reported by the caller).
+   */
+  private forget(identity: Identity, by: string, reason: RemovalReason, droppedElsewhere = 0): { dropped: number; written: Promise<void> } {
     const { identities, queue, connectionLog, bus } = this.deps;
     if (identities.get(identity.id) !== identity) return { dropped: 0, written: Promise.resolve() };
     const pending = [...queue.pendingFor(identity.id)];
     const queueWritten = this.finishQueued(pending, 'expired');
     const removed = identities.remove(identity);
     const now = Date.now();
+    const dropped = pending.length + droppedElsewhere;
     // An ephemeral identity's disconnect is logged already; one line per `send` is enough.
     if (reason !== 'ephemeral') {
       connectionLog.record({ identityId: identity.id, role: identity.role, event: 'delete', timestamp: now, online: false, reason: `${reason} by ${by}` });
     }
-    bus.publish({ type: 'identity_removed', node: nodeRef(identity), by, reason, dropped: pending.length, at: now });
-    return { dropped: pending.length, written: Promise.all([queueWritten, removed]).then(() => undefined) };
+    bus.publish({ type: 'identity_removed', node: nodeRef(identity), by, reason, dropped, at: now });
+    return { dropped, written: Promise.all([queueWritten, removed]).then(() => undefined) };
   }
 
   /** Closes the sessions of bosses that authenticated with a credential that was revoked or changed. */
@@ -1307,7 +1436,11 @@ export class Router implements ClusterHandlers {
       const session = this.online.get(id);
       if (session === undefined || !session.isOpen) outcomes[id] = 'offline';
       else if (session.identity!.banned) outcomes[id] = 'banned';
-      else if (session.ws.bufferedAmount > this.deps.options.maxBufferedBytes) outcomes[id] = 'slow';
+      else if (pieces.queueable === true && this.sharedBacklogs.has(session)) {
+        // The asking node queues it: behind the copies this node is writing.
+        this.sharedBacklogs.sentBehind(session, Date.now());
+        outcomes[id] = 'backlog';
+      } else if (session.ws.bufferedAmount > this.deps.options.maxBufferedBytes) outcomes[id] = 'slow';
       else {
         session.sendSplit((split ??= splitText(pieces.head, pieces.tail)), id);
         outcomes[id] = 'delivered';
@@ -1375,9 +1508,24 @@ export class Router implements ClusterHandlers {
     if (banned && session) this.closeBanned(session, by);
   }
 
+  identityRemoved(id: string, by: string): void {
+    const session = this.online.get(id);
+    if (session) this.closeDeleted(session, by);
+    const identity = this.deps.identities.get(id);
+    // The removing node logged and announced the removal; the replica forgets it quietly.
+    if (identity) void this.deps.identities.remove(identity);
+  }
+
+  keyRotatedElsewhere(id: string, by: string): void {
+    const session = this.online.get(id);
+    if (session) this.closeRotated(session, by);
+  }
+
   queuedFor(id: string): void {
     const session = this.online.get(id);
-    if (session?.isOpen) this.drainShared(session);
+    if (session === undefined) return;
+    this.sharedBacklogs.announced(session);
+    if (session.isOpen) this.drainShared(session);
   }
 
   queuedOutcome(outcome: QueuedOutcome): void {
@@ -1404,13 +1552,17 @@ export class Router implements ClusterHandlers {
       return;
     }
     this.drainingShared.set(session, false);
+    this.sharedBacklogs.begin(session);
     const { cluster, logger, options } = this.deps;
     const room = options.maxBufferedBytes / 2;
     const holds = () => session.isOpen && this.online.get(id) === session;
     let moreLater = false;
+    let took = false;
+    let failed = false;
     const drain = async () => {
       const entries = await cluster.takeQueued(id);
       if (entries.length === 0) return;
+      took = true;
       const now = Date.now();
       const written: SharedQueuedEntry[] = [];
       const writes: Promise<boolean>[] = [];
@@ -1433,19 +1585,29 @@ export class Router implements ClusterHandlers {
       moreLater = firstLost < 0 && rest.length > 0;
     };
     drain()
-      .catch((error: Error) => logger.warn('queue_drain_failed', { id, error: error.message }))
+      .catch((error: Error) => {
+        failed = true;
+        logger.warn('queue_drain_failed', { id, error: error.message });
+      })
       .finally(() => {
         const again = this.drainingShared.get(session) === true;
         this.drainingShared.delete(session);
+        if (!holds() || failed) this.sharedBacklogs.end(session);
         if (!holds()) return;
         if (moreLater) session.whenWritable(room, () => this.drainShared(session));
-        else if (again) this.drainShared(session);
+        // After a drain that wrote copies, one more finds whether others came meanwhile.
+        else if (again || took) this.drainShared(session);
+        else if (!failed) this.sharedBacklogs.drained(session, Date.now());
       });
   }
 }
 
 function queuedOutcomeOf(entry: SharedQueuedEntry, status: 'delivered' | 'expired'): QueuedOutcome {
   return { origin: entry.origin, record_id: entry.record_id, msg_id: entry.msg_id, from_id: entry.from_id, target_id: entry.target_id, status };
+}
+
+function clusterUnavailable(): AdminFailure {
+  return { ok: false, status: 503, code: 'cluster_unavailable', message: CLUSTER_UNAVAILABLE };
 }
 
 function notFound(id: string): AdminFailure {

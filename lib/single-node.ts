@@ -14,6 +14,12 @@ export class SingleNode implements ClusterLink {
   locate(): undefined {
     return undefined;
   }
+  onlineIds(): Iterable<string> {
+    return [];
+  }
+  onlineCount(): number {
+    return 0;
+  }
   joined(): Promise<void> {
     return Promise.resolve();
   }
@@ -23,6 +29,12 @@ export class SingleNode implements ClusterLink {
   }
   setBanned(): Promise<void> {
     return Promise.resolve();
+  }
+  removeIdentity(): Promise<null> {
+    return Promise.resolve(null);
+  }
+  keyRotated(): Promise<null> {
+    return Promise.resolve(null);
   }
   deliverElsewhere(_pieces: unknown, ids: readonly string[]): Promise<Record<string, RemoteOutcome>> {
     return Promise.resolve(Object.fromEntries(ids.map((id) => [id, 'offline' as const])));

@@ -7,7 +7,7 @@
 import type { IncomingMessage } from 'node:http';
 import type { Duplex } from 'node:stream';
 import { WebSocketServer, type RawData, type WebSocket } from 'ws';
-import { AUTH_FAILURE_WINDOW_MS, AuthThrottle, describeTarget, guessTargets } from './auth-throttle';
+import { AUTH_FAILURE_WINDOW_MS, AuthThrottle, describeTarget, guessTargets, type SharedFailureCount } from './auth-throttle';
 import type { EventBus } from './events';
 import type { Logger } from './logger';
 import { normaliseOrigin, type ResolvedOptions } from './options';
@@ -63,6 +63,11 @@ export class WsGateway {
     let total = this.closedBytesOut;
     for (const session of this.sessions) total += session.bytesSent;
     return total;
+  }
+
+  /** Cluster: wrong secrets are counted across the nodes too, so a guesser spread over them is throttled as on one node. */
+  shareAuthFailures(shared: SharedFailureCount): void {
+    this.authThrottle.share(shared);
   }
 
   get unauthenticatedCount(): number {
@@ -183,7 +188,10 @@ export class WsGateway {
         this.unauthenticated--;
         if (session.authTimer) clearTimeout(session.authTimer);
         session.authTimer = null;
-      } else if (wrong !== null && this.authThrottle.countWrong(session.address, wrong, receivedAt)) {
+        return undefined;
+      }
+      if (wrong === null) return undefined;
+      if (this.authThrottle.countWrong(session.address, wrong, receivedAt)) {
         this.logger.warn('auth_throttled', {
           address: session.address,
           guessed: describeTarget(wrong),
@@ -191,6 +199,7 @@ export class WsGateway {
           window_ms: AUTH_FAILURE_WINDOW_MS,
         });
       }
+      return this.authThrottle.countShared(session.address, wrong);
     });
   }
 

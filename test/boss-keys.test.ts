@@ -23,7 +23,7 @@ async function closeCode(socket: TestSocket, timeoutMs = 10_000): Promise<number
     clearTimeout(timer);
   }
 }
-import { connect, http, makeTempDir, startTestRelay, TEST_AUTHKEY, type Frame, type RelayEndpoint, type TestSocket } from './support';
+import { connect, http, makeTempDir, singleRelayOnly, startTestRelay, TEST_AUTHKEY, type Frame, type RelayEndpoint, type TestSocket } from './support';
 
 const CLI = path.join(__dirname, '..', 'cli.js');
 const ALICE_KEY = 'alice-key-0123456789';
@@ -95,7 +95,7 @@ describe('boss keys file format', () => {
 });
 
 describe('named boss keys on a running relay', () => {
-  test('each key works beside the authkey, and the log, the connection log and the admin views name the credential', async () => {
+  test('each key works beside the authkey, and the log, the connection log and the admin views name the credential', singleRelayOnly('reads connections.db in the data dir of one relay'), async () => {
     const dir = await makeTempDir();
     const lines: string[] = [];
     const logger = createLogger('info', (line) => lines.push(line));

@@ -15,7 +15,7 @@ import { freePort } from './child-relay';
 import { CHILD_AUTHKEY, eventually, startRelayProcess, type RelayProcess } from './fault-support';
 import { startRedis, type TestRedis } from './redis-harness';
 import { startBalancer } from './tcp-balancer';
-import { authBoss, authEmployee, http, makeTempDir, reconnect, startTestRelay, TEST_AUTHKEY, type Authed, type TestRelay } from './support';
+import { authBoss, authEmployee, connect, http, makeTempDir, reconnect, startTestRelay, TEST_AUTHKEY, type Authed, type TestRelay } from './support';
 
 const CLI = path.join(__dirname, '..', 'cli.js');
 
@@ -97,7 +97,7 @@ describe('cluster: one relay across nodes', () => {
       assert.equal(a.relay.clusterName, cluster.name);
       const health = (await http(a.relay, 'GET', '/health')).body;
       assert.equal(health.node, 'node-0');
-      assert.deepEqual(health.cluster, { name: cluster.name, store: 'up' });
+      assert.deepEqual(health.cluster, { name: cluster.name, store: 'up', node_connections: 0 });
       assert.equal((await http(b.relay, 'GET', '/health')).body.node, 'node-1');
       // Who is online is answered for the whole cluster on every node.
       const employee = await authEmployee(a.relay, 'Seen', ['ops']);
@@ -106,6 +106,18 @@ describe('cluster: one relay across nodes', () => {
         return list.find((e) => e.id === employee.id)?.online;
       };
       await eventually('node-1 shows the employee online', async () => (await onlineOn(b)) === true);
+      // /health counts the whole cluster's sessions on every node; each node's own under cluster.
+      for (const [node, own] of [[a, 1], [b, 0]] as const) {
+        const body = (await http(node.relay, 'GET', '/health')).body;
+        assert.deepEqual([body.active_connections, body.online, (body.cluster as { node_connections: number }).node_connections], [1, { boss: 0, employee: 1 }, own]);
+      }
+      // An ephemeral boss is known only to its node, and counted on the others too.
+      const passing = await connect(a.relay);
+      passing.send({ type: 'auth', role: 'boss', authkey: TEST_AUTHKEY, ephemeral: true });
+      await passing.next('auth_ok');
+      await eventually('node-1 counts the ephemeral boss', async () => (await http(b.relay, 'GET', '/health')).body.active_connections === 2);
+      assert.deepEqual((await http(b.relay, 'GET', '/health')).body.online, { boss: 1, employee: 1 });
+      await passing.close();
       // And which node holds it, in /employees and /admin/workforce.
       const listed = ((await http(b.relay, 'GET', '/employees')).body.employees as { id: string; node: string | null }[]).find((e) => e.id === employee.id);
       assert.equal(listed?.node, 'node-0');
@@ -161,7 +173,7 @@ describe('cluster: one relay across nodes', () => {
       assert.equal((await first.socket.closed).code, 4000);
       await presenceIs(cluster.name, first.id, 'node-1');
       // Still online (on node-1): node-0 does not announce a disconnect for the replaced socket.
-      await eventually('node-0 let the replaced socket go', async () => (await http(a.relay, 'GET', '/health')).body.active_connections === 0);
+      await eventually('node-0 let the replaced socket go', async () => ((await http(a.relay, 'GET', '/health')).body.cluster as { node_connections: number }).node_connections === 0);
       assert.deepEqual(disconnects, []);
       // The old node's disconnect did not take the new node's presence away.
       const boss = await authBoss(a.relay);
@@ -170,6 +182,47 @@ describe('cluster: one relay across nodes', () => {
       assert.deepEqual((await boss.socket.next('delivery_ack')).delivered, [first.id]);
       await Promise.all([boss.socket.close(), again.socket.close()]);
     } finally {
+      await cluster.dispose();
+    }
+  });
+
+  test('a late replace announcement of an older session closes neither the newer session nor moves its presence back', async () => {
+    const cluster = await startCluster(3);
+    const control = redis.client.duplicate();
+    try {
+      const [a, b, c] = cluster.nodes as [TestRelay, TestRelay, TestRelay];
+      const announced: string[] = [];
+      control.on('message', (_channel: string, text: string) => announced.push(text));
+      await control.subscribe(`${cluster.name}:control`);
+      const first = await authEmployee(a.relay, 'Early', ['ops']);
+      const isFirstJoin = (text: string) => {
+        const message = JSON.parse(text) as Record<string, unknown>;
+        return message.t === 'replace' && message.id === first.id && message.node === 'node-0';
+      };
+      await eventually('node-0 announced its session', () => announced.some(isFirstJoin));
+      const second = await reconnect(b.relay, first, 'employee');
+      assert.equal(second.ok.type, 'auth_ok');
+      assert.equal((await first.socket.closed).code, 4000);
+      await presenceIs(cluster.name, first.id, 'node-1');
+      // node-0's announcement arrives once more, late (as when Redis hands it over after the
+      // newer session went online): it is older than the session on node-1.
+      await redis.client.publish(`${cluster.name}:control`, announced.find(isFirstJoin)!);
+      // An announcement published after it: once the nodes act on this one, they had that one.
+      const marker = await authEmployee(b.relay, 'Marker', ['ops']);
+      assert.equal((await http(a.relay, 'POST', `/employees/${marker.id}/ban`, { authkey: TEST_AUTHKEY })).status, 200);
+      assert.equal((await marker.socket.closed).code, 4008);
+      const listed = async () => (await http(c.relay, 'GET', '/employees')).body.employees as { id: string; banned: boolean; node: string | null }[];
+      await eventually('node-2 knows the ban', async () => (await listed()).some((e) => e.id === marker.id && e.banned));
+      assert.equal((await listed()).find((e) => e.id === first.id)?.node, 'node-1', 'node-2 still places the identity on node-1');
+      second.socket.send({ type: 'ping' });
+      assert.equal((await second.socket.next()).type, 'pong', 'the newer session is still open');
+      const boss = await authBoss(c.relay);
+      boss.socket.send({ type: 'message', to: first.id, payload: 'still there?' });
+      assert.equal((await second.socket.next('message')).payload, 'still there?');
+      assert.deepEqual((await boss.socket.next('delivery_ack')).delivered, [first.id]);
+      await Promise.all([boss.socket.close(), second.socket.close()]);
+    } finally {
+      control.disconnect();
       await cluster.dispose();
     }
   });
@@ -282,6 +335,51 @@ describe('cluster: one relay across nodes', () => {
       boss.socket.send({ type: 'message', to: employee.id, payload: { n: 'last' } });
       assert.deepEqual(((await back.socket.next('message')).payload as { n: string }).n, 'last');
       await Promise.all([boss.socket.close(), back.socket.close()]);
+    } finally {
+      await cluster.dispose();
+    }
+  });
+
+  test('a newer queued message waits behind a backlog drained on another node, from the sender\'s node and from the holder\'s', async () => {
+    // ~2 KB copies against a 64 KiB bound: the holder drains in many pieces, each through Redis.
+    const cluster = await startCluster(3, { maxBufferedBytes: 64 * 1024 });
+    try {
+      const [a, b, c] = cluster.nodes as [TestRelay, TestRelay, TestRelay];
+      const employee = await authEmployee(a.relay, 'Behind', ['ops']);
+      await employee.socket.close();
+      await presenceIs(cluster.name, employee.id, null);
+      const boss = await authBoss(b.relay);
+      const count = 300;
+      const pad = 'x'.repeat(2000);
+      for (let n = 0; n < count; n++) boss.socket.send({ type: 'message', to: employee.id, payload: { n, pad }, queue: true, msg_id: `old-${n}` });
+      for (let n = 0; n < count; n++) assert.deepEqual((await boss.socket.next('delivery_ack', 15_000)).queued, [employee.id]);
+      // The queue is the cluster's: every node reports it, without a node label.
+      const depth = async (node: TestRelay) => /^mimiclaw_queue_depth (\d+)$/m.exec(await (await fetch(`${node.relay.httpUrl}/metrics`)).text())?.[1];
+      assert.equal(await depth(c), String(count));
+
+      const back = await reconnect(a.relay, employee, 'employee');
+      assert.equal(back.ok.type, 'auth_ok');
+      const local = await authBoss(a.relay);
+      await back.socket.next('message', 15_000);
+      // The holder (node-0) is writing the backlog: a queued message from node-1 goes behind it...
+      boss.socket.send({ type: 'message', to: employee.id, payload: 'newer', queue: true, msg_id: 'newer' });
+      const newer = await boss.socket.next((f) => f.type === 'delivery_ack' && f.msg_id === 'newer', 15_000);
+      assert.deepEqual([newer.delivered, newer.queued, newer.failed], [[], [employee.id], []], 'queued behind the backlog');
+      // ...and so does one from a sender on node-0 itself.
+      local.socket.send({ type: 'message', to: employee.id, payload: 'local', queue: true, msg_id: 'local' });
+      assert.deepEqual((await local.socket.next('delivery_ack', 15_000)).queued, [employee.id]);
+      // A message that may not be queued is written at once, as on one node.
+      boss.socket.send({ type: 'message', to: employee.id, payload: 'live', msg_id: 'live' });
+      assert.deepEqual((await boss.socket.next((f) => f.type === 'delivery_ack' && f.msg_id === 'live', 15_000)).delivered, [employee.id]);
+
+      // Once 'local' arrives, everything before it has: the frames taken so far, in arrival order.
+      await back.socket.next((f) => f.type === 'message' && f.msg_id === 'local', 30_000);
+      const arrived = [...back.socket.frames.filter((f) => f.type === 'message').map((f) => String(f.msg_id)), 'local'];
+      const queued = arrived.filter((id) => id !== 'live');
+      assert.deepEqual(queued.slice(-2), ['newer', 'local'], 'the newer messages come last');
+      assert.deepEqual(queued.slice(0, -2), Array.from({ length: count - 1 }, (_, n) => `old-${n + 1}`), 'the backlog arrives whole and in order');
+      await eventually('the cluster store is empty', async () => (await depth(c)) === '0');
+      await Promise.all([boss.socket.close(), local.socket.close(), back.socket.close()]);
     } finally {
       await cluster.dispose();
     }
@@ -455,6 +553,151 @@ describe('cluster: one relay across nodes', () => {
   });
 });
 
+describe('cluster: identity delete and key rotation across nodes', () => {
+  /** The auth answer of `who` with `key` on each node: every node must give the same one. */
+  async function authOnEach(nodes: TestRelay[], who: { id: string; key: string }): Promise<string[]> {
+    const answers: string[] = [];
+    for (const node of nodes) {
+      const back = await reconnect(node.relay, who, 'employee');
+      answers.push(back.ok.type === 'auth_ok' ? 'auth_ok' : String(back.ok.code));
+      await back.socket.close();
+    }
+    return answers;
+  }
+
+  test('DELETE on one node: the node holding the session closes it with 4010, every node refuses the id, the queue is dropped and counted', async () => {
+    const cluster = await startCluster(3);
+    try {
+      const [a, b, c] = cluster.nodes as [TestRelay, TestRelay, TestRelay];
+      const online = await authEmployee(a.relay, 'Held', ['ops']);
+      await presenceIs(cluster.name, online.id, 'node-0');
+      const deleted = await http(b.relay, 'DELETE', `/api/identities/${online.id}`, { authkey: TEST_AUTHKEY });
+      assert.equal(deleted.status, 200, JSON.stringify(deleted.body));
+      assert.equal(deleted.body.was_online, true);
+      const notice = await online.socket.next('system');
+      assert.equal(notice.event, 'identity_deleted');
+      assert.equal((await online.socket.closed).code, 4010);
+      await presenceIs(cluster.name, online.id, null);
+      assert.equal(await redis.client.hexists(`${cluster.name}:identities`, online.id), 0);
+      assert.deepEqual(await authOnEach(cluster.nodes, online), ['identity_not_found', 'identity_not_found', 'identity_not_found']);
+
+      const away = await authEmployee(a.relay, 'Away', ['ops']);
+      await away.socket.close();
+      await presenceIs(cluster.name, away.id, null);
+      const boss = await authBoss(c.relay);
+      for (const msgId of ['q-1', 'q-2']) {
+        boss.socket.send({ type: 'message', to: away.id, payload: msgId, msg_id: msgId, queue: true });
+        assert.deepEqual((await boss.socket.next('delivery_ack')).queued, [away.id]);
+      }
+      const dropped = await http(a.relay, 'DELETE', `/api/identities/${away.id}`, { authkey: TEST_AUTHKEY });
+      assert.equal(dropped.status, 200, JSON.stringify(dropped.body));
+      assert.deepEqual([dropped.body.was_online, dropped.body.dropped_queued], [false, 2]);
+      for (const msgId of ['q-1', 'q-2']) {
+        const update = await boss.socket.next((f) => f.type === 'delivery_update' && f.msg_id === msgId);
+        assert.equal(update.status, 'expired');
+      }
+      assert.equal(await redis.client.llen(`${cluster.name}:queue:${away.id}`), 0);
+      assert.deepEqual(await authOnEach(cluster.nodes, away), ['identity_not_found', 'identity_not_found', 'identity_not_found']);
+      for (const node of cluster.nodes) {
+        const ids = ((await http(node.relay, 'GET', '/api/connections')).body.connections as { id: string }[]).map((n) => n.id);
+        assert.ok(!ids.includes(away.id) && !ids.includes(online.id), `${node.relay.nodeId} still lists a deleted identity`);
+      }
+      await boss.socket.close();
+    } finally {
+      await cluster.dispose();
+    }
+  });
+
+  test('rotate-key on one node: the node holding the session closes it with 4009; the new key works on every node, the old one on none', async () => {
+    const cluster = await startCluster(3);
+    try {
+      const [a, b] = cluster.nodes as [TestRelay, TestRelay];
+      const worker = await authEmployee(a.relay, 'Rotated', ['ops']);
+      await presenceIs(cluster.name, worker.id, 'node-0');
+      const answer = await http(b.relay, 'POST', `/api/identities/${worker.id}/rotate-key`, { authkey: TEST_AUTHKEY });
+      assert.equal(answer.status, 200, JSON.stringify(answer.body));
+      assert.equal(answer.body.was_online, true);
+      assert.equal((await worker.socket.next('system')).event, 'key_rotated');
+      assert.equal((await worker.socket.closed).code, 4009);
+      const fresh = { id: worker.id, key: String(answer.body.key) };
+      assert.deepEqual(await authOnEach(cluster.nodes, worker), ['invalid_identity_key', 'invalid_identity_key', 'invalid_identity_key']);
+      assert.deepEqual(await authOnEach(cluster.nodes, fresh), ['auth_ok', 'auth_ok', 'auth_ok']);
+      // The holder's last write of the identity (its disconnect) did not bring the old key back.
+      assert.deepEqual(await authOnEach(cluster.nodes, worker), ['invalid_identity_key', 'invalid_identity_key', 'invalid_identity_key']);
+    } finally {
+      await cluster.dispose();
+    }
+  });
+
+  test('--forget-offline-after on one node keeps an identity online on another node', async () => {
+    const name = `t${process.pid}-${clusterSeq++}`;
+    const holder = await startTracked({ redisUrl: redis.url, clusterName: name, nodeId: 'node-0' });
+    const pruner = await startTracked({ redisUrl: redis.url, clusterName: name, nodeId: 'node-1', forgetOfflineAfterMs: 300, maintenanceIntervalMs: 1000 });
+    try {
+      const stays = await authEmployee(holder.relay, 'Stays', ['ops']);
+      await presenceIs(name, stays.id, 'node-0');
+      const gone = await authEmployee(holder.relay, 'Gone', ['ops']);
+      await gone.socket.close();
+      // The prune that takes `gone` (offline since after `stays` connected) had `stays` as a candidate too.
+      await eventually('node-1 prunes the offline identity', async () => (await redis.client.hexists(`${name}:identities`, gone.id)) === 0);
+      assert.equal(await redis.client.hexists(`${name}:identities`, stays.id), 1, 'an identity online on node-0 was pruned by node-1');
+      const listed = ((await http(pruner.relay, 'GET', '/api/connections')).body.connections as { id: string }[]).map((n) => n.id);
+      assert.ok(listed.includes(stays.id));
+      await stays.socket.close();
+    } finally {
+      await pruner.dispose();
+      await holder.dispose();
+    }
+  });
+});
+
+describe('cluster: limits', () => {
+  test('wrong secrets spread over the nodes are throttled as on one relay; good auths write nothing to Redis', async () => {
+    const cluster = await startCluster(3, { throttleLoopback: true, maxAuthFailures: 3 });
+    try {
+      const [a, b, c] = cluster.nodes as [TestRelay, TestRelay, TestRelay];
+      const good = await authBoss(a.relay);
+      await good.socket.close();
+      assert.deepEqual(await redis.client.keys(`${cluster.name}:auth-fail:*`), [], 'a good auth must not cost a Redis write');
+      // One wrong authkey on each node: three in the cluster, one per node.
+      for (const node of [a, b, c]) {
+        const socket = await connect(node.relay);
+        socket.send({ type: 'auth', role: 'boss', authkey: 'wrong' });
+        assert.equal((await socket.next('error')).code, 'invalid_authkey');
+      }
+      for (const node of [a, b, c]) {
+        const socket = await connect(node.relay);
+        socket.send({ type: 'auth', role: 'boss', authkey: TEST_AUTHKEY });
+        const refused = await socket.next('error');
+        assert.equal(refused.code, 'auth_throttled', `${node.relay.nodeId} let the guesser in`);
+        assert.ok(Number(refused.retry_after_ms) > 0);
+      }
+    } finally {
+      await cluster.dispose();
+    }
+  });
+
+  test('--max-connections caps the sessions of the whole cluster; a reconnect of an identity online elsewhere still works', async () => {
+    const cluster = await startCluster(2, { maxConnections: 2 });
+    try {
+      const [a, b] = cluster.nodes as [TestRelay, TestRelay];
+      const first = await authEmployee(a.relay, 'One', ['ops']);
+      const second = await authEmployee(a.relay, 'Two', ['ops']);
+      await presenceIs(cluster.name, second.id, 'node-0');
+      await eventually('node-1 counts both sessions', async () => (await http(b.relay, 'GET', '/health')).body.active_connections === 2);
+      const extra = await connect(b.relay);
+      extra.send({ type: 'auth', role: 'boss', authkey: TEST_AUTHKEY });
+      assert.equal((await extra.next('error')).code, 'server_full');
+      assert.equal((await extra.closed).code, 4013);
+      const moved = await reconnect(b.relay, first, 'employee');
+      assert.equal(moved.ok.type, 'auth_ok');
+      await Promise.all([moved.socket.close(), second.socket.close()]);
+    } finally {
+      await cluster.dispose();
+    }
+  });
+});
+
 describe('cluster: faults', () => {
   test('a killed node: its identities go offline within the bound, and a message to them is never acked as delivered', async () => {
     const name = `t${process.pid}-${clusterSeq++}`;
@@ -596,6 +839,41 @@ describe('cluster: faults', () => {
     }
   });
 
+  test('Redis lost mid-route: targets on the sender\'s node keep their delivery, the ack comes and fails the other node\'s target', async () => {
+    const durable = await startRedis();
+    leftovers.redises.push(durable);
+    const name = `t${process.pid}-${clusterSeq++}`;
+    const a = await startTracked({ redisUrl: durable.url, clusterName: name, nodeId: 'a' });
+    const dirB = await makeTempDir();
+    const b = await startChild(dirB, ['--redis', durable.url, '--cluster', name, '--node-id', 'b']);
+    try {
+      const near = await authEmployee(a.relay, 'Near', ['ops']);
+      const far = await authEmployee(b, 'Far', ['ops']);
+      const boss = await authBoss(a.relay);
+      await eventually('node a routes to node b', async () => {
+        boss.socket.send({ type: 'message', to: far.id, payload: 'warm-up' });
+        return ((await boss.socket.next('delivery_ack')).delivered as string[]).includes(far.id);
+      });
+      // Node b does not answer (stopped), and Redis goes away while node a waits for it.
+      b.child.child.kill('SIGSTOP');
+      boss.socket.send({ type: 'message', to: [near.id, far.id], payload: 'both', queue: true, msg_id: 'mid-route' });
+      assert.equal((await near.socket.next('message')).msg_id, 'mid-route');
+      await durable.kill();
+      const answer = await boss.socket.next((f) => f.msg_id === 'mid-route', 15_000);
+      assert.equal(answer.type, 'delivery_ack', `a true ack, not ${String(answer.code)}: ${near.id} has the message already`);
+      assert.deepEqual(answer.delivered, [near.id]);
+      assert.deepEqual(answer.queued, []);
+      assert.deepEqual(answer.failed, [{ id: far.id, reason: 'target_offline' }]);
+      await Promise.all([boss.socket.close(), near.socket.close()]);
+    } finally {
+      b.child.child.kill('SIGKILL');
+      await b.child.exited;
+      await a.dispose();
+      await durable.stop();
+      await fs.rm(dirB, { recursive: true, force: true });
+    }
+  });
+
   test('Redis unreachable at start: one clear line and a non-zero exit, not a hang', async () => {
     const deadPort = await freePort();
     const dir = await makeTempDir();
@@ -631,7 +909,12 @@ describe('cluster: faults', () => {
       boss.socket.send({ type: 'message', to: employee.id, payload: 'now?', msg_id: 'while-down' });
       const refused = await boss.socket.next('error', 10_000);
       assert.equal(refused.code, 'cluster_unavailable');
-      assert.deepEqual((await http(b.relay, 'GET', '/health')).body.cluster, { name, store: 'down' });
+      assert.deepEqual((await http(b.relay, 'GET', '/health')).body.cluster, { name, store: 'down', node_connections: 2 });
+      // A delete or key rotation that could not reach every node changes nothing, and says so.
+      for (const [method, route] of [['DELETE', `/api/identities/${employee.id}`], ['POST', `/api/identities/${employee.id}/rotate-key`]] as const) {
+        const answer = await http(b.relay, method, route, { authkey: TEST_AUTHKEY });
+        assert.deepEqual([answer.status, answer.body.code], [503, 'cluster_unavailable'], `${method} ${route}`);
+      }
       assert.equal(refused.msg_id, 'while-down');
       // RelayClient takes that code as "retry": its send is acked once Redis is back.
       const clientAck = client.send(employee.id, 'from the client');
@@ -646,6 +929,10 @@ describe('cluster: faults', () => {
       }, 20_000);
       assert.equal((await employee.socket.next((f) => f.type === 'message' && f.payload === 'again')).payload, 'again');
       await Promise.all([boss.socket.close(), employee.socket.close()]);
+      // The refused key rotation left the key as it was, on the node asked too.
+      const back = await reconnect(b.relay, employee, 'employee');
+      assert.equal(back.ok.type, 'auth_ok', JSON.stringify(back.ok));
+      await back.socket.close();
     } finally {
       await client?.close();
       await a.dispose();

@@ -222,7 +222,7 @@ describe('limits', () => {
     }
   });
 
-  test('server_full at auth time past maxConnections; a replacing reconnect still works', singleRelayOnly('maxConnections counts the sockets of one process'), async () => {
+  test('server_full at auth time past maxConnections; a replacing reconnect still works', async () => {
     const env = await startTestRelay({ maxConnections: 1 });
     try {
       const boss = await authBoss(env.relay);
@@ -238,7 +238,7 @@ describe('limits', () => {
     }
   });
 
-  test('repeated auth failures from one address are refused for a while', singleRelayOnly('the auth-failure throttle counts per process'), async () => {
+  test('repeated auth failures from one address are refused for a while', async () => {
     const env = await startTestRelay({ maxAuthFailures: 3, throttleLoopback: true });
     try {
       for (let i = 0; i < 3; i++) {

@@ -131,13 +131,17 @@ async function startTestCluster(count: number, overrides: Partial<RelayOptions>,
     await balancer.close();
     await closeNodes();
   };
+  // The balancer forwards bytes: with TLS on the nodes, clients speak TLS through it.
+  const secure = first.httpUrl.startsWith('https:');
   const relay: RelayHandle = {
     ...first,
-    url: balancer.wsUrl(overrides.wsPath),
-    httpUrl: balancer.httpUrl,
+    url: secure ? balancer.wsUrl(overrides.wsPath).replace(/^ws:/, 'wss:') : balancer.wsUrl(overrides.wsPath),
+    httpUrl: secure ? balancer.httpUrl.replace(/^http:/, 'https:') : balancer.httpUrl,
     port: balancer.port,
     dataDir: dir,
     close,
+    // As an operator reloads every node (SIGHUP to each); the first node's answer.
+    reload: async () => (await Promise.all(nodes.map((node) => node.reload())))[0]!,
   };
   return {
     relay,

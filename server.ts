@@ -14,6 +14,8 @@ import { prepareDataDir } from './lib/data-dir';
 import { DedupeCache } from './lib/dedupe-cache';
 import { DeliveryQueue } from './lib/delivery-queue';
 import { Dispatcher } from './lib/dispatch';
+import { ClusterDispatch } from './lib/redis-dispatch';
+import type { TaskDispatch } from './lib/task-dispatch';
 import { serveDashboard } from './lib/dashboard-page';
 import { logRelayEvents } from './lib/event-log';
 import { EventStream } from './lib/event-stream';
@@ -203,9 +205,34 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
     write: (id: string, text: string) => router.writeTo(id, text),
     settleRecord: (recordId: string, target: string, status: 'delivered' | 'expired') => stores.messageLog.updateTarget(recordId, target, status),
   };
-  const dispatcher = new Dispatcher({ store: stores.tasks, bus, logger, link, maxAttempts: options.maxAttempts, maxQueueTtlMs: options.maxQueueTtlMs });
-  dispatcher.restore(Date.now());
+  // A cluster dispatches across its nodes from Redis (lib/redis-dispatch.ts); tasks.db stays unused then.
+  let writeElsewhere: (id: string, text: string) => boolean = () => false;
+  let dispatcher: TaskDispatch;
+  if (cluster instanceof RedisCluster) {
+    const shared = cluster;
+    try {
+      dispatcher = await ClusterDispatch.connect({
+        url: options.redisUrl!,
+        clusterName: options.clusterName,
+        nodeId: cluster.nodeId,
+        bus,
+        logger,
+        link: { write: (id, text) => writeElsewhere(id, text), settleRecord: link.settleRecord },
+        locate: (id) => shared.locate(id),
+        maxAttempts: options.maxAttempts,
+        maxQueueTtlMs: options.maxQueueTtlMs,
+      });
+    } catch (error) {
+      await closeStores(stores, cluster, lock);
+      throw error;
+    }
+  } else {
+    const local = new Dispatcher({ store: stores.tasks, bus, logger, link, maxAttempts: options.maxAttempts, maxQueueTtlMs: options.maxQueueTtlMs });
+    local.restore(Date.now());
+    dispatcher = local;
+  }
   const router: Router = new Router({ options, ...stores, dedupe, cluster, dispatcher, bus, logger, bossKeys });
+  writeElsewhere = (id, text) => router.writeTo(id, text);
   const gateway = new WsGateway(options, router, bus, logger);
   if (cluster instanceof RedisCluster) gateway.shareAuthFailures(cluster.authFailures);
   // /api/events streams the whole cluster: this node's events and those other nodes share.
@@ -306,14 +333,16 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
     clearInterval(expiry);
     clearInterval(maintenance);
     eventStream.close();
-    dispatcher.close();
+    dispatcherClosed = dispatcher.close();
   };
+  let dispatcherClosed: void | Promise<void> = undefined;
 
   try {
     await listen(server, options.port, options.host);
   } catch (error) {
     stopTimers();
     gateway.closeAll();
+    await dispatcherClosed;
     await closeStores(stores, cluster, lock);
     metrics.close();
     throw error;
@@ -346,6 +375,7 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
       await waitFor(() => gateway.openSessions === 0, CLOSE_HANDSHAKE_GRACE_MS + 500);
       clearTimeout(grace);
       server.closeAllConnections();
+      await dispatcherClosed;
       await closeStores(stores, cluster, lock);
       metrics.close();
       logger.info('relay_closed', {});

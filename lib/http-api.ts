@@ -4,7 +4,7 @@
 
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { verifyDataDir, type AuditReport } from './audit-chain';
-import type { Dispatcher } from './dispatch';
+import type { TaskDispatch } from './task-dispatch';
 import type { IdentityStore } from './identity-store';
 import type { Logger } from './logger';
 import type { MessageLog } from './message-log';
@@ -26,7 +26,7 @@ export interface HttpExtensions {
 export interface HttpApiDeps {
   options: ResolvedOptions;
   router: Router;
-  dispatcher: Dispatcher;
+  dispatcher: TaskDispatch;
   identities: IdentityStore;
   messageLog: MessageLog;
   logger: Logger;
@@ -256,7 +256,8 @@ export class HttpApi {
     if (read) {
       this.allow(method, ['GET', 'HEAD']);
       this.requireReadAccess(req, url);
-      return sendJson(res, 200, read());
+      const body = read();
+      return sendJson(res, 200, body instanceof Promise ? await body : body);
     }
     if (path === '/admin/audit/verify') {
       this.allow(method, ['GET']);
@@ -266,6 +267,13 @@ export class HttpApi {
     if (path === '/admin/workforce') {
       this.allow(method, ['GET', 'HEAD']);
       this.requireReadAccess(req, url);
+      const shared = this.deps.dispatcher.shared;
+      if (shared !== undefined) {
+        // Cluster: every employee's availability from the shared store, wherever it is connected.
+        const employees = [...this.deps.identities.all()].filter((identity) => identity.role === 'employee').map((identity) => identity.id);
+        const views = await shared.workers(employees);
+        return sendJsonBody(res, 200, workforceJson(this.deps.identities, this.liveness, textParam(url, 'tag'), Date.now(), (id) => views.get(id) ?? null));
+      }
       return sendJsonBody(res, 200, workforceJson(this.deps.identities, this.liveness, textParam(url, 'tag'), Date.now(), (id) => this.deps.dispatcher.workerOf(id)));
     }
     if (path === '/admin/communications') {
@@ -338,6 +346,9 @@ export class HttpApi {
     const limit = intParam(url, 'limit', 1000, 1, 100_000)!;
     const tag = textParam(url, 'tag');
     const now = Date.now();
+    const shared = this.deps.dispatcher.shared;
+    // Cluster: the tasks of every node, from the shared store.
+    if (shared !== undefined) return shared.tasks(now, limit, tag).then(({ tags, total, tasks }) => ({ tags, total, limit, tasks, timestamp: now }));
     const { total, tasks } = this.deps.dispatcher.list(now, limit, tag);
     return { tags: this.deps.dispatcher.counts(), total, limit, tasks, timestamp: now };
   }

@@ -85,7 +85,8 @@ export class SharedQueue {
       if (entry) entries.push(entry);
       else this.logger.warn('queue_entry_skipped', { reason: 'unreadable entry', target });
     }
-    return entries;
+    // Stable: within one priority the send order stays.
+    return entries.sort((a, b) => rank(a) - rank(b));
   }
 
   /** Puts copies that could not be written back at the head, in their order. */
@@ -119,7 +120,7 @@ function readSharedEntry(text: string): SharedQueuedEntry | null {
     return null;
   }
   if (!isPlainObject(doc)) return null;
-  const { target_id, from_id, msg_id, record_id, frame, queued_at, expires_at, origin } = doc;
+  const { target_id, from_id, msg_id, record_id, frame, queued_at, expires_at, origin, priority } = doc;
   if (
     typeof target_id !== 'string' ||
     typeof from_id !== 'string' ||
@@ -132,5 +133,12 @@ function readSharedEntry(text: string): SharedQueuedEntry | null {
   ) {
     return null;
   }
-  return { target_id, from_id, msg_id, record_id, frame, queued_at, expires_at, origin };
+  const entry: SharedQueuedEntry = { target_id, from_id, msg_id, record_id, frame, queued_at, expires_at, origin };
+  if (priority === 'high' || priority === 'low') entry.priority = priority;
+  return entry;
+}
+
+/** 0 for high, 1 for normal, 2 for low: a drain writes by rank, then in send order (as queue.db does). */
+function rank(entry: SharedQueuedEntry): number {
+  return entry.priority === 'high' ? 0 : entry.priority === 'low' ? 2 : 1;
 }

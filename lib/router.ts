@@ -10,7 +10,7 @@ import type { ConnectionLog } from './connection-log';
 import type { DedupeCache, Remembered } from './dedupe-cache';
 import { ackPrefix, finishAck, outcomeFields } from './delivery-ack';
 import type { DeliveryQueue, HeldEntries, NewQueuedEntry, QueuedEntry } from './delivery-queue';
-import type { Dispatcher, SubmitResult } from './dispatch';
+import type { SubmitResult } from './dispatch';
 import type { EventBus, NodeRef } from './events';
 import { toDoc, type Identity, type IdentityStore } from './identity-store';
 import type { Logger } from './logger';
@@ -38,6 +38,7 @@ import {
 } from './protocol';
 import type { Session } from './session';
 import { SharedBacklogs } from './shared-backlog';
+import type { TaskDispatch } from './task-dispatch';
 import { splitText, type SplitText } from './ws-frame';
 
 /**
@@ -58,7 +59,7 @@ export interface RouterDeps {
   dedupe: DedupeCache;
   /** Other nodes: SingleNode when there are none. */
   cluster: ClusterLink;
-  dispatcher: Dispatcher;
+  dispatcher: TaskDispatch;
   bus: EventBus;
   logger: Logger;
   /** Named boss credentials (--boss-keys-file), accepted beside the authkey. */
@@ -774,7 +775,7 @@ export class Router implements ClusterHandlers {
     const rest = `${replyField}${priorityField}${payloadJson === undefined ? '' : `"payload":${payloadJson},`}"timestamp":${now}}`;
     const head = `{"type":"message","msg_id":${JSON.stringify(msgId)},"from_id":"${sender.id}","from_role":"${sender.role}","to":"`;
     if (target.value.kind === 'any') {
-      const dispatch = this.deps.dispatcher.submit({
+      const submitted = this.deps.dispatcher.submit({
         sender,
         msgId,
         tag: target.value.tag,
@@ -785,7 +786,19 @@ export class Router implements ClusterHandlers {
         queueTtlMs,
         now,
       });
-      this.routeTask(session, sender, frame, arrival, { msgId, clientGaveId, payloadJson, now, claimed }, dispatch);
+      const message: TaskMessage = { msgId, clientGaveId, payloadJson, now, claimed };
+      if (!(submitted instanceof Promise)) {
+        this.routeTask(session, sender, frame, arrival, message, submitted);
+        return;
+      }
+      // Cluster: the shared store chose (or queued) first.
+      submitted.then(
+        (dispatch) => this.routeTask(session, sender, frame, arrival, message, dispatch),
+        (error: Error) => {
+          this.deps.logger.error('cluster_route_failed', { msg_id: msgId, error: error.message });
+          this.refuseMessage(session, sender.id, msgId, clientGaveId, claimed, 'cluster_unavailable', CLUSTER_UNAVAILABLE);
+        },
+      );
       return;
     }
     const context: RouteContext = {
@@ -959,6 +972,8 @@ export class Router implements ClusterHandlers {
     unknown.forEach((id, index) => {
       const found = fetched[index];
       if (found === null) this.notDelivered(context, id, 'target_offline');
+      // An ephemeral identity is never in the shared store, but its node is in the presence.
+      else if (!found && cluster.locate(id) !== undefined) known.push(id);
       else if (!found) context.failed.push({ id, reason: 'target_not_found' });
       else if (found.banned) context.failed.push({ id, reason: 'target_banned' });
       else known.push(id);

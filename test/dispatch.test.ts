@@ -3,7 +3,7 @@
 
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { authBoss, authEmployee, http, reconnect, startTestRelay, type Authed, type Frame, type TestRelay } from './support';
+import { authBoss, authEmployee, http, reconnect, singleRelayOnly, startTestRelay, type Authed, type Frame, type TestRelay } from './support';
 
 async function withRelay(fn: (t: TestRelay) => Promise<void>, overrides: Parameters<typeof startTestRelay>[0] = {}): Promise<void> {
   const t = await startTestRelay(overrides);
@@ -239,7 +239,7 @@ async function sseUntil(httpUrl: string, wanted: string[], start: () => Promise<
   return seen;
 }
 
-test('admin views: /api/admin/tasks, the workforce dispatch field, task events on /api/events and dispatch metrics', async () => {
+test('admin views: /api/admin/tasks, the workforce dispatch field, task events on /api/events and dispatch metrics', singleRelayOnly('reads /metrics, which is per node (with a node label) in a cluster; test/cluster-dispatch.test.ts checks the cluster-wide admin views'), async () => {
   await withRelay(
     async ({ relay }) => {
       const boss = await authBoss(relay);

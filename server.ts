@@ -6,6 +6,7 @@ import http from 'node:http';
 import https from 'node:https';
 import path from 'node:path';
 import { BossKeys, type BossKeysReloadResult } from './lib/boss-keys';
+import { ClusterEventReaders } from './lib/cluster-event-readers';
 import type { ClusterLink } from './lib/cluster-link';
 import { communicationsPage, readPage, readQuery, type CommunicationsPage } from './lib/communications';
 import { ConnectionLog } from './lib/connection-log';
@@ -245,10 +246,11 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
       clusterBus.publish(event);
       shared.shareEvent(event);
     });
-    shared.streamEvents((event) => clusterBus.publish(event), () => eventStream.clientCount > 0);
+    shared.streamEvents((event) => clusterBus.publish(event), () => eventReaders?.wanted() ?? false);
     streamBus = clusterBus;
   }
   const eventStream = new EventStream({ bus: streamBus });
+  const eventReaders = cluster instanceof RedisCluster ? new ClusterEventReaders(cluster, eventStream) : undefined;
   let otherNodes: OtherNodes | undefined;
   if (cluster instanceof RedisCluster) {
     const shared = cluster;
@@ -282,7 +284,7 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
   if (cluster.clustered) metrics.registry.setDefaultLabels({ node: cluster.nodeId });
   const extensions: HttpExtensions = {
     dashboard: serveDashboard,
-    events: (req, res) => eventStream.handle(req, res),
+    events: (req, res) => (eventReaders ? eventReaders.handle(req, res) : eventStream.handle(req, res)),
     metrics: (req, res) => metrics.handle(req, res),
   };
   const api = new HttpApi({

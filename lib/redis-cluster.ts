@@ -67,6 +67,7 @@ type ControlMessage =
   | { t: 'left'; node: string; id: string; token?: number }
   | { t: 'buried'; node: string }
   | { t: 'node_up'; node: string }
+  | { t: 'events_on'; node: string }
   | { t: 'seen'; node: string; seen: unknown }
   | { t: 'identity'; node: string; doc: Record<string, unknown> }
   | { t: 'identity_seen'; node: string; id: string; seen: unknown }
@@ -132,6 +133,8 @@ export class RedisCluster implements ClusterLink {
   private eventsSubscribed = false;
   /** No node listened at the last publish: events are not published again before this time. */
   private eventsMutedUntil = 0;
+  /** How many `events_on` announcements this node has heard (a reader subscribed somewhere). */
+  private eventsReadersAnnounced = 0;
   private closed = false;
   private ticking = false;
   private seenSharedAt = 0;
@@ -636,6 +639,10 @@ export class RedisCluster implements ClusterLink {
       case 'node_up':
         if (typeof message.node === 'string' && message.node !== this.nodeId && !this.liveNodes.includes(message.node)) this.liveNodes = [...this.liveNodes, message.node];
         return;
+      case 'events_on':
+        this.eventsMutedUntil = 0;
+        this.eventsReadersAnnounced++;
+        return;
       case 'buried':
         for (const [id, node] of this.presence) if (node === message.node) this.presence.delete(id);
         return;
@@ -705,12 +712,24 @@ export class RedisCluster implements ClusterLink {
    */
   shareEvent(event: RelayEvent): void {
     if (this.closed || Date.now() < this.eventsMutedUntil || this.redis.status !== 'ready') return;
+    const readersAnnounced = this.eventsReadersAnnounced;
     this.redis.publish(this.key('events'), JSON.stringify({ node: this.nodeId, event })).then(
       (receivers) => {
-        if (receivers === 0) this.eventsMutedUntil = Date.now() + HEARTBEAT_MS;
+        // A reader announced meanwhile has subscribed after this publish: no pause.
+        if (receivers === 0 && readersAnnounced === this.eventsReadersAnnounced) this.eventsMutedUntil = Date.now() + HEARTBEAT_MS;
       },
       () => undefined,
     );
+  }
+
+  /**
+   * A reader is arriving at this node's /api/events: subscribe now rather than at the next
+   * heartbeat, and tell the nodes that had stopped publishing (nobody listened) to start again.
+   */
+  async listenToEventsNow(): Promise<void> {
+    this.eventsSubscribed = true;
+    await this.sub.subscribe(this.key('events'));
+    await this.redis.publish(this.key('control'), JSON.stringify({ t: 'events_on', node: this.nodeId }));
   }
 
   private async followEvents(): Promise<void> {

@@ -5,7 +5,7 @@ import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import { EventBus } from '../lib/events';
 import { RelayMetrics, type RelayStatsSnapshot } from '../lib/metrics';
-import { authBoss, authEmployee, connect, http, reconnect, startTestRelay, TEST_AUTHKEY, type TestRelay } from './support';
+import { authBoss, authEmployee, connect, http, reconnect, singleRelayOnly, startTestRelay, TEST_AUTHKEY, type TestRelay } from './support';
 
 interface Sample {
   name: string;
@@ -180,7 +180,7 @@ describe('metrics', () => {
     assert.ok((await scrape(relay, '/api/metrics')).types.has('mimiclaw_connections'));
   });
 
-  test('labelled counters start at 0 for every known label value, so the first increment is seen', async () => {
+  test('labelled counters start at 0 for every known label value, so the first increment is seen', singleRelayOnly('/metrics is per node (its samples carry a node label): a scrape through the balancer reads whichever node it reaches'), async () => {
     const fresh = await startTestRelay();
     try {
       const exposition = await scrape(fresh);
@@ -207,7 +207,7 @@ describe('metrics', () => {
     }
   });
 
-  test('counters and gauges move with traffic', async () => {
+  test('counters and gauges move with traffic', singleRelayOnly('/metrics is per node (its samples carry a node label): a scrape through the balancer reads whichever node it reaches'), async () => {
     const start = await scrape(relay);
     const boss = await authBoss(relay.relay);
     const worker = await authEmployee(relay.relay, 'Metric-Worker', ['metrics']);
@@ -255,7 +255,7 @@ describe('metrics', () => {
     await Promise.all([boss.socket.close(), worker.socket.close(), back.socket.close()]);
   });
 
-  test('two relays in one process keep separate registries', async () => {
+  test('two relays in one process keep separate registries', singleRelayOnly('compares the registries of two relay processes; a cluster node scrape reads one node'), async () => {
     const other = await startTestRelay();
     try {
       const otherBoss = await authBoss(other.relay);

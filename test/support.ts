@@ -105,19 +105,23 @@ async function startTestCluster(count: number, overrides: Partial<RelayOptions>,
       const nodeDir = path.join(dir, `node-${i}`);
       await fs.mkdir(nodeDir, { recursive: true });
       const nodeOptions: RelayOptions = {
-        port: 0,
         host: '127.0.0.1',
         authkey: TEST_AUTHKEY,
         dataDir: nodeDir,
         logLevel: 'silent',
         ...overrides,
+        // A port given (a restart on the same port) is the balancer's: clients keep their URL.
+        port: 0,
         redisUrl: redis.url,
         nodeId: `node-${i}`,
       };
       options ??= nodeOptions;
       nodes.push(await startRelay(nodeOptions));
     }
-    balancer = await startBalancer(nodes.map((node) => ({ host: '127.0.0.1', port: node.port })));
+    balancer = await startBalancer(
+      nodes.map((node) => ({ host: '127.0.0.1', port: node.port })),
+      { port: overrides.port ?? 0 },
+    );
   } catch (error) {
     await closeNodes().catch(() => undefined);
     if (sharedRedis === undefined) await redis.stop().catch(() => undefined);

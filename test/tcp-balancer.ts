@@ -18,6 +18,8 @@ export interface BalancerOptions {
   connectTimeoutMs?: number;
   /** After one side has closed, how long the other may take to finish writing. Default 5000 ms. */
   closeGraceMs?: number;
+  /** The port to listen on (127.0.0.1); default 0, a free one. */
+  port?: number;
 }
 
 export interface Balancer {
@@ -97,6 +99,10 @@ export async function startBalancer(initial: Backend[], options: BalancerOptions
 
   /** Either side closing ends the other; an error, or a side that will not finish, destroys both. */
   function join(client: net.Socket, upstream: net.Socket): void {
+    // As nginx (tcp_nodelay) and HAProxy do: forwarded bytes go out at once, not held back by
+    // Nagle's algorithm until the peer's delayed ACK (tens of ms on a loopback socket).
+    client.setNoDelay(true);
+    upstream.setNoDelay(true);
     let grace: NodeJS.Timeout | undefined;
     const destroyBoth = () => {
       clearTimeout(grace);
@@ -148,7 +154,7 @@ export async function startBalancer(initial: Backend[], options: BalancerOptions
 
   await new Promise<void>((resolve, reject) => {
     server.once('error', reject);
-    server.listen(0, '127.0.0.1', () => {
+    server.listen(options.port ?? 0, '127.0.0.1', () => {
       server.off('error', reject);
       resolve();
     });

@@ -21,6 +21,7 @@ import { IdentityStore, type Identity, type IdentityDoc } from './identity-store
 import type { Logger } from './logger';
 import { PresenceOrder } from './presence-order';
 import { isPlainObject, parseObject } from './protocol';
+import { RedisBatch, splitItems } from './redis-batch';
 import { ClusterStartError, connectRedis } from './redis-connection';
 import { SharedDedupe } from './redis-dedupe';
 import { IDENTITY_REVISION_KEY, IDENTITY_SEEN_KEY, SharedIdentities } from './redis-identities';
@@ -92,7 +93,9 @@ interface ReplyMessage {
 }
 
 interface PendingRequest {
-  answer(reply: ReplyMessage): void;
+  /** performance.now() after which the request counts as unanswered. */
+  deadline: number;
+  answer(reply: ReplyMessage | null): void;
 }
 
 export class NodeIdTakenError extends ClusterStartError {}
@@ -104,9 +107,14 @@ export class RedisCluster implements ClusterLink {
   private handlers: ClusterHandlers | null = null;
   private readonly token = randomUUID();
   private readonly prefix: string;
+  /** Requests waiting for their answer, in the order they were sent (so oldest deadline first). */
   private readonly pending = new Map<string, PendingRequest>();
+  /** The one timer that ends the oldest pending request when its answer is late. */
+  private replyTimer: NodeJS.Timeout | null = null;
   private readonly queue: SharedQueue;
   private readonly dedupe: SharedDedupe;
+  /** Inbox requests, replies and dedupe commands of one event-loop turn, sent as one script call. */
+  private readonly batch: RedisBatch;
   private readonly lifecycle: SharedLifecycle;
   /** Wrong auth secrets counted across the nodes (lib/redis-throttle.ts). */
   readonly authFailures: SharedThrottle;
@@ -142,7 +150,8 @@ export class RedisCluster implements ClusterLink {
   ) {
     this.prefix = clusterPrefix(options.clusterName);
     this.queue = new SharedQueue(redis, this.prefix, options.nodeId, options.maxQueuedPerTarget, options.logger, (outcome) => this.finishQueued(outcome));
-    this.dedupe = new SharedDedupe(redis, this.prefix, options.dedupeWindowMs, options.logger);
+    this.batch = new RedisBatch(redis, options.logger);
+    this.dedupe = new SharedDedupe(this.batch, this.prefix, options.dedupeWindowMs);
     this.lifecycle = new SharedLifecycle(
       redis,
       { identities: this.key(IDENTITIES_KEY), seen: this.key(IDENTITY_SEEN_KEY), banned: this.key(BANNED_KEY), presence: this.key('presence'), control: this.key('control'), removedPrefix: this.key('removed:') },
@@ -404,7 +413,25 @@ export class RedisCluster implements ClusterLink {
    * target the mirror sent to the wrong node (it moved a moment ago) comes back "offline" and is
    * looked up and asked once more, so a stale mirror never turns into a false failure.
    */
-  async deliverElsewhere(pieces: FramePieces, ids: readonly string[]): Promise<Record<string, RemoteOutcome>> {
+  deliverElsewhere(pieces: FramePieces, ids: readonly string[]): Promise<Record<string, RemoteOutcome>> {
+    // The usual case: the mirror places every target on one other node. One request, no lookup.
+    const node = ids.length > 0 ? this.presence.get(ids[0]!) : undefined;
+    if (node === undefined || node === this.nodeId || !ids.every((id) => this.presence.get(id) === node)) return this.deliverAnywhere(pieces, ids);
+    const targets = [...ids];
+    return this.request(node, (req) => ({ t: 'deliver', req, reply: this.nodeId, head: pieces.head, tail: pieces.tail, ids: targets, queueable: pieces.queueable })).then((reply) => {
+      const outcomes: Record<string, RemoteOutcome> = {};
+      let missed: string[] | null = null;
+      for (const id of targets) {
+        const outcome = reply?.outcomes?.[id] ?? 'offline';
+        outcomes[id] = outcome;
+        if (outcome === 'offline') (missed ??= []).push(id);
+      }
+      if (missed === null) return outcomes;
+      return this.askMoved(pieces, missed, new Map(missed.map((id) => [id, node])), outcomes).then(() => outcomes);
+    });
+  }
+
+  private async deliverAnywhere(pieces: FramePieces, ids: readonly string[]): Promise<Record<string, RemoteOutcome>> {
     const outcomes: Record<string, RemoteOutcome> = {};
     const byNode = new Map<string, string[]>();
     const unplaced: string[] = [];
@@ -418,12 +445,15 @@ export class RedisCluster implements ClusterLink {
     if (unplaced.length > 0) for (const [node, targets] of await this.locateInStore(unplaced)) for (const id of targets) addTo(byNode, node, id);
     await this.askHolders(pieces, byNode, outcomes, asked);
     const missed = ids.filter((id) => outcomes[id] === 'offline' && asked.has(id) && !unplaced.includes(id));
-    if (missed.length > 0) {
-      const again = new Map<string, string[]>();
-      for (const [node, targets] of await this.locateInStore(missed)) for (const id of targets) if (asked.get(id) !== node) addTo(again, node, id);
-      if (again.size > 0) await this.askHolders(pieces, again, outcomes, asked);
-    }
+    if (missed.length > 0) await this.askMoved(pieces, missed, asked, outcomes);
     return outcomes;
+  }
+
+  /** Targets the mirror placed on a node that answered "offline": asked once more where Redis says they are now. */
+  private async askMoved(pieces: FramePieces, missed: readonly string[], asked: Map<string, string>, outcomes: Record<string, RemoteOutcome>): Promise<void> {
+    const again = new Map<string, string[]>();
+    for (const [node, targets] of await this.locateInStore(missed)) for (const id of targets) if (asked.get(id) !== node) addTo(again, node, id);
+    if (again.size > 0) await this.askHolders(pieces, again, outcomes, asked);
   }
 
   /** Holders from Redis (HMGET presence); none when Redis cannot answer: those targets stay offline. */
@@ -479,40 +509,73 @@ export class RedisCluster implements ClusterLink {
   private async request(node: string, make: (req: string) => InboxMessage): Promise<ReplyMessage | null> {
     const req = `${this.nodeId}:${(this.requestSeq++).toString(36)}`;
     const answered = new Promise<ReplyMessage | null>((resolve) => {
-      const timer = setTimeout(() => {
-        this.pending.delete(req);
-        resolve(null);
-      }, REPLY_TIMEOUT_MS);
-      this.pending.set(req, {
-        answer: (reply) => {
-          clearTimeout(timer);
-          this.pending.delete(req);
-          resolve(reply);
-        },
-      });
+      this.pending.set(req, { deadline: performance.now() + REPLY_TIMEOUT_MS, answer: resolve });
     });
-    let receivers = 0;
-    try {
-      receivers = await this.redis.publish(this.key(`inbox:${node}`), JSON.stringify(make(req)));
-    } catch {
-      receivers = 0;
-    }
-    // Nobody listens on that inbox: the node is gone, there is nothing to wait for.
-    if (receivers === 0) this.pending.get(req)?.answer({ req });
+    this.watchReplies();
+    this.batch.publish(this.key(`inbox:${node}`), JSON.stringify(make(req)), (receivers) => {
+      // Nobody listens on that inbox (or Redis did not take it): there is nothing to wait for.
+      if (receivers === 0) this.settleRequest(req, { req });
+    });
     return answered;
   }
 
+  private settleRequest(req: string, reply: ReplyMessage | null): void {
+    const request = this.pending.get(req);
+    if (request === undefined) return;
+    this.pending.delete(req);
+    request.answer(reply);
+  }
+
+  /**
+   * Every request waits REPLY_TIMEOUT_MS and they are kept in the order sent, so one timer for
+   * the oldest serves them all (no timer set and cleared per message).
+   */
+  private watchReplies(): void {
+    if (this.replyTimer !== null) return;
+    const oldest = this.pending.values().next();
+    if (oldest.done === true) return;
+    this.replyTimer = setTimeout(() => {
+      this.replyTimer = null;
+      const now = performance.now();
+      for (const [req, request] of this.pending) {
+        if (request.deadline > now) break;
+        this.settleRequest(req, null);
+      }
+      this.watchReplies();
+    }, Math.max(0, oldest.value.deadline - performance.now()));
+    // A pending request does not keep the process alive by itself (the sockets do).
+    this.replyTimer.unref();
+  }
+
   private onMessage(channel: string, text: string): void {
+    if (this.handlers === null) return;
+    if (channel === this.key(`inbox:${this.nodeId}`) || channel === this.key(`reply:${this.nodeId}`)) {
+      // Requests and replies come batched: one message per sending node and event-loop turn.
+      const inbox = channel === this.key(`inbox:${this.nodeId}`);
+      for (const item of splitItems(parseJson(text))) {
+        if (!isPlainObject(item)) continue;
+        try {
+          if (inbox) this.onInbox(item as InboxMessage);
+          else this.onReply(item as unknown as ReplyMessage);
+        } catch (error) {
+          this.options.logger.error('cluster_message_failed', { channel, error: (error as Error).message });
+        }
+      }
+      return;
+    }
     const message = parseObject(text);
-    if (message === null || this.handlers === null) return;
+    if (message === null) return;
     try {
       if (channel === this.key('control')) this.onControl(message as ControlMessage);
-      else if (channel === this.key(`inbox:${this.nodeId}`)) this.onInbox(message as InboxMessage);
-      else if (channel === this.key(`reply:${this.nodeId}`)) this.onReply(message as unknown as ReplyMessage);
       else if (channel === this.key('events')) this.onEvent(message);
     } catch (error) {
       this.options.logger.error('cluster_message_failed', { channel, error: (error as Error).message });
     }
+  }
+
+  /** Answers a request on the asker's reply channel, batched with this turn's other answers. */
+  private answer(asker: string, reply: ReplyMessage): void {
+    this.batch.publish(this.key(`reply:${asker}`), JSON.stringify(reply), () => undefined);
   }
 
   private onInbox(message: InboxMessage): void {
@@ -522,7 +585,7 @@ export class RedisCluster implements ClusterLink {
       const { req, reply: replyTo } = message;
       const answer = this.queryHandler ? this.queryHandler(String(message.kind), message.query) : Promise.reject(new Error('no query handler'));
       answer.then(
-        (result) => this.publish(`reply:${replyTo}`, { req, result }),
+        (result) => this.answer(replyTo, { req, result }),
         (error: Error) => this.options.logger.warn('cluster_query_failed', { kind: String(message.kind), error: error.message }),
       );
       return;
@@ -536,11 +599,11 @@ export class RedisCluster implements ClusterLink {
     } else {
       return;
     }
-    this.publish(`reply:${message.reply}`, reply);
+    this.answer(message.reply, reply);
   }
 
   private onReply(reply: ReplyMessage): void {
-    if (typeof reply.req === 'string') this.pending.get(reply.req)?.answer(reply);
+    if (typeof reply.req === 'string') this.settleRequest(reply.req, reply);
   }
 
   private onControl(message: ControlMessage): void {
@@ -728,7 +791,8 @@ export class RedisCluster implements ClusterLink {
     if (this.closed) return;
     if (this.heartbeat) clearInterval(this.heartbeat);
     if (this.seenTimer) clearInterval(this.seenTimer);
-    for (const request of [...this.pending.values()]) request.answer({ req: '' });
+    for (const req of [...this.pending.keys()]) this.settleRequest(req, { req: '' });
+    if (this.replyTimer !== null) clearTimeout(this.replyTimer);
     try {
       if (this.redis.status === 'ready') {
         await this.redis.eval(RELEASE_SCRIPT, 2, this.nodeKey(this.nodeId), this.key('nodes'), this.token, this.nodeId);
@@ -747,6 +811,14 @@ async function quit(client: Redis): Promise<void> {
     else client.disconnect();
   } catch {
     client.disconnect();
+  }
+}
+
+function parseJson(text: string): unknown {
+  try {
+    return JSON.parse(text) as unknown;
+  } catch {
+    return null;
   }
 }
 

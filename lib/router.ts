@@ -968,7 +968,7 @@ export class Router implements ClusterHandlers {
     const unknown: string[] = [];
     for (const id of context.elsewhere ?? []) (identities.get(id) ? known : unknown).push(id);
     // A lookup the store cannot answer now leaves its target offline: never a guess of "not found".
-    const fetched = await Promise.all(unknown.map((id) => cluster.fetchIdentity(id).catch(() => null)));
+    const fetched = unknown.length === 0 ? [] : await Promise.all(unknown.map((id) => cluster.fetchIdentity(id).catch(() => null)));
     unknown.forEach((id, index) => {
       const found = fetched[index];
       if (found === null) this.notDelivered(context, id, 'target_offline');
@@ -980,10 +980,9 @@ export class Router implements ClusterHandlers {
       if (found && !identities.get(id)) identities.apply(toDoc(found));
     });
     const pieces: FramePieces = { head: context.head, tail: context.tail, ...(context.queueTtlMs > 0 && { queueable: true }) };
-    const [outcomes, reached] = await Promise.all([
-      known.length > 0 ? cluster.deliverElsewhere(pieces, known) : ({} as Record<string, RemoteOutcome>),
-      context.broadcast ? cluster.broadcastElsewhere(pieces, context.sender.id) : [],
-    ]);
+    const [outcomes, reached] = context.broadcast
+      ? await Promise.all([known.length > 0 ? cluster.deliverElsewhere(pieces, known) : ({} as Record<string, RemoteOutcome>), cluster.broadcastElsewhere(pieces, context.sender.id)])
+      : [known.length > 0 ? await cluster.deliverElsewhere(pieces, known) : ({} as Record<string, RemoteOutcome>), []];
     for (const id of known) {
       const outcome = outcomes[id] ?? 'offline';
       if (outcome === 'delivered') context.delivered.push(id);

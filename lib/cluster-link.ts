@@ -85,8 +85,11 @@ export interface ClusterLink {
   onlineIds(): Iterable<string>;
   /** How many identities are online on all nodes together (the presence mirror's size). */
   onlineCount(): number;
-  /** This node now holds `id`'s session: record it and close any older one elsewhere (4000). */
-  joined(id: string): Promise<void>;
+  /**
+   * This node now holds `id`'s session: record it and close any older one elsewhere (4000).
+   * False when the relay already holds `maxSessions` sessions (and this one replaces none): nothing is recorded.
+   */
+  joined(id: string, maxSessions: number): Promise<boolean>;
   /** This node no longer holds `id`'s session (only removes the presence that names this node). */
   left(id: string): void;
   /** An identity this node's replica does not know, read from the shared store. */

@@ -328,7 +328,8 @@ export class RedisCluster implements ClusterLink {
     try {
       await this.redis.eval(HEARTBEAT_SCRIPT, 2, this.nodeKey(this.nodeId), this.key('nodes'), this.token, NODE_TTL_MS, this.nodeId);
       await this.loadPresence();
-      await Promise.all([...(this.handlers?.heldIds() ?? [])].map((id) => this.joined(id)));
+      // Sessions this node already holds are announced again, never refused by the limit.
+      await Promise.all([...(this.handlers?.heldIds() ?? [])].map((id) => this.joined(id, Number.MAX_SAFE_INTEGER)));
       this.options.logger.info('cluster_resynced', { node: this.nodeId });
     } catch (error) {
       this.options.logger.warn('cluster_resync_failed', { error: (error as Error).message });
@@ -337,28 +338,39 @@ export class RedisCluster implements ClusterLink {
 
   // ---- presence ------------------------------------------------------------------------------
 
-  async joined(id: string): Promise<void> {
+  async joined(id: string, maxSessions: number): Promise<boolean> {
+    const before = this.presence.get(id);
     this.presence.set(id, this.nodeId);
     const attempt = this.order.joining(id);
     let token: number;
     try {
       const presenceKeys = [this.key('presence'), this.key(`presence:${this.nodeId}`), this.key('presence-token')];
-      token = Number(await this.redis.eval(JOIN_SCRIPT, 3, ...presenceKeys, id, this.nodeId, this.key('presence:')));
+      token = Number(await this.redis.eval(JOIN_SCRIPT, 3, ...presenceKeys, id, this.nodeId, this.key('presence:'), maxSessions));
     } catch (error) {
       this.order.failed(id, attempt);
       this.options.logger.warn('cluster_presence_failed', { id, error: (error as Error).message });
       throw error;
     }
+    if (token < 0) {
+      // The cluster is at --max-connections: the session is refused, presence stays as it was.
+      this.order.failed(id, attempt);
+      if (this.presence.get(id) === this.nodeId) {
+        if (before === undefined) this.presence.delete(id);
+        else this.presence.set(id, before);
+      }
+      return false;
+    }
     const standing = this.order.joinedAs(id, attempt, token);
     // A later join of this node took over: it announces itself.
-    if (standing === 'stale') return;
+    if (standing === 'stale') return true;
     // A newer session on another node was announced while this join was on its way.
     if (standing === 'replaced') {
       this.handlers?.replacedElsewhere(id);
-      return;
+      return true;
     }
     this.presence.set(id, this.nodeId);
     this.publish('control', { t: 'replace', node: this.nodeId, id, token });
+    return true;
   }
 
   left(id: string): void {

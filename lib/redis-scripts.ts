@@ -15,8 +15,11 @@ return 1`;
 // Returns the join's token: larger than every earlier join's (Redis time in microseconds, or the
 // last token + 1), so announcements of one identity's sessions can be ordered (lib/presence-order.ts).
 // It is kept in KEYS[3] as '%.0f' text: Lua would write a number that large as 1.7e+15.
+// ARGV[4] is --max-connections: a new session (not one replacing the identity's older one) past
+// it is refused here, with -1, so auths racing on several nodes cannot pass it together.
 export const JOIN_SCRIPT = `
 local previous = redis.call('HGET', KEYS[1], ARGV[1])
+if not previous and redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[4]) then return -1 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('SADD', KEYS[2], ARGV[1])
 if previous and previous ~= ARGV[2] then redis.call('SREM', ARGV[3] .. previous, ARGV[1]) end

@@ -340,8 +340,14 @@ export class Router implements ClusterHandlers {
       return;
     }
     // A client told auth_ok must be reachable from every node: presence first.
-    this.deps.cluster.joined(identity.id).then(
-      () => {
+    this.deps.cluster.joined(identity.id, this.deps.options.maxConnections).then(
+      (admitted) => {
+        if (!admitted) {
+          // Another node's auth took the last place since this node's presence mirror was checked.
+          session.sendError('server_full', serverFullMessage(this.deps.options.maxConnections));
+          session.close(CLOSE_CODES.serverFull, 'server_full');
+          return;
+        }
         if (session.isOpen && this.online.get(identity.id) === session) this.welcome(session, identity, key, reconnected, now, capacity);
       },
       () => {
@@ -419,7 +425,7 @@ export class Router implements ClusterHandlers {
     }
     const replacing = credentials.value !== undefined && this.isOnline(credentials.value.id);
     if (!replacing && this.sessionCount() >= options.maxConnections) {
-      return { code: 'server_full', message: `The relay is at its limit of ${options.maxConnections} connections; try again later.` };
+      return { code: 'server_full', message: serverFullMessage(options.maxConnections) };
     }
     if (credentials.value === undefined) {
       const registered = this.register(role.value, frame, meta, frame.ephemeral === true);
@@ -1627,4 +1633,8 @@ function clusterUnavailable(): AdminFailure {
 
 function notFound(id: string): AdminFailure {
   return { ok: false, status: 404, code: 'not_found', message: `No identity has id "${id.slice(0, 100)}"; list them with GET /api/connections.` };
+}
+
+function serverFullMessage(maxConnections: number): string {
+  return `The relay is at its limit of ${maxConnections} connections; try again later.`;
 }

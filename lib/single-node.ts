@@ -20,8 +20,8 @@ export class SingleNode implements ClusterLink {
   onlineCount(): number {
     return 0;
   }
-  joined(): Promise<void> {
-    return Promise.resolve();
+  joined(): Promise<boolean> {
+    return Promise.resolve(true);
   }
   left(): void {}
   fetchIdentity(): Promise<undefined> {

@@ -696,6 +696,30 @@ describe('cluster: limits', () => {
       await cluster.dispose();
     }
   });
+
+  test('--max-connections holds when the last place was taken on another node a moment ago (before this node heard of it)', async () => {
+    const cluster = await startCluster(2, { maxConnections: 2 });
+    try {
+      const [a, b] = cluster.nodes as [TestRelay, TestRelay];
+      const first = await authEmployee(a.relay, 'One', ['ops']);
+      await eventually('node-1 counts the first session', async () => (await http(b.relay, 'GET', '/health')).body.active_connections === 1);
+      // A session whose announcement has not reached node-1 yet: in Redis's presence only.
+      await redis.client.hset(`${cluster.name}:presence`, 'employee-elsewhere', 'node-0');
+      const extra = await connect(b.relay);
+      extra.send({ type: 'auth', role: 'boss', authkey: TEST_AUTHKEY });
+      const refused = await extra.next('error');
+      assert.equal(refused.code, 'server_full');
+      assert.match(String(refused.message), /limit of 2 connections/);
+      assert.equal((await extra.closed).code, 4013);
+      assert.equal(await redis.client.hlen(`${cluster.name}:presence`), 2, 'the refused session left no presence');
+      // A reconnect of an identity online elsewhere replaces it: still let in.
+      const moved = await reconnect(b.relay, first, 'employee');
+      assert.equal(moved.ok.type, 'auth_ok');
+      await moved.socket.close();
+    } finally {
+      await cluster.dispose();
+    }
+  });
 });
 
 describe('cluster: faults', () => {

@@ -22,7 +22,7 @@ import type { Logger } from './logger';
 import { PresenceOrder } from './presence-order';
 import { isPlainObject, parseObject } from './protocol';
 import { RedisBatch, splitItems } from './redis-batch';
-import { ClusterStartError, connectRedis } from './redis-connection';
+import { closeRedis, ClusterStartError, connectRedis } from './redis-connection';
 import { SharedDedupe } from './redis-dedupe';
 import { IDENTITY_REVISION_KEY, IDENTITY_SEEN_KEY, SharedIdentities } from './redis-identities';
 import { SharedLifecycle, type LifecycleMessage, type SharedRemoval } from './redis-lifecycle';
@@ -813,16 +813,7 @@ export class RedisCluster implements ClusterLink {
       this.options.logger.warn('cluster_release_failed', { error: (error as Error).message });
     }
     this.closed = true;
-    await Promise.all([quit(this.redis), quit(this.sub)]);
-  }
-}
-
-async function quit(client: Redis): Promise<void> {
-  try {
-    if (client.status === 'ready') await client.quit();
-    else client.disconnect();
-  } catch {
-    client.disconnect();
+    await Promise.all([closeRedis(this.redis), closeRedis(this.sub)]);
   }
 }
 

@@ -7,12 +7,13 @@ import { spawn } from 'node:child_process';
 import fs from 'node:fs/promises';
 import httpModule from 'node:http';
 import path from 'node:path';
-import { after, afterEach, before, describe, test } from 'node:test';
+import { describe, test } from 'node:test';
 import { RelayClient } from '../client';
 import { parseCommandLine } from '../lib/cli-args';
 import type { RelayOptions } from '../server';
 import { freePort } from './child-relay';
 import { CHILD_AUTHKEY, eventually, startRelayProcess, type RelayProcess } from './fault-support';
+import { useClusterFixture } from './cluster-fixture';
 import { startRedis, type TestRedis } from './redis-harness';
 import { startBalancer } from './tcp-balancer';
 import { authBoss, authEmployee, connect, http, makeTempDir, reconnect, startTestRelay, TEST_AUTHKEY, type Authed, type TestRelay } from './support';
@@ -22,24 +23,8 @@ const CLI = path.join(__dirname, '..', 'cli.js');
 let redis: TestRedis;
 let clusterSeq = 0;
 
-before(async () => {
-  redis = await startRedis();
-});
-
-after(async () => {
-  await redis.stop();
-});
-
-/** What a test started outside its own cleanup (a start that threw half-way): ended after each test, so a failing test still lets the run end. */
-const leftovers: { children: RelayProcess[]; relays: TestRelay[]; redises: TestRedis[] } = { children: [], relays: [], redises: [] };
-
-afterEach(async () => {
-  for (const child of leftovers.children.splice(0)) {
-    child.child.child.kill('SIGKILL');
-    await child.child.exited.catch(() => undefined);
-  }
-  for (const relay of leftovers.relays.splice(0)) await relay.dispose().catch(() => undefined);
-  for (const server of leftovers.redises.splice(0)) await server.stop().catch(() => undefined);
+const leftovers = useClusterFixture((started) => {
+  redis = started;
 });
 
 async function startChild(dir: string, args: string[]): Promise<RelayProcess> {

@@ -34,6 +34,14 @@ import { BURY_SCRIPT, HEARTBEAT_SCRIPT, JOIN_SCRIPT, LEAVE_SCRIPT, RELEASE_SCRIP
 export const NODE_TTL_MS = 5000;
 /** How often a node refreshes its key and looks for dead nodes. */
 export const HEARTBEAT_MS = 1000;
+/**
+ * How long every node stays subscribed to the shared events after it last heard that some node
+ * has an /api/events reader: a stream that drops and comes back through the balancer on another
+ * node within it resumes exactly, since that node's ring holds the whole cluster's events.
+ */
+export const EVENTS_LINGER_MS = 60_000;
+/** How long a node arriving reader waits for every node to subscribe to the shared events. */
+const EVENTS_SUBSCRIBED_WAIT_MS = 2000;
 /** How long a node waits for another node's answer before counting its targets as not delivered. */
 export const REPLY_TIMEOUT_MS = 3000;
 /** How often a node tells the others when its identities were last active (well inside the 60 s heartbeat staleness). */
@@ -100,6 +108,13 @@ interface PendingRequest {
 
 export class NodeIdTakenError extends ClusterStartError {}
 
+/** Where the other nodes' events go (this node's /api/events ring, lib/event-stream.ts). */
+export interface SharedEventsSink {
+  receiveShared(origin: string, seq: number, event: RelayEvent): void;
+  /** The node stops listening: it cannot vouch for what other nodes do meanwhile. */
+  stopHearing(): void;
+}
+
 export class RedisCluster implements ClusterLink {
   readonly clustered = true;
   /** The node's replica of every identity, written through to Redis. */
@@ -127,7 +142,7 @@ export class RedisCluster implements ClusterLink {
   private liveNodes: string[] = [];
   private heartbeat: NodeJS.Timeout | null = null;
   /** Where other nodes' events go (this node's /api/events), and whether anyone reads it now. */
-  private eventSink: ((event: RelayEvent) => void) | null = null;
+  private eventSink: SharedEventsSink | null = null;
   private queryHandler: QueryHandler | null = null;
   private eventsWanted: () => boolean = () => false;
   private eventsSubscribed = false;
@@ -135,6 +150,8 @@ export class RedisCluster implements ClusterLink {
   private eventsMutedUntil = 0;
   /** How many `events_on` announcements this node has heard (a reader subscribed somewhere). */
   private eventsReadersAnnounced = 0;
+  /** Some node had an /api/events reader within EVENTS_LINGER_MS before this time: stay subscribed. */
+  private eventsLingerUntil = 0;
   private closed = false;
   private ticking = false;
   private seenSharedAt = 0;
@@ -284,6 +301,8 @@ export class RedisCluster implements ClusterLink {
       const held = await this.redis.eval(HEARTBEAT_SCRIPT, 2, this.nodeKey(this.nodeId), this.key('nodes'), this.token, NODE_TTL_MS, this.nodeId);
       if (held === 0) this.options.logger.error('node_id_taken', { node: this.nodeId, cluster: this.options.clusterName });
       await this.findDeadNodes();
+      // Readers here keep every node subscribed (and lingering) while they read.
+      if (this.eventSink !== null && this.eventsWanted()) this.publish('control', { t: 'events_on', node: this.nodeId });
       await this.followEvents();
       await this.queue.expireDue();
       this.lifecycle.sweep();
@@ -654,6 +673,15 @@ export class RedisCluster implements ClusterLink {
       case 'events_on':
         this.eventsMutedUntil = 0;
         this.eventsReadersAnnounced++;
+        // Every node's ring holds the cluster's events while some node has readers (and for a
+        // while after), so a stream can resume on any node: subscribe now, not at the heartbeat.
+        this.eventsLingerUntil = Date.now() + EVENTS_LINGER_MS;
+        if (this.eventSink !== null && !this.eventsSubscribed && !this.closed) {
+          this.eventsSubscribed = true;
+          this.sub.subscribe(this.key('events')).catch(() => {
+            this.eventsSubscribed = false;
+          });
+        }
         return;
       case 'buried':
         for (const [id, node] of this.presence) if (node === message.node) this.presence.delete(id);
@@ -710,10 +738,11 @@ export class RedisCluster implements ClusterLink {
   // ---- events --------------------------------------------------------------------------------
 
   /**
-   * Feeds other nodes' events to `sink` while `wanted()` (someone reads /api/events here): the
-   * node is subscribed to the events channel only then, checked every heartbeat.
+   * Feeds other nodes' events to `sink` while `wanted()` (someone reads /api/events here) or some
+   * node announced a reader within EVENTS_LINGER_MS: the node is subscribed to the events channel
+   * only then, so a stream can resume on any node with exactly what it missed.
    */
-  streamEvents(sink: (event: RelayEvent) => void, wanted: () => boolean): void {
+  streamEvents(sink: SharedEventsSink, wanted: () => boolean): void {
     this.eventSink = sink;
     this.eventsWanted = wanted;
   }
@@ -722,10 +751,10 @@ export class RedisCluster implements ClusterLink {
    * Shares one of this node's events. When no node listens (PUBLISH reached nobody) publishing
    * pauses for a heartbeat, so a cluster without /api/events readers pays one check per event.
    */
-  shareEvent(event: RelayEvent): void {
+  shareEvent(event: RelayEvent, seq: number): void {
     if (this.closed || Date.now() < this.eventsMutedUntil || this.redis.status !== 'ready') return;
     const readersAnnounced = this.eventsReadersAnnounced;
-    this.redis.publish(this.key('events'), JSON.stringify({ node: this.nodeId, event })).then(
+    this.redis.publish(this.key('events'), JSON.stringify({ node: this.nodeId, seq, event })).then(
       (receivers) => {
         // A reader announced meanwhile has subscribed after this publish: no pause.
         if (receivers === 0 && readersAnnounced === this.eventsReadersAnnounced) this.eventsMutedUntil = Date.now() + HEARTBEAT_MS;
@@ -742,20 +771,33 @@ export class RedisCluster implements ClusterLink {
     this.eventsSubscribed = true;
     await this.sub.subscribe(this.key('events'));
     await this.redis.publish(this.key('control'), JSON.stringify({ t: 'events_on', node: this.nodeId }));
+    // Answer the reader once every live node has subscribed too (each holds one subscriber
+    // connection), so their rings hold what the stream is sent and it can resume on any of them.
+    const deadline = Date.now() + EVENTS_SUBSCRIBED_WAIT_MS;
+    while (!this.closed && Date.now() < deadline) {
+      const counts = (await this.redis.pubsub('NUMSUB', this.key('events'))) as unknown[];
+      if (Number(counts[1]) >= this.liveNodes.length + 1) return;
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
   }
 
   private async followEvents(): Promise<void> {
-    const wanted = this.eventSink !== null && this.eventsWanted();
+    const wanted = this.eventSink !== null && (this.eventsWanted() || Date.now() < this.eventsLingerUntil);
     if (wanted === this.eventsSubscribed) return;
     this.eventsSubscribed = wanted;
     if (wanted) await this.sub.subscribe(this.key('events'));
-    else await this.sub.unsubscribe(this.key('events'));
+    else {
+      this.eventSink?.stopHearing();
+      await this.sub.unsubscribe(this.key('events'));
+    }
   }
 
   private onEvent(message: Record<string, unknown>): void {
     if (message.node === this.nodeId || !this.eventsSubscribed) return;
     const event = message.event;
-    if (isPlainObject(event) && typeof event.type === 'string') this.eventSink?.(event as unknown as RelayEvent);
+    if (typeof message.node === 'string' && Number.isSafeInteger(message.seq) && isPlainObject(event) && typeof event.type === 'string') {
+      this.eventSink?.receiveShared(message.node, message.seq as number, event as unknown as RelayEvent);
+    }
   }
 
   // ---- store-and-forward (lib/redis-queue.ts) and dedupe (lib/redis-dedupe.ts) ---------------

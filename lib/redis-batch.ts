@@ -66,6 +66,8 @@ interface Operation {
 interface Publication {
   operation: Operation;
   items: string[];
+  /** The items frame themselves (lib/redis-inbox.ts): the message is their concatenation, not a JSON array. */
+  framed: boolean;
   /** Each item's caller hears how many subscribers received the message (0 when it failed). */
   heard: ((receivers: number) => void)[];
 }
@@ -115,8 +117,12 @@ export class RedisBatch {
     this.add({ op: 'd', key, values: [], done: this.logFailure(event) });
   }
 
-  /** Adds `item` (JSON text) to this turn's message on `channel`; `heard` gets its receiver count. */
-  publish(channel: string, item: string, heard: (receivers: number) => void): void {
+  /**
+   * Adds `item` (JSON text) to this turn's message on `channel`; `heard` gets its receiver count.
+   * `framed`: the item frames itself and the message is the items concatenated (one channel is
+   * always published the same way).
+   */
+  publish(channel: string, item: string, heard: (receivers: number) => void, framed = false): void {
     const open = this.publications.get(channel);
     if (open) {
       open.items.push(item);
@@ -135,7 +141,7 @@ export class RedisBatch {
         for (const tell of told) tell(receivers);
       },
     };
-    this.publications.set(channel, { operation, items, heard: told });
+    this.publications.set(channel, { operation, items, framed, heard: told });
     this.add(operation);
   }
 
@@ -158,7 +164,7 @@ export class RedisBatch {
     const publications = this.publications;
     this.operations = [];
     this.publications = new Map();
-    for (const publication of publications.values()) publication.operation.values.push(joinItems(publication.items));
+    for (const publication of publications.values()) publication.operation.values.push(publication.framed ? publication.items.join('') : joinItems(publication.items));
     // Bounded argument lists; the calls still go out in order on the one connection.
     for (let start = 0; start < operations.length; start += MAX_OPERATIONS_PER_CALL) this.send(operations.slice(start, start + MAX_OPERATIONS_PER_CALL));
   }

@@ -22,6 +22,7 @@ import type { Logger } from './logger';
 import { PresenceOrder } from './presence-order';
 import { isPlainObject, parseObject } from './protocol';
 import { RedisBatch, splitItems } from './redis-batch';
+import { decodeInbox, encodeInboxRequest } from './redis-inbox';
 import { ClusterStartError, connectRedis } from './redis-connection';
 import { SharedDedupe } from './redis-dedupe';
 import { IDENTITY_REVISION_KEY, IDENTITY_SEEN_KEY, SharedIdentities } from './redis-identities';
@@ -77,9 +78,10 @@ type ControlMessage =
   | LifecycleMessage
   | ThrottledMessage;
 
+/** A request's JSON part; a deliver or broadcast carries the frame pieces after it (lib/redis-inbox.ts). */
 type InboxMessage =
-  | { t: 'deliver'; req: string; reply: string; head: string; tail: string; ids: string[]; queueable?: boolean }
-  | { t: 'broadcast'; req: string; reply: string; head: string; tail: string; sender: string }
+  | { t: 'deliver'; req: string; reply: string; ids: string[]; queueable?: boolean }
+  | { t: 'broadcast'; req: string; reply: string; sender: string }
   | { t: 'query'; req: string; reply: string; kind: string; query: unknown };
 
 /** Answers reads that span the cluster (e.g. /admin/communications) from this node's own data. */
@@ -107,6 +109,9 @@ export class RedisCluster implements ClusterLink {
   private handlers: ClusterHandlers | null = null;
   private readonly token = randomUUID();
   private readonly prefix: string;
+  /** This node's inbox and reply channels (compared on every message that arrives). */
+  private readonly inboxChannel: string;
+  private readonly replyChannel: string;
   /** Requests waiting for their answer, in the order they were sent (so oldest deadline first). */
   private readonly pending = new Map<string, PendingRequest>();
   /** The one timer that ends the oldest pending request when its answer is late. */
@@ -149,6 +154,8 @@ export class RedisCluster implements ClusterLink {
     docs: IdentityDoc[],
   ) {
     this.prefix = clusterPrefix(options.clusterName);
+    this.inboxChannel = `${this.prefix}inbox:${options.nodeId}`;
+    this.replyChannel = `${this.prefix}reply:${options.nodeId}`;
     this.queue = new SharedQueue(redis, this.prefix, options.nodeId, options.maxQueuedPerTarget, options.logger, (outcome) => this.finishQueued(outcome));
     this.batch = new RedisBatch(redis, options.logger);
     this.dedupe = new SharedDedupe(this.batch, this.prefix, options.dedupeWindowMs);
@@ -430,7 +437,7 @@ export class RedisCluster implements ClusterLink {
     const node = ids.length > 0 ? this.presence.get(ids[0]!) : undefined;
     if (node === undefined || node === this.nodeId || !ids.every((id) => this.presence.get(id) === node)) return this.deliverAnywhere(pieces, ids);
     const targets = [...ids];
-    return this.request(node, (req) => ({ t: 'deliver', req, reply: this.nodeId, head: pieces.head, tail: pieces.tail, ids: targets, queueable: pieces.queueable })).then((reply) => {
+    return this.request(node, (req) => ({ t: 'deliver', req, reply: this.nodeId, ids: targets, queueable: pieces.queueable }), pieces).then((reply) => {
       const outcomes: Record<string, RemoteOutcome> = {};
       let missed: string[] | null = null;
       for (const id of targets) {
@@ -483,7 +490,7 @@ export class RedisCluster implements ClusterLink {
     await Promise.all(
       [...byNode].map(async ([node, targets]) => {
         for (const id of targets) asked.set(id, node);
-        const reply = await this.request(node, (req) => ({ t: 'deliver', req, reply: this.nodeId, head: pieces.head, tail: pieces.tail, ids: targets, queueable: pieces.queueable }));
+        const reply = await this.request(node, (req) => ({ t: 'deliver', req, reply: this.nodeId, ids: targets, queueable: pieces.queueable }), pieces);
         // Only what the holder says it wrote counts as delivered; no answer leaves them offline.
         for (const id of targets) {
           const outcome = reply?.outcomes?.[id];
@@ -495,7 +502,7 @@ export class RedisCluster implements ClusterLink {
 
   async broadcastElsewhere(pieces: FramePieces, senderId: string): Promise<string[]> {
     const replies = await Promise.all(
-      this.liveNodes.map((node) => this.request(node, (req) => ({ t: 'broadcast', req, reply: this.nodeId, head: pieces.head, tail: pieces.tail, sender: senderId }))),
+      this.liveNodes.map((node) => this.request(node, (req) => ({ t: 'broadcast', req, reply: this.nodeId, sender: senderId }), pieces)),
     );
     return replies.flatMap((reply) => reply?.reached ?? []);
   }
@@ -518,16 +525,21 @@ export class RedisCluster implements ClusterLink {
   }
 
   /** Publishes on `node`'s inbox and waits for its answer; null when none came in time. */
-  private async request(node: string, make: (req: string) => InboxMessage): Promise<ReplyMessage | null> {
+  private request(node: string, make: (req: string) => InboxMessage, pieces: FramePieces | null = null): Promise<ReplyMessage | null> {
     const req = `${this.nodeId}:${(this.requestSeq++).toString(36)}`;
     const answered = new Promise<ReplyMessage | null>((resolve) => {
       this.pending.set(req, { deadline: performance.now() + REPLY_TIMEOUT_MS, answer: resolve });
     });
     this.watchReplies();
-    this.batch.publish(this.key(`inbox:${node}`), JSON.stringify(make(req)), (receivers) => {
-      // Nobody listens on that inbox (or Redis did not take it): there is nothing to wait for.
-      if (receivers === 0) this.settleRequest(req, { req });
-    });
+    this.batch.publish(
+      this.key(`inbox:${node}`),
+      encodeInboxRequest(make(req) as unknown as Record<string, unknown>, pieces),
+      (receivers) => {
+        // Nobody listens on that inbox (or Redis did not take it): there is nothing to wait for.
+        if (receivers === 0) this.settleRequest(req, { req });
+      },
+      true,
+    );
     return answered;
   }
 
@@ -561,14 +573,23 @@ export class RedisCluster implements ClusterLink {
 
   private onMessage(channel: string, text: string): void {
     if (this.handlers === null) return;
-    if (channel === this.key(`inbox:${this.nodeId}`) || channel === this.key(`reply:${this.nodeId}`)) {
-      // Requests and replies come batched: one message per sending node and event-loop turn.
-      const inbox = channel === this.key(`inbox:${this.nodeId}`);
+    // Requests and replies come batched: one message per sending node and event-loop turn.
+    if (channel === this.inboxChannel) {
+      const requests = decodeInbox(text, (why) => this.options.logger.error('cluster_message_failed', { channel, error: why }));
+      for (const request of requests) {
+        try {
+          this.onInbox(request.meta as unknown as InboxMessage, request.pieces);
+        } catch (error) {
+          this.options.logger.error('cluster_message_failed', { channel, error: (error as Error).message });
+        }
+      }
+      return;
+    }
+    if (channel === this.replyChannel) {
       for (const item of splitItems(parseJson(text))) {
         if (!isPlainObject(item)) continue;
         try {
-          if (inbox) this.onInbox(item as InboxMessage);
-          else this.onReply(item as unknown as ReplyMessage);
+          this.onReply(item as unknown as ReplyMessage);
         } catch (error) {
           this.options.logger.error('cluster_message_failed', { channel, error: (error as Error).message });
         }
@@ -590,7 +611,7 @@ export class RedisCluster implements ClusterLink {
     this.batch.publish(this.key(`reply:${asker}`), JSON.stringify(reply), () => undefined);
   }
 
-  private onInbox(message: InboxMessage): void {
+  private onInbox(message: InboxMessage, pieces: FramePieces | null): void {
     const handlers = this.handlers!;
     if (typeof message.req !== 'string' || typeof message.reply !== 'string') return;
     if (message.t === 'query') {
@@ -602,12 +623,12 @@ export class RedisCluster implements ClusterLink {
       );
       return;
     }
-    if (typeof message.head !== 'string' || typeof message.tail !== 'string') return;
+    if (pieces === null) return;
     let reply: ReplyMessage;
     if (message.t === 'deliver' && Array.isArray(message.ids)) {
-      reply = { req: message.req, outcomes: handlers.deliverHere(message, message.ids.filter((id): id is string => typeof id === 'string')) };
+      reply = { req: message.req, outcomes: handlers.deliverHere(pieces, message.ids.filter((id): id is string => typeof id === 'string')) };
     } else if (message.t === 'broadcast' && typeof message.sender === 'string') {
-      reply = { req: message.req, reached: handlers.broadcastHere(message, message.sender) };
+      reply = { req: message.req, reached: handlers.broadcastHere(pieces, message.sender) };
     } else {
       return;
     }

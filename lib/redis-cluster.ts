@@ -140,6 +140,10 @@ export class RedisCluster implements ClusterLink {
   private eventsMutedUntil = 0;
   /** How many `events_on` announcements this node has heard (a reader subscribed somewhere). */
   private eventsReadersAnnounced = 0;
+  /** The last publish reached a reader (or one was announced since): every event is published. */
+  private eventsHeard = true;
+  /** A publish is out to learn whether anyone listens again: no more until it is answered. */
+  private eventsProbing = false;
   private closed = false;
   private ticking = false;
   private seenSharedAt = 0;
@@ -675,6 +679,8 @@ export class RedisCluster implements ClusterLink {
       case 'events_on':
         this.eventsMutedUntil = 0;
         this.eventsReadersAnnounced++;
+        this.eventsHeard = true;
+        this.eventsProbing = false;
         return;
       case 'buried':
         for (const [id, node] of this.presence) if (node === message.node) this.presence.delete(id);
@@ -742,16 +748,26 @@ export class RedisCluster implements ClusterLink {
   /**
    * Shares one of this node's events. When no node listens (PUBLISH reached nobody) publishing
    * pauses for a heartbeat, so a cluster without /api/events readers pays one check per event.
+   * After the pause one publish asks again; until it is answered the events are not published
+   * (as during the pause), rather than one publish per message for a round trip. A reader's
+   * arrival (`events_on`) ends the pause and the asking at once.
    */
   shareEvent(event: RelayEvent): void {
-    if (this.closed || Date.now() < this.eventsMutedUntil || this.redis.status !== 'ready') return;
+    if (this.eventsProbing || this.closed || (this.eventsMutedUntil !== 0 && Date.now() < this.eventsMutedUntil) || this.redis.status !== 'ready') return;
     const readersAnnounced = this.eventsReadersAnnounced;
+    const probe = !this.eventsHeard;
+    if (probe) this.eventsProbing = true;
     this.redis.publish(this.key('events'), JSON.stringify({ node: this.nodeId, event })).then(
       (receivers) => {
         // A reader announced meanwhile has subscribed after this publish: no pause.
-        if (receivers === 0 && readersAnnounced === this.eventsReadersAnnounced) this.eventsMutedUntil = Date.now() + HEARTBEAT_MS;
+        if (readersAnnounced !== this.eventsReadersAnnounced) return;
+        if (probe) this.eventsProbing = false;
+        this.eventsHeard = receivers > 0;
+        if (receivers === 0) this.eventsMutedUntil = Date.now() + HEARTBEAT_MS;
       },
-      () => undefined,
+      () => {
+        if (probe && readersAnnounced === this.eventsReadersAnnounced) this.eventsProbing = false;
+      },
     );
   }
 

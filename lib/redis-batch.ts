@@ -51,6 +51,8 @@ return out
 `;
 
 const SCRIPT_NAME = 'mimiclawBatch';
+/** The longest a settle waits for the next script call before it is sent alone. */
+const SETTLE_DELAY_MS = 2;
 /** At most this many operations go in one script call (a turn with more makes several). */
 const MAX_OPERATIONS_PER_CALL = 1000;
 
@@ -88,6 +90,8 @@ export class RedisBatch {
   private operations: Operation[] = [];
   private publications = new Map<string, Publication>();
   private scheduled = false;
+  /** Settles wait this long for a call to ride with (lib: settle). */
+  private lingering: NodeJS.Timeout | null = null;
   private readonly run: ScriptCaller;
 
   constructor(
@@ -107,9 +111,19 @@ export class RedisBatch {
     });
   }
 
-  /** SET key value KEEPTTL XX; a failure is logged under `event`. */
+  /**
+   * SET key value KEEPTTL XX; a failure is logged under `event`. Nobody waits for it, so it does
+   * not call Redis by itself: it rides with the next call (the next messages' claims and
+   * requests), and at the latest after SETTLE_DELAY_MS. A resend meanwhile finds the claim still
+   * pending and waits for it (lib/redis-dedupe.ts), as it would while the route was running.
+   */
   settle(key: string, value: string, event: string): void {
-    this.add({ op: 's', key, values: [value], done: this.logFailure(event) });
+    this.operations.push({ op: 's', key, values: [value], done: this.logFailure(event) });
+    if (this.scheduled || this.lingering !== null) return;
+    this.lingering = setTimeout(() => {
+      this.lingering = null;
+      if (!this.scheduled) this.flush();
+    }, SETTLE_DELAY_MS);
   }
 
   /** DEL key; a failure is logged under `event`. */
@@ -160,6 +174,10 @@ export class RedisBatch {
 
   private flush(): void {
     this.scheduled = false;
+    if (this.lingering !== null) {
+      clearTimeout(this.lingering);
+      this.lingering = null;
+    }
     const operations = this.operations;
     const publications = this.publications;
     this.operations = [];

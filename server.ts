@@ -20,7 +20,7 @@ import type { TaskDispatch } from './lib/task-dispatch';
 import { serveDashboard } from './lib/dashboard-page';
 import { logRelayEvents } from './lib/event-log';
 import { EventStream } from './lib/event-stream';
-import { EventBus } from './lib/events';
+import { EventBus, type RelayEvent } from './lib/events';
 import { HttpApi, type HttpExtensions, type OtherNodes } from './lib/http-api';
 import { IdentityStore } from './lib/identity-store';
 import { createLogger, type Logger } from './lib/logger';
@@ -236,20 +236,14 @@ export async function startRelay(relayOptions: RelayOptions): Promise<RelayHandl
   writeElsewhere = (id, text) => router.writeTo(id, text);
   const gateway = new WsGateway(options, router, bus, logger);
   if (cluster instanceof RedisCluster) gateway.shareAuthFailures(cluster.authFailures);
-  // /api/events streams the whole cluster: this node's events and those other nodes share.
-  // Metrics and the log keep to this node's own bus.
-  let streamBus = bus;
-  if (cluster instanceof RedisCluster) {
-    const shared = cluster;
-    const clusterBus = new EventBus();
-    bus.subscribe((event) => {
-      clusterBus.publish(event);
-      shared.shareEvent(event);
-    });
-    shared.streamEvents((event) => clusterBus.publish(event), () => eventReaders?.wanted() ?? false);
-    streamBus = clusterBus;
-  }
-  const eventStream = new EventStream({ bus: streamBus });
+  // /api/events streams the whole cluster: this node's events, each shared with its sequence
+  // number, and those the other nodes share. Metrics and the log keep to this node's own bus.
+  const sharedEvents = cluster instanceof RedisCluster ? cluster : null;
+  const eventStream = new EventStream({
+    bus,
+    ...(sharedEvents && { cluster: { nodeId: sharedEvents.nodeId, share: (event: RelayEvent, seq: number) => sharedEvents.shareEvent(event, seq) } }),
+  });
+  sharedEvents?.streamEvents(eventStream, () => eventReaders?.wanted() ?? false);
   const eventReaders = cluster instanceof RedisCluster ? new ClusterEventReaders(cluster, eventStream) : undefined;
   let otherNodes: OtherNodes | undefined;
   if (cluster instanceof RedisCluster) {

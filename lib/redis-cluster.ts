@@ -23,7 +23,7 @@ import { PresenceOrder } from './presence-order';
 import { isPlainObject, parseObject } from './protocol';
 import { RedisBatch, splitItems } from './redis-batch';
 import { decodeInbox, encodeInboxRequest } from './redis-inbox';
-import { ClusterStartError, connectRedis } from './redis-connection';
+import { closeRedis, ClusterStartError, connectRedis } from './redis-connection';
 import { SharedDedupe } from './redis-dedupe';
 import { IDENTITY_REVISION_KEY, IDENTITY_SEEN_KEY, SharedIdentities } from './redis-identities';
 import { SharedLifecycle, type LifecycleMessage, type SharedRemoval } from './redis-lifecycle';
@@ -35,6 +35,14 @@ import { BURY_SCRIPT, HEARTBEAT_SCRIPT, JOIN_SCRIPT, LEAVE_SCRIPT, RELEASE_SCRIP
 export const NODE_TTL_MS = 5000;
 /** How often a node refreshes its key and looks for dead nodes. */
 export const HEARTBEAT_MS = 1000;
+/**
+ * How long every node stays subscribed to the shared events after it last heard that some node
+ * has an /api/events reader: a stream that drops and comes back through the balancer on another
+ * node within it resumes exactly, since that node's ring holds the whole cluster's events.
+ */
+export const EVENTS_LINGER_MS = 60_000;
+/** How long a node arriving reader waits for every node to subscribe to the shared events. */
+const EVENTS_SUBSCRIBED_WAIT_MS = 2000;
 /** How long a node waits for another node's answer before counting its targets as not delivered. */
 export const REPLY_TIMEOUT_MS = 3000;
 /** How often a node tells the others when its identities were last active (well inside the 60 s heartbeat staleness). */
@@ -102,6 +110,13 @@ interface PendingRequest {
 
 export class NodeIdTakenError extends ClusterStartError {}
 
+/** Where the other nodes' events go (this node's /api/events ring, lib/event-stream.ts). */
+export interface SharedEventsSink {
+  receiveShared(origin: string, seq: number, event: RelayEvent): void;
+  /** The node stops listening: it cannot vouch for what other nodes do meanwhile. */
+  stopHearing(): void;
+}
+
 export class RedisCluster implements ClusterLink {
   readonly clustered = true;
   /** The node's replica of every identity, written through to Redis. */
@@ -132,7 +147,7 @@ export class RedisCluster implements ClusterLink {
   private liveNodes: string[] = [];
   private heartbeat: NodeJS.Timeout | null = null;
   /** Where other nodes' events go (this node's /api/events), and whether anyone reads it now. */
-  private eventSink: ((event: RelayEvent) => void) | null = null;
+  private eventSink: SharedEventsSink | null = null;
   private queryHandler: QueryHandler | null = null;
   private eventsWanted: () => boolean = () => false;
   private eventsSubscribed = false;
@@ -144,6 +159,8 @@ export class RedisCluster implements ClusterLink {
   private eventsHeard = true;
   /** A publish is out to learn whether anyone listens again: no more until it is answered. */
   private eventsProbing = false;
+  /** Some node had an /api/events reader within EVENTS_LINGER_MS before this time: stay subscribed. */
+  private eventsLingerUntil = 0;
   private closed = false;
   private ticking = false;
   private seenSharedAt = 0;
@@ -295,6 +312,8 @@ export class RedisCluster implements ClusterLink {
       const held = await this.redis.eval(HEARTBEAT_SCRIPT, 2, this.nodeKey(this.nodeId), this.key('nodes'), this.token, NODE_TTL_MS, this.nodeId);
       if (held === 0) this.options.logger.error('node_id_taken', { node: this.nodeId, cluster: this.options.clusterName });
       await this.findDeadNodes();
+      // Readers here keep every node subscribed (and lingering) while they read.
+      if (this.eventSink !== null && this.eventsWanted()) this.publish('control', { t: 'events_on', node: this.nodeId });
       await this.followEvents();
       await this.queue.expireDue();
       this.lifecycle.sweep();
@@ -681,6 +700,15 @@ export class RedisCluster implements ClusterLink {
         this.eventsReadersAnnounced++;
         this.eventsHeard = true;
         this.eventsProbing = false;
+        // Every node's ring holds the cluster's events while some node has readers (and for a
+        // while after), so a stream can resume on any node: subscribe now, not at the heartbeat.
+        this.eventsLingerUntil = Date.now() + EVENTS_LINGER_MS;
+        if (this.eventSink !== null && !this.eventsSubscribed && !this.closed) {
+          this.eventsSubscribed = true;
+          this.sub.subscribe(this.key('events')).catch(() => {
+            this.eventsSubscribed = false;
+          });
+        }
         return;
       case 'buried':
         for (const [id, node] of this.presence) if (node === message.node) this.presence.delete(id);
@@ -737,10 +765,11 @@ export class RedisCluster implements ClusterLink {
   // ---- events --------------------------------------------------------------------------------
 
   /**
-   * Feeds other nodes' events to `sink` while `wanted()` (someone reads /api/events here): the
-   * node is subscribed to the events channel only then, checked every heartbeat.
+   * Feeds other nodes' events to `sink` while `wanted()` (someone reads /api/events here) or some
+   * node announced a reader within EVENTS_LINGER_MS: the node is subscribed to the events channel
+   * only then, so a stream can resume on any node with exactly what it missed.
    */
-  streamEvents(sink: (event: RelayEvent) => void, wanted: () => boolean): void {
+  streamEvents(sink: SharedEventsSink, wanted: () => boolean): void {
     this.eventSink = sink;
     this.eventsWanted = wanted;
   }
@@ -752,12 +781,12 @@ export class RedisCluster implements ClusterLink {
    * (as during the pause), rather than one publish per message for a round trip. A reader's
    * arrival (`events_on`) ends the pause and the asking at once.
    */
-  shareEvent(event: RelayEvent): void {
+  shareEvent(event: RelayEvent, seq: number): void {
     if (this.eventsProbing || this.closed || (this.eventsMutedUntil !== 0 && Date.now() < this.eventsMutedUntil) || this.redis.status !== 'ready') return;
     const readersAnnounced = this.eventsReadersAnnounced;
     const probe = !this.eventsHeard;
     if (probe) this.eventsProbing = true;
-    this.redis.publish(this.key('events'), JSON.stringify({ node: this.nodeId, event })).then(
+    this.redis.publish(this.key('events'), JSON.stringify({ node: this.nodeId, seq, event })).then(
       (receivers) => {
         // A reader announced meanwhile has subscribed after this publish: no pause.
         if (readersAnnounced !== this.eventsReadersAnnounced) return;
@@ -779,20 +808,33 @@ export class RedisCluster implements ClusterLink {
     this.eventsSubscribed = true;
     await this.sub.subscribe(this.key('events'));
     await this.redis.publish(this.key('control'), JSON.stringify({ t: 'events_on', node: this.nodeId }));
+    // Answer the reader once every live node has subscribed too (each holds one subscriber
+    // connection), so their rings hold what the stream is sent and it can resume on any of them.
+    const deadline = Date.now() + EVENTS_SUBSCRIBED_WAIT_MS;
+    while (!this.closed && Date.now() < deadline) {
+      const counts = (await this.redis.pubsub('NUMSUB', this.key('events'))) as unknown[];
+      if (Number(counts[1]) >= this.liveNodes.length + 1) return;
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
   }
 
   private async followEvents(): Promise<void> {
-    const wanted = this.eventSink !== null && this.eventsWanted();
+    const wanted = this.eventSink !== null && (this.eventsWanted() || Date.now() < this.eventsLingerUntil);
     if (wanted === this.eventsSubscribed) return;
     this.eventsSubscribed = wanted;
     if (wanted) await this.sub.subscribe(this.key('events'));
-    else await this.sub.unsubscribe(this.key('events'));
+    else {
+      this.eventSink?.stopHearing();
+      await this.sub.unsubscribe(this.key('events'));
+    }
   }
 
   private onEvent(message: Record<string, unknown>): void {
     if (message.node === this.nodeId || !this.eventsSubscribed) return;
     const event = message.event;
-    if (isPlainObject(event) && typeof event.type === 'string') this.eventSink?.(event as unknown as RelayEvent);
+    if (typeof message.node === 'string' && Number.isSafeInteger(message.seq) && isPlainObject(event) && typeof event.type === 'string') {
+      this.eventSink?.receiveShared(message.node, message.seq as number, event as unknown as RelayEvent);
+    }
   }
 
   // ---- store-and-forward (lib/redis-queue.ts) and dedupe (lib/redis-dedupe.ts) ---------------
@@ -850,16 +892,7 @@ export class RedisCluster implements ClusterLink {
       this.options.logger.warn('cluster_release_failed', { error: (error as Error).message });
     }
     this.closed = true;
-    await Promise.all([quit(this.redis), quit(this.sub)]);
-  }
-}
-
-async function quit(client: Redis): Promise<void> {
-  try {
-    if (client.status === 'ready') await client.quit();
-    else client.disconnect();
-  } catch {
-    client.disconnect();
+    await Promise.all([closeRedis(this.redis), closeRedis(this.sub)]);
   }
 }
 

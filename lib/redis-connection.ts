@@ -58,3 +58,13 @@ export async function connectRedis(url: string, role: string): Promise<Redis> {
   started = true;
   return client;
 }
+
+/** Ends a connection: politely when it is up (QUIT waits for replies), at once otherwise. */
+export async function closeRedis(client: Redis): Promise<void> {
+  try {
+    if (client.status === 'ready') await client.quit();
+    else client.disconnect();
+  } catch {
+    client.disconnect();
+  }
+}

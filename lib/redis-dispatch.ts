@@ -15,7 +15,7 @@ import type { EventBus } from './events';
 import type { Identity } from './identity-store';
 import type { Logger } from './logger';
 import { anyTargetName, isPlainObject, type EmployeeStatus, type Priority } from './protocol';
-import { connectRedis } from './redis-connection';
+import { closeRedis, connectRedis } from './redis-connection';
 import {
   ABANDON_SCRIPT,
   ACTIVATE_SCRIPT,
@@ -624,7 +624,7 @@ export class ClusterDispatch implements TaskDispatch {
     if (this.timer) clearInterval(this.timer);
     for (const worker of this.workers.values()) for (const task of worker.tasks.values()) if (task.lease) clearTimeout(task.lease);
     if (this.redis.status === 'ready') await this.reap(this.nodeId, true).catch((error: Error) => this.options.logger.warn('dispatch_handover_failed', { error: error.message }));
-    await Promise.all([quit(this.redis), quit(this.sub)]);
+    await Promise.all([closeRedis(this.redis), closeRedis(this.sub)]);
   }
 }
 
@@ -661,13 +661,4 @@ function countsFrom(hash: Record<string, string>): Record<string, TagCounts> {
     else if (field.startsWith('p:')) counts.in_progress = count;
   }
   return out;
-}
-
-async function quit(client: Redis): Promise<void> {
-  try {
-    if (client.status === 'ready') await client.quit();
-    else client.disconnect();
-  } catch {
-    client.disconnect();
-  }
 }

@@ -5,33 +5,19 @@
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import { after, afterEach, before, describe, test } from 'node:test';
+import { describe, test } from 'node:test';
 import { REAP_SCRIPT } from '../lib/redis-dispatch-scripts';
 import type { RelayOptions } from '../server';
-import { CHILD_AUTHKEY, eventually, startRelayProcess, type RelayProcess } from './fault-support';
+import { CHILD_AUTHKEY, eventually, startRelayProcess } from './fault-support';
+import { useClusterFixture } from './cluster-fixture';
 import { startRedis, type TestRedis } from './redis-harness';
 import { authBoss, authEmployee, http, makeTempDir, startTestRelay, type Authed, type Frame, type TestRelay } from './support';
 
 let redis: TestRedis;
 let clusterSeq = 0;
 
-before(async () => {
-  redis = await startRedis();
-});
-
-after(async () => {
-  await redis.stop();
-});
-
-const leftovers: { children: RelayProcess[]; relays: TestRelay[]; redises: TestRedis[] } = { children: [], relays: [], redises: [] };
-
-afterEach(async () => {
-  for (const child of leftovers.children.splice(0)) {
-    child.child.child.kill('SIGKILL');
-    await child.child.exited.catch(() => undefined);
-  }
-  for (const relay of leftovers.relays.splice(0)) await relay.dispose().catch(() => undefined);
-  for (const server of leftovers.redises.splice(0)) await server.stop().catch(() => undefined);
+const leftovers = useClusterFixture((started) => {
+  redis = started;
 });
 
 async function startNode(options: Partial<RelayOptions>): Promise<TestRelay> {

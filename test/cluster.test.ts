@@ -7,12 +7,13 @@ import { spawn } from 'node:child_process';
 import fs from 'node:fs/promises';
 import httpModule from 'node:http';
 import path from 'node:path';
-import { after, afterEach, before, describe, test } from 'node:test';
+import { describe, test } from 'node:test';
 import { RelayClient } from '../client';
 import { parseCommandLine } from '../lib/cli-args';
 import type { RelayOptions } from '../server';
 import { freePort } from './child-relay';
 import { CHILD_AUTHKEY, eventually, startRelayProcess, type RelayProcess } from './fault-support';
+import { useClusterFixture } from './cluster-fixture';
 import { startRedis, type TestRedis } from './redis-harness';
 import { startBalancer } from './tcp-balancer';
 import { authBoss, authEmployee, connect, http, makeTempDir, reconnect, startTestRelay, TEST_AUTHKEY, type Authed, type TestRelay } from './support';
@@ -22,24 +23,8 @@ const CLI = path.join(__dirname, '..', 'cli.js');
 let redis: TestRedis;
 let clusterSeq = 0;
 
-before(async () => {
-  redis = await startRedis();
-});
-
-after(async () => {
-  await redis.stop();
-});
-
-/** What a test started outside its own cleanup (a start that threw half-way): ended after each test, so a failing test still lets the run end. */
-const leftovers: { children: RelayProcess[]; relays: TestRelay[]; redises: TestRedis[] } = { children: [], relays: [], redises: [] };
-
-afterEach(async () => {
-  for (const child of leftovers.children.splice(0)) {
-    child.child.child.kill('SIGKILL');
-    await child.child.exited.catch(() => undefined);
-  }
-  for (const relay of leftovers.relays.splice(0)) await relay.dispose().catch(() => undefined);
-  for (const server of leftovers.redises.splice(0)) await server.stop().catch(() => undefined);
+const leftovers = useClusterFixture((started) => {
+  redis = started;
 });
 
 async function startChild(dir: string, args: string[]): Promise<RelayProcess> {
@@ -549,6 +534,70 @@ describe('cluster: one relay across nodes', () => {
       assert.match(refused.message, /is in use by another relay/);
     } finally {
       await first.dispose();
+    }
+  });
+});
+
+/** A minimal `/api/events` reader: each event's id, name and the name of the node it is about. */
+async function openEventStream(baseUrl: string, lastEventId?: string): Promise<{ events: { id: string | null; event: string; name: string | null }[]; close(): void }> {
+  const events: { id: string | null; event: string; name: string | null }[] = [];
+  let buffer = '';
+  const request = httpModule.get(`${baseUrl}/api/events`, { headers: lastEventId === undefined ? {} : { 'last-event-id': lastEventId } });
+  await new Promise<void>((resolve, reject) => {
+    request.on('error', reject);
+    request.on('response', (res) => {
+      res.setEncoding('utf8');
+      res.on('error', () => undefined);
+      res.on('data', (chunk: string) => {
+        buffer += chunk;
+        let end: number;
+        while ((end = buffer.indexOf('\n\n')) >= 0) {
+          const fields = new Map<string, string>();
+          for (const line of buffer.slice(0, end).split('\n')) {
+            const colon = line.indexOf(':');
+            if (colon > 0) fields.set(line.slice(0, colon), line.slice(colon + 1).replace(/^ /, ''));
+          }
+          buffer = buffer.slice(end + 2);
+          if (!fields.has('data')) continue;
+          const data = JSON.parse(fields.get('data')!) as { node?: { name?: string } };
+          events.push({ id: fields.get('id') ?? null, event: fields.get('event') ?? 'message', name: data.node?.name ?? null });
+        }
+      });
+      resolve();
+    });
+  });
+  return { events, close: () => request.destroy() };
+}
+
+describe('cluster: /api/events', () => {
+  test('a stream resumed with Last-Event-ID on another node gets exactly what it missed, from every node', async () => {
+    const cluster = await startCluster(3);
+    try {
+      const [n0, n1, n2] = cluster.nodes as [TestRelay, TestRelay, TestRelay];
+      const seen = (stream: { events: { event: string; name: string | null }[] }) => stream.events.map((e) => `${e.event} ${String(e.name)}`);
+      const first = await openEventStream(n0.relay.httpUrl);
+      const before = [await authEmployee(n0.relay, 'Before-0'), await authEmployee(n1.relay, 'Before-1'), await authEmployee(n2.relay, 'Before-2')];
+      await eventually('the first stream has every node s connect', () => ['Before-0', 'Before-1', 'Before-2'].every((name) => seen(first).includes(`connect ${name}`)));
+      assert.equal(first.events.length, 3);
+      const lastId = first.events[2]!.id!;
+      first.close();
+
+      // While no stream is open: events on every node.
+      const during = [await authEmployee(n0.relay, 'During-0'), await authEmployee(n1.relay, 'During-1'), await authEmployee(n2.relay, 'During-2')];
+      for (const employee of before) await employee.socket.close();
+      const missed = ['connect During-0', 'connect During-1', 'connect During-2', 'disconnect Before-0', 'disconnect Before-1', 'disconnect Before-2'];
+
+      const resumed = await openEventStream(n1.relay.httpUrl, lastId);
+      await eventually('the resumed stream has every missed event', () => missed.every((event) => seen(resumed).includes(event)));
+      // A last event on the resuming node: a repeat sent before it would show.
+      const marker = await authEmployee(n1.relay, 'Marker');
+      await eventually('the marker arrives', () => seen(resumed).includes('connect Marker'));
+      assert.deepEqual(seen(resumed).slice(0, -1).sort(), missed.sort(), `got ${seen(resumed).join('; ')}`);
+      assert.equal(seen(resumed).at(-1), 'connect Marker');
+      resumed.close();
+      for (const employee of [...during, marker]) await employee.socket.close();
+    } finally {
+      await cluster.dispose();
     }
   });
 });

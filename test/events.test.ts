@@ -338,3 +338,66 @@ describe('event stream ring and bounds (plain bus and HTTP server)', () => {
     assert.equal(((await after.json()) as { code: string }).code, 'shutting_down');
   });
 });
+
+describe('event stream ring in a cluster (two nodes sharing events directly)', () => {
+  const node = { id: 'employee-1', role: 'employee' as const, name: 'N', tags: ['t'] };
+  const connect = (at: number): RelayEvent => ({ type: 'connect', node, reconnected: false, at });
+
+  async function serve(stream: EventStream): Promise<{ url: string; close(): Promise<void> }> {
+    const server = http.createServer((req, res) => stream.handle(req, res));
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', () => resolve()));
+    return {
+      url: `http://127.0.0.1:${(server.address() as net.AddressInfo).port}/api/events`,
+      async close() {
+        stream.close();
+        server.closeAllConnections();
+        await new Promise((resolve) => server.close(resolve));
+      },
+    };
+  }
+
+  test('a position from one node resumes exactly on the other; a ring that no longer reaches back gets a missed notice', async () => {
+    const busA = new EventBus();
+    const busB = new EventBus();
+    let a: EventStream | null = null;
+    let b: EventStream | null = null;
+    a = new EventStream({ bus: busA, ringSize: 6, cluster: { nodeId: 'node-a', share: (event, seq) => b?.receiveShared('node-a', seq, event) } });
+    b = new EventStream({ bus: busB, ringSize: 6, cluster: { nodeId: 'node-b', share: (event, seq) => a?.receiveShared('node-b', seq, event) } });
+    const onA = await serve(a);
+    const onB = await serve(b);
+    try {
+      const first = await SseClient.open(onA.url);
+      busA.publish(connect(1));
+      busB.publish(connect(2));
+      const seen = await first.waitFor(2);
+      first.close();
+      assert.match(seen[1]!.id!, /^node-a:\d+,node-b:\d+$/);
+      busB.publish(connect(3));
+      busA.publish(connect(4));
+      busB.publish(connect(5));
+      const resumed = await SseClient.open(onB.url, { 'last-event-id': seen[1]!.id! });
+      const events = await resumed.waitFor(3);
+      assert.deepEqual(events.map((e) => [e.event, e.data.at]), [['connect', 3], ['connect', 4], ['connect', 5]]);
+      resumed.close();
+
+      // Four more events push node-b's ring (6) past what the first stream left at.
+      for (const at of [6, 7, 8, 9]) (at % 2 === 0 ? busA : busB).publish(connect(at));
+      const late = await SseClient.open(onB.url, { 'last-event-id': seen[1]!.id! });
+      const lateEvents = await late.waitFor(7);
+      assert.equal(lateEvents[0]!.event, 'missed');
+      assert.equal(lateEvents[0]!.data.last_event_id, seen[1]!.id);
+      assert.equal(lateEvents[0]!.data.missed, 1);
+      assert.deepEqual(lateEvents.slice(1).map((e) => e.data.at), [4, 5, 6, 7, 8, 9]);
+      late.close();
+
+      const unreadable = await SseClient.open(onB.url, { 'last-event-id': '12345' });
+      const unreadableEvents = await unreadable.waitFor(7);
+      assert.equal(unreadableEvents[0]!.event, 'missed');
+      assert.equal(unreadableEvents[0]!.data.last_event_id, null);
+      unreadable.close();
+    } finally {
+      await onA.close();
+      await onB.close();
+    }
+  });
+});

@@ -51,6 +51,8 @@ return out
 `;
 
 const SCRIPT_NAME = 'mimiclawBatch';
+/** The longest a settle waits for the next script call before it is sent alone. */
+const SETTLE_DELAY_MS = 2;
 /** At most this many operations go in one script call (a turn with more makes several). */
 const MAX_OPERATIONS_PER_CALL = 1000;
 
@@ -66,6 +68,8 @@ interface Operation {
 interface Publication {
   operation: Operation;
   items: string[];
+  /** The items frame themselves (lib/redis-inbox.ts): the message is their concatenation, not a JSON array. */
+  framed: boolean;
   /** Each item's caller hears how many subscribers received the message (0 when it failed). */
   heard: ((receivers: number) => void)[];
 }
@@ -86,6 +90,8 @@ export class RedisBatch {
   private operations: Operation[] = [];
   private publications = new Map<string, Publication>();
   private scheduled = false;
+  /** Settles wait this long for a call to ride with (lib: settle). */
+  private lingering: NodeJS.Timeout | null = null;
   private readonly run: ScriptCaller;
 
   constructor(
@@ -105,9 +111,19 @@ export class RedisBatch {
     });
   }
 
-  /** SET key value KEEPTTL XX; a failure is logged under `event`. */
+  /**
+   * SET key value KEEPTTL XX; a failure is logged under `event`. Nobody waits for it, so it does
+   * not call Redis by itself: it rides with the next call (the next messages' claims and
+   * requests), and at the latest after SETTLE_DELAY_MS. A resend meanwhile finds the claim still
+   * pending and waits for it (lib/redis-dedupe.ts), as it would while the route was running.
+   */
   settle(key: string, value: string, event: string): void {
-    this.add({ op: 's', key, values: [value], done: this.logFailure(event) });
+    this.operations.push({ op: 's', key, values: [value], done: this.logFailure(event) });
+    if (this.scheduled || this.lingering !== null) return;
+    this.lingering = setTimeout(() => {
+      this.lingering = null;
+      if (!this.scheduled) this.flush();
+    }, SETTLE_DELAY_MS);
   }
 
   /** DEL key; a failure is logged under `event`. */
@@ -115,8 +131,12 @@ export class RedisBatch {
     this.add({ op: 'd', key, values: [], done: this.logFailure(event) });
   }
 
-  /** Adds `item` (JSON text) to this turn's message on `channel`; `heard` gets its receiver count. */
-  publish(channel: string, item: string, heard: (receivers: number) => void): void {
+  /**
+   * Adds `item` (JSON text) to this turn's message on `channel`; `heard` gets its receiver count.
+   * `framed`: the item frames itself and the message is the items concatenated (one channel is
+   * always published the same way).
+   */
+  publish(channel: string, item: string, heard: (receivers: number) => void, framed = false): void {
     const open = this.publications.get(channel);
     if (open) {
       open.items.push(item);
@@ -135,7 +155,7 @@ export class RedisBatch {
         for (const tell of told) tell(receivers);
       },
     };
-    this.publications.set(channel, { operation, items, heard: told });
+    this.publications.set(channel, { operation, items, framed, heard: told });
     this.add(operation);
   }
 
@@ -154,11 +174,15 @@ export class RedisBatch {
 
   private flush(): void {
     this.scheduled = false;
+    if (this.lingering !== null) {
+      clearTimeout(this.lingering);
+      this.lingering = null;
+    }
     const operations = this.operations;
     const publications = this.publications;
     this.operations = [];
     this.publications = new Map();
-    for (const publication of publications.values()) publication.operation.values.push(joinItems(publication.items));
+    for (const publication of publications.values()) publication.operation.values.push(publication.framed ? publication.items.join('') : joinItems(publication.items));
     // Bounded argument lists; the calls still go out in order on the one connection.
     for (let start = 0; start < operations.length; start += MAX_OPERATIONS_PER_CALL) this.send(operations.slice(start, start + MAX_OPERATIONS_PER_CALL));
   }

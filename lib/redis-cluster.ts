@@ -22,6 +22,7 @@ import type { Logger } from './logger';
 import { PresenceOrder } from './presence-order';
 import { isPlainObject, parseObject } from './protocol';
 import { RedisBatch, splitItems } from './redis-batch';
+import { decodeInbox, encodeInboxRequest } from './redis-inbox';
 import { closeRedis, ClusterStartError, connectRedis } from './redis-connection';
 import { SharedDedupe } from './redis-dedupe';
 import { IDENTITY_REVISION_KEY, IDENTITY_SEEN_KEY, SharedIdentities } from './redis-identities';
@@ -85,9 +86,10 @@ type ControlMessage =
   | LifecycleMessage
   | ThrottledMessage;
 
+/** A request's JSON part; a deliver or broadcast carries the frame pieces after it (lib/redis-inbox.ts). */
 type InboxMessage =
-  | { t: 'deliver'; req: string; reply: string; head: string; tail: string; ids: string[]; queueable?: boolean }
-  | { t: 'broadcast'; req: string; reply: string; head: string; tail: string; sender: string }
+  | { t: 'deliver'; req: string; reply: string; ids: string[]; queueable?: boolean }
+  | { t: 'broadcast'; req: string; reply: string; sender: string }
   | { t: 'query'; req: string; reply: string; kind: string; query: unknown };
 
 /** Answers reads that span the cluster (e.g. /admin/communications) from this node's own data. */
@@ -122,6 +124,9 @@ export class RedisCluster implements ClusterLink {
   private handlers: ClusterHandlers | null = null;
   private readonly token = randomUUID();
   private readonly prefix: string;
+  /** This node's inbox and reply channels (compared on every message that arrives). */
+  private readonly inboxChannel: string;
+  private readonly replyChannel: string;
   /** Requests waiting for their answer, in the order they were sent (so oldest deadline first). */
   private readonly pending = new Map<string, PendingRequest>();
   /** The one timer that ends the oldest pending request when its answer is late. */
@@ -150,6 +155,10 @@ export class RedisCluster implements ClusterLink {
   private eventsMutedUntil = 0;
   /** How many `events_on` announcements this node has heard (a reader subscribed somewhere). */
   private eventsReadersAnnounced = 0;
+  /** The last publish reached a reader (or one was announced since): every event is published. */
+  private eventsHeard = true;
+  /** A publish is out to learn whether anyone listens again: no more until it is answered. */
+  private eventsProbing = false;
   /** Some node had an /api/events reader within EVENTS_LINGER_MS before this time: stay subscribed. */
   private eventsLingerUntil = 0;
   private closed = false;
@@ -166,6 +175,8 @@ export class RedisCluster implements ClusterLink {
     docs: IdentityDoc[],
   ) {
     this.prefix = clusterPrefix(options.clusterName);
+    this.inboxChannel = `${this.prefix}inbox:${options.nodeId}`;
+    this.replyChannel = `${this.prefix}reply:${options.nodeId}`;
     this.queue = new SharedQueue(redis, this.prefix, options.nodeId, options.maxQueuedPerTarget, options.logger, (outcome) => this.finishQueued(outcome));
     this.batch = new RedisBatch(redis, options.logger);
     this.dedupe = new SharedDedupe(this.batch, this.prefix, options.dedupeWindowMs);
@@ -449,7 +460,7 @@ export class RedisCluster implements ClusterLink {
     const node = ids.length > 0 ? this.presence.get(ids[0]!) : undefined;
     if (node === undefined || node === this.nodeId || !ids.every((id) => this.presence.get(id) === node)) return this.deliverAnywhere(pieces, ids);
     const targets = [...ids];
-    return this.request(node, (req) => ({ t: 'deliver', req, reply: this.nodeId, head: pieces.head, tail: pieces.tail, ids: targets, queueable: pieces.queueable })).then((reply) => {
+    return this.request(node, (req) => ({ t: 'deliver', req, reply: this.nodeId, ids: targets, queueable: pieces.queueable }), pieces).then((reply) => {
       const outcomes: Record<string, RemoteOutcome> = {};
       let missed: string[] | null = null;
       for (const id of targets) {
@@ -502,7 +513,7 @@ export class RedisCluster implements ClusterLink {
     await Promise.all(
       [...byNode].map(async ([node, targets]) => {
         for (const id of targets) asked.set(id, node);
-        const reply = await this.request(node, (req) => ({ t: 'deliver', req, reply: this.nodeId, head: pieces.head, tail: pieces.tail, ids: targets, queueable: pieces.queueable }));
+        const reply = await this.request(node, (req) => ({ t: 'deliver', req, reply: this.nodeId, ids: targets, queueable: pieces.queueable }), pieces);
         // Only what the holder says it wrote counts as delivered; no answer leaves them offline.
         for (const id of targets) {
           const outcome = reply?.outcomes?.[id];
@@ -514,7 +525,7 @@ export class RedisCluster implements ClusterLink {
 
   async broadcastElsewhere(pieces: FramePieces, senderId: string): Promise<string[]> {
     const replies = await Promise.all(
-      this.liveNodes.map((node) => this.request(node, (req) => ({ t: 'broadcast', req, reply: this.nodeId, head: pieces.head, tail: pieces.tail, sender: senderId }))),
+      this.liveNodes.map((node) => this.request(node, (req) => ({ t: 'broadcast', req, reply: this.nodeId, sender: senderId }), pieces)),
     );
     return replies.flatMap((reply) => reply?.reached ?? []);
   }
@@ -537,16 +548,21 @@ export class RedisCluster implements ClusterLink {
   }
 
   /** Publishes on `node`'s inbox and waits for its answer; null when none came in time. */
-  private async request(node: string, make: (req: string) => InboxMessage): Promise<ReplyMessage | null> {
+  private request(node: string, make: (req: string) => InboxMessage, pieces: FramePieces | null = null): Promise<ReplyMessage | null> {
     const req = `${this.nodeId}:${(this.requestSeq++).toString(36)}`;
     const answered = new Promise<ReplyMessage | null>((resolve) => {
       this.pending.set(req, { deadline: performance.now() + REPLY_TIMEOUT_MS, answer: resolve });
     });
     this.watchReplies();
-    this.batch.publish(this.key(`inbox:${node}`), JSON.stringify(make(req)), (receivers) => {
-      // Nobody listens on that inbox (or Redis did not take it): there is nothing to wait for.
-      if (receivers === 0) this.settleRequest(req, { req });
-    });
+    this.batch.publish(
+      this.key(`inbox:${node}`),
+      encodeInboxRequest(make(req) as unknown as Record<string, unknown>, pieces),
+      (receivers) => {
+        // Nobody listens on that inbox (or Redis did not take it): there is nothing to wait for.
+        if (receivers === 0) this.settleRequest(req, { req });
+      },
+      true,
+    );
     return answered;
   }
 
@@ -580,14 +596,23 @@ export class RedisCluster implements ClusterLink {
 
   private onMessage(channel: string, text: string): void {
     if (this.handlers === null) return;
-    if (channel === this.key(`inbox:${this.nodeId}`) || channel === this.key(`reply:${this.nodeId}`)) {
-      // Requests and replies come batched: one message per sending node and event-loop turn.
-      const inbox = channel === this.key(`inbox:${this.nodeId}`);
+    // Requests and replies come batched: one message per sending node and event-loop turn.
+    if (channel === this.inboxChannel) {
+      const requests = decodeInbox(text, (why) => this.options.logger.error('cluster_message_failed', { channel, error: why }));
+      for (const request of requests) {
+        try {
+          this.onInbox(request.meta as unknown as InboxMessage, request.pieces);
+        } catch (error) {
+          this.options.logger.error('cluster_message_failed', { channel, error: (error as Error).message });
+        }
+      }
+      return;
+    }
+    if (channel === this.replyChannel) {
       for (const item of splitItems(parseJson(text))) {
         if (!isPlainObject(item)) continue;
         try {
-          if (inbox) this.onInbox(item as InboxMessage);
-          else this.onReply(item as unknown as ReplyMessage);
+          this.onReply(item as unknown as ReplyMessage);
         } catch (error) {
           this.options.logger.error('cluster_message_failed', { channel, error: (error as Error).message });
         }
@@ -609,7 +634,7 @@ export class RedisCluster implements ClusterLink {
     this.batch.publish(this.key(`reply:${asker}`), JSON.stringify(reply), () => undefined);
   }
 
-  private onInbox(message: InboxMessage): void {
+  private onInbox(message: InboxMessage, pieces: FramePieces | null): void {
     const handlers = this.handlers!;
     if (typeof message.req !== 'string' || typeof message.reply !== 'string') return;
     if (message.t === 'query') {
@@ -621,12 +646,12 @@ export class RedisCluster implements ClusterLink {
       );
       return;
     }
-    if (typeof message.head !== 'string' || typeof message.tail !== 'string') return;
+    if (pieces === null) return;
     let reply: ReplyMessage;
     if (message.t === 'deliver' && Array.isArray(message.ids)) {
-      reply = { req: message.req, outcomes: handlers.deliverHere(message, message.ids.filter((id): id is string => typeof id === 'string')) };
+      reply = { req: message.req, outcomes: handlers.deliverHere(pieces, message.ids.filter((id): id is string => typeof id === 'string')) };
     } else if (message.t === 'broadcast' && typeof message.sender === 'string') {
-      reply = { req: message.req, reached: handlers.broadcastHere(message, message.sender) };
+      reply = { req: message.req, reached: handlers.broadcastHere(pieces, message.sender) };
     } else {
       return;
     }
@@ -673,6 +698,8 @@ export class RedisCluster implements ClusterLink {
       case 'events_on':
         this.eventsMutedUntil = 0;
         this.eventsReadersAnnounced++;
+        this.eventsHeard = true;
+        this.eventsProbing = false;
         // Every node's ring holds the cluster's events while some node has readers (and for a
         // while after), so a stream can resume on any node: subscribe now, not at the heartbeat.
         this.eventsLingerUntil = Date.now() + EVENTS_LINGER_MS;
@@ -750,16 +777,26 @@ export class RedisCluster implements ClusterLink {
   /**
    * Shares one of this node's events. When no node listens (PUBLISH reached nobody) publishing
    * pauses for a heartbeat, so a cluster without /api/events readers pays one check per event.
+   * After the pause one publish asks again; until it is answered the events are not published
+   * (as during the pause), rather than one publish per message for a round trip. A reader's
+   * arrival (`events_on`) ends the pause and the asking at once.
    */
   shareEvent(event: RelayEvent, seq: number): void {
-    if (this.closed || Date.now() < this.eventsMutedUntil || this.redis.status !== 'ready') return;
+    if (this.eventsProbing || this.closed || (this.eventsMutedUntil !== 0 && Date.now() < this.eventsMutedUntil) || this.redis.status !== 'ready') return;
     const readersAnnounced = this.eventsReadersAnnounced;
+    const probe = !this.eventsHeard;
+    if (probe) this.eventsProbing = true;
     this.redis.publish(this.key('events'), JSON.stringify({ node: this.nodeId, seq, event })).then(
       (receivers) => {
         // A reader announced meanwhile has subscribed after this publish: no pause.
-        if (receivers === 0 && readersAnnounced === this.eventsReadersAnnounced) this.eventsMutedUntil = Date.now() + HEARTBEAT_MS;
+        if (readersAnnounced !== this.eventsReadersAnnounced) return;
+        if (probe) this.eventsProbing = false;
+        this.eventsHeard = receivers > 0;
+        if (receivers === 0) this.eventsMutedUntil = Date.now() + HEARTBEAT_MS;
       },
-      () => undefined,
+      () => {
+        if (probe && readersAnnounced === this.eventsReadersAnnounced) this.eventsProbing = false;
+      },
     );
   }
 

@@ -655,7 +655,8 @@ export class Router implements ClusterHandlers {
     // though its messages are decided one after the other.
     const claim = this.clustered ? this.claimEarly(sender, frame) : undefined;
     if (session.routing === null) {
-      const waiting = this.routeNow(session, sender, frame, arrival, claim);
+      // Same turn as claimEarly: a started claim means this node's window holds no such msg_id.
+      const waiting = this.routeNow(session, sender, frame, arrival, claim, claim !== undefined);
       if (waiting !== undefined) this.holdOrder(session, waiting);
       return;
     }
@@ -698,14 +699,21 @@ export class Router implements ClusterHandlers {
   }
 
   /** Routes now, or returns a promise when the cluster's dedupe window must be asked first. */
-  private routeNow(session: Session, sender: Identity, frame: Record<string, unknown>, arrival: FrameArrival, claim: Promise<DedupeClaim> | undefined): Promise<void> | undefined {
+  private routeNow(
+    session: Session,
+    sender: Identity,
+    frame: Record<string, unknown>,
+    arrival: FrameArrival,
+    claim: Promise<DedupeClaim> | undefined,
+    notSeenHere = false,
+  ): Promise<void> | undefined {
     const { dedupe } = this.deps;
     let msgId: string;
     if (frame.msg_id === undefined || frame.msg_id === null || frame.msg_id === '') {
       msgId = randomUUID();
     } else if (typeof frame.msg_id === 'string' && frame.msg_id.length <= MAX_MSG_ID_LENGTH) {
       msgId = frame.msg_id;
-      const prior = dedupe.find(sender.id, msgId);
+      const prior = notSeenHere ? undefined : dedupe.find(sender.id, msgId);
       if (prior !== undefined) {
         this.releaseUnused(sender.id, msgId, claim);
         this.answerDuplicate(session, sender, frame, arrival, msgId, prior);
@@ -968,7 +976,33 @@ export class Router implements ClusterHandlers {
   }
 
   /** Cluster: the targets this node does not hold, asked of the nodes that do. */
-  private async deliverElsewhere(context: RouteContext): Promise<void> {
+  private deliverElsewhere(context: RouteContext): Promise<void> {
+    const { cluster, identities } = this.deps;
+    const elsewhere = context.elsewhere ?? [];
+    // The usual message: targets the replica knows, no broadcast. One request, no extra awaits.
+    if (!context.broadcast && elsewhere.length > 0 && elsewhere.every((id) => identities.get(id) !== undefined)) {
+      return cluster.deliverElsewhere(this.piecesOf(context), elsewhere).then((outcomes) => this.settleElsewhere(context, elsewhere, outcomes, []));
+    }
+    return this.deliverElsewhereLookingUp(context);
+  }
+
+  private piecesOf(context: RouteContext): FramePieces {
+    return context.queueTtlMs > 0 ? { head: context.head, tail: context.tail, queueable: true } : { head: context.head, tail: context.tail };
+  }
+
+  /** The outcomes the holders reported, into the route's lists. */
+  private settleElsewhere(context: RouteContext, known: readonly string[], outcomes: Record<string, RemoteOutcome>, reached: readonly string[]): void {
+    for (const id of known) {
+      const outcome = outcomes[id] ?? 'offline';
+      if (outcome === 'delivered') context.delivered.push(id);
+      else if (outcome === 'banned') context.failed.push({ id, reason: 'target_banned' });
+      else this.notDelivered(context, id, outcome === 'slow' ? 'target_slow' : 'target_offline');
+    }
+    for (const id of reached) context.delivered.push(id);
+  }
+
+  /** Targets the replica does not know are looked up in the store first; a broadcast asks every node. */
+  private async deliverElsewhereLookingUp(context: RouteContext): Promise<void> {
     const { cluster, identities } = this.deps;
     const known: string[] = [];
     const unknown: string[] = [];
@@ -985,17 +1019,11 @@ export class Router implements ClusterHandlers {
       else known.push(id);
       if (found && !identities.get(id)) identities.apply(toDoc(found));
     });
-    const pieces: FramePieces = { head: context.head, tail: context.tail, ...(context.queueTtlMs > 0 && { queueable: true }) };
+    const pieces = this.piecesOf(context);
     const [outcomes, reached] = context.broadcast
       ? await Promise.all([known.length > 0 ? cluster.deliverElsewhere(pieces, known) : ({} as Record<string, RemoteOutcome>), cluster.broadcastElsewhere(pieces, context.sender.id)])
       : [known.length > 0 ? await cluster.deliverElsewhere(pieces, known) : ({} as Record<string, RemoteOutcome>), []];
-    for (const id of known) {
-      const outcome = outcomes[id] ?? 'offline';
-      if (outcome === 'delivered') context.delivered.push(id);
-      else if (outcome === 'banned') context.failed.push({ id, reason: 'target_banned' });
-      else this.notDelivered(context, id, outcome === 'slow' ? 'target_slow' : 'target_offline');
-    }
-    for (const id of reached) context.delivered.push(id);
+    this.settleElsewhere(context, known, outcomes, reached);
   }
 
   /**

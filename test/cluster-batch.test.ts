@@ -8,6 +8,7 @@ import { after, before, describe, test } from 'node:test';
 import type Redis from 'ioredis';
 import { createLogger } from '../lib/logger';
 import { RedisBatch } from '../lib/redis-batch';
+import { decodeInbox, encodeInboxRequest } from '../lib/redis-inbox';
 import { eventually } from './fault-support';
 import { startRedis, type TestRedis } from './redis-harness';
 import { authBoss, authEmployee, startTestRelay, type TestRelay } from './support';
@@ -110,6 +111,48 @@ describe('cluster: the message path to Redis is batched', () => {
       assert.equal(await batch.claim(key, 60_000), '"delivered":["émployé:1"],"failed":[]');
       await eventually('the publication arrives', () => Promise.resolve(received.length > 0));
       assert.deepEqual(JSON.parse(received[0]!), [{ head: '{"to":"', tail: '","payload":"→ 3:x 🚀"}' }]);
+    } finally {
+      connection.disconnect();
+      listener.disconnect();
+    }
+  });
+
+  test('inbox requests carry their frame pieces raw: several in one publication arrive whole and in order, whatever they hold', async () => {
+    const connection = redis.client.duplicate();
+    const listener = redis.client.duplicate();
+    try {
+      const prefix = `b${process.pid}-${seq++}:`;
+      const received: string[] = [];
+      await listener.subscribe(`${prefix}inbox:n`);
+      listener.on('message', (_channel: string, message: string) => received.push(message));
+      const batch = new RedisBatch(connection, createLogger('silent'));
+      // Pieces that look like framing (a JSON line, lengths, newlines escaped) and characters outside ASCII and the BMP.
+      const first = { head: '{"type":"message","msg_id":"ü\\n{\\"h\\":3}","to":"', tail: '","payload":"→ 🚀\\n{}\\n","timestamp":1}' };
+      const second = { head: '{"to":"', tail: '"}', queueable: true };
+      batch.publish(`${prefix}inbox:n`, encodeInboxRequest({ t: 'deliver', req: 'a:1', ids: ['é'] }, first), () => undefined, true);
+      batch.publish(`${prefix}inbox:n`, encodeInboxRequest({ t: 'query', req: 'a:2', kind: 'k', query: { x: '\n' } }, null), () => undefined, true);
+      batch.publish(`${prefix}inbox:n`, encodeInboxRequest({ t: 'broadcast', req: 'a:3', queueable: true }, second), () => undefined, true);
+      await eventually('the publication arrives', () => Promise.resolve(received.length > 0));
+      assert.equal(received.length, 1, 'one publication for the turn');
+      const broken: string[] = [];
+      const requests = decodeInbox(received[0]!, (why) => broken.push(why));
+      assert.deepEqual(broken, []);
+      assert.deepEqual(
+        requests.map((request) => [request.meta.req, request.pieces]),
+        [
+          ['a:1', first],
+          ['a:2', null],
+          ['a:3', second],
+        ],
+      );
+      assert.deepEqual(requests[1]!.meta.query, { x: '\n' });
+      // A publication cut short or garbled is reported and read no further, never thrown.
+      const whole = received[0]!;
+      for (const bad of [whole.slice(0, whole.length - 1), `x${whole}`, whole.replace('"h":', '"h":-')]) {
+        const why: string[] = [];
+        assert.doesNotThrow(() => decodeInbox(bad, (reason) => why.push(reason)));
+        assert.equal(why.length, 1, `reported: ${bad.slice(0, 40)}`);
+      }
     } finally {
       connection.disconnect();
       listener.disconnect();

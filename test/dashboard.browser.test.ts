@@ -7,7 +7,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { chromium, type Browser, type Page } from 'playwright-core';
-import { authBoss, authEmployee, http, type Authed, makeTempDir, startTestRelay, TEST_AUTHKEY, type TestRelay } from './support';
+import { authBoss, authEmployee, http, type Authed, makeTempDir, startTestRelay, TEST_AUTHKEY, TEST_CLUSTER_NODES, type TestRelay } from './support';
 
 export const CHROMIUM_PATH = process.env.CHROMIUM_PATH ?? '/usr/bin/chromium';
 export const CHROMIUM_ARGS = ['--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--no-first-run'];
@@ -21,6 +21,13 @@ describe('dashboard in a browser', { timeout: 60_000 }, () => {
   /** Every API response the page received: path and status. */
   const responses: { path: string; status: number; method: string }[] = [];
   const workforceFetches = () => responses.filter((r) => r.path === '/api/admin/workforce').length;
+  /** The cluster node the workforce view places an online employee on. */
+  const nodeHolding = async (id: string): Promise<string> => {
+    const { body } = await http(relay.relay, 'GET', '/api/admin/workforce', { authkey: TEST_AUTHKEY });
+    const employee = (body.employees as { id: string; node?: unknown }[]).find((e) => e.id === id);
+    assert.ok(typeof employee?.node === 'string' && /^node-\d+$/.test(employee.node), `a cluster node holds ${id}: ${JSON.stringify(employee?.node)}`);
+    return employee.node;
+  };
 
   before(async () => {
     relay = await startTestRelay();
@@ -57,8 +64,10 @@ describe('dashboard in a browser', { timeout: 60_000 }, () => {
     await row.waitFor();
     assert.equal(await row.locator('td').first().textContent(), 'Browser-Worker');
     await row.locator('.status-online').waitFor();
-    // The relay node holding its socket (from the connect event).
-    await row.getByText(`on ${relay.relay.nodeId}`).waitFor();
+    // The relay node holding its socket (from the connect event): behind a balancer, whichever
+    // node the round robin gave it, as the workforce view names it.
+    const holder = TEST_CLUSTER_NODES === 0 ? relay.relay.nodeId : await nodeHolding(worker.id);
+    await row.getByText(`on ${holder}`).waitFor();
     assert.deepEqual(await row.locator('.chip').allTextContents(), ['research', 'risk']);
     // The health self-report arrives via the event stream and patches the row: no re-fetch.
     worker.socket.send({ type: 'health_report', valid: true });

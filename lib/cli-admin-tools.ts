@@ -1,9 +1,9 @@
 // `mimiclaw-ws verify`, `backup` and `restore`: the data dir's audit trail and its copies, from
 // the shell. Exit codes: 0 ok (verify: intact), 1 failed (verify: a broken link), 2 bad arguments.
 
-import minimist from 'minimist';
 import { describeReport, verifyDataDir } from './audit-chain';
 import { backupDataDir, BackupError, restoreDataDir } from './backup';
+import { ArgsError, parseKnownFlags } from './cli-flags';
 import { defaultDataDir } from './options';
 import { packageVersion } from './version';
 
@@ -44,8 +44,6 @@ file's size and SHA-256. Refuses a dir a relay is running on, and a non-empty di
 
 type Tool = 'verify' | 'backup' | 'restore';
 
-export class ArgsError extends Error {}
-
 export interface Parsed {
   help: boolean;
   dataDir: string;
@@ -55,19 +53,7 @@ export interface Parsed {
 }
 
 export function parse(argv: string[], strings: string[], booleans: string[]): Parsed {
-  const known = new Set(['data-dir', ...strings, ...booleans, 'help', 'h']);
-  const unknown: string[] = [];
-  const args = minimist(argv, {
-    string: ['data-dir', ...strings],
-    boolean: [...booleans, 'help'],
-    alias: { h: 'help' },
-    unknown: (arg) => {
-      const flag = /^--?(?:no-)?([^=]+)/.exec(arg)?.[1];
-      if (flag !== undefined && !known.has(flag)) unknown.push(arg);
-      return true;
-    },
-  });
-  if (unknown.length > 0) throw new ArgsError(`unknown option ${unknown[0]!}`);
+  const args = parseKnownFlags(argv, ['data-dir', ...strings], booleans);
   const value = (name: string): string | undefined => {
     const raw: unknown = args[name];
     if (raw === undefined) return undefined;

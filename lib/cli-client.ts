@@ -4,8 +4,9 @@
 
 import fs from 'node:fs';
 import readline from 'node:readline';
-import minimist from 'minimist';
+import type minimist from 'minimist';
 import { RelayClient, RelayClientError, type RelayClientOptions, type SendOptions } from '../client';
+import { ArgsError, parseKnownFlags } from './cli-flags';
 import { parseDuration } from './options';
 import { checkCapacity, checkPriority, isPlainObject, type DeliveryAckFrame, type EmployeeStatus, type Role, type Target } from './protocol';
 
@@ -66,26 +67,12 @@ auth within --timeout (the reason is one line on stderr); 2 on bad arguments.
   --timeout 10s           give up after this long (with --wait-reply: on the reply too)
 `;
 
-class ArgsError extends Error {}
-
 type Args = minimist.ParsedArgs;
 
 const COMMON_STRINGS = ['role', 'authkey', 'employee-key', 'name', 'tags', 'identity-file', 'ca'];
 
 function parseArgs(argv: string[], strings: string[], booleans: string[]): { url: string; args: Args } {
-  const unknown: string[] = [];
-  const known = new Set([...COMMON_STRINGS, ...strings, ...booleans, 'help', 'h']);
-  const args = minimist(argv, {
-    string: [...COMMON_STRINGS, ...strings],
-    boolean: [...booleans, 'help'],
-    alias: { h: 'help' },
-    unknown: (arg) => {
-      const flag = /^--?(?:no-)?([^=]+)/.exec(arg)?.[1];
-      if (flag !== undefined && !known.has(flag)) unknown.push(arg);
-      return true;
-    },
-  });
-  if (unknown.length > 0) throw new ArgsError(`unknown option ${unknown[0]!}`);
+  const args = parseKnownFlags(argv, [...COMMON_STRINGS, ...strings], booleans);
   if (args.help) return { url: '', args };
   const positional = args._.map(String);
   if (positional.length !== 1) throw new ArgsError(positional.length === 0 ? 'missing <ws-url>' : `unexpected argument ${positional[1]!}`);

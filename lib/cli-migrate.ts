@@ -2,7 +2,8 @@
 // Exit codes: 0 migrated, 1 failed (nothing or, for a failure half-way, part of it written:
 // running it again is safe), 2 bad arguments.
 
-import { ArgsError, parse, type Parsed } from './cli-admin-tools';
+import { parse, type Parsed } from './cli-admin-tools';
+import { ArgsError } from './cli-flags';
 import { describeResult, MigrateError, migrateDataDir, type MigrateOptions } from './cluster-migrate';
 import { checkName, checkRedisUrl, DEFAULTS, OptionsError } from './options';
 import { ClusterStartError, printableUrl } from './redis-connection';
